@@ -1,0 +1,61 @@
+"""seqfast: fast sequential models with interchangeable backends behind torch.nn-compatible modules."""
+
+from . import cells as _cells  # noqa: F401  (registers the built-in cells)
+from . import backends as _backends  # noqa: F401  (registers the built-in backends)
+from .config import use_backend
+from .functional import (
+    BackendNotSupportedError,
+    available_backends,
+    current_backend,
+    explain,
+    scan,
+    select_backend,
+)
+from .nn import GRU, LSTM, RNN, GRUCell, LSTMCell, Recurrent, RecurrentCell, RNNCell
+from .registry import (
+    Backend,
+    CellSpec,
+    ParamSpec,
+    Pointwise,
+    Query,
+    Weights,
+    get_backend,
+    get_cell,
+    register_backend,
+    register_cell,
+    registry,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "RNN",
+    "LSTM",
+    "GRU",
+    "RNNCell",
+    "LSTMCell",
+    "GRUCell",
+    "Recurrent",
+    "RecurrentCell",
+    "scan",
+    "use_backend",
+    "available_backends",
+    "current_backend",
+    "explain",
+    "select_backend",
+    "BackendNotSupportedError",
+    "Backend",
+    "CellSpec",
+    "ParamSpec",
+    "Pointwise",
+    "Query",
+    "Weights",
+    "register_cell",
+    "register_backend",
+    "get_cell",
+    "get_backend",
+    "registry",
+    "__version__",
+]
+
+registry.load_plugins()

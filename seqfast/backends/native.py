@@ -1,0 +1,47 @@
+"""The `native` backend: torch.nn's own fused kernels (oneDNN on CPU, cuDNN on GPU) for the built-in cells.
+
+These kernels own the input projection, so this backend runs whole modules (`run_stack`), not single-layer scans.
+Variable lengths go through torch's PackedSequence path (sorting and unsorting internally), as torch.nn does.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, _VF
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from ..registry import Backend, CellSpec, Query
+
+_KERNELS = {"LSTM": _VF.lstm, "GRU": _VF.gru, "RNN_TANH": _VF.rnn_tanh, "RNN_RELU": _VF.rnn_relu}
+
+
+class NativeBackend(Backend):
+    name = "native"
+    description = "torch.nn's fused kernels (oneDNN / cuDNN), built-in cells only"
+    devices = None
+    dtypes = frozenset({torch.float32, torch.float64, torch.float16, torch.bfloat16})
+    priority = 10
+
+    def extra_reasons(self, query: Query) -> list[str]:
+        if query.cell.native_mode not in _KERNELS:
+            return [f"cell {query.cell.name!r} has no torch.nn fused kernel"]
+        return []
+
+    def run_stack(self, cell: CellSpec, x: Tensor, lengths: Tensor | None, state0: tuple[Tensor, ...], params: list,
+                  *, num_layers: int, bidirectional: bool, dropout: float, training: bool, proj_size: int
+                  ) -> tuple[Tensor, tuple[Tensor, ...]]:
+        kernel = _KERNELS[cell.native_mode]
+        flat = [p for layer in params for p in layer]
+        has_bias = len(params[0]) - (1 if proj_size else 0) == 4
+        hx = state0 if cell.native_mode == "LSTM" else state0[0]
+        if lengths is None:
+            result = kernel(x, hx, flat, has_bias, num_layers, dropout, training, bidirectional, False)
+            return result[0], tuple(result[1:])
+        packed = pack_padded_sequence(x, lengths.cpu(), enforce_sorted=False)
+        order, unorder = packed.sorted_indices, packed.unsorted_indices
+        hx = tuple(h.index_select(1, order) for h in hx) if isinstance(hx, tuple) else hx.index_select(1, order)
+        result = kernel(packed.data, packed.batch_sizes, hx, flat, has_bias, num_layers, dropout, training,
+                        bidirectional)
+        out, _ = pad_packed_sequence(PackedSequence(result[0], packed.batch_sizes, order, unorder),
+                                     total_length=x.shape[0])
+        return out, tuple(h.index_select(1, unorder) for h in result[1:])

@@ -1,0 +1,55 @@
+"""The `torch` backend: a plain per-step loop over the cell's reference step; autograd does the backward.
+
+It runs every cell on every device and dtype, and is the executable specification the other backends are tested
+against. Variable lengths: a step past a sequence's length keeps its state and writes zeros. reverse=True reverses
+each sequence within its own length, runs forward, and reverses the outputs back.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..registry import Backend, CellSpec, Weights
+
+
+def reverse_within_lengths(x: Tensor, lengths: Tensor | None) -> Tensor:
+    """x [T, B, ...] with each column b's first lengths[b] steps reversed; padding steps stay where they are."""
+    if lengths is None:
+        return x.flip(0)
+    steps = x.shape[0]
+    t = torch.arange(steps, device=x.device).unsqueeze(1)
+    lens = lengths.to(x.device).unsqueeze(0)
+    index = torch.where(t < lens, lens - 1 - t, t)  # [T, B], an involution
+    index = index.reshape(steps, -1, *([1] * (x.dim() - 2))).expand_as(x)
+    return x.gather(0, index)
+
+
+class TorchBackend(Backend):
+    name = "torch"
+    description = "reference per-step PyTorch loop (every cell, device and dtype; autograd backward)"
+    devices = None
+    dtypes = None
+    priority = 0
+
+    def scan(self, cell: CellSpec, x_proj: Tensor, state0: tuple[Tensor, ...], weights: Weights,
+             lengths: Tensor | None, reverse: bool) -> tuple[Tensor, tuple[Tensor, ...]]:
+        x = reverse_within_lengths(x_proj, lengths) if reverse else x_proj
+        active = None
+        if lengths is not None:
+            steps = torch.arange(x.shape[0], device=x.device).unsqueeze(1)
+            active = (steps < lengths.to(x.device).unsqueeze(0)).unsqueeze(-1)  # [T, B, 1]
+        state = state0
+        outputs = []
+        for t in range(x.shape[0]):
+            new = cell.reference_step(x[t], state, weights)
+            if active is not None:
+                new = tuple(torch.where(active[t], n, s) for n, s in zip(new, state, strict=True))
+                outputs.append(torch.where(active[t], new[0], torch.zeros((), dtype=new[0].dtype, device=x.device)))
+            else:
+                outputs.append(new[0])
+            state = new
+        out = torch.stack(outputs)
+        if reverse:
+            out = reverse_within_lengths(out, lengths)
+        return out, tuple(state)

@@ -1,0 +1,13 @@
+"""Built-in cells, registered through the same `register_cell` a plugin uses."""
+
+from ..registry import register_cell
+from .common import TORCH_MATH, recurrent_term
+from .gru import GRU
+from .lstm import LSTM
+from .rnn import RNN_RELU, RNN_TANH
+
+BUILTIN_CELLS = (RNN_TANH, RNN_RELU, LSTM, GRU)
+for _spec in BUILTIN_CELLS:
+    register_cell(_spec)
+
+__all__ = ["BUILTIN_CELLS", "TORCH_MATH", "recurrent_term", "RNN_TANH", "RNN_RELU", "LSTM", "GRU"]

@@ -1,0 +1,141 @@
+"""Where a backend choice comes from.
+
+Precedence, first match wins:
+    backend= argument > use_backend(...) > SEQFAST_BACKEND_<CELL> > SEQFAST_BACKEND > config file > "auto".
+The config file is the one SEQFAST_CONFIG names, else ./seqfast.toml, else [tool.seqfast] in ./pyproject.toml:
+
+    backend = "numba"            # every cell
+    [backends]                   # ([tool.seqfast.backends] in pyproject.toml) per cell, beats `backend`
+    gru = "native"
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+import sys
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = ["Choice", "use_backend", "resolve_choice", "config_file_settings"]
+
+ALL_CELLS = "*"
+
+# The active use_backend() mapping {cell name or "*": backend name}; a ContextVar so threads and asyncio tasks
+# each see their own, and exiting the context restores the previous value with its token.
+_context: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar(
+    "seqfast_backend", default=MappingProxyType({})
+)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A backend name and where it came from (for messages and `seqfast info`)."""
+
+    name: str
+    source: str
+
+
+def _check_name(name: object, what: str) -> str:
+    if not isinstance(name, str) or not name.strip():
+        raise TypeError(f"{what}: expected a backend name (str), got {name!r}")
+    return name.strip().lower()
+
+
+@contextlib.contextmanager
+def use_backend(backend: str | Mapping[str, str]) -> Iterator[None]:
+    """Choose backends inside a `with` block: a name for every cell, or a {cell: name} mapping.
+
+    A name replaces any outer choice; a mapping is merged onto the outer choices. Names are checked on use,
+    so an unknown one raises there with the list of known names.
+    """
+    if isinstance(backend, str):
+        new = {ALL_CELLS: _check_name(backend, "use_backend")}
+    elif isinstance(backend, Mapping):
+        new = dict(_context.get())
+        for cell, name in backend.items():
+            new[_check_name(cell, "use_backend cell").replace("-", "_")] = _check_name(name, f"use_backend[{cell!r}]")
+    else:
+        raise TypeError(f"use_backend: expected a backend name or a {{cell: backend}} mapping, got {type(backend).__name__}")
+    token = _context.set(MappingProxyType(new))
+    try:
+        yield
+    finally:
+        _context.reset(token)
+
+
+def context_choices() -> Mapping[str, str]:
+    return _context.get()
+
+
+def _config_path() -> Path | None:
+    named = os.environ.get("SEQFAST_CONFIG")
+    if named:
+        return Path(named)
+    for candidate in (Path("seqfast.toml"), Path("pyproject.toml")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+_file_cache: dict[tuple[str, float], tuple[str | None, dict[str, str]]] = {}
+
+
+def config_file_settings() -> tuple[Path | None, str | None, dict[str, str]]:
+    """(path, global backend, {cell: backend}) from the config file in force; cached until the file changes."""
+    path = _config_path()
+    if path is None:
+        return None, None, {}
+    try:
+        mtime = path.stat().st_mtime
+    except OSError as exc:
+        raise FileNotFoundError(f"SEQFAST_CONFIG names {str(path)!r}, which cannot be read: {exc}") from exc
+    key = (str(path.resolve()), mtime)
+    if key not in _file_cache:
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"seqfast config file {str(path)!r} is not valid TOML: {exc}") from exc
+        if path.name == "pyproject.toml" and "SEQFAST_CONFIG" not in os.environ:
+            data = data.get("tool", {}).get("seqfast", {})
+        default = data.get("backend")
+        per_cell = data.get("backends", {})
+        if default is not None and not isinstance(default, str):
+            raise ValueError(f"seqfast config {str(path)!r}: 'backend' must be a string, got {default!r}")
+        if not isinstance(per_cell, dict) or not all(isinstance(v, str) for v in per_cell.values()):
+            raise ValueError(f"seqfast config {str(path)!r}: [backends] must map cell names to backend names")
+        _file_cache[key] = (
+            default.strip().lower() if default else None,
+            {k.lower(): v.strip().lower() for k, v in per_cell.items()},
+        )
+    default, per_cell = _file_cache[key]
+    return path, default, per_cell
+
+
+def resolve_choice(cell_name: str, env_suffix: str, argument: str | None = None) -> Choice:
+    """The backend name requested for a cell, and its source, following the precedence above."""
+    if argument is not None:
+        return Choice(_check_name(argument, "backend"), "backend= argument")
+    ctx = _context.get()
+    if cell_name in ctx:
+        return Choice(ctx[cell_name], f"use_backend({{{cell_name!r}: ...}})")
+    if ALL_CELLS in ctx:
+        return Choice(ctx[ALL_CELLS], "use_backend()")
+    for var in (f"SEQFAST_BACKEND_{env_suffix}", "SEQFAST_BACKEND"):
+        value = os.environ.get(var, "").strip()
+        if value:
+            return Choice(value.lower(), f"environment variable {var}")
+    path, default, per_cell = config_file_settings()
+    if cell_name in per_cell:
+        return Choice(per_cell[cell_name], f"config file {path} [backends] {cell_name}")
+    if default:
+        return Choice(default, f"config file {path} backend")
+    return Choice("auto", "default")

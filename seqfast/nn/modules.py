@@ -1,0 +1,410 @@
+"""torch.nn-compatible recurrent modules over any registered cell.
+
+The module owns everything around the recurrence: batch_first, unbatched input, PackedSequence, layers,
+directions, inter-layer dropout and the input projection (one GEMM over all time steps per layer-direction).
+The recurrence itself is handed to the selected backend's scan, with per-sequence lengths and `reverse`.
+Parameter names, shapes, order and initialisation are torch.nn's, so state_dicts load both ways.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
+
+from ..functional import check_lengths, select_backend
+from ..registry import CellSpec, Query, Weights, get_cell
+
+__all__ = ["Recurrent", "RNN", "LSTM", "GRU", "RecurrentCell", "RNNCell", "LSTMCell", "GRUCell"]
+
+
+def _check_sizes(owner: str, input_size: int, hidden_size: int, proj_size: int = 0) -> None:
+    for name, value, low in (("input_size", input_size, 0), ("hidden_size", hidden_size, 1)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{owner}: {name} must be an int >= {low}, got {value!r}")
+    if not isinstance(proj_size, int) or proj_size < 0:
+        raise ValueError(f"{owner}: proj_size must be an int >= 0, got {proj_size!r}")
+    if proj_size >= hidden_size:
+        raise ValueError(f"{owner}: proj_size has to be smaller than hidden_size, got {proj_size} >= {hidden_size}")
+
+
+class _ParamFactory:
+    """Creates a layer-direction's parameters in torch.nn's order: w_ih, w_hh, b_ih, b_hh, extras, w_hr."""
+
+    @staticmethod
+    def shapes(cell: CellSpec, in_size: int, hidden: int, proj: int, bias: bool) -> list[tuple[str, tuple, object]]:
+        g = cell.num_gates
+        rec_in = proj or hidden
+        out: list[tuple[str, tuple, object]] = [("weight_ih", (g * hidden, in_size), None)]
+        if cell.recurrence == "dense":
+            out.append(("weight_hh", (g * hidden, rec_in), None))
+        elif cell.recurrence == "diagonal":
+            out.append(("weight_hh", (g * hidden,), None))
+        if bias:
+            out.append(("bias_ih", (g * hidden,), None))
+            if cell.recurrence != "none":
+                out.append(("bias_hh", (g * hidden,), None))
+        for p in cell.extra_params:
+            if bias or not p.bias:
+                out.append((p.name, p.shape(hidden, proj), p.init))
+        if proj:
+            out.append(("weight_hr", (proj, hidden), None))
+        return out
+
+
+class Recurrent(nn.Module):
+    """A multi-layer recurrent network of any registered cell, with torch.nn.LSTM's arguments and outputs.
+
+    `Recurrent("lstm", 32, 64, num_layers=2, bidirectional=True)` behaves like torch.nn.LSTM(32, 64, 2, ...);
+    a plugin cell runs the same way: `Recurrent("indrnn", 32, 64)`.
+    forward(input, hx=None, *, lengths=None): `lengths` is an optional [B] alternative to PackedSequence for a
+    padded input; outputs past a sequence's length are zero.
+    """
+
+    def __init__(
+        self,
+        cell: str | CellSpec,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        proj_size: int = 0,
+        device=None,
+        dtype=None,
+        *,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.cell = get_cell(cell)
+        owner = type(self).__name__
+        _check_sizes(owner, input_size, hidden_size, proj_size)
+        if not isinstance(num_layers, int) or isinstance(num_layers, bool) or num_layers < 1:
+            raise ValueError(f"{owner}: num_layers must be an int >= 1, got {num_layers!r}")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout <= 1:
+            raise ValueError(f"{owner}: dropout must be a number in [0, 1] (probability of zeroing), got {dropout!r}")
+        if proj_size and not self.cell.supports_proj:
+            raise ValueError(f"{owner}: proj_size is only supported by cells that declare it (lstm), "
+                             f"not {self.cell.name!r}")
+        if dropout > 0 and num_layers == 1:
+            warnings.warn(f"{owner}: dropout option adds dropout after all but last recurrent layer, so non-zero "
+                          f"dropout expects num_layers greater than 1, but got dropout={dropout} and "
+                          f"num_layers={num_layers}", stacklevel=2)
+        self.mode = self.cell.native_mode or self.cell.name
+        self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
+        self.bias, self.batch_first, self.dropout = bias, batch_first, float(dropout)
+        self.bidirectional, self.proj_size, self.backend = bidirectional, proj_size, backend
+        factory = {"device": device, "dtype": dtype}
+        self._flat_weights_names: list[str] = []
+        self._all_weights: list[list[str]] = []
+        self._inits: dict[str, object] = {}
+        directions = 2 if bidirectional else 1
+        real_hidden = proj_size or hidden_size
+        for layer in range(num_layers):
+            for direction in range(directions):
+                suffix = f"_l{layer}" + ("_reverse" if direction else "")
+                in_size = input_size if layer == 0 else real_hidden * directions
+                names = []
+                for base, shape, init in _ParamFactory.shapes(self.cell, in_size, hidden_size, proj_size, bias):
+                    name = base + suffix
+                    self.register_parameter(name, nn.Parameter(torch.empty(shape, **factory)))
+                    self._inits[name] = init
+                    names.append(name)
+                self._flat_weights_names.extend(names)
+                self._all_weights.append(names)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """torch.nn's initialisation: every parameter U(-1/sqrt(H), 1/sqrt(H)) unless its ParamSpec says else."""
+        stdv = 1.0 / self.hidden_size**0.5 if self.hidden_size > 0 else 0
+        for name, p in self.named_parameters():
+            init = self._inits.get(name)
+            with torch.no_grad():
+                if init is None:
+                    nn.init.uniform_(p, -stdv, stdv)
+                else:
+                    init(p, self.hidden_size)
+
+    def flatten_parameters(self) -> None:
+        """Accepted for drop-in compatibility with torch.nn (cuDNN weight packing); nothing to do here."""
+
+    @property
+    def all_weights(self) -> list[list[nn.Parameter]]:
+        return [[getattr(self, name) for name in names] for names in self._all_weights]
+
+    def extra_repr(self) -> str:
+        s = f"{self.cell.name!r}, {self.input_size}, {self.hidden_size}"
+        for key, default in (("proj_size", 0), ("num_layers", 1), ("bias", True), ("batch_first", False),
+                             ("dropout", 0.0), ("bidirectional", False), ("backend", None)):
+            if getattr(self, key) != default:
+                s += f", {key}={getattr(self, key)!r}"
+        return s
+
+    # --- forward --------------------------------------------------------------------------------------------
+    def _state_sizes(self) -> list[int]:
+        return [self.proj_size or self.hidden_size] + [self.hidden_size] * (self.cell.num_states - 1)
+
+    def _unpack_hx(self, hx, batch: int, batched: bool, ref: Tensor) -> tuple[Tensor, ...]:
+        layers = self.num_layers * (2 if self.bidirectional else 1)
+        sizes = self._state_sizes()
+        names = self.cell.state_names
+        if hx is None:
+            return tuple(ref.new_zeros(layers, batch, size) for size in sizes)
+        states = (hx,) if isinstance(hx, Tensor) else tuple(hx)
+        if len(states) != len(names) or not all(isinstance(s, Tensor) for s in states):
+            want = "a tensor" if len(names) == 1 else f"a tuple of {len(names)} tensors {names}"
+            raise ValueError(f"hx: expected {want}, got {type(hx).__name__} of length {len(states)}")
+        out = []
+        for name, size, s in zip(names, sizes, states, strict=True):
+            expected = (layers, batch, size) if batched else (layers, size)
+            if tuple(s.shape) != expected:
+                raise ValueError(f"hx: expected {name} of shape {expected}, got {tuple(s.shape)}"
+                                 + ("" if batched else " (unbatched input takes unbatched hx)"))
+            if s.dtype != ref.dtype or s.device != ref.device:
+                raise ValueError(f"hx: expected {name} as {ref.dtype} on {ref.device}, got {s.dtype} on {s.device}")
+            out.append(s if batched else s.unsqueeze(1))
+        return tuple(out)
+
+    def _prepare(self, input, lengths):
+        """-> (time-major [T, B, I] input, lengths or None, batched, packed input or None)."""
+        owner = type(self).__name__
+        packed = input if isinstance(input, PackedSequence) else None
+        if packed is not None:
+            if lengths is not None:
+                raise ValueError(f"{owner}: pass lengths either in the PackedSequence or as lengths=, not both")
+            x, lengths = pad_packed_sequence(packed)
+            batched = True
+        else:
+            if not isinstance(input, Tensor):
+                raise TypeError(f"{owner}: input must be a Tensor or PackedSequence, got {type(input).__name__}")
+            if input.dim() not in (2, 3):
+                raise ValueError(f"{owner}: expected input to be 2-D (unbatched [T, I]) or 3-D "
+                                 f"({'[B, T, I]' if self.batch_first else '[T, B, I]'}), got {input.dim()}-D "
+                                 f"of shape {tuple(input.shape)}")
+            batched = input.dim() == 3
+            x = input if batched else input.unsqueeze(1)
+            if batched and self.batch_first:
+                x = x.transpose(0, 1)
+            if not batched and lengths is not None:
+                raise ValueError(f"{owner}: lengths= needs a batched input")
+        if x.shape[-1] != self.input_size:
+            raise ValueError(f"{owner}: input.size(-1) must be equal to input_size. "
+                             f"Expected {self.input_size}, got {x.shape[-1]}")
+        weight = getattr(self, self._flat_weights_names[0])
+        if x.dtype != weight.dtype:
+            raise ValueError(f"{owner}: input must have the type {weight.dtype}, got type {x.dtype}")
+        if x.device != weight.device:
+            raise ValueError(f"{owner}: input is on {x.device} but the parameters are on {weight.device}")
+        if x.shape[0] == 0:
+            raise ValueError(f"{owner}: input has no time steps (sequence length 0); expected at least one")
+        if lengths is not None:
+            lengths = check_lengths(lengths, x.shape[1], x.shape[0])
+        return x, lengths, batched, packed
+
+    def forward(self, input, hx=None, *, lengths: Tensor | None = None):
+        x, lengths, batched, packed = self._prepare(input, lengths)
+        state0 = self._unpack_hx(hx, x.shape[1], batched, x)
+        output, final = self._run(x, lengths, state0)
+        if packed is not None:
+            # the output has exactly the input's packed layout: same batch_sizes and sorting indices
+            steps, rows = _packed_index(packed)
+            output = PackedSequence(output[steps, rows], packed.batch_sizes, packed.sorted_indices,
+                                    packed.unsorted_indices)
+        elif not batched:
+            output = output.squeeze(1)
+            final = tuple(s.squeeze(1) for s in final)
+        elif self.batch_first:
+            output = output.transpose(0, 1)
+        return output, (final[0] if self.cell.num_states == 1 else final)
+
+    def _query(self, x: Tensor, state0: tuple[Tensor, ...], level: str) -> Query:
+        return Query(
+            cell=self.cell, device=x.device.type, dtype=x.dtype, hidden_size=self.hidden_size,
+            input_size=x.shape[-1], batch_size=x.shape[1], seq_len=x.shape[0], proj_size=self.proj_size,
+            requires_grad=torch.is_grad_enabled() and (x.requires_grad or any(s.requires_grad for s in state0)
+                                                        or any(p.requires_grad for p in self.parameters())),
+            level=level,
+        )
+
+    def _run(self, x: Tensor, lengths: Tensor | None, state0: tuple[Tensor, ...]):
+        backend, _ = select_backend(self._query(x, state0, "module"), self.backend)
+        if backend.has_stack():
+            params = [[getattr(self, n) for n in names] for names in self._all_weights]
+            return backend.run_stack(self.cell, x, lengths, state0, params, num_layers=self.num_layers,
+                                     bidirectional=self.bidirectional, dropout=self.dropout,
+                                     training=self.training, proj_size=self.proj_size)
+        directions = 2 if self.bidirectional else 1
+        finals: list[list[Tensor]] = [[] for _ in self.cell.state_names]
+        layer_input = x
+        for layer in range(self.num_layers):
+            outputs = []
+            for direction in range(directions):
+                index = layer * directions + direction
+                names = self._all_weights[index]
+                suffix = names[0][len("weight_ih"):]
+                params = {n[: -len(suffix)]: getattr(self, n) for n in names}
+                x_proj = F.linear(layer_input, params.pop("weight_ih"), params.pop("bias_ih", None))
+                weights = Weights(weight_hh=params.pop("weight_hh", None), bias_hh=params.pop("bias_hh", None))
+                weights.update(params)
+                out, final = backend.scan(self.cell, x_proj, tuple(s[index] for s in state0), weights, lengths,
+                                          direction == 1)
+                outputs.append(out)
+                for store, s in zip(finals, final, strict=True):
+                    store.append(s)
+            layer_input = outputs[0] if directions == 1 else torch.cat(outputs, dim=2)
+            if self.dropout and self.training and layer < self.num_layers - 1:
+                layer_input = F.dropout(layer_input, self.dropout, training=True)
+        return layer_input, tuple(torch.stack(store) for store in finals)
+
+
+def _packed_index(packed: PackedSequence) -> tuple[Tensor, Tensor]:
+    """(time, batch) coordinates, in the padded [T, B] layout, of each row of packed.data."""
+    sizes = packed.batch_sizes
+    steps = torch.repeat_interleave(torch.arange(len(sizes)), sizes)
+    starts = torch.cumsum(sizes, 0) - sizes
+    rank = torch.arange(int(sizes.sum())) - torch.repeat_interleave(starts, sizes)
+    rows = rank if packed.sorted_indices is None else packed.sorted_indices.cpu()[rank]
+    device = packed.data.device
+    return steps.to(device), rows.to(device)
+
+
+class RNN(Recurrent):
+    """Drop-in torch.nn.RNN: RNN(input_size, hidden_size, num_layers=1, nonlinearity='tanh', bias=True, ...)."""
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, nonlinearity: str = "tanh",
+                 bias: bool = True, batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 device=None, dtype=None, *, backend: str | None = None) -> None:
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"RNN: nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+        self.nonlinearity = nonlinearity
+        super().__init__(f"rnn_{nonlinearity}", input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, 0, device, dtype, backend=backend)
+
+
+class LSTM(Recurrent):
+    """Drop-in torch.nn.LSTM, proj_size included."""
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, proj_size: int = 0,
+                 device=None, dtype=None, *, backend: str | None = None) -> None:
+        super().__init__("lstm", input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
+                         proj_size, device, dtype, backend=backend)
+
+
+class GRU(Recurrent):
+    """Drop-in torch.nn.GRU."""
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 device=None, dtype=None, *, backend: str | None = None) -> None:
+        super().__init__("gru", input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
+                         0, device, dtype, backend=backend)
+
+
+class RecurrentCell(nn.Module):
+    """One step of any registered cell, with torch.nn.LSTMCell's arguments, parameter names and outputs.
+
+    forward(input [B, I] or [I], hx=None) returns the new state: a tensor for one-state cells (h), else a tuple.
+    It runs as a one-step, one-layer stack through the same backend selection as the sequence modules.
+    """
+
+    def __init__(self, cell: str | CellSpec, input_size: int, hidden_size: int, bias: bool = True, device=None,
+                 dtype=None, *, backend: str | None = None) -> None:
+        super().__init__()
+        self.cell = get_cell(cell)
+        _check_sizes(type(self).__name__, input_size, hidden_size)
+        self.input_size, self.hidden_size, self.bias, self.backend = input_size, hidden_size, bias, backend
+        self._names = []
+        self._inits: dict[str, object] = {}
+        for name, shape, init in _ParamFactory.shapes(self.cell, input_size, hidden_size, 0, bias):
+            self.register_parameter(name, nn.Parameter(torch.empty(shape, device=device, dtype=dtype)))
+            self._names.append(name)
+            self._inits[name] = init
+        self.reset_parameters()
+
+    reset_parameters = Recurrent.reset_parameters
+
+    def extra_repr(self) -> str:
+        return f"{self.cell.name!r}, {self.input_size}, {self.hidden_size}" + ("" if self.bias else ", bias=False")
+
+    def forward(self, input: Tensor, hx=None):
+        owner = type(self).__name__
+        if not isinstance(input, Tensor) or input.dim() not in (1, 2):
+            got = f"{input.dim()}-D" if isinstance(input, Tensor) else type(input).__name__
+            raise ValueError(f"{owner}: Expected input to be 1-D or 2-D, got {got}")
+        batched = input.dim() == 2
+        x = input if batched else input.unsqueeze(0)
+        if x.shape[-1] != self.input_size:
+            raise ValueError(f"{owner}: input.size(-1) must be equal to input_size. "
+                             f"Expected {self.input_size}, got {x.shape[-1]}")
+        if x.dtype != self.weight_ih.dtype:
+            raise ValueError(f"{owner}: input must have the type {self.weight_ih.dtype}, got type {x.dtype}")
+        if hx is None:
+            state = tuple(x.new_zeros(x.shape[0], self.hidden_size) for _ in self.cell.state_names)
+        else:
+            states = (hx,) if isinstance(hx, Tensor) else tuple(hx)
+            if len(states) != self.cell.num_states:
+                raise ValueError(f"{owner}: hx: expected {self.cell.num_states} state tensor(s) "
+                                 f"{self.cell.state_names}, got {len(states)}")
+            state = []
+            for name, s in zip(self.cell.state_names, states, strict=True):
+                want = (x.shape[0], self.hidden_size) if batched else (self.hidden_size,)
+                if tuple(s.shape) != want:
+                    raise ValueError(f"{owner}: hx: expected {name} of shape {want}, got {tuple(s.shape)}")
+                state.append(s if batched else s.unsqueeze(0))
+            state = tuple(state)
+        final = self._step(x.unsqueeze(0), state)
+        if not batched:
+            final = tuple(s.squeeze(0) for s in final)
+        return final[0] if self.cell.num_states == 1 else final
+
+    def _step(self, x: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        params = {n: getattr(self, n) for n in self._names}
+        requires_grad = torch.is_grad_enabled() and (x.requires_grad or any(s.requires_grad for s in state)
+                                                     or any(p.requires_grad for p in params.values()))
+        query = Query(cell=self.cell, device=x.device.type, dtype=x.dtype, hidden_size=self.hidden_size,
+                      input_size=self.input_size, batch_size=x.shape[1], seq_len=1, requires_grad=requires_grad,
+                      level="module")
+        backend, _ = select_backend(query, self.backend)
+        if backend.has_stack():
+            _, final = backend.run_stack(self.cell, x, None, tuple(s.unsqueeze(0) for s in state),
+                                         [list(params.values())], num_layers=1, bidirectional=False, dropout=0.0,
+                                         training=self.training, proj_size=0)
+            return tuple(s.squeeze(0) for s in final)
+        x_proj = F.linear(x, params.pop("weight_ih"), params.pop("bias_ih", None))
+        weights = Weights(weight_hh=params.pop("weight_hh", None), bias_hh=params.pop("bias_hh", None))
+        weights.update(params)
+        _, final = backend.scan(self.cell, x_proj, state, weights, None, False)
+        return final
+
+
+class RNNCell(RecurrentCell):
+    """Drop-in torch.nn.RNNCell."""
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, nonlinearity: str = "tanh",
+                 device=None, dtype=None, *, backend: str | None = None) -> None:
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"RNNCell: nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+        self.nonlinearity = nonlinearity
+        super().__init__(f"rnn_{nonlinearity}", input_size, hidden_size, bias, device, dtype, backend=backend)
+
+
+class LSTMCell(RecurrentCell):
+    """Drop-in torch.nn.LSTMCell."""
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None, *,
+                 backend: str | None = None) -> None:
+        super().__init__("lstm", input_size, hidden_size, bias, device, dtype, backend=backend)
+
+
+class GRUCell(RecurrentCell):
+    """Drop-in torch.nn.GRUCell."""
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None, *,
+                 backend: str | None = None) -> None:
+        super().__init__("gru", input_size, hidden_size, bias, device, dtype, backend=backend)

@@ -1,0 +1,412 @@
+"""Cells (the math) and backends (the machinery), and the registry that maps one to the other.
+
+A `CellSpec` describes a recurrent cell once: its gates, its state, its recurrence kind, its torch reference step
+(the executable specification) and, optionally, the pointwise math of one hidden unit that fused backends compile.
+A `Backend` declares what it supports as data; `Backend.not_supported_reasons` turns that into readable reasons.
+Built-in cells and backends are registered exactly the way a plugin registers its own.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import copy
+import importlib.metadata
+import math
+import os
+import re
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+__all__ = [
+    "ParamSpec",
+    "Pointwise",
+    "CellSpec",
+    "Query",
+    "Backend",
+    "Registry",
+    "registry",
+    "register_cell",
+    "register_backend",
+    "get_cell",
+    "get_backend",
+    "PluginFailure",
+]
+
+RECURRENCE_KINDS = ("dense", "diagonal", "none")
+_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+def uniform_init(tensor: Tensor, hidden_size: int) -> None:
+    """torch.nn's initialisation of every recurrent parameter: U(-1/sqrt(H), 1/sqrt(H))."""
+    bound = 1.0 / math.sqrt(hidden_size) if hidden_size > 0 else 0.0
+    torch.nn.init.uniform_(tensor, -bound, bound)
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """A per-layer, per-direction parameter beyond weight_ih/weight_hh/bias_ih/bias_hh.
+
+    `shape(hidden_size, proj_size)` gives its shape; the module names it `{name}_l{k}[_reverse]`.
+    `recurrent=True` means the scan receives it (after weight_hh and bias_hh, in declaration order).
+    """
+
+    name: str
+    shape: Callable[[int, int], tuple[int, ...]]
+    init: Callable[[Tensor, int], None] = uniform_init
+    recurrent: bool = True
+    bias: bool = False  # created only when the module has bias=True
+
+
+@dataclass(frozen=True)
+class Pointwise:
+    """The math of one hidden unit, written once against a math namespace `m` (exp, tanh, sigmoid, relu, ...).
+
+    forward(m, xg, hg, state, params) -> new_state
+        xg: tuple of num_gates input pre-activations (x W_ih^T + b_ih), hg: the recurrent ones (W_hh h + b_hh),
+        state: this unit's previous state values, params: this unit's per-unit extra parameters.
+        new_state[0] is the unit's output.
+    backward(m, xg, hg, state, params, d_new_state) -> (d_xg, d_hg, d_state, d_params)
+        the local derivative: gradients of the same arguments given the gradient of the new state.
+        d_state is the pointwise part only; the scan adds the recurrent part (d_hg @ W_hh).
+    Fused backends compile these into their generic time loops; with backward=None they decline to train.
+    """
+
+    forward: Callable[..., tuple]
+    backward: Callable[..., tuple] | None = None
+    params: tuple[str, ...] = ()  # names of per-unit extra parameters, each a [k*H] vector read per unit
+
+
+@dataclass(frozen=True)
+class CellSpec:
+    """A recurrent cell, described once.
+
+    reference_step(x_t, state, w) -> new_state is the specification every backend is tested against:
+    x_t is [B, G*H] (input projection incl. bias_ih), state a tuple of [B, *] tensors, w a `Weights` holding
+    weight_hh, bias_hh (None when absent) and every recurrent extra parameter by name.
+    The output of a step is new_state[0].
+    """
+
+    name: str
+    num_gates: int
+    state_names: tuple[str, ...]
+    reference_step: Callable[..., tuple]
+    recurrence: str = "dense"
+    extra_params: tuple[ParamSpec, ...] = ()
+    pointwise: Pointwise | None = None
+    native_mode: str | None = None  # torch.nn's mode ("LSTM", "GRU", "RNN_TANH", "RNN_RELU") for built-ins
+    supports_proj: bool = False  # LSTM's proj_size: h is projected by weight_hr after each step
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not isinstance(self.name, str) or not _NAME_RE.match(self.name):
+            problems.append(f"name must be lowercase letters, digits and '_', starting with a letter; got {self.name!r}")
+        if not isinstance(self.num_gates, int) or self.num_gates < 1:
+            problems.append(f"num_gates must be a positive int, got {self.num_gates!r}")
+        if not self.state_names or not all(isinstance(s, str) for s in self.state_names):
+            problems.append(f"state_names must be a non-empty tuple of str, got {self.state_names!r}")
+        if self.recurrence not in RECURRENCE_KINDS:
+            problems.append(f"recurrence must be one of {RECURRENCE_KINDS}, got {self.recurrence!r}")
+        if not callable(self.reference_step):
+            problems.append("reference_step must be callable")
+        if problems:
+            raise ValueError(f"invalid cell {self.name!r}: " + "; ".join(problems))
+
+    @property
+    def num_states(self) -> int:
+        return len(self.state_names)
+
+    @property
+    def env_name(self) -> str:
+        """The suffix of this cell's SEQFAST_BACKEND_<CELL> variable."""
+        return re.sub(r"[^A-Za-z0-9]", "_", self.name).upper()
+
+    def recurrent_param_names(self, proj: bool = False) -> tuple[str, ...]:
+        """Names of the weights the scan receives, in order."""
+        names = ["weight_hh", "bias_hh"]
+        names += [p.name for p in self.extra_params if p.recurrent]
+        if proj:
+            names.append("weight_hr")
+        return tuple(names)
+
+
+class Weights(dict):
+    """The recurrent weights of one layer-direction, by name, with attribute access (w.weight_hh)."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+@dataclass(frozen=True)
+class Query:
+    """What a backend is asked to run: enough to decide support and to rank candidates for `auto`."""
+
+    cell: CellSpec
+    device: str = "cpu"  # device type
+    dtype: torch.dtype = torch.float32
+    hidden_size: int = 1
+    input_size: int | None = None
+    batch_size: int | None = None
+    seq_len: int | None = None
+    proj_size: int = 0
+    requires_grad: bool = False
+    level: str = "module"  # "module" (a whole stack, may use Backend.run_stack) or "scan" (one layer-direction)
+
+    def describe(self) -> str:
+        parts = [f"cell={self.cell.name}", f"device={self.device}", f"dtype={str(self.dtype).replace('torch.', '')}"]
+        for key in ("seq_len", "batch_size", "input_size", "hidden_size"):
+            value = getattr(self, key)
+            if value is not None:
+                parts.append(f"{key}={value}")
+        if self.proj_size:
+            parts.append(f"proj_size={self.proj_size}")
+        parts.append(f"requires_grad={self.requires_grad}")
+        return ", ".join(parts)
+
+
+class Backend:
+    """Machinery that runs cells over time. Subclasses declare support as class attributes.
+
+    A backend implements `scan` (one layer, one direction; see seqfast.functional.scan for the contract), or
+    `run_stack` (a whole multi-layer module at once) when its kernels own the input projection (native).
+    """
+
+    name: str = ""
+    description: str = ""
+    devices: frozenset[str] | None = frozenset({"cpu"})  # device types; None: any
+    dtypes: frozenset[torch.dtype] | None = frozenset({torch.float32, torch.float64})  # None: any
+    cells: frozenset[str] | None = None  # None: any cell that satisfies the requirements below
+    recurrences: frozenset[str] = frozenset(RECURRENCE_KINDS)
+    needs_pointwise: bool = False  # fused backends compile CellSpec.pointwise
+    supports_grad: bool = True
+    supports_proj: bool = True
+    max_hidden_size: int | None = None
+    priority: int = 0  # auto prefers higher, unless auto_rank says otherwise
+
+    # --- availability -------------------------------------------------------------------------------------
+    def unavailable_reason(self) -> str | None:
+        """Why this backend cannot run on this machine at all (missing package, no device), else None."""
+        return None
+
+    def available(self) -> bool:
+        return self.unavailable_reason() is None
+
+    # --- support --------------------------------------------------------------------------------------------
+    def not_supported_reasons(self, query: Query) -> list[str]:
+        """Every reason this backend cannot run `query`; empty when it can. Derived from the declarations."""
+        reasons: list[str] = []
+        why = self.unavailable_reason()
+        if why:
+            reasons.append(why)
+        cell = query.cell
+        if self.cells is not None and cell.name not in self.cells:
+            reasons.append(f"cell {cell.name!r} is not one of {sorted(self.cells)}")
+        if cell.recurrence not in self.recurrences:
+            reasons.append(f"recurrence {cell.recurrence!r} not supported (supports {sorted(self.recurrences)})")
+        if self.needs_pointwise and cell.pointwise is None:
+            reasons.append(f"cell {cell.name!r} has no pointwise math to compile")
+        if self.needs_pointwise and query.requires_grad and cell.pointwise is not None and cell.pointwise.backward is None:
+            reasons.append(f"cell {cell.name!r} has no pointwise backward, so it cannot train here")
+        if self.devices is not None and query.device not in self.devices:
+            reasons.append(f"device {query.device!r} not supported (supports {sorted(self.devices)})")
+        if self.dtypes is not None and query.dtype not in self.dtypes:
+            names = sorted(str(d).replace("torch.", "") for d in self.dtypes)
+            reasons.append(f"dtype {str(query.dtype).replace('torch.', '')} not supported (supports {names})")
+        if query.requires_grad and not self.supports_grad:
+            reasons.append("backward (requires_grad) not supported")
+        if query.proj_size and not self.supports_proj:
+            reasons.append("proj_size > 0 not supported")
+        if self.max_hidden_size is not None and query.hidden_size > self.max_hidden_size:
+            reasons.append(f"hidden_size {query.hidden_size} > max {self.max_hidden_size}")
+        if query.level == "scan" and not self.has_scan():
+            reasons.append("runs whole modules only (no single-layer scan)")
+        reasons.extend(self.extra_reasons(query))
+        return reasons
+
+    def extra_reasons(self, query: Query) -> list[str]:
+        """Hook for conditions that are not simple declarations."""
+        return []
+
+    def auto_rank(self, query: Query) -> float:
+        """Higher is preferred by `auto` among backends with no reasons. Override to rank by shape."""
+        return float(self.priority)
+
+    # --- execution ------------------------------------------------------------------------------------------
+    def has_scan(self) -> bool:
+        return type(self).scan is not Backend.scan
+
+    def has_stack(self) -> bool:
+        return type(self).run_stack is not Backend.run_stack
+
+    def scan(
+        self,
+        cell: CellSpec,
+        x_proj: Tensor,
+        state0: tuple[Tensor, ...],
+        weights: Weights,
+        lengths: Tensor | None,
+        reverse: bool,
+    ) -> tuple[Tensor, tuple[Tensor, ...]]:
+        raise NotImplementedError
+
+    def run_stack(self, cell: CellSpec, x: Tensor, lengths: Tensor | None, state0: tuple[Tensor, ...], params: list,
+                  *, num_layers: int, bidirectional: bool, dropout: float, training: bool, proj_size: int
+                  ) -> tuple[Tensor, tuple[Tensor, ...]]:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<seqfast backend {self.name!r}>"
+
+
+@dataclass
+class PluginFailure:
+    distribution: str
+    entry_point: str
+    error: str
+
+
+@dataclass
+class Registry:
+    cells: dict[str, CellSpec] = field(default_factory=dict)
+    backends: dict[str, Backend] = field(default_factory=dict)
+    plugins_loaded: list[str] = field(default_factory=list)
+    plugin_failures: list[PluginFailure] = field(default_factory=list)
+    cell_origin: dict[str, str] = field(default_factory=dict)
+
+    RESERVED = ("auto",)
+
+    def register_cell(self, spec: CellSpec, *, replace: bool = False) -> CellSpec:
+        if not isinstance(spec, CellSpec):
+            raise TypeError(f"register_cell expects a CellSpec, got {type(spec).__name__}")
+        if spec.name in self.cells and not replace:
+            raise ValueError(f"cell {spec.name!r} is already registered (by {self.cell_origin[spec.name]})")
+        _validate_reference(spec)
+        self.cells[spec.name] = spec
+        self.cell_origin[spec.name] = _current_origin.get()
+        return spec
+
+    def register_backend(self, backend: Backend, *, replace: bool = False) -> Backend:
+        if not isinstance(backend, Backend):
+            raise TypeError(f"register_backend expects a seqfast.Backend instance, got {type(backend).__name__}")
+        if not backend.name or not _NAME_RE.match(backend.name) or backend.name in self.RESERVED:
+            raise ValueError(f"invalid backend name {backend.name!r}")
+        if backend.name in self.backends and not replace:
+            raise ValueError(f"backend {backend.name!r} is already registered")
+        if not (backend.has_scan() or backend.has_stack()):
+            raise ValueError(f"backend {backend.name!r} implements neither scan nor run_stack")
+        self.backends[backend.name] = backend
+        return backend
+
+    def get_cell(self, cell: str | CellSpec) -> CellSpec:
+        if isinstance(cell, CellSpec):
+            return cell
+        try:
+            return self.cells[cell]
+        except KeyError:
+            raise ValueError(f"unknown cell {cell!r}; registered cells: {sorted(self.cells)}") from None
+
+    def get_backend(self, name: str) -> Backend:
+        try:
+            return self.backends[name]
+        except KeyError:
+            known = ["auto", *sorted(self.backends)]
+            raise ValueError(f"unknown backend {name!r}; known backends: {known}") from None
+
+    # --- plugins --------------------------------------------------------------------------------------------
+    def load_plugins(self, entry_points: Sequence[Any] | None = None) -> None:
+        """Call every `seqfast.plugins` entry point with this registry. A broken plugin becomes a warning."""
+        if entry_points is None:
+            if os.environ.get("SEQFAST_DISABLE_PLUGINS", "").strip() not in ("", "0"):
+                return
+            entry_points = importlib.metadata.entry_points(group="seqfast.plugins")
+        for ep in entry_points:
+            dist = getattr(getattr(ep, "dist", None), "name", None) or ep.value.split(":")[0]
+            label = f"{dist}:{ep.name}"
+            snapshot = (dict(self.cells), dict(self.backends), dict(self.cell_origin))
+            token = _current_origin.set(label)
+            try:
+                hook = ep.load()
+                hook(self)
+            except Exception as exc:  # a plugin must never break the host library; it is reported instead
+                self.cells, self.backends, self.cell_origin = (copy.copy(s) for s in snapshot)
+                failure = PluginFailure(dist, ep.name, f"{type(exc).__name__}: {exc}")
+                self.plugin_failures.append(failure)
+                warnings.warn(
+                    f"seqfast plugin {ep.name!r} from distribution {dist!r} failed to load and was skipped: "
+                    f"{failure.error}",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            else:
+                self.plugins_loaded.append(label)
+            finally:
+                _current_origin.reset(token)
+
+
+# who is registering right now: a plugin's label while its entry point runs
+_current_origin: contextvars.ContextVar[str] = contextvars.ContextVar("seqfast_origin", default="seqfast")
+
+
+def _validate_reference(spec: CellSpec) -> None:
+    """Run the reference step once on tiny inputs: it must accept the declared gates and return the state."""
+    hidden, batch = 3, 2
+    gen = torch.Generator().manual_seed(0)
+    g = spec.num_gates
+    weights = Weights(weight_hh=None, bias_hh=None)
+    if spec.recurrence == "dense":
+        weights["weight_hh"] = torch.randn(g * hidden, hidden, generator=gen, dtype=torch.float64)
+    elif spec.recurrence == "diagonal":
+        weights["weight_hh"] = torch.randn(g * hidden, generator=gen, dtype=torch.float64)
+    if spec.recurrence != "none":
+        weights["bias_hh"] = torch.randn(g * hidden, generator=gen, dtype=torch.float64)
+    for p in spec.extra_params:
+        if p.recurrent:
+            weights[p.name] = torch.randn(p.shape(hidden, 0), generator=gen, dtype=torch.float64)
+    x = torch.randn(batch, g * hidden, generator=gen, dtype=torch.float64)
+    state = tuple(torch.randn(batch, hidden, generator=gen, dtype=torch.float64) for _ in spec.state_names)
+    try:
+        new = spec.reference_step(x, state, weights)
+    except Exception as exc:
+        raise ValueError(
+            f"cell {spec.name!r}: reference_step failed on x_t [{batch}, {g}*{hidden}] "
+            f"(num_gates={g}) and {spec.num_states} state tensors [{batch}, {hidden}]: {type(exc).__name__}: {exc}"
+        ) from exc
+    if not isinstance(new, tuple) or len(new) != spec.num_states:
+        raise ValueError(
+            f"cell {spec.name!r}: reference_step must return a tuple of {spec.num_states} state tensors "
+            f"{spec.state_names}, got {type(new).__name__} of length {len(new) if isinstance(new, tuple) else '-'}"
+        )
+    for name, old, value in zip(spec.state_names, state, new, strict=True):
+        if not isinstance(value, torch.Tensor) or value.shape != old.shape:
+            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"cell {spec.name!r}: reference_step's new {name!r} has shape {got}, expected {tuple(old.shape)}")
+
+
+registry = Registry()
+
+
+def register_cell(spec: CellSpec, *, replace: bool = False) -> CellSpec:
+    """Register a cell (built-ins use this too). Raises ValueError on a duplicate name or a broken reference."""
+    return registry.register_cell(spec, replace=replace)
+
+
+def register_backend(backend: Backend, *, replace: bool = False) -> Backend:
+    return registry.register_backend(backend, replace=replace)
+
+
+def get_cell(cell: str | CellSpec) -> CellSpec:
+    return registry.get_cell(cell)
+
+
+def get_backend(name: str) -> Backend:
+    return registry.get_backend(name)
