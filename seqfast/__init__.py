@@ -1,7 +1,7 @@
 """seqfast: fast sequential models with interchangeable backends behind torch.nn-compatible modules."""
 
-from . import cells as _cells  # noqa: F401  (registers the built-in cells)
 from . import backends as _backends  # noqa: F401  (registers the built-in backends)
+from . import cells as _cells  # noqa: F401  (registers the built-in cells)
 from .config import use_backend
 from .functional import (
     BackendNotSupportedError,

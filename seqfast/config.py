@@ -64,7 +64,8 @@ def use_backend(backend: str | Mapping[str, str]) -> Iterator[None]:
         for cell, name in backend.items():
             new[_check_name(cell, "use_backend cell").replace("-", "_")] = _check_name(name, f"use_backend[{cell!r}]")
     else:
-        raise TypeError(f"use_backend: expected a backend name or a {{cell: backend}} mapping, got {type(backend).__name__}")
+        raise TypeError("use_backend: expected a backend name or a {cell: backend} mapping, "
+                        f"got {type(backend).__name__}")
     token = _context.set(MappingProxyType(new))
     try:
         yield
@@ -86,7 +87,7 @@ def _config_path() -> Path | None:
     return None
 
 
-_file_cache: dict[tuple[str, float], tuple[str | None, dict[str, str]]] = {}
+_file_cache: dict[tuple[str, float], tuple[bool, str | None, dict[str, str]]] = {}
 
 
 def config_file_settings() -> tuple[Path | None, str | None, dict[str, str]]:
@@ -104,7 +105,9 @@ def config_file_settings() -> tuple[Path | None, str | None, dict[str, str]]:
             data = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as exc:
             raise ValueError(f"seqfast config file {str(path)!r} is not valid TOML: {exc}") from exc
+        relevant = True
         if path.name == "pyproject.toml" and "SEQFAST_CONFIG" not in os.environ:
+            relevant = "seqfast" in data.get("tool", {})  # a project's pyproject without [tool.seqfast]
             data = data.get("tool", {}).get("seqfast", {})
         default = data.get("backend")
         per_cell = data.get("backends", {})
@@ -113,11 +116,12 @@ def config_file_settings() -> tuple[Path | None, str | None, dict[str, str]]:
         if not isinstance(per_cell, dict) or not all(isinstance(v, str) for v in per_cell.values()):
             raise ValueError(f"seqfast config {str(path)!r}: [backends] must map cell names to backend names")
         _file_cache[key] = (
+            relevant,
             default.strip().lower() if default else None,
             {k.lower(): v.strip().lower() for k, v in per_cell.items()},
         )
-    default, per_cell = _file_cache[key]
-    return path, default, per_cell
+    relevant, default, per_cell = _file_cache[key]
+    return (path, default, per_cell) if relevant else (None, None, {})
 
 
 def resolve_choice(cell_name: str, env_suffix: str, argument: str | None = None) -> Choice:

@@ -72,7 +72,8 @@ def select_backend(query: Query, requested: str | None = None) -> tuple[Backend,
     if choice.name == "auto":
         best = _best(query)
         if best is None:
-            raise BackendNotSupportedError("auto", choice, query, ["no registered backend can run this"], explain(query))
+            reasons = ["no registered backend can run this"]
+            raise BackendNotSupportedError("auto", choice, query, reasons, explain(query))
         return best, choice
     backend = registry.get_backend(choice.name)
     reasons = backend.not_supported_reasons(query)
@@ -135,20 +136,23 @@ def _check_scan_inputs(cell: CellSpec, x_proj: Tensor, state0, weights: Mapping)
         raise ValueError(f"x_proj: last dim must be {cell.num_gates}*hidden_size for cell {cell.name!r}, got {width}")
     hidden = width // cell.num_gates
     if not isinstance(state0, tuple) or len(state0) != cell.num_states:
-        raise ValueError(f"state0: expected a tuple of {cell.num_states} tensors {cell.state_names}, got {state0!r:.80}")
+        got = f"{type(state0).__name__} of length {len(state0)}" if isinstance(state0, (tuple, list)) else state0
+        raise ValueError(f"state0: expected a tuple of {cell.num_states} tensors {cell.state_names}, got {got}")
     proj = weights.get("weight_hr")
     for name, s in zip(cell.state_names, state0, strict=True):
         size = proj.shape[0] if (proj is not None and name == cell.state_names[0]) else hidden
         if s.shape != (batch, size):
             raise ValueError(f"state0[{name!r}]: expected shape ({batch}, {size}), got {tuple(s.shape)}")
         if s.dtype != x_proj.dtype or s.device != x_proj.device:
-            raise ValueError(f"state0[{name!r}]: expected {x_proj.dtype} on {x_proj.device}, got {s.dtype} on {s.device}")
+            raise ValueError(f"state0[{name!r}]: expected {x_proj.dtype} on {x_proj.device} like x_proj, "
+                             f"got {s.dtype} on {s.device}")
     for name in cell.recurrent_param_names(proj is not None):
         w = weights.get(name)
         if w is None and (name == "weight_hh" and cell.recurrence != "none"):
             raise ValueError(f"weights: cell {cell.name!r} needs 'weight_hh'")
         if w is not None and (w.dtype != x_proj.dtype or w.device != x_proj.device):
-            raise ValueError(f"weights[{name!r}]: expected {x_proj.dtype} on {x_proj.device}, got {w.dtype} on {w.device}")
+            raise ValueError(f"weights[{name!r}]: expected {x_proj.dtype} on {x_proj.device} like x_proj, "
+                             f"got {w.dtype} on {w.device}")
 
 
 def scan(

@@ -107,7 +107,8 @@ class CellSpec:
     def __post_init__(self) -> None:
         problems = []
         if not isinstance(self.name, str) or not _NAME_RE.match(self.name):
-            problems.append(f"name must be lowercase letters, digits and '_', starting with a letter; got {self.name!r}")
+            problems.append("name must be lowercase letters, digits and '_', starting with a letter; "
+                            f"got {self.name!r}")
         if not isinstance(self.num_gates, int) or self.num_gates < 1:
             problems.append(f"num_gates must be a positive int, got {self.num_gates!r}")
         if not self.state_names or not all(isinstance(s, str) for s in self.state_names):
@@ -215,7 +216,8 @@ class Backend:
             reasons.append(f"recurrence {cell.recurrence!r} not supported (supports {sorted(self.recurrences)})")
         if self.needs_pointwise and cell.pointwise is None:
             reasons.append(f"cell {cell.name!r} has no pointwise math to compile")
-        if self.needs_pointwise and query.requires_grad and cell.pointwise is not None and cell.pointwise.backward is None:
+        no_backward = cell.pointwise is not None and cell.pointwise.backward is None
+        if self.needs_pointwise and query.requires_grad and no_backward:
             reasons.append(f"cell {cell.name!r} has no pointwise backward, so it cannot train here")
         if self.devices is not None and query.device not in self.devices:
             reasons.append(f"device {query.device!r} not supported (supports {sorted(self.devices)})")
@@ -389,7 +391,8 @@ def _validate_reference(spec: CellSpec) -> None:
     for name, old, value in zip(spec.state_names, state, new, strict=True):
         if not isinstance(value, torch.Tensor) or value.shape != old.shape:
             got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-            raise ValueError(f"cell {spec.name!r}: reference_step's new {name!r} has shape {got}, expected {tuple(old.shape)}")
+            raise ValueError(f"cell {spec.name!r}: reference_step's new {name!r} has shape {got}, "
+                             f"expected {tuple(old.shape)}")
 
 
 registry = Registry()

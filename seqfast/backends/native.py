@@ -7,7 +7,7 @@ Variable lengths go through torch's PackedSequence path (sorting and unsorting i
 from __future__ import annotations
 
 import torch
-from torch import Tensor, _VF
+from torch import _VF, Tensor
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from ..registry import Backend, CellSpec, Query

@@ -1,0 +1,126 @@
+"""Glue for backends whose kernels run the forward and backward scans themselves (numba, triton).
+
+A `FusedBackend` implements three methods (forward, saved_shapes, backward); this module turns them into two
+torch.library custom ops per backend, `seqfast::<name>_scan` and `seqfast::<name>_scan_backward`, with fake
+(meta) kernels and autograd registered. Eager training and torch.compile(fullgraph=True) then both see one opaque,
+differentiable op per layer-direction instead of a Python time loop.
+
+Op arguments are flat so the schema stays simple: the cell by name (looked up in the registry), the recurrent
+weights as a list in `CellSpec.recurrent_param_names` order with None where absent. Results are flat lists:
+forward -> [outputs, *final_states, *saved]; backward -> [grad_x_proj, *grad_state0, *grad_present_weights].
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..registry import Backend, CellSpec, Weights, get_cell
+
+
+class FusedBackend(Backend):
+    """Base class of fused backends. Subclasses implement forward, saved_shapes and backward."""
+
+    needs_pointwise = True
+    cells = None
+
+    # --- what a subclass implements ---------------------------------------------------------------------------
+    def forward(self, cell: CellSpec, x_proj: Tensor, state0: list[Tensor], weights: list[Tensor | None],
+                lengths: Tensor | None, reverse: bool, need_saved: bool) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """-> (outputs [T, B, H_out], final states, tensors saved for backward ([] unless need_saved))."""
+        raise NotImplementedError
+
+    def saved_shapes(self, cell: CellSpec, steps: int, batch: int, hidden: int) -> list[tuple[int, ...]]:
+        """Shapes of what forward saves when need_saved is True (the fake kernel allocates these)."""
+        raise NotImplementedError
+
+    def backward(self, cell: CellSpec, x_proj: Tensor, state0: list[Tensor], weights: list[Tensor | None],
+                 lengths: Tensor | None, reverse: bool, outputs: Tensor, final: list[Tensor], saved: list[Tensor],
+                 grad_outputs: Tensor, grad_final: list[Tensor]) -> tuple[Tensor, list[Tensor], list[Tensor | None]]:
+        """-> (grad of x_proj, grad of each state0, grad of each weight (None where the weight is None))."""
+        raise NotImplementedError
+
+    # --- the Backend interface ----------------------------------------------------------------------------------
+    def scan(self, cell: CellSpec, x_proj: Tensor, state0: tuple[Tensor, ...], weights: Weights,
+             lengths: Tensor | None, reverse: bool) -> tuple[Tensor, tuple[Tensor, ...]]:
+        names = cell.recurrent_param_names(proj=weights.get("weight_hr") is not None)
+        wlist = [weights.get(n) for n in names]
+        tensors = [x_proj, *state0, *(w for w in wlist if w is not None)]
+        need_saved = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+        result = _ops_for(self)[0](cell.name, x_proj, list(state0), wlist, lengths, bool(reverse), need_saved)
+        return result[0], tuple(result[1 : 1 + cell.num_states])
+
+
+_OPS: dict[str, tuple] = {}
+
+
+def _ops_for(backend: FusedBackend) -> tuple:
+    """The (forward, backward) custom ops of a backend, defined on first use."""
+    if backend.name not in _OPS:
+        _OPS[backend.name] = _define_ops(backend)
+    return _OPS[backend.name]
+
+
+def _define_ops(backend: FusedBackend) -> tuple:
+    prefix = f"seqfast::{backend.name}_scan"
+
+    @torch.library.custom_op(prefix, mutates_args=())
+    def scan_op(cell: str, x_proj: Tensor, state0: list[Tensor], weights: list[Optional[Tensor]],  # noqa: UP045
+                lengths: Optional[Tensor], reverse: bool, need_saved: bool) -> list[Tensor]:  # noqa: UP045
+        out, final, saved = backend.forward(get_cell(cell), x_proj, list(state0), list(weights), lengths, reverse,
+                                            need_saved)
+        # custom ops may not return their inputs: a state untouched by the kernel must be a copy
+        inputs = {id(t) for t in (x_proj, *state0)}
+        return [t.clone() if id(t) in inputs else t for t in (out, *final, *saved)]
+
+    @scan_op.register_fake
+    def _(cell, x_proj, state0, weights, lengths, reverse, need_saved):
+        spec = get_cell(cell)
+        steps, batch, width = x_proj.shape
+        out = x_proj.new_empty(steps, batch, state0[0].shape[1])
+        final = [s.new_empty(s.shape) for s in state0]
+        saved = []
+        if need_saved:
+            saved = [x_proj.new_empty(s) for s in backend.saved_shapes(spec, steps, batch, width // spec.num_gates)]
+        return [out, *final, *saved]
+
+    @torch.library.custom_op(prefix + "_backward", mutates_args=())
+    def scan_backward_op(cell: str, x_proj: Tensor, state0: list[Tensor], weights: list[Optional[Tensor]],  # noqa: UP045
+                         lengths: Optional[Tensor], reverse: bool, outputs: Tensor, final: list[Tensor],  # noqa: UP045
+                         saved: list[Tensor], grad_outputs: Tensor, grad_final: list[Tensor]) -> list[Tensor]:
+        gx, gstate, gweights = backend.backward(get_cell(cell), x_proj, list(state0), list(weights), lengths, reverse,
+                                                outputs, list(final), list(saved), grad_outputs, list(grad_final))
+        return [gx, *gstate, *(g for g, w in zip(gweights, weights, strict=True) if w is not None)]
+
+    @scan_backward_op.register_fake
+    def _(cell, x_proj, state0, weights, lengths, reverse, outputs, final, saved, grad_outputs, grad_final):
+        return [torch.empty_like(x_proj), *(torch.empty_like(s) for s in state0),
+                *(torch.empty_like(w) for w in weights if w is not None)]
+
+    def setup_context(ctx, inputs, output):
+        cell, x_proj, state0, weights, lengths, reverse, _ = inputs
+        ctx.cell, ctx.reverse = cell, reverse
+        ctx.counts = (len(state0), len(weights), len(output) - 1 - len(state0))
+        ctx.present = [w is not None for w in weights]
+        ctx.save_for_backward(x_proj, lengths, *state0, *weights, *output)
+
+    def backward(ctx, grads):
+        n_state, n_weights, _ = ctx.counts
+        x_proj, lengths, *rest = ctx.saved_tensors
+        state0, rest = rest[:n_state], rest[n_state:]
+        weights, rest = rest[:n_weights], rest[n_weights:]
+        outputs, final, saved = rest[0], rest[1 : 1 + n_state], rest[1 + n_state :]
+        # outputs nobody used arrive as None
+        grad_out = grads[0] if grads[0] is not None else torch.zeros_like(outputs)
+        grad_final = [g if g is not None else torch.zeros_like(f)
+                      for g, f in zip(grads[1 : 1 + n_state], final, strict=True)]
+        flat = scan_backward_op(ctx.cell, x_proj, list(state0), list(weights), lengths, ctx.reverse, outputs,
+                                list(final), list(saved), grad_out.contiguous(), grad_final)
+        gx, gstate, gpresent = flat[0], flat[1 : 1 + n_state], iter(flat[1 + n_state :])
+        gweights = [next(gpresent) if present else None for present in ctx.present]
+        return None, gx, list(gstate), gweights, None, None, None
+
+    scan_op.register_autograd(backward, setup_context=setup_context)
+    return scan_op, scan_backward_op
