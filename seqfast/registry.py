@@ -69,18 +69,25 @@ class Pointwise:
     """The math of one hidden unit, written once against a math namespace `m` (exp, tanh, sigmoid, relu, ...).
 
     forward(m, xg, hg, state, params) -> new_state
-        xg: tuple of num_gates input pre-activations (x W_ih^T + b_ih), hg: the recurrent ones (W_hh h + b_hh),
-        state: this unit's previous state values, params: this unit's per-unit extra parameters.
+        xg: tuple of num_gates input pre-activations (x W_ih^T + b_ih) of unit j, i.e. x_proj[..., g*H + j];
+        hg: the recurrent ones: (W_hh h + b_hh)[g*H + j] (dense), w_hh[g*H + j] * h_j + b_hh[g*H + j]
+            (diagonal), 0.0 (none);
+        state: this unit's previous state values (one per CellSpec.state_names);
+        params: this unit's values of the per-unit parameters named in Pointwise.params, in that order; a
+            parameter of shape [k*H] (a recurrent extra_param) contributes k values, value r of unit j being
+            p[r*H + j] (e.g. a peephole LSTM's [3*H] cell-to-gate weights give 3 values).
         new_state[0] is the unit's output.
     backward(m, xg, hg, state, params, d_new_state) -> (d_xg, d_hg, d_state, d_params)
-        the local derivative: gradients of the same arguments given the gradient of the new state.
-        d_state is the pointwise part only; the scan adds the recurrent part (d_hg @ W_hh).
+        the local derivative: gradients of the same arguments given the gradient of the new state. d_state is
+        the pointwise part only (the scan adds the recurrent part, d_hg @ W_hh); a literal 0.0 is allowed.
+        Backends sum d_params over batch and time.
+    The math namespace m offers exp, log, tanh, sigmoid, relu, sqrt, abs, maximum, minimum, where(c, a, b).
     Fused backends compile these into their generic time loops; with backward=None they decline to train.
     """
 
     forward: Callable[..., tuple]
     backward: Callable[..., tuple] | None = None
-    params: tuple[str, ...] = ()  # names of per-unit extra parameters, each a [k*H] vector read per unit
+    params: tuple[str, ...] = ()  # names of the recurrent extra_params read per unit, see `params` above
 
 
 @dataclass(frozen=True)
@@ -393,6 +400,36 @@ def _validate_reference(spec: CellSpec) -> None:
             got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
             raise ValueError(f"cell {spec.name!r}: reference_step's new {name!r} has shape {got}, "
                              f"expected {tuple(old.shape)}")
+    if spec.pointwise is not None:
+        _validate_pointwise(spec, x, state, weights, new)
+
+
+def _validate_pointwise(spec: CellSpec, x, state, weights: Weights, expected: tuple) -> None:
+    """The pointwise forward, evaluated with torch, must reproduce the reference step it claims to fuse."""
+    from .cells.common import TORCH_MATH, recurrent_term  # cells build on this module; import at use
+
+    extras = {p.name for p in spec.extra_params if p.recurrent}
+    unknown = [n for n in spec.pointwise.params if n not in extras]
+    if unknown:
+        raise ValueError(f"cell {spec.name!r}: Pointwise.params {unknown} are not recurrent extra_params "
+                         f"(those are {sorted(extras)})")
+    g, hidden = spec.num_gates, state[0].shape[1]
+    hg = recurrent_term(state[0], weights, g, spec.recurrence)
+    params = []
+    for name in spec.pointwise.params:
+        vec = weights[name]
+        params += [vec[r * hidden : (r + 1) * hidden] for r in range(vec.numel() // hidden)]
+    try:
+        got = spec.pointwise.forward(TORCH_MATH, x.chunk(g, 1), hg.chunk(g, 1), state, tuple(params))
+    except Exception as exc:
+        raise ValueError(f"cell {spec.name!r}: Pointwise.forward failed on {g} gates: "
+                         f"{type(exc).__name__}: {exc}") from exc
+    if not isinstance(got, tuple) or len(got) != spec.num_states:
+        raise ValueError(f"cell {spec.name!r}: Pointwise.forward must return {spec.num_states} state values")
+    for name, a, b in zip(spec.state_names, got, expected, strict=True):
+        if not torch.allclose(torch.as_tensor(a, dtype=b.dtype), b, rtol=1e-9, atol=1e-9):
+            raise ValueError(f"cell {spec.name!r}: Pointwise.forward's new {name!r} disagrees with reference_step "
+                             f"(max difference {(torch.as_tensor(a) - b).abs().max().item():.3g})")
 
 
 registry = Registry()
