@@ -77,36 +77,41 @@ def context_choices() -> Mapping[str, str]:
     return _context.get()
 
 
-def _config_path() -> Path | None:
+def _config_file() -> tuple[str, os.stat_result] | None:
+    """The config file in force and its stat; None when there is none. Called on every selection: stat only."""
     named = os.environ.get("SEQFAST_CONFIG")
     if named:
-        return Path(named)
-    for candidate in (Path("seqfast.toml"), Path("pyproject.toml")):
-        if candidate.is_file():
-            return candidate
+        try:
+            return named, os.stat(named)
+        except OSError as exc:
+            raise FileNotFoundError(f"SEQFAST_CONFIG names {named!r}, which cannot be read: {exc}") from exc
+    for candidate in ("seqfast.toml", "pyproject.toml"):
+        try:
+            return candidate, os.stat(candidate)
+        except OSError:
+            continue
     return None
 
 
-_file_cache: dict[tuple[str, float], tuple[bool, str | None, dict[str, str]]] = {}
+_file_cache: dict[tuple, tuple[bool, str | None, dict[str, str]]] = {}
 
 
 def config_file_settings() -> tuple[Path | None, str | None, dict[str, str]]:
     """(path, global backend, {cell: backend}) from the config file in force; cached until the file changes."""
-    path = _config_path()
-    if path is None:
+    found = _config_file()
+    if found is None:
         return None, None, {}
-    try:
-        mtime = path.stat().st_mtime
-    except OSError as exc:
-        raise FileNotFoundError(f"SEQFAST_CONFIG names {str(path)!r}, which cannot be read: {exc}") from exc
-    key = (str(path.resolve()), mtime)
+    name, st = found
+    named = "SEQFAST_CONFIG" in os.environ  # a named pyproject.toml is read whole, not as [tool.seqfast]
+    key = (named, st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)  # the file itself, wherever the cwd is
     if key not in _file_cache:
+        path = Path(name)
         try:
             data = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as exc:
             raise ValueError(f"seqfast config file {str(path)!r} is not valid TOML: {exc}") from exc
         relevant = True
-        if path.name == "pyproject.toml" and "SEQFAST_CONFIG" not in os.environ:
+        if path.name == "pyproject.toml" and not named:
             relevant = "seqfast" in data.get("tool", {})  # a project's pyproject without [tool.seqfast]
             data = data.get("tool", {}).get("seqfast", {})
         default = data.get("backend")
@@ -121,7 +126,7 @@ def config_file_settings() -> tuple[Path | None, str | None, dict[str, str]]:
             {k.lower(): v.strip().lower() for k, v in per_cell.items()},
         )
     relevant, default, per_cell = _file_cache[key]
-    return (path, default, per_cell) if relevant else (None, None, {})
+    return (Path(name), default, per_cell) if relevant else (None, None, {})
 
 
 def resolve_choice(cell_name: str, env_suffix: str, argument: str | None = None) -> Choice:
