@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextvars
 import copy
+import functools
 import importlib.metadata
 import math
 import os
@@ -131,7 +132,7 @@ class CellSpec:
     def num_states(self) -> int:
         return len(self.state_names)
 
-    @property
+    @functools.cached_property
     def env_name(self) -> str:
         """The suffix of this cell's SEQFAST_BACKEND_<CELL> variable."""
         return re.sub(r"[^A-Za-z0-9]", "_", self.name).upper()

@@ -227,14 +227,14 @@ class Recurrent(nn.Module):
             cell=self.cell, device=x.device.type, dtype=x.dtype, hidden_size=self.hidden_size,
             input_size=x.shape[-1], batch_size=x.shape[1], seq_len=x.shape[0], proj_size=self.proj_size,
             requires_grad=torch.is_grad_enabled() and (x.requires_grad or any(s.requires_grad for s in state0)
-                                                        or any(p.requires_grad for p in self.parameters())),
+                                                        or any(p.requires_grad for p in self._parameters.values())),
             level=level,
         )
 
     def _run(self, x: Tensor, lengths: Tensor | None, state0: tuple[Tensor, ...]):
         backend, _ = select_backend(self._query(x, state0, "module"), self.backend)
         if backend.has_stack():
-            params = [[getattr(self, n) for n in names] for names in self._all_weights]
+            params = [[self._parameters[n] for n in names] for names in self._all_weights]
             return backend.run_stack(self.cell, x, lengths, state0, params, num_layers=self.num_layers,
                                      bidirectional=self.bidirectional, dropout=self.dropout,
                                      training=self.training, proj_size=self.proj_size)
