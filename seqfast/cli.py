@@ -83,15 +83,29 @@ def _print_info(info: dict) -> None:
     for name, b in info["backends"].items():
         state = "available" if b["available"] else f"unavailable: {b['unavailable_reason']}"
         print(f"  {name:<10} {state}  ({b['description']})")
-    print("\ncells x backends (training, hidden_size=128; ✓ = can run, else why not):")
+    print(f"\ncells x backends on {info['device']} (training, hidden_size=128): ✓ runs, ✗ n = reason n below")
+    names = list(info["backends"])
+    width = max(len(c) for c in info["cells"]) + 2
+    print(" " * (width + 2) + "".join(f"{n:<12}" for n in names) + "auto picks  (requested, by)")
+    footnotes: list[str] = []
     for cell_name, cell in info["cells"].items():
-        print(f"  {cell_name}  [from {cell['origin']}]  -> runs on {cell['effective']!s} "
-              f"(requested {cell['requested']!r} by {cell['source']})")
-        for name, per_device in cell["backends"].items():
-            for dev, verdict in per_device.items():
-                mark = "✓" + (f" ({verdict['path']})" if "path" in verdict else "") if verdict["ok"] else \
-                    "✗ " + "; ".join(verdict["reasons"])
-                print(f"      {name:<10} {dev:<5} {mark}")
+        row = f"  {cell_name:<{width}}"
+        for name in names:
+            verdict = cell["backends"][name][info["device"]]
+            if verdict["ok"]:
+                mark = "✓" + (f" {verdict['path']}" if "path" in verdict else "")
+            else:
+                why = "; ".join(verdict["reasons"])
+                if why not in footnotes:
+                    footnotes.append(why)
+                mark = f"✗ {footnotes.index(why) + 1}"
+            row += f"{mark:<12}"
+        print(row + f"{cell['effective']:<11} ({cell['requested']}, {cell['source']})")
+    for i, why in enumerate(footnotes, 1):
+        print(f"    {i}. {why}")
+    origins = {c: v["origin"] for c, v in info["cells"].items() if v["origin"] != "seqfast"}
+    if origins:
+        print("  cells from plugins: " + ", ".join(f"{c} ({o})" for c, o in origins.items()))
     plugins = info["plugins"]
     print("\nplugins:" + (" discovery disabled by SEQFAST_DISABLE_PLUGINS" if plugins["disabled"] else ""))
     for label in plugins["loaded"]:

@@ -92,7 +92,7 @@ def test_seqfast_info_reports_plugins(plugin_path):
     assert "loaded  good_cells:good_cells" in result.stdout
     assert "FAILED  broken_import:broken_import: ImportError" in result.stdout
     assert "FAILED  duplicate_cell:duplicate_cell: ValueError: cell 'lstm' is already registered" in result.stdout
-    assert "half_tanh  [from good_cells:good_cells]" in result.stdout
+    assert "half_tanh (good_cells:good_cells)" in result.stdout
 
 
 def test_disable_plugins(plugin_path):
