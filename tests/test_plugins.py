@@ -74,7 +74,7 @@ def test_broken_plugins_warn_and_everything_else_works(plugin_path):
     assert result.returncode == 0, result.stderr
     plugins = json.loads(result.stdout.splitlines()[0])
     cells = result.stdout.splitlines()[1]
-    assert plugins["loaded"] == ["good_cells:good_cells"]
+    assert "good_cells:good_cells" in plugins["loaded"]  # beside any plugins installed in this environment
     failed = {f["distribution"]: f["error"] for f in plugins["failed"]}
     assert set(failed) == {"broken_import", "duplicate_cell", "bad_reference"}
     assert "ImportError: this plugin needs a package" in failed["broken_import"]
@@ -114,4 +114,5 @@ def test_info_json(plugin_path):
     assert info["cells"]["lstm"]["backends"]["torch"]["cpu"]["ok"] is True
     assert info["cells"]["half_tanh"]["backends"]["native"]["cpu"]["ok"] is False
     assert info["config"]["environment"]["SEQFAST_BACKEND_GRU"] == "torch"
-    assert len(info["plugins"]["failed"]) == 3
+    assert {f["distribution"] for f in info["plugins"]["failed"]} == {"broken_import", "duplicate_cell",
+                                                                       "bad_reference"}

@@ -6,8 +6,10 @@ torch.library custom ops per backend, `seqfast::<name>_scan` and `seqfast::<name
 differentiable op per layer-direction instead of a Python time loop.
 
 Op arguments are flat so the schema stays simple: the cell by name (looked up in the registry), the recurrent
-weights as a list in `CellSpec.recurrent_param_names` order with None where absent. Results are flat lists:
-forward -> [outputs, *final_states, *saved]; backward -> [grad_x_proj, *grad_state0, *grad_present_weights].
+weights as a list in `CellSpec.recurrent_param_names` order. An absent weight (bias=False, no recurrent matrix)
+travels as a 0-element placeholder, not None: autograd treats a list holding None as a single leaf, so its
+gradient could not be returned per element. Results are flat lists: forward -> [outputs, *final_states, *saved];
+backward -> [grad_x_proj, *grad_state0, *grad_weights (0-element for placeholders)].
 """
 
 from __future__ import annotations
@@ -49,11 +51,16 @@ class FusedBackend(Backend):
         wlist = [weights.get(n) for n in names]
         tensors = [x_proj, *state0, *(w for w in wlist if w is not None)]
         need_saved = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+        wlist = [x_proj.new_empty(0) if w is None else w for w in wlist]
         result = _ops_for(self)[0](cell.name, x_proj, list(state0), wlist, lengths, bool(reverse), need_saved)
         return result[0], tuple(result[1 : 1 + cell.num_states])
 
 
 _OPS: dict[str, tuple] = {}
+
+
+def _unplaceholder(weights: list[Tensor]) -> list[Tensor | None]:
+    return [None if w.numel() == 0 else w for w in weights]
 
 
 def _ops_for(backend: FusedBackend) -> tuple:
@@ -67,10 +74,10 @@ def _define_ops(backend: FusedBackend) -> tuple:
     prefix = f"seqfast::{backend.name}_scan"
 
     @torch.library.custom_op(prefix, mutates_args=())
-    def scan_op(cell: str, x_proj: Tensor, state0: list[Tensor], weights: list[Optional[Tensor]],  # noqa: UP045
+    def scan_op(cell: str, x_proj: Tensor, state0: list[Tensor], weights: list[Tensor],
                 lengths: Optional[Tensor], reverse: bool, need_saved: bool) -> list[Tensor]:  # noqa: UP045
-        out, final, saved = backend.forward(get_cell(cell), x_proj, list(state0), list(weights), lengths, reverse,
-                                            need_saved)
+        out, final, saved = backend.forward(get_cell(cell), x_proj, list(state0), _unplaceholder(weights), lengths,
+                                            reverse, need_saved)
         # custom ops may not return their inputs: a state untouched by the kernel must be a copy
         inputs = {id(t) for t in (x_proj, *state0)}
         return [t.clone() if id(t) in inputs else t for t in (out, *final, *saved)]
@@ -87,23 +94,24 @@ def _define_ops(backend: FusedBackend) -> tuple:
         return [out, *final, *saved]
 
     @torch.library.custom_op(prefix + "_backward", mutates_args=())
-    def scan_backward_op(cell: str, x_proj: Tensor, state0: list[Tensor], weights: list[Optional[Tensor]],  # noqa: UP045
+    def scan_backward_op(cell: str, x_proj: Tensor, state0: list[Tensor], weights: list[Tensor],
                          lengths: Optional[Tensor], reverse: bool, outputs: Tensor, final: list[Tensor],  # noqa: UP045
                          saved: list[Tensor], grad_outputs: Tensor, grad_final: list[Tensor]) -> list[Tensor]:
-        gx, gstate, gweights = backend.backward(get_cell(cell), x_proj, list(state0), list(weights), lengths, reverse,
-                                                outputs, list(final), list(saved), grad_outputs, list(grad_final))
-        return [gx, *gstate, *(g for g, w in zip(gweights, weights, strict=True) if w is not None)]
+        gx, gstate, gweights = backend.backward(get_cell(cell), x_proj, list(state0), _unplaceholder(weights),
+                                                lengths, reverse, outputs, list(final), list(saved), grad_outputs,
+                                                list(grad_final))
+        return [gx, *gstate, *(torch.zeros_like(w) if w.numel() == 0 else g
+                               for g, w in zip(gweights, weights, strict=True))]
 
     @scan_backward_op.register_fake
     def _(cell, x_proj, state0, weights, lengths, reverse, outputs, final, saved, grad_outputs, grad_final):
         return [torch.empty_like(x_proj), *(torch.empty_like(s) for s in state0),
-                *(torch.empty_like(w) for w in weights if w is not None)]
+                *(torch.empty_like(w) for w in weights)]
 
     def setup_context(ctx, inputs, output):
         cell, x_proj, state0, weights, lengths, reverse, _ = inputs
         ctx.cell, ctx.reverse = cell, reverse
         ctx.counts = (len(state0), len(weights), len(output) - 1 - len(state0))
-        ctx.present = [w is not None for w in weights]
         ctx.save_for_backward(x_proj, lengths, *state0, *weights, *output)
 
     def backward(ctx, grads):
@@ -118,9 +126,7 @@ def _define_ops(backend: FusedBackend) -> tuple:
                       for g, f in zip(grads[1 : 1 + n_state], final, strict=True)]
         flat = scan_backward_op(ctx.cell, x_proj, list(state0), list(weights), lengths, ctx.reverse, outputs,
                                 list(final), list(saved), grad_out.contiguous(), grad_final)
-        gx, gstate, gpresent = flat[0], flat[1 : 1 + n_state], iter(flat[1 + n_state :])
-        gweights = [next(gpresent) if present else None for present in ctx.present]
-        return None, gx, list(gstate), gweights, None, None, None
+        return None, flat[0], list(flat[1 : 1 + n_state]), list(flat[1 + n_state :]), None, None, None
 
     scan_op.register_autograd(backward, setup_context=setup_context)
     return scan_op, scan_backward_op
