@@ -1,0 +1,285 @@
+"""Turns a CellSpec into a Python module of Triton kernels: the cell's pointwise code inlined into the templates.
+
+How: the source of `Pointwise.forward` / `.backward` is parsed (ast), its first parameter (the math namespace `m`)
+is dropped and every `m.name` becomes a call of the generated `_sf_name` jit function; number constants it reads
+(module globals or closure variables) are copied in as constexpr globals. Anything else it reads (a helper
+function, an object) is a CodegenError, which the backend reports as its reason for not running the cell.
+The tuples xg, hg, state, params (and d_new_state) stay tuples: the kernels build them from block variables and
+Triton passes tuples to jit functions, so the cell's code runs as written. The kernel templates (kernels.py) are
+expanded for the cell's number of gates, states and per-unit parameter values, and the whole module is written
+to a cache file (Triton needs inspectable source) and imported.
+Nothing here imports triton: only the generated module does, when it is loaded.
+"""
+
+from __future__ import annotations
+
+import ast
+import builtins
+import hashlib
+import importlib.util
+import inspect
+import math
+import os
+import re
+import sys
+import tempfile
+import textwrap
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+
+from ...registry import CellSpec
+from .kernels import BACKWARD_TEMPLATE, FORWARD_TEMPLATE, MATH_NAMES, MATH_PRELUDE
+
+__all__ = ["CodegenError", "param_layout", "generate_source", "load_kernels", "cache_dir"]
+
+_MATH_PREFIX = "_sf_"
+
+
+class CodegenError(ValueError):
+    """A cell's pointwise code cannot be compiled to Triton (the message says which construct and why)."""
+
+
+def param_layout(cell: CellSpec) -> list[tuple[str, int]]:
+    """The per-unit parameter values a pointwise function receives, in order: (parameter name, row).
+
+    Each name in Pointwise.params is a recurrent extra parameter of shape [k*H]; it contributes k values, value
+    r of unit j being p[r*H + j].
+    """
+    if cell.pointwise is None:
+        return []
+    specs = {p.name: p for p in cell.extra_params if p.recurrent}
+    layout = []
+    for name in getattr(cell.pointwise, "params", ()):
+        if name not in specs:
+            raise CodegenError(f"cell {cell.name!r}: pointwise parameter {name!r} is not one of its recurrent "
+                               f"extra_params {sorted(specs)}")
+        probe = 7  # any hidden size: the parameter's length over it is its number of values per unit
+        numel = math.prod(specs[name].shape(probe, 0))
+        if numel % probe:
+            raise CodegenError(f"cell {cell.name!r}: per-unit parameter {name!r} must have k*H elements, got "
+                               f"{numel} for H={probe}")
+        layout.extend((name, row) for row in range(numel // probe))
+    return layout
+
+
+class _Rewriter(ast.NodeTransformer):
+    def __init__(self, namespace: str, cell: str, func: str) -> None:
+        self.namespace, self.cell, self.func = namespace, cell, func
+
+    def visit_Attribute(self, node: ast.Attribute) -> ast.AST:
+        if isinstance(node.value, ast.Name) and node.value.id == self.namespace:
+            if node.attr not in MATH_NAMES:
+                raise CodegenError(f"cell {self.cell!r}: {self.func} uses {self.namespace}.{node.attr}, which the "
+                                   f"triton backend does not provide (it has {', '.join(MATH_NAMES)})")
+            return ast.copy_location(ast.Name(id=_MATH_PREFIX + node.attr, ctx=node.ctx), node)
+        return self.generic_visit(node)
+
+    def visit_Name(self, node: ast.Name) -> ast.AST:
+        if node.id == self.namespace:
+            raise CodegenError(f"cell {self.cell!r}: {self.func} uses the math namespace {self.namespace!r} other "
+                               f"than as {self.namespace}.<function>")
+        return node
+
+
+def pointwise_source(fn: Callable, new_name: str, cell: str) -> tuple[str, dict[str, float]]:
+    """(source of a Triton jit function equivalent to `fn` without its math argument, constants it reads)."""
+    what = f"{getattr(fn, '__qualname__', fn)!s}"
+    try:
+        src = textwrap.dedent(inspect.getsource(fn))
+    except (OSError, TypeError) as exc:
+        raise CodegenError(f"cell {cell!r}: the source of {what} is not available ({exc}); the triton backend "
+                           f"compiles pointwise code from source") from exc
+    tree = ast.parse(src)
+    fdef = tree.body[0] if tree.body else None
+    if not isinstance(fdef, ast.FunctionDef):
+        raise CodegenError(f"cell {cell!r}: {what} must be a plain `def` function (lambdas cannot be compiled)")
+    args = fdef.args
+    if args.vararg or args.kwarg or args.kwonlyargs or args.posonlyargs or not args.args:
+        raise CodegenError(f"cell {cell!r}: {what} must take plain positional arguments (m, xg, hg, state, ...)")
+    namespace = args.args[0].arg
+    args.args = args.args[1:]
+    args.defaults = []
+    for a in args.args:
+        a.annotation = None
+    fdef.returns = None
+    fdef.decorator_list = []
+    fdef.name = new_name
+    body = fdef.body
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        body = body[1:] or [ast.Pass()]  # Triton does not need the docstring
+    fdef.body = body
+    fdef = _Rewriter(namespace, cell, what).visit(fdef)
+    # free names: module-level number constants are copied in; anything else cannot be compiled
+    local = {a.arg for a in fdef.args.args}
+    local |= {n.id for n in ast.walk(fdef) if isinstance(n, ast.Name) and isinstance(n.ctx, (ast.Store, ast.Del))}
+    constants: dict[str, float] = {}
+    scope = dict(getattr(fn, "__globals__", {}))
+    try:
+        scope.update(inspect.getclosurevars(fn).nonlocals)
+    except (TypeError, ValueError):
+        pass  # not a plain Python function: its globals are all there is
+    for node in ast.walk(fdef):
+        if not isinstance(node, ast.Name) or not isinstance(node.ctx, ast.Load):
+            continue
+        name = node.id
+        if name in local or name.startswith(_MATH_PREFIX) or hasattr(builtins, name):
+            continue
+        value = scope.get(name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            constants[name] = value
+        else:
+            raise CodegenError(f"cell {cell!r}: {what} reads {name!r}; only number constants and "
+                               f"the math namespace can be compiled by the triton backend")
+    return ast.unparse(ast.fix_missing_locations(fdef)), constants
+
+
+_LIST_RE = re.compile(r"\$([A-Z0-9_]+)")
+
+
+def _expand(template: str, counts: dict[str, int], tokens: dict[str, str], per_param: list[tuple[int, int]]) -> str:
+    """Repeat the lines of `template` holding @g / @s / @p, then substitute the $TOKENS."""
+    out = []
+    for line in template.splitlines():
+        if "@p" in line:
+            for p, (ptr, row) in enumerate(per_param):
+                out.append(line.replace("@pptr", f"P{ptr}").replace("@prow", str(row)).replace("@p", str(p)))
+        elif "@g" in line:
+            out.extend(line.replace("@g", str(i)) for i in range(counts["g"]))
+        elif "@s" in line:
+            out.extend(line.replace("@s", str(i)) for i in range(counts["s"]))
+        else:
+            out.append(line)
+    text = "\n".join(out)
+
+    def sub(match: re.Match) -> str:
+        key = match.group(1)
+        if key not in tokens:
+            raise KeyError(f"template token ${key} has no value")
+        return tokens[key]
+
+    return _LIST_RE.sub(sub, text)
+
+
+def _names(prefix: str, n: int) -> str:
+    return "".join(f"{prefix}{i}, " for i in range(n))
+
+
+def generate_source(cell: CellSpec) -> str:
+    """The full source of the kernel module for `cell` (deterministic: it is also the cache key)."""
+    pw = cell.pointwise
+    if pw is None:
+        raise CodegenError(f"cell {cell.name!r} has no pointwise math to compile")
+    g, s = cell.num_gates, cell.num_states
+    layout = param_layout(cell)
+    names = list(dict.fromkeys(name for name, _ in layout))
+    per_param = [(names.index(name), row) for name, row in layout]
+    npv = len(layout)
+    fwd_src, constants = pointwise_source(pw.forward, "pw_forward", cell.name)
+    parts = [
+        f"# generated by seqfast.backends.triton.codegen for cell {cell.name!r}; do not edit",
+        "import os",
+        "",
+        "import triton",
+        "import triton.language as tl",
+        "",
+        '_SF_INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0")',
+        "",
+        "",
+        "def _sf_const(value):",
+        "    # jit code may only read constexpr globals; the interpreter runs it as Python and wants the number",
+        "    return value if _SF_INTERPRET else tl.constexpr(value)",
+        "",
+        MATH_PRELUDE,
+    ]
+    bwd_src = None
+    if pw.backward is not None:
+        bwd_src, more = pointwise_source(pw.backward, "pw_backward", cell.name)
+        constants.update(more)
+    parts += [f"{k} = _sf_const({v!r})" for k, v in sorted(constants.items())]
+    parts += ["", "@triton.jit", fwd_src, ""]
+    if bwd_src is not None:
+        parts += ["@triton.jit", bwd_src, ""]
+    tokens = {
+        "G": str(g),
+        "S": str(s),
+        "P_ARGS": _names("P", len(names)),
+        "S0_ARGS": _names("S0_", s),
+        "SF_ARGS": _names("SF_", s),
+        "SV_ARGS": _names("SV_", s),
+        "GF_ARGS": _names("GF_", s),
+        "DS0_ARGS": _names("DS0_", s),
+        "DP_ARGS": _names("DP_", npv),
+        "XG": _names("xg", g),
+        "HGS": _names("hg", g),
+        "ST": _names("st", s),
+        "PV": _names("pv", npv),
+        "DN": _names("dn", s),
+    }
+    counts = {"g": g, "s": s}
+    parts.append(_expand(FORWARD_TEMPLATE, counts, tokens, per_param))
+    if bwd_src is not None:
+        parts.append(_expand(BACKWARD_TEMPLATE, counts, tokens, per_param))
+    return "\n".join(parts) + "\n"
+
+
+def cache_dir() -> Path:
+    """Where generated kernel modules are written: $SEQFAST_CACHE_DIR/triton, else a per-user temp folder."""
+    root = os.environ.get("SEQFAST_CACHE_DIR")
+    user = os.getuid() if hasattr(os, "getuid") else "user"
+    base = Path(root) if root else Path(tempfile.gettempdir()) / f"seqfast-{user}"
+    path = base / "triton"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+_LOADED: dict[tuple[str, bool], ModuleType] = {}  # (source digest, interpret) -> module
+_BY_CELL: dict[tuple[CellSpec, bool], ModuleType] = {}  # the per-call fast path: no source generation
+_LOCK = threading.Lock()
+
+
+def load_kernels(cell: CellSpec, interpret: bool | None = None) -> ModuleType:
+    """The generated kernel module of `cell` (scan_forward, scan_backward), built once per source and mode.
+
+    TRITON_INTERPRET is read here, when the kernels are first defined: @triton.jit picks interpreter or compiler
+    at decoration time, so a module is cached per mode. `interpret` overrides the variable (aot.py compiles
+    real kernels while the tests run under the interpreter).
+    """
+    env = os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0")
+    interpret = env if interpret is None else interpret
+    fast = _BY_CELL.get((cell, interpret))  # CellSpec is a frozen dataclass: hashed by value
+    if fast is not None:
+        return fast
+    source = generate_source(cell)
+    digest = hashlib.sha256(source.encode()).hexdigest()[:16]
+    key = (digest, interpret)
+    with _LOCK:
+        if key in _LOADED:
+            _BY_CELL[(cell, interpret)] = _LOADED[key]
+            return _LOADED[key]
+        path = cache_dir() / f"{cell.name}_{digest}.py"
+        if not path.exists() or path.read_text() != source:
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(source)
+            os.replace(tmp, path)  # atomic: concurrent processes never import a half-written file
+        modname = f"seqfast_triton_{cell.name}_{digest}_{'interp' if interpret else 'jit'}"
+        spec = importlib.util.spec_from_file_location(modname, path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[modname] = module
+        saved = os.environ.get("TRITON_INTERPRET")
+        os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
+        try:
+            spec.loader.exec_module(module)
+        except Exception:
+            sys.modules.pop(modname, None)
+            raise
+        finally:
+            if saved is None:
+                del os.environ["TRITON_INTERPRET"]
+            else:
+                os.environ["TRITON_INTERPRET"] = saved
+        _LOADED[key] = module
+        _BY_CELL[(cell, interpret)] = module
+        return module

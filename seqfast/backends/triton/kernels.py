@@ -1,0 +1,353 @@
+"""Triton kernel templates of the `triton` backend: one forward and one backward scan, generic over the cell.
+
+Math (one layer, one direction; G gates, S states, H hidden units, cell pointwise code `pw`):
+    forward   hg_t = W_hh h_{t-1} + b_hh  (dense; diagonal: w_hh * h_{t-1} + b_hh; none: b_hh or 0)
+              state_t = pw.forward(x_t, hg_t, state_{t-1}, params);  out_t = state_t[0]
+    backward  d_x_t, d_hg_t, d_state_pw, d_params = pw.backward(x_t, hg_t, state_{t-1}, params, d_state_t)
+              d_state_{t-1} = d_state_pw + [d_hg_t @ W_hh on state 0];  d_W_hh = sum_t d_hg_t^T h_{t-1} is one GEMM
+              after the loop (on the host), d_b_hh = sum_t d_hg_t.
+Memory layout (all contiguous, row = t * B + b for the per-row time t of batch row b):
+    X [T, B, G*H] (gate g of unit j at g*H + j), OUT / GO [T, B, H], W_hh [G*H, H] or [G*H] (the backward takes
+    each gate's block transposed, [G, H, H]: a dot's weight operand should be contiguous along the reduction),
+    states [B, H],
+    saved: HG [T, B, G*H] (recurrent pre-activations), SV_s [T, B, H] (state s *before* the step at t),
+    tiled-path workspaces (fp32): forward WS [2, S, B, H] (ping-pong by step parity), backward WS [S, B, H].
+Grid: one program per BLOCK_B batch rows; each program walks all T steps (a persistent kernel). ON_CHIP loads
+W_hh once, before the loop (Triton stages a dot's weight operand in shared memory), and keeps the state in
+registers; otherwise the hidden dimension is tiled (BLOCK_H output units x BLOCK_K reduction), W_hh streams from
+L2 every step and the fp32 state lives in the workspace, with a barrier between steps.
+Lengths and reverse: loop step k of row b runs time t = k (forward) or lengths[b] - 1 - k (reverse) while
+k < lengths[b]; afterwards the row's state is frozen and its outputs (and gradients) are written as zeros.
+The state is fp32 throughout; half-precision inputs feed tl.dot as half with fp32 accumulation, and the
+recurrent pre-activations hg are rounded to the input type (they are saved in it) before the gate math.
+
+The templates below are expanded by codegen.py: a line holding `@g` is repeated for every gate, `@s` for every
+state, `@p` for every per-unit parameter value; `$NAME` tokens are substituted (lists end with a comma so a
+single element is still a tuple). `pw_forward` / `pw_backward` are the cell's own pointwise functions.
+"""
+
+from __future__ import annotations
+
+# The math namespace `m` of pointwise code; `m.name(...)` is rewritten to `_sf_name(...)`.
+MATH_PRELUDE = '''
+@triton.jit
+def _sf_exp(x):
+    return tl.exp(x)
+
+
+@triton.jit
+def _sf_log(x):
+    return tl.log(x)
+
+
+@triton.jit
+def _sf_sqrt(x):
+    return tl.sqrt(x)
+
+
+@triton.jit
+def _sf_abs(x):
+    return tl.abs(x)
+
+
+@triton.jit
+def _sf_maximum(a, b):
+    # NaN propagates as in torch.maximum (hardware max returns the other operand)
+    return tl.where((a != a) | (a > b), a, b)
+
+
+@triton.jit
+def _sf_minimum(a, b):
+    return tl.where((a != a) | (a < b), a, b)
+
+
+@triton.jit
+def _sf_where(cond, a, b):
+    return tl.where(cond, a, b)
+
+
+@triton.jit
+def _sf_relu(x):
+    # NaN < 0 is false, so NaN propagates as in torch.relu
+    return tl.where(x < 0.0, 0.0, x)
+
+
+@triton.jit
+def _sf_sigmoid(x):
+    # exp of a non-positive argument only: no overflow, and no 1 - p cancellation for large negative x
+    e = tl.exp(-tl.abs(x))
+    return tl.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+@triton.jit
+def _sf_tanh(x):
+    # tl has no tanh and the interpreter has no libdevice; exp(-2|x|) never overflows (abs error ~1e-7)
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+'''
+
+MATH_NAMES = ("exp", "log", "sqrt", "abs", "maximum", "minimum", "where", "relu", "sigmoid", "tanh")
+
+FORWARD_TEMPLATE = '''
+@triton.jit
+def scan_forward(
+    X, W, BHH, LEN, OUT, HG, WS,
+    $P_ARGS
+    $S0_ARGS
+    $SF_ARGS
+    $SV_ARGS
+    T, B, H,
+    HAS_LEN: tl.constexpr, REVERSE: tl.constexpr, RECURRENCE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SAVE: tl.constexpr, ON_CHIP: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr, ROUND_HG: tl.constexpr,
+):
+    # RECURRENCE: 0 dense, 1 diagonal, 2 none
+    # ROUND_HG (half inputs): hg is rounded to the input type as it is saved, so that forward and backward
+    # evaluate the cell at the same point (a ReLU's side is decided once)
+    pid = tl.program_id(0)
+    rb = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+    mb = rb < B
+    GH = $G * H
+    if HAS_LEN:
+        L = tl.load(LEN + rb, mask=mb, other=0).to(tl.int32)
+    else:
+        L = tl.zeros([BLOCK_B], tl.int32) + T
+    zero = tl.zeros([BLOCK_B, BLOCK_H], tl.float32)
+    if ON_CHIP:
+        rh = tl.arange(0, BLOCK_H)
+        mh = rh < H
+        m2 = mb[:, None] & mh[None, :]
+        # loaded once, kept in registers across all steps; transposed so that h @ wt_g = (W_g h)^T
+        if RECURRENCE == 0:
+            wt@g = tl.load(W + (@g * H + rh[None, :]) * H + rh[:, None], mask=mh[:, None] & mh[None, :], other=0.0)
+            if DOT_F32:
+                wt@g = wt@g.to(tl.float32)
+        if RECURRENCE == 1:
+            wd@g = tl.load(W + @g * H + rh, mask=mh, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            bh@g = tl.load(BHH + @g * H + rh, mask=mh, other=0.0).to(tl.float32)
+        pv@p = tl.load(@pptr + @prow * H + rh, mask=mh, other=0.0).to(tl.float32)[None, :]
+        st@s = tl.load(S0_@s + rb[:, None] * H + rh[None, :], mask=m2, other=0.0).to(tl.float32)
+        for step in range(T):
+            active = step < L
+            if REVERSE:
+                t = tl.where(active, L - 1 - step, step)
+            else:
+                t = tl.zeros([BLOCK_B], tl.int32) + step
+            row = t.to(tl.int64) * B + rb
+            xoff = row[:, None] * GH + rh[None, :]
+            hoff = row[:, None] * H + rh[None, :]
+            xg@g = tl.load(X + xoff + @g * H, mask=m2, other=0.0).to(tl.float32)
+            if RECURRENCE == 0:
+                hd = st0.to(W.dtype.element_ty)
+                if DOT_F32:
+                    hd = hd.to(tl.float32)
+                hg@g = tl.dot(hd, wt@g, input_precision=PRECISION, out_dtype=tl.float32)
+            if RECURRENCE == 1:
+                hg@g = st0 * wd@g[None, :]
+            if RECURRENCE == 2:
+                hg@g = zero
+            if HAS_BIAS:
+                hg@g = hg@g + bh@g[None, :]
+            if ROUND_HG:
+                hg@g = hg@g.to(X.dtype.element_ty).to(tl.float32)
+            if SAVE:
+                tl.store(HG + xoff + @g * H, hg@g.to(HG.dtype.element_ty), mask=m2)
+                tl.store(SV_@s + hoff, st@s.to(SV_@s.dtype.element_ty), mask=m2)
+            new = pw_forward(($XG), ($HGS), ($ST), ($PV))
+            keep = active[:, None] & mh[None, :]
+            st@s = tl.where(keep, new[@s] + zero, st@s)
+            tl.store(OUT + hoff, tl.where(keep, st0, 0.0).to(OUT.dtype.element_ty), mask=m2)
+        tl.store(SF_@s + rb[:, None] * H + rh[None, :], st@s.to(SF_@s.dtype.element_ty), mask=m2)
+    else:
+        BH = B * H
+        for step in range(T):
+            active = step < L
+            if REVERSE:
+                t = tl.where(active, L - 1 - step, step)
+            else:
+                t = tl.zeros([BLOCK_B], tl.int32) + step
+            row = t.to(tl.int64) * B + rb
+            src = (step % 2) * $S
+            dst = $S - src
+            for j0 in range(0, H, BLOCK_H):
+                rj = j0 + tl.arange(0, BLOCK_H)
+                mj = rj < H
+                m2 = mb[:, None] & mj[None, :]
+                xoff = row[:, None] * GH + rj[None, :]
+                hoff = row[:, None] * H + rj[None, :]
+                woff = rb[:, None] * H + rj[None, :]
+                if RECURRENCE == 0:
+                    acc@g = zero
+                    for k0 in range(0, H, BLOCK_K):
+                        rk = k0 + tl.arange(0, BLOCK_K)
+                        mk = rk < H
+                        wmask = mk[:, None] & mj[None, :]
+                        hk = tl.load(WS + src * BH + rb[:, None] * H + rk[None, :], mask=mb[:, None] & mk[None, :],
+                                     other=0.0, cache_modifier=".cg").to(W.dtype.element_ty)
+                        if DOT_F32:
+                            hk = hk.to(tl.float32)
+                        w@g = tl.load(W + (@g * H + rj[None, :]) * H + rk[:, None], mask=wmask, other=0.0)
+                        if DOT_F32:
+                            w@g = w@g.to(tl.float32)
+                        acc@g += tl.dot(hk, w@g, input_precision=PRECISION, out_dtype=tl.float32)
+                    hg@g = acc@g
+                if RECURRENCE == 1:
+                    hprev = tl.load(WS + src * BH + woff, mask=m2, other=0.0, cache_modifier=".cg")
+                    hg@g = hprev * tl.load(W + @g * H + rj, mask=mj, other=0.0).to(tl.float32)[None, :]
+                if RECURRENCE == 2:
+                    hg@g = zero
+                if HAS_BIAS:
+                    hg@g = hg@g + tl.load(BHH + @g * H + rj, mask=mj, other=0.0).to(tl.float32)[None, :]
+                if ROUND_HG:
+                    hg@g = hg@g.to(X.dtype.element_ty).to(tl.float32)
+                pv@p = tl.load(@pptr + @prow * H + rj, mask=mj, other=0.0).to(tl.float32)[None, :]
+                st@s = tl.load(WS + (src + @s) * BH + woff, mask=m2, other=0.0, cache_modifier=".cg")
+                xg@g = tl.load(X + xoff + @g * H, mask=m2, other=0.0).to(tl.float32)
+                if SAVE:
+                    tl.store(HG + xoff + @g * H, hg@g.to(HG.dtype.element_ty), mask=m2)
+                    tl.store(SV_@s + hoff, st@s.to(SV_@s.dtype.element_ty), mask=m2)
+                new = pw_forward(($XG), ($HGS), ($ST), ($PV))
+                keep = active[:, None] & mj[None, :]
+                tl.store(WS + (dst + @s) * BH + woff, tl.where(keep, new[@s] + zero, st@s), mask=m2)
+                tl.store(OUT + hoff, tl.where(keep, new[0] + zero, 0.0).to(OUT.dtype.element_ty), mask=m2)
+            # the next step reads every unit of this step's state, written by other threads of this program
+            tl.debug_barrier()
+'''
+
+BACKWARD_TEMPLATE = '''
+@triton.jit
+def scan_backward(
+    X, W, LEN, HG, GO, DX, DHG, WS,
+    $P_ARGS
+    $SV_ARGS
+    $GF_ARGS
+    $DS0_ARGS
+    $DP_ARGS
+    T, B, H,
+    HAS_LEN: tl.constexpr, REVERSE: tl.constexpr, RECURRENCE: tl.constexpr,
+    ON_CHIP: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rb = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+    mb = rb < B
+    GH = $G * H
+    WT = W.dtype.element_ty
+    CG: tl.constexpr = ".cg"  # workspace reads bypass L1: other threads of this program wrote them
+    if HAS_LEN:
+        L = tl.load(LEN + rb, mask=mb, other=0).to(tl.int32)
+    else:
+        L = tl.zeros([BLOCK_B], tl.int32) + T
+    zero = tl.zeros([BLOCK_B, BLOCK_H], tl.float32)
+    if ON_CHIP:
+        rh = tl.arange(0, BLOCK_H)
+        mh = rh < H
+        m2 = mb[:, None] & mh[None, :]
+        # d_h_prev = sum_g d_hg_g @ W_g; W holds each W_g transposed (WT_g[k, j] = W_g[j, k]) so that the dot's
+        # weight operand is contiguous along its reduction axis, as in the forward (one shared-memory copy)
+        if RECURRENCE == 0:
+            w@g = tl.load(W + @g * H * H + rh[None, :] * H + rh[:, None], mask=mh[:, None] & mh[None, :], other=0.0)
+            if DOT_F32:
+                w@g = w@g.to(tl.float32)
+        if RECURRENCE == 1:
+            wd@g = tl.load(W + @g * H + rh, mask=mh, other=0.0).to(tl.float32)
+        pv@p = tl.load(@pptr + @prow * H + rh, mask=mh, other=0.0).to(tl.float32)[None, :]
+        dpacc@p = zero
+        c@s = tl.load(GF_@s + rb[:, None] * H + rh[None, :], mask=m2, other=0.0).to(tl.float32)
+        for r in range(T):
+            step = T - 1 - r
+            active = step < L
+            if REVERSE:
+                t = tl.where(active, L - 1 - step, step)
+            else:
+                t = tl.zeros([BLOCK_B], tl.int32) + step
+            row = t.to(tl.int64) * B + rb
+            xoff = row[:, None] * GH + rh[None, :]
+            hoff = row[:, None] * H + rh[None, :]
+            xg@g = tl.load(X + xoff + @g * H, mask=m2, other=0.0).to(tl.float32)
+            hg@g = tl.load(HG + xoff + @g * H, mask=m2, other=0.0).to(tl.float32)
+            st@s = tl.load(SV_@s + hoff, mask=m2, other=0.0).to(tl.float32)
+            dn@s = c@s
+            dn0 = dn0 + tl.load(GO + hoff, mask=m2, other=0.0).to(tl.float32)
+            d = pw_backward(($XG), ($HGS), ($ST), ($PV), ($DN))
+            keep = active[:, None] & mh[None, :]
+            dxg@g = tl.where(keep, d[0][@g] + zero, 0.0)
+            dhg@g = tl.where(keep, d[1][@g] + zero, 0.0)
+            tl.store(DX + xoff + @g * H, dxg@g.to(DX.dtype.element_ty), mask=m2)
+            tl.store(DHG + xoff + @g * H, dhg@g.to(DHG.dtype.element_ty), mask=m2)
+            dpacc@p += tl.where(keep, d[3][@p] + zero, 0.0)
+            rec = zero
+            if RECURRENCE == 0:
+                rec += tl.dot(dhg@g.to(WT).to(w@g.dtype), w@g, input_precision=PRECISION, out_dtype=tl.float32)
+            if RECURRENCE == 1:
+                rec += dhg@g * wd@g[None, :]
+            nd@s = d[2][@s] + zero
+            nd0 = nd0 + rec
+            c@s = tl.where(keep, nd@s, c@s)
+        tl.store(DS0_@s + rb[:, None] * H + rh[None, :], c@s.to(DS0_@s.dtype.element_ty), mask=m2)
+        tl.store(DP_@p + rb[:, None] * H + rh[None, :], dpacc@p, mask=m2)
+    else:
+        BH = B * H
+        for r in range(T):
+            step = T - 1 - r
+            active = step < L
+            if REVERSE:
+                t = tl.where(active, L - 1 - step, step)
+            else:
+                t = tl.zeros([BLOCK_B], tl.int32) + step
+            row = t.to(tl.int64) * B + rb
+            # phase 1: pointwise backward of every hidden tile; d_hg goes to DHG, the state gradient to WS
+            for j0 in range(0, H, BLOCK_H):
+                rj = j0 + tl.arange(0, BLOCK_H)
+                mj = rj < H
+                m2 = mb[:, None] & mj[None, :]
+                xoff = row[:, None] * GH + rj[None, :]
+                hoff = row[:, None] * H + rj[None, :]
+                woff = rb[:, None] * H + rj[None, :]
+                pv@p = tl.load(@pptr + @prow * H + rj, mask=mj, other=0.0).to(tl.float32)[None, :]
+                xg@g = tl.load(X + xoff + @g * H, mask=m2, other=0.0).to(tl.float32)
+                hg@g = tl.load(HG + xoff + @g * H, mask=m2, other=0.0).to(tl.float32)
+                st@s = tl.load(SV_@s + hoff, mask=m2, other=0.0).to(tl.float32)
+                c@s = tl.load(WS + @s * BH + woff, mask=m2, other=0.0, cache_modifier=".cg")
+                dn@s = c@s
+                dn0 = dn0 + tl.load(GO + hoff, mask=m2, other=0.0).to(tl.float32)
+                d = pw_backward(($XG), ($HGS), ($ST), ($PV), ($DN))
+                keep = active[:, None] & mj[None, :]
+                tl.store(DX + xoff + @g * H, tl.where(keep, d[0][@g] + zero, 0.0).to(DX.dtype.element_ty), mask=m2)
+                tl.store(DHG + xoff + @g * H, tl.where(keep, d[1][@g] + zero, 0.0).to(DHG.dtype.element_ty), mask=m2)
+                dp@p = tl.load(DP_@p + woff, mask=m2, other=0.0)
+                tl.store(DP_@p + woff, dp@p + tl.where(keep, d[3][@p] + zero, 0.0), mask=m2)
+                tl.store(WS + @s * BH + woff, tl.where(keep, d[2][@s] + zero, c@s), mask=m2)
+            tl.debug_barrier()
+            # phase 2: d_h_prev += d_hg @ W_hh, which needs every tile of this step's d_hg
+            if RECURRENCE != 2:
+                for j0 in range(0, H, BLOCK_H):
+                    rj = j0 + tl.arange(0, BLOCK_H)
+                    mj = rj < H
+                    m2 = mb[:, None] & mj[None, :]
+                    woff = rb[:, None] * H + rj[None, :]
+                    doff = row[:, None] * GH
+                    rec = zero
+                    if RECURRENCE == 0:
+                        for k0 in range(0, H, BLOCK_K):
+                            rk = k0 + tl.arange(0, BLOCK_K)
+                            mk = rk < H
+                            dmask = mb[:, None] & mk[None, :]
+                            wmask = mk[:, None] & mj[None, :]
+                            dk@g = tl.load(DHG + doff + @g * H + rk[None, :], mask=dmask, other=0.0, cache_modifier=CG)
+                            dk@g = dk@g.to(WT)
+                            w@g = tl.load(W + @g * H * H + rj[None, :] * H + rk[:, None], mask=wmask, other=0.0)
+                            if DOT_F32:
+                                dk@g = dk@g.to(tl.float32)
+                                w@g = w@g.to(tl.float32)
+                            rec += tl.dot(dk@g, w@g, input_precision=PRECISION, out_dtype=tl.float32)
+                    if RECURRENCE == 1:
+                        dk@g = tl.load(DHG + doff + @g * H + rj[None, :], mask=m2, other=0.0, cache_modifier=CG)
+                        wd@g = tl.load(W + @g * H + rj, mask=mj, other=0.0).to(tl.float32)
+                        rec += dk@g.to(tl.float32) * wd@g[None, :]
+                    c0 = tl.load(WS + woff, mask=m2, other=0.0, cache_modifier=".cg")
+                    tl.store(WS + woff, tl.where(active[:, None], c0 + rec, c0), mask=m2)
+                tl.debug_barrier()
+'''
