@@ -33,3 +33,6 @@ info: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .asv build *.egg-info
+
+# make asv, make asv-preview, make asv-ci
+include benchmarks/Makefile.asv.mk

@@ -1,0 +1,524 @@
+"""`seqfast bench`: time backends against torch.nn on the same weights and inputs.
+
+For every chosen cell x shape x mode, torch.nn's module (for cells that have one) and one seqfast.Recurrent per
+backend are built with torch.nn's state_dict, then timed interleaved (round-robin, so drifting machine load hits
+every candidate alike) and summarised by medians. inference = forward under torch.no_grad(); training =
+forward + backward of output.sum(). Backends and cells come from the registry, so new and plugin ones appear by
+themselves; a combination the registry turns down is listed with its reasons instead of being run.
+
+rich and matplotlib are imported only when the command runs: `seqfast info` imports this module too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from . import __version__
+from .functional import BackendNotSupportedError, current_backend, explain
+from .nn import Recurrent
+from .registry import registry
+
+__all__ = ["GRIDS", "MODES", "TORCH_NN", "add_arguments", "run", "main", "parse_shapes"]
+
+TORCH_NN = "torch.nn"
+MODES = ("inference", "training")
+Shape = tuple[int, int, int, int]  # (T, B, I, H): steps, batch, input size, hidden size
+
+GRIDS: dict[str, list[Shape]] = {
+    "tiny": [(6, 2, 4, 4), (4, 1, 3, 5)],  # for tests: seconds, not minutes
+    "small": [(100, 1, 32, 32), (100, 8, 64, 64), (200, 32, 128, 128)],
+    # the numba issue's grid
+    "full": [(100, 1, 32, 32), (100, 8, 64, 64), (200, 32, 128, 128), (100, 64, 256, 256), (50, 64, 512, 512)],
+}
+
+
+def parse_shapes(text: str) -> list[Shape]:
+    """'T,B,I,H;T,B,I,H' -> [(T, B, I, H), ...]."""
+    shapes = []
+    for part in text.replace(" ", "").split(";"):
+        if not part:
+            continue
+        values = part.lower().replace("x", ",").split(",")
+        if len(values) != 4 or not all(v.isdigit() and int(v) > 0 for v in values):
+            raise argparse.ArgumentTypeError(f"--shapes: expected 'T,B,I,H' with positive ints, got {part!r}")
+        shapes.append(tuple(int(v) for v in values))
+    if not shapes:
+        raise argparse.ArgumentTypeError("--shapes: no shape given")
+    return shapes
+
+
+def _csv(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def _grid(text: str) -> str:
+    if text not in GRIDS:
+        raise argparse.ArgumentTypeError(f"expected small or full, got {text!r}")
+    return text
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `seqfast bench` (the CLI's subparser, or a standalone parser in `main`)."""
+    parser.add_argument("--cells", type=_csv, default=None, metavar="A,B",
+                        help="cells to time (default: every registered cell)")
+    parser.add_argument("--backends", type=_csv, default=None, metavar="A,B",
+                        help="seqfast backends to time against torch.nn (default: every registered backend)")
+    parser.add_argument("--modes", type=_csv, default=list(MODES), metavar="M,M",
+                        help="inference (forward under no_grad) and/or training (forward + backward); default both")
+    # "tiny" is for tests and is left out of the help on purpose
+    parser.add_argument("--grid", type=_grid, default="small", metavar="{small,full}",
+                        help="shapes (T,B,I,H): small (default, a minute or two) or full (the numba issue's grid)")
+    parser.add_argument("--shapes", type=parse_shapes, default=None, metavar="'T,B,I,H;...'",
+                        help="explicit shapes instead of --grid")
+    parser.add_argument("--repeats", type=int, default=10, metavar="N",
+                        help="timed calls per candidate (default 10; slow candidates get fewer, see --max-seconds)")
+    parser.add_argument("--max-seconds", type=float, default=0.5, metavar="S",
+                        help="time cap per candidate and case: a slow candidate (the torch reference loop) gets "
+                             "as few as --min-repeats calls instead of --repeats (default 0.5)")
+    parser.add_argument("--min-repeats", type=int, default=3, metavar="N", help="(default 3)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE",
+                        help="write the results as JSON to FILE (or stdout with --json alone or --json -)")
+    parser.add_argument("--plot", default=None, metavar="FILE.png", help="speed-up vs torch.nn per shape, a PNG")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+# --- measurement --------------------------------------------------------------------------------------------
+@dataclass
+class Measurement:
+    """One (cell, backend, shape, mode): a median time, or why there is none."""
+
+    cell: str
+    backend: str
+    mode: str
+    shape: Shape
+    median_s: float | None = None
+    times_s: list[float] = field(default_factory=list)
+    first_call_s: float | None = None
+    speedup: float | None = None  # torch.nn median / this median; > 1 is faster than torch.nn
+    max_abs_diff: float | None = None  # of the output, against torch.nn's (or the first backend's) output
+    reason: str | None = None  # not run: the registry's reasons
+    error: str | None = None  # ran and raised
+
+    @property
+    def ok(self) -> bool:
+        return self.median_s is not None
+
+
+def torch_nn_module(cell: str, input_size: int, hidden_size: int) -> torch.nn.Module | None:
+    """torch.nn's own module for a cell with a fused torch.nn kernel (CellSpec.native_mode), else None."""
+    mode = registry.get_cell(cell).native_mode
+    if mode == "LSTM":
+        return torch.nn.LSTM(input_size, hidden_size)
+    if mode == "GRU":
+        return torch.nn.GRU(input_size, hidden_size)
+    if mode in ("RNN_TANH", "RNN_RELU"):
+        return torch.nn.RNN(input_size, hidden_size, nonlinearity=mode[4:].lower())
+    return None
+
+
+def _step_fn(model: torch.nn.Module, x: torch.Tensor, training: bool) -> Callable[[], torch.Tensor]:
+    params = list(model.parameters())
+    model.train(training)
+    model.requires_grad_(training)
+
+    def inference() -> torch.Tensor:
+        with torch.no_grad():
+            return model(x)[0]
+
+    def train() -> torch.Tensor:
+        for p in params:
+            p.grad = None  # no accumulation: every call does the same work
+        out = model(x)[0]
+        out.sum().backward()
+        return out
+
+    return train if training else inference
+
+
+def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
+
+
+def _query_fields(shape: Shape, training: bool) -> dict[str, Any]:
+    steps, batch, inputs, hidden = shape
+    return {"dtype": torch.float32, "hidden_size": hidden, "input_size": inputs, "batch_size": batch,
+            "seq_len": steps, "requires_grad": training}
+
+
+def auto_choice(cell: str, shape: Shape, training: bool) -> str:
+    """What a module with backend=None would run on this input: every source of choice in force, then auto."""
+    try:
+        return current_backend(cell, "cpu", **_query_fields(shape, training))
+    except (BackendNotSupportedError, ValueError) as exc:
+        return "error: " + str(exc).splitlines()[0]
+
+
+def measure_case(cell: str, backends: Sequence[str], shape: Shape, mode: str, *, repeats: int, min_repeats: int,
+                 max_seconds: float, seed: int, on_step: Callable[[str], None] | None = None) -> list[Measurement]:
+    """Time torch.nn and every backend on one (cell, shape, mode); interleaved rounds, medians."""
+    training = mode == "training"
+    steps, batch, inputs, hidden = shape
+    reasons = explain(cell, device="cpu", **_query_fields(shape, training))
+    torch.manual_seed(seed)
+    reference = torch_nn_module(cell, inputs, hidden)
+    state = reference.state_dict() if reference is not None else None
+    x = torch.randn(steps, batch, inputs, generator=torch.Generator().manual_seed(seed + 1))
+
+    results: list[Measurement] = []
+    candidates: list[tuple[Measurement, Callable[[], torch.Tensor]]] = []
+    if reference is None:
+        results.append(Measurement(cell, TORCH_NN, mode, shape, reason=f"torch.nn has no module for cell {cell!r}"))
+    else:
+        m = Measurement(cell, TORCH_NN, mode, shape)
+        results.append(m)
+        candidates.append((m, _step_fn(reference, x, training)))
+    for name in backends:
+        m = Measurement(cell, name, mode, shape)
+        results.append(m)
+        why = reasons.get(name)
+        if why:
+            m.reason = "; ".join(why)
+            continue
+        torch.manual_seed(seed)
+        try:
+            model = Recurrent(cell, inputs, hidden, backend=name)
+            if state is None:  # a cell without torch.nn: every backend shares the first backend's weights
+                state = model.state_dict()
+            model.load_state_dict(state)
+        except Exception as exc:  # reported in the table, the JSON and the exit code
+            m.error = f"{type(exc).__name__}: {exc}"
+            continue
+        candidates.append((m, _step_fn(model, x, training)))
+
+    # first call (JIT compile, autotune) and one warm call; a backend that fails here is reported, not fatal
+    baseline_out = None
+    live: list[tuple[Measurement, Callable[[], torch.Tensor], int]] = []
+    for m, fn in candidates:
+        if on_step:
+            on_step(m.backend)
+        try:
+            m.first_call_s, out = _timed(fn)
+            warm_s, _ = _timed(fn)
+        except BackendNotSupportedError as exc:
+            m.reason = str(exc)
+            continue
+        except Exception as exc:  # shown in the table, the JSON and the exit code; never swallowed
+            m.error = f"{type(exc).__name__}: {exc}"
+            continue
+        out = out.detach()
+        if baseline_out is None:
+            baseline_out = out
+        else:
+            m.max_abs_diff = float((out - baseline_out).abs().max())
+        count = max(min_repeats, min(repeats, int(max_seconds / max(warm_s, 1e-9))))
+        if warm_s * count > 4 * max_seconds:  # calls of seconds (a loaded machine): fewer than --min-repeats
+            count = max(1, int(4 * max_seconds / warm_s))
+        live.append((m, fn, count))
+
+    rounds = max((count for *_, count in live), default=0)
+    if on_step and live:
+        on_step(f"timing {len(live)} interleaved")
+    for r in range(rounds):
+        # rotate the order each round, so no candidate always runs right after the same neighbour
+        shift = r % max(len(live), 1)
+        for m, fn, count in live[shift:] + live[:shift]:
+            if r < count:
+                m.times_s.append(_timed(fn)[0])
+    for m, _, _ in live:
+        m.median_s = statistics.median(m.times_s)
+    base = results[0].median_s if results[0].backend == TORCH_NN else None
+    for m in results:
+        if base and m.median_s:
+            m.speedup = base / m.median_s
+    return results
+
+
+def _warm_threads(seconds: float = 0.3) -> None:
+    """Spin up torch's thread pool before the first measurement, so it is not charged to the first case."""
+    model = torch.nn.LSTM(16, 16)
+    x = torch.randn(20, 4, 16)
+    end = time.perf_counter() + seconds
+    with torch.no_grad():
+        while time.perf_counter() < end:
+            model(x)
+
+
+# --- reporting ----------------------------------------------------------------------------------------------
+def shape_label(shape: Shape) -> str:
+    return "T{} B{} I{} H{}".format(*shape)
+
+
+def _fmt_time(seconds: float) -> str:
+    if seconds >= 1:
+        return f"{seconds:.2f} s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.2f} ms"
+    return f"{seconds * 1e6:.0f} µs"
+
+
+def environment() -> dict[str, Any]:
+    """What the numbers depend on: versions, threads, CPU."""
+    env = {k: v for k, v in os.environ.items()
+           if k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
+           or k.startswith("SEQFAST_BACKEND")}
+    return {
+        "seqfast": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        "environment": env,
+    }
+
+
+def build_report(args: argparse.Namespace, results: list[Measurement], auto: list[dict], shapes: list[Shape],
+                 wall_s: float) -> dict[str, Any]:
+    rows = []
+    for m in results:
+        row = asdict(m)
+        row["shape"] = dict(zip("TBIH", m.shape, strict=True))
+        rows.append(row)
+    return {
+        "schema": "seqfast-bench/1",
+        "env": environment(),
+        "settings": {"cells": args.cells, "backends": args.backends, "modes": args.modes, "grid": args.grid,
+                     "shapes": [list(s) for s in shapes], "repeats": args.repeats, "min_repeats": args.min_repeats,
+                     "max_seconds": args.max_seconds, "seed": args.seed},
+        "results": rows,
+        "auto": auto,
+        "wall_seconds": round(wall_s, 3),
+    }
+
+
+def print_report(console: Any, report: dict[str, Any], results: list[Measurement], backends: list[str]) -> None:
+    from rich.table import Table
+
+    names = [TORCH_NN, *backends]
+    by_key = {(m.cell, m.mode, m.shape, m.backend): m for m in results}
+    auto = {(a["cell"], a["mode"], tuple(a["shape"])): a["backend"] for a in report["auto"]}
+    table = Table(title="median time per call (speed-up vs torch.nn: ×>1 is faster)", title_justify="left")
+    for col in ("cell", "mode", "T,B,I,H", "auto"):
+        table.add_column(col, no_wrap=True)
+    for name in names:
+        table.add_column(name, justify="right", no_wrap=True)
+    cases = list(dict.fromkeys((m.cell, m.mode, m.shape) for m in results))
+    for cell, mode, shape in cases:
+        row = [cell, mode, ",".join(map(str, shape)), auto.get((cell, mode, shape), "?")]
+        timed = [by_key[(cell, mode, shape, n)] for n in names if by_key[(cell, mode, shape, n)].ok]
+        best = min((m.median_s for m in timed), default=None)
+        for name in names:
+            m = by_key[(cell, mode, shape, name)]
+            if m.ok:
+                text = _fmt_time(m.median_s)
+                if m.speedup is not None and name != TORCH_NN:
+                    text += f" ×{m.speedup:.2f}"
+                if m.median_s == best and len(timed) > 1:
+                    text = f"[bold green]{text}[/]"
+            elif m.error:
+                text = "[red]error[/]"
+            else:
+                text = "[dim]-[/]"
+            row.append(text)
+        table.add_row(*row)
+    console.print(table)
+
+    # not run: one line per backend and reason, naming the cells (and modes, shapes) it applies to
+    groups: dict[tuple[str, str], dict[str, set[tuple[str, Shape]]]] = {}
+    for m in results:
+        if not m.ok:
+            why = f"ERROR {m.error}" if m.error else (m.reason or "?")
+            groups.setdefault((m.backend, why), {}).setdefault(m.cell, set()).add((m.mode, m.shape))
+    if groups:
+        console.print("\n[bold]not run[/] (the registry's reasons; errors in full in --json):")
+        every = {(mode, tuple(s)) for mode in report["settings"]["modes"] for s in report["settings"]["shapes"]}
+        for (backend, why), per_cell in groups.items():
+            by_scope: dict[frozenset, list[str]] = {}
+            for cell, where in per_cell.items():
+                by_scope.setdefault(frozenset(where), []).append(cell)
+            style = "red" if why.startswith("ERROR") else "dim"
+            for where, cells in by_scope.items():
+                scope = "" if where == every else " (" + _describe_scope(where, every) + ")"
+                console.print(f"  {backend} × {', '.join(cells)}{scope}: [{style}]{why.splitlines()[0][:300]}[/]",
+                              highlight=False)
+    noisy = [m for m in results if m.ok and len(m.times_s) >= 3 and m.median_s > 2 * min(m.times_s)]
+    if noisy:
+        console.print(f"[yellow]warning:[/] {len(noisy)} timings are unstable (median > 2x the fastest call), e.g. "
+                      f"{noisy[0].backend} × {noisy[0].cell} {shape_label(noisy[0].shape)} ({noisy[0].mode}): "
+                      "the machine is busy, or OpenMP threads spin-wait against each other "
+                      "(try OMP_WAIT_POLICY=passive, or OMP_NUM_THREADS=1)", highlight=False)
+    diffs = [m for m in results if m.max_abs_diff is not None and m.max_abs_diff > 1e-3]
+    for m in diffs:
+        console.print(f"[yellow]warning:[/] {m.backend} × {m.cell} {shape_label(m.shape)} ({m.mode}): output differs "
+                      f"from {TORCH_NN} by {m.max_abs_diff:.2e}", highlight=False)
+
+
+def _describe_scope(where: frozenset, every: set) -> str:
+    modes = sorted({mode for mode, _ in where})
+    shapes = sorted({shape for _, shape in where})
+    if len(where) == len(modes) * len(shapes):  # a full product: say it compactly
+        all_shapes = {shape for _, shape in every}
+        text = "/".join(modes)
+        return text + ("" if set(shapes) == all_shapes else ", " + ", ".join(shape_label(s) for s in shapes))
+    return ", ".join(f"{mode} {shape_label(shape)}" for mode, shape in sorted(where))
+
+
+def plot_report(results: list[Measurement], backends: list[str], shapes: list[Shape], path: str) -> None:
+    """Speed-up vs torch.nn per shape, one line per backend; one panel per (mode, cell with a torch.nn module)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    has_base = {m.cell for m in results if m.backend == TORCH_NN and m.ok}
+    modes = list(dict.fromkeys(m.mode for m in results))
+    cells = [c for c in dict.fromkeys(m.cell for m in results) if c in has_base]
+    without = [c for c in dict.fromkeys(m.cell for m in results) if c not in has_base]
+    fig, axes = plt.subplots(max(len(modes), 1), max(len(cells), 1), squeeze=False, sharex=True,
+                             figsize=(3.4 * max(len(cells), 1) + 0.8, 2.9 * max(len(modes), 1) + 1.0))
+    labels = [shape_label(s).replace(" ", "\n", 1) for s in shapes]
+    by_key = {(m.mode, m.cell, m.backend, m.shape): m for m in results}
+    colors = {name: f"C{i}" for i, name in enumerate(backends)}  # a backend keeps its colour in every panel
+    for i, mode in enumerate(modes):
+        for j, cell in enumerate(cells):
+            ax = axes[i][j]
+            ax.axhline(1.0, color="black", linewidth=1, linestyle="--", label=f"{TORCH_NN} (1×)")
+            for name in backends:
+                ys = [getattr(by_key.get((mode, cell, name, s)), "speedup", None) for s in shapes]
+                if any(y is not None for y in ys):
+                    ax.plot(range(len(shapes)), [math.nan if y is None else y for y in ys], marker="o",
+                            color=colors[name], label=name)
+            ax.set_yscale("log", base=2)
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}×"))
+            ax.set_title(f"{cell}, {mode}", fontsize=10)
+            ax.set_xticks(range(len(shapes)), labels, fontsize=7)
+            ax.set_xlim(-0.3, len(shapes) - 0.7)
+            ax.grid(True, alpha=0.3)
+            if j == 0:
+                ax.set_ylabel("speed-up vs torch.nn")
+    if not cells:
+        axes[0][0].text(0.5, 0.5, "no cell with a torch.nn module was timed", ha="center", va="center",
+                        transform=axes[0][0].transAxes, color="gray")
+    handles: dict[str, Any] = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, handle)
+    if handles:
+        fig.legend(list(handles.values()), list(handles), loc="upper left", ncol=len(handles), frameon=False,
+                   fontsize=9)
+    note = f"seqfast {__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads; medians"
+    if without:
+        note += f"; no torch.nn baseline (see the table): {', '.join(without)}"
+    fig.text(0.99, 0.005, note, ha="right", va="bottom", fontsize=7, color="gray")
+    fig.tight_layout(rect=(0, 0.03, 1, 0.94))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --- the command --------------------------------------------------------------------------------------------
+def _check_names(kind: str, wanted: list[str] | None, known: list[str]) -> list[str]:
+    if wanted is None:
+        return known
+    unknown = [w for w in wanted if w not in known]
+    if unknown:
+        raise ValueError(f"unknown {kind} {unknown}; registered {kind}: {known}")
+    return list(dict.fromkeys(wanted))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run `seqfast bench` with parsed arguments; returns the exit code (1 if a backend raised while timed)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    to_stdout = args.json == "-"
+    # with JSON on stdout, everything for people goes to stderr so the JSON stays parseable
+    console = Console(stderr=to_stdout, highlight=False)
+    if not console.is_terminal:
+        console.width = max(console.width, 160)  # logs and pipes: a wide table beats a truncated one
+    try:
+        cells = _check_names("cells", args.cells, list(registry.cells))
+        backends = _check_names("backends", args.backends, list(registry.backends))
+        modes = _check_names("modes", args.modes, list(MODES))
+    except ValueError as exc:
+        console.print(f"[red]seqfast bench:[/] {exc}", highlight=False)
+        return 2
+    if args.repeats < 1 or args.min_repeats < 1 or args.max_seconds <= 0:
+        console.print("[red]seqfast bench:[/] --repeats and --min-repeats must be >= 1, --max-seconds > 0")
+        return 2
+    shapes = args.shapes or GRIDS[args.grid]
+    args.cells, args.backends, args.modes = cells, backends, modes
+
+    env = environment()
+    extra = "".join(f", {k}={v}" for k, v in env["environment"].items())
+    console.print(f"[bold]seqfast bench[/] — seqfast {env['seqfast']}, torch {env['torch']}, python {env['python']}",
+                  highlight=False)
+    console.print(f"{env['processor']}, {env['cpu_count']} CPUs; torch threads: {env['torch_threads']} "
+                  f"(interop {env['torch_interop_threads']}, torch defaults{extra})", highlight=False)
+    console.print(f"cells: {', '.join(cells)}; backends: {', '.join(backends)} vs {TORCH_NN}; modes: "
+                  f"{', '.join(modes)}; {len(shapes)} shapes (T B I H); up to {args.repeats} interleaved calls "
+                  f"each, at most ~{args.max_seconds:g} s per candidate", highlight=False)
+
+    cases = [(c, s, m) for c in cells for s in shapes for m in modes]
+    results: list[Measurement] = []
+    auto: list[dict[str, Any]] = []
+    start = time.perf_counter()
+    _warm_threads()
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=Console(stderr=True), transient=True, disable=args.no_progress) as progress:
+        task = progress.add_task("benchmarking", total=len(cases))
+        for cell, shape, mode in cases:
+            label = f"{cell} {shape_label(shape)} {mode}"
+            progress.update(task, description=label)
+            auto.append({"cell": cell, "mode": mode, "shape": list(shape),
+                         "backend": auto_choice(cell, shape, mode == "training")})
+            results += measure_case(
+                cell, backends, shape, mode, repeats=args.repeats, min_repeats=args.min_repeats,
+                max_seconds=args.max_seconds, seed=args.seed,
+                on_step=lambda name, label=label: progress.update(task, description=f"{label}: {name}"))
+            progress.advance(task)
+    wall = time.perf_counter() - start
+    report = build_report(args, results, auto, shapes, wall)
+
+    print_report(console, report, results, backends)
+    console.print(f"\n{len(cases)} cases in {wall:.1f} s", highlight=False)
+    if args.plot:
+        plot_report(results, backends, shapes, args.plot)
+        console.print(f"plot: {args.plot}", highlight=False)
+    if args.json:
+        text = json.dumps(report, indent=2)
+        if to_stdout:
+            sys.stdout.write(text + "\n")
+        else:
+            with open(args.json, "w", encoding="utf-8") as fh:
+                fh.write(text + "\n")
+            console.print(f"json: {args.json}", highlight=False)
+    return 1 if any(m.error for m in results) else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m seqfast.bench ...`, the same as `seqfast bench ...`."""
+    parser = argparse.ArgumentParser(prog="seqfast bench", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""`seqfast bench` on tiny shapes: the JSON report's structure, the plot, the listing of what cannot run.
+
+No timing assertions: only that every (cell, backend) comes back with a time or a reason.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from seqfast import bench
+from seqfast.registry import registry
+
+SHAPES = "5,2,3,4;3,1,2,3"
+FAST = ["--shapes", SHAPES, "--repeats", "2", "--min-repeats", "1", "--no-progress"]
+
+
+def run_bench(argv: list[str]) -> int:
+    return bench.main(argv)
+
+
+def check_entries(report: dict, cells: list[str], backends: list[str], modes: list[str]) -> None:
+    shapes = [tuple(s) for s in report["settings"]["shapes"]]
+    seen = {}
+    for row in report["results"]:
+        shape = (row["shape"]["T"], row["shape"]["B"], row["shape"]["I"], row["shape"]["H"])
+        seen[(row["cell"], row["backend"], row["mode"], shape)] = row
+    for cell in cells:
+        for backend in [bench.TORCH_NN, *backends]:
+            for mode in modes:
+                for shape in shapes:
+                    row = seen.pop((cell, backend, mode, shape))
+                    if row["median_s"] is not None:
+                        assert row["median_s"] > 0 and row["times_s"], row
+                        assert row["reason"] is None and row["error"] is None, row
+                        assert row["first_call_s"] is not None and row["first_call_s"] > 0
+                    else:
+                        assert row["reason"] or row["error"], f"{cell} x {backend}: neither a time nor a reason"
+    assert not seen, f"unexpected entries: {list(seen)}"
+    auto = {(a["cell"], a["mode"], tuple(a["shape"])): a["backend"] for a in report["auto"]}
+    assert set(auto) == {(c, m, s) for c in cells for m in modes for s in shapes}
+    for choice in auto.values():
+        assert choice in registry.backends or choice.startswith("error:"), choice
+
+
+def test_json_and_plot_cover_every_backend(tmp_path: Path, capsys) -> None:
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    rc = run_bench(["--cells", "lstm", "--json", str(out), "--plot", str(png), *FAST])
+    report = json.loads(out.read_text())
+    assert rc == (1 if any(r["error"] for r in report["results"]) else 0)
+    assert report["schema"] == "seqfast-bench/1"
+    assert isinstance(report["env"]["torch_threads"], int) and report["env"]["torch_threads"] >= 1
+    assert report["settings"]["backends"] == list(registry.backends)
+    assert report["settings"]["shapes"] == [[5, 2, 3, 4], [3, 1, 2, 3]]
+    check_entries(report, ["lstm"], list(registry.backends), list(bench.MODES))
+    baseline = [r for r in report["results"] if r["backend"] == bench.TORCH_NN]
+    assert all(r["median_s"] and r["speedup"] == pytest.approx(1.0) for r in baseline)
+    # same weights and inputs as torch.nn: whatever ran agrees with it
+    for row in report["results"]:
+        if row["max_abs_diff"] is not None:
+            assert row["max_abs_diff"] < 1e-4, row
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = capsys.readouterr().out
+    assert "torch threads:" in text and "median time per call" in text
+
+
+def test_every_cell_is_listed_with_reasons(tmp_path: Path) -> None:
+    """Plugin cells have no torch.nn module: they appear with that reason, not as a crash."""
+    out = tmp_path / "bench.json"
+    backends = [b for b in ("torch", "native") if b in registry.backends]
+    rc = run_bench(["--backends", ",".join(backends), "--modes", "inference", "--json", str(out), *FAST])
+    report = json.loads(out.read_text())
+    assert rc == 0
+    check_entries(report, list(registry.cells), backends, ["inference"])
+    for row in report["results"]:
+        if registry.cells[row["cell"]].native_mode is None and row["backend"] in (bench.TORCH_NN, "native"):
+            assert row["median_s"] is None and row["reason"], row
+
+
+def test_cli_json_on_stdout_stays_parseable() -> None:
+    """`seqfast bench --json` writes only JSON to stdout; the table goes to stderr."""
+    cmd = [sys.executable, "-m", "seqfast.cli", "bench", "--cells", "gru", "--backends", "native,torch",
+           "--modes", "training", "--json", *FAST]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    check_entries(report, ["gru"], ["native", "torch"], ["training"])
+    assert "median time per call" in proc.stderr
+
+
+def test_bad_names_are_refused(capsys) -> None:
+    assert run_bench(["--backends", "nonesuch", *FAST]) == 2
+    assert "unknown backends ['nonesuch']" in capsys.readouterr().out
+    assert run_bench(["--modes", "sideways", *FAST]) == 2
+
+
+def test_parse_shapes() -> None:
+    assert bench.parse_shapes("100,8,64,64; 5x2x3x4") == [(100, 8, 64, 64), (5, 2, 3, 4)]
+    with pytest.raises(Exception, match="T,B,I,H"):
+        bench.parse_shapes("1,2,3")
+    assert len(bench.GRIDS["small"]) == 3 and len(bench.GRIDS["full"]) == 5
