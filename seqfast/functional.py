@@ -67,7 +67,33 @@ def select_backend(query: Query, requested: str | None = None) -> tuple[Backend,
     """The backend that runs `query`: the requested one (or the one configured), or the best under `auto`.
 
     A backend that was asked for and cannot run raises BackendNotSupportedError; it is never silently replaced.
+    Under torch.compile the choice is made eagerly at trace time and enters the graph as a constant: it reads
+    files, the environment and cell sources, none of which dynamo can (or should) trace.
     """
+    if torch.compiler.is_compiling():
+        dtype = str(query.dtype).replace("torch.", "")
+        name, source = _select_while_compiling(
+            query.cell.name, query.device, dtype, query.hidden_size, query.input_size, query.batch_size,
+            query.seq_len, query.proj_size, query.requires_grad, query.level, requested).split("\0")
+        return registry.backends[name], Choice(name, source)
+    return _select(query, requested)
+
+
+def _select_while_compiling(cell: str, device: str, dtype: str, hidden: int, input_size: int | None,
+                            batch: int | None, steps: int | None, proj: int, requires_grad: bool, level: str,
+                            requested: str | None) -> str:
+    query = Query(get_cell(cell), device, getattr(torch, dtype), hidden, input_size, batch, steps, proj,
+                  requires_grad, level)
+    backend, choice = _select(query, requested)
+    return f"{backend.name}\0{choice.source}"  # a str: constants must be plain Python values
+
+
+# What torch.compiler.assume_constant_result(fn) does, without importing torch._dynamo (and with it triton) at
+# `import seqfast`, which would double the import time. tests/backends/test_numba.py compiles in a fresh process.
+_select_while_compiling._dynamo_marked_constant = True  # type: ignore[attr-defined]
+
+
+def _select(query: Query, requested: str | None) -> tuple[Backend, Choice]:
     choice = resolve_choice(query.cell.name, query.cell.env_name, requested)
     if choice.name == "auto":
         best = _best(query)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextvars
 import copy
-import functools
 import importlib.metadata
 import math
 import os
@@ -112,6 +111,10 @@ class CellSpec:
     supports_proj: bool = False  # LSTM's proj_size: h is projected by weight_hr after each step
     description: str = ""
 
+    # the suffix of this cell's SEQFAST_BACKEND_<CELL> variable; a plain field, computed once, so that
+    # torch.compile can read it without tracing a cached_property's lock
+    env_name: str = field(init=False, repr=False, compare=False)
+
     def __post_init__(self) -> None:
         problems = []
         if not isinstance(self.name, str) or not _NAME_RE.match(self.name):
@@ -127,15 +130,12 @@ class CellSpec:
             problems.append("reference_step must be callable")
         if problems:
             raise ValueError(f"invalid cell {self.name!r}: " + "; ".join(problems))
+        object.__setattr__(self, "env_name", re.sub(r"[^A-Za-z0-9]", "_", self.name).upper())
 
     @property
     def num_states(self) -> int:
         return len(self.state_names)
 
-    @functools.cached_property
-    def env_name(self) -> str:
-        """The suffix of this cell's SEQFAST_BACKEND_<CELL> variable."""
-        return re.sub(r"[^A-Za-z0-9]", "_", self.name).upper()
 
     def recurrent_param_names(self, proj: bool = False) -> tuple[str, ...]:
         """Names of the weights the scan receives, in order."""
@@ -247,6 +247,9 @@ class Backend:
         """Hook for conditions that are not simple declarations."""
         return []
 
+    def on_register(self) -> None:
+        """Called once by register_backend: set-up that must not wait for the first (maybe compiled) call."""
+
     def auto_rank(self, query: Query) -> float:
         """Higher is preferred by `auto` among backends with no reasons. Override to rank by shape."""
         return float(self.priority)
@@ -314,6 +317,7 @@ class Registry:
             raise ValueError(f"backend {backend.name!r} is already registered")
         if not (backend.has_scan() or backend.has_stack()):
             raise ValueError(f"backend {backend.name!r} implements neither scan nor run_stack")
+        backend.on_register()
         self.backends[backend.name] = backend
         return backend
 

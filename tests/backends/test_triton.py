@@ -328,10 +328,9 @@ def test_devices_and_reasons_follow_the_environment(monkeypatch):
     assert BACKEND.devices == {"cuda"}
     if not torch.cuda.is_available():
         assert BACKEND.unavailable_reason() == "no CUDA device (set TRITON_INTERPRET=1 to run on CPU)"
-    import importlib.util
+    from seqfast.backends.triton import backend as triton_backend
 
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "triton" else real(n, *a))
+    monkeypatch.setattr(triton_backend, "_triton_installed", lambda: False)  # the package lookup is cached
     assert BACKEND.unavailable_reason() == "triton not installed"
 
 

@@ -1,0 +1,237 @@
+"""seqfast[numba] vs torch.nn on CPU: inference and training over the issue #3 grid, with peak memory.
+
+    python benchmarks/numba_compare.py                 # full grid, writes a markdown table to stdout
+    python benchmarks/numba_compare.py --quick         # a few repeats, for a look
+    python benchmarks/numba_compare.py --cells lstm --modes train --points 2
+    python benchmarks/numba_compare.py --latency       # cold / warm first-call latency in fresh processes
+
+torch.nn is timed twice: interleaved with seqfast in this process, and alone in a fresh subprocess that never
+imports seqfast, numba or scipy (so no foreign thread pool can slow it down or speed it up); the speed-up counted is
+the lower of the two. Every time is the median of --repeats runs after --warmup runs. The `auto` column times
+seqfast with backend="auto" (what a user gets by default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+GRID = [(100, 1, 32, 32), (100, 8, 64, 64), (200, 32, 128, 128), (100, 64, 256, 256), (50, 64, 512, 512)]
+CELLS = {"lstm": "LSTM", "gru": "GRU", "rnn_tanh": "RNN"}
+MODES = ("infer", "train")
+
+
+def _make(kind: str, cell: str, I: int, H: int, backend: str | None = None):
+    import torch
+
+    cls = getattr(torch.nn, CELLS[cell])
+    if kind == "torch":
+        torch.manual_seed(0)
+        return cls(I, H)
+    import seqfast
+
+    torch.manual_seed(0)
+    ref = cls(I, H)
+    model = getattr(seqfast, CELLS[cell])(I, H, backend=backend)
+    model.load_state_dict(ref.state_dict())
+    return model
+
+
+def _timer(model, x, mode: str):
+    import torch
+
+    if mode == "infer":
+        def run() -> None:
+            with torch.no_grad():
+                model(x)
+    else:
+        def run() -> None:
+            out, _ = model(x)
+            out.sum().backward()
+    return run
+
+
+def _median_ms(run, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def _inputs(T: int, B: int, I: int):
+    import torch
+
+    return torch.randn(T, B, I, generator=torch.Generator().manual_seed(1))
+
+
+def _alone(args) -> None:
+    """Child process: torch.nn only. Prints {key: ms} as JSON."""
+    import torch
+
+    assert "seqfast" not in sys.modules and "numba" not in sys.modules and "scipy" not in sys.modules
+    results = {}
+    for cell in args.cells:
+        for index in args.points:
+            T, B, I, H = GRID[index]
+            x = _inputs(T, B, I)
+            model = _make("torch", cell, I, H)
+            for mode in args.modes:
+                results[f"{cell}|{index}|{mode}"] = _median_ms(_timer(model, x, mode), args.warmup, args.repeats)
+    torch.set_num_threads(torch.get_num_threads())
+    print(json.dumps(results))
+
+
+def _peak_child(kind: str, cell: str) -> None:
+    """Child process: peak RSS growth (MiB) of one training step at the largest grid point."""
+    T, B, I, H = GRID[-1]
+    model = _make(kind, cell, I, H, backend="numba" if kind == "numba" else None)
+    if kind == "numba":  # compile on a tiny input first, so the JIT's memory is not counted
+        _timer(model, _inputs(2, 1, I), "train")()
+    x = _inputs(T, B, I)
+    import gc
+
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM (the peak RSS) to the current RSS
+        f.write("5")
+    status = open("/proc/self/status").read()
+    base = int(status.split("VmRSS:")[1].split()[0])
+    _timer(model, x, "train")()
+    status = open("/proc/self/status").read()
+    peak = int(status.split("VmHWM:")[1].split()[0])
+    print(json.dumps({"peak_mib": (peak - base) / 1024}))
+
+
+_LATENCY_PROBE = """
+import json, time
+t0 = time.perf_counter()
+import torch, seqfast
+t1 = time.perf_counter()
+model = seqfast.{cls}(32, 32, backend="numba")
+x = torch.randn(10, 2, 32)
+with torch.no_grad():
+    model(x)
+t2 = time.perf_counter()
+out, _ = model(x)
+out.sum().backward()
+t3 = time.perf_counter()
+print(json.dumps({{"import_s": t1 - t0, "first_inference_s": t2 - t1, "first_backward_s": t3 - t2}}))
+"""
+
+
+def _latency(cells: list[str]) -> None:
+    """First-call latency in fresh processes: cold (empty kernel cache) then warm (the cache the cold run left)."""
+    import tempfile
+
+    for cell in cells:
+        with tempfile.TemporaryDirectory() as cache:
+            env = {**os.environ, "SEQFAST_CACHE_DIR": cache}
+            for label in ("cold", "warm"):
+                out = subprocess.run([sys.executable, "-c", _LATENCY_PROBE.format(cls=CELLS[cell])], env=env,
+                                     check=True, capture_output=True, text=True)
+                r = json.loads(out.stdout.strip().splitlines()[-1])
+                print(f"- first call, {cell}, {label} cache: import seqfast {r['import_s']:.2f} s, first inference "
+                      f"{r['first_inference_s']:.2f} s, then first training step {r['first_backward_s']:.2f} s")
+
+
+def _child(argv: list[str]) -> dict:
+    out = subprocess.run([sys.executable, __file__, *argv], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cells", nargs="+", default=list(CELLS), choices=list(CELLS))
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--points", nargs="+", type=int, default=list(range(len(GRID))))
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="--repeats 3 --warmup 1")
+    parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--latency", action="store_true", help="only measure cold / warm first-call latency")
+    parser.add_argument("--alone", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--peak", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.quick:
+        args.repeats, args.warmup = 3, 1
+    if args.alone:
+        return _alone(args)
+    if args.peak:
+        return _peak_child(*args.peak)
+    if args.latency:
+        return _latency(args.cells)
+
+    common = ["--cells", *args.cells, "--modes", *args.modes, "--points", *map(str, args.points),
+              "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
+    alone = _child([*common, "--alone"])
+
+    import numba
+    import torch
+
+    import seqfast
+
+    rows = []
+    for cell in args.cells:
+        for index in args.points:
+            T, B, I, H = GRID[index]
+            x = _inputs(T, B, I)
+            ref = _make("torch", cell, I, H)
+            fast = _make("seqfast", cell, I, H, backend="numba")
+            auto = _make("seqfast", cell, I, H, backend="auto")
+            for mode in args.modes:
+                t_torch = _median_ms(_timer(ref, x, mode), args.warmup, args.repeats)
+                t_numba = _median_ms(_timer(fast, x, mode), args.warmup, args.repeats)
+                t_auto = _median_ms(_timer(auto, x, mode), args.warmup, args.repeats)
+                t_alone = alone[f"{cell}|{index}|{mode}"]
+                with torch.set_grad_enabled(mode == "train"):
+                    chosen = seqfast.current_backend(cell, seq_len=T, batch_size=B, input_size=I, hidden_size=H,
+                                                     requires_grad=mode == "train")
+                best_torch = min(t_torch, t_alone)
+                rows.append(dict(cell=cell, point=(T, B, I, H), mode=mode, torch_mixed=t_torch, torch_alone=t_alone,
+                                 numba=t_numba, auto=t_auto, auto_choice=chosen, speedup=best_torch / t_numba,
+                                 auto_vs_torch=best_torch / t_auto))
+                print(f"{cell:8s} {str((T, B, I, H)):22s} {mode:5s} torch.nn {t_torch:8.2f} / alone {t_alone:8.2f} "
+                      f"ms  numba {t_numba:8.2f} ms  x{best_torch / t_numba:5.2f}  auto({chosen}) {t_auto:8.2f} ms",
+                      file=sys.stderr, flush=True)
+
+    print(f"machine: {os.cpu_count()} cores; torch {torch.__version__} ({torch.get_num_threads()} threads), "
+          f"numba {numba.__version__}, OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}\n")
+    print("| cell | T, B, I, H | mode | torch.nn interleaved ms | torch.nn alone ms | numba ms | speed-up "
+          "| auto (choice) ms | auto vs torch.nn |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['cell']} | {', '.join(map(str, r['point']))} | {r['mode']} | {r['torch_mixed']:.2f} | "
+              f"{r['torch_alone']:.2f} | {r['numba']:.2f} | **{r['speedup']:.2f}x** | {r['auto']:.2f} "
+              f"({r['auto_choice']}) | {r['auto_vs_torch']:.2f}x |")
+    print()
+    for mode in args.modes:
+        sel = [r["speedup"] for r in rows if r["mode"] == mode]
+        line = [f"{mode}: geomean {math.exp(statistics.fmean(map(math.log, sel))):.2f}x"]
+        for cell in args.cells:
+            per = [r["speedup"] for r in rows if r["mode"] == mode and r["cell"] == cell]
+            line.append(f"{cell} {math.exp(statistics.fmean(map(math.log, per))):.2f}x")
+        if mode == "infer":
+            b1 = [f"{r['cell']} {r['speedup']:.2f}x" for r in rows if r["mode"] == mode and r["point"][1] == 1]
+            line.append("batch 1: " + ", ".join(b1))
+        print("- " + "; ".join(line))
+    worst = min(rows, key=lambda r: r["auto_vs_torch"])
+    print(f"- auto: worst {worst['auto_vs_torch']:.2f}x of torch.nn ({worst['cell']} {worst['point']} {worst['mode']})")
+    if not args.no_memory and "train" in args.modes:
+        for cell in args.cells:
+            t = _child(["--peak", "torch", cell])["peak_mib"]
+            n = _child(["--peak", "numba", cell])["peak_mib"]
+            print(f"- peak memory, training at {GRID[-1]}: {cell} torch.nn {t:.0f} MiB, numba {n:.0f} MiB "
+                  f"({n / t:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()

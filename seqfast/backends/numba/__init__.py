@@ -1,0 +1,337 @@
+"""The `numba` backend: fused CPU scans, forward and BPTT backward, for every cell with pointwise math.
+
+Per step, one kernel call does the recurrent product (MKL ?gemm_ from libtorch, called from inside the numba loop;
+no Python round trip) and the cell's pointwise math fused over every (row, unit). The input projection stays one
+big torch GEMM in the module; the backward forms dW_hh as one torch GEMM over all steps after the loop.
+Kernels are generated per cell from one template (codegen.py) and cached on disk across processes.
+
+Threads (one pool for everything): the numba kernels are single-threaded (no parallel=True, so numba's threading
+layer never starts). A scan splits its batch into row ranges, one per torch intra-op thread (torch.get_num_threads(),
+or SEQFAST_NUMBA_THREADS), and runs them inside an OpenMP parallel region of torch's own libgomp, i.e. on the very
+threads torch uses for its GEMMs; MKL is held to one thread inside each range. numpy's OpenBLAS is never called, so
+its threads never spin against torch's. On the 2-core benchmark machine torch keeps its default of 2 threads.
+
+numba is imported only when a kernel is first needed, never by `import seqfast`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.metadata
+import importlib.util
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from torch import Tensor
+
+from ...registry import CellSpec, Query
+from ..fused import FusedBackend
+
+MIN_NUMBA = (0, 60)
+
+
+_availability: dict[str, str | None] = {}  # memo of _numba_missing (a plain dict: torch.compile traces through it)
+
+
+def _numba_missing() -> str | None:
+    """Why numba cannot be used, found without importing it (importing seqfast must stay cheap), else None."""
+    if "reason" not in _availability:
+        reason = None
+        if importlib.util.find_spec("numba") is None:
+            reason = "numba not installed (pip install 'seqfast[numba]')"
+        else:
+            try:
+                version = importlib.metadata.version("numba")
+            except importlib.metadata.PackageNotFoundError:
+                version = None
+            parts = tuple(int(p) for p in (version or "").split(".")[:2] if p.isdigit())
+            if version and parts < MIN_NUMBA:
+                reason = f"numba {version} is too old (needs >= {'.'.join(map(str, MIN_NUMBA))})"
+        _availability["reason"] = reason
+    return _availability["reason"]
+
+
+_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
+
+# Rows of a batch never interact, so a scan splits its batch into contiguous row ranges, one per thread, each
+# running the whole time loop with no synchronisation. Below this much work per thread (multiply-adds of the
+# recurrent GEMM over all steps) the second thread costs more than it saves.
+MIN_WORK_PER_THREAD = 2_000_000
+MIN_ROWS_PER_THREAD = 2
+
+
+def num_threads() -> int:
+    """Threads a scan may use: SEQFAST_NUMBA_THREADS, else torch's intra-op thread count."""
+    env = os.environ.get("SEQFAST_NUMBA_THREADS", "").strip()
+    if env:
+        try:
+            return max(1, int(env))
+        except ValueError:
+            raise ValueError(f"SEQFAST_NUMBA_THREADS must be a positive integer, got {env!r}") from None
+    return max(1, torch.get_num_threads())
+
+
+def _row_ranges(batch: int, work_per_row: int) -> list[tuple[int, int]]:
+    threads = min(num_threads(), batch // MIN_ROWS_PER_THREAD, batch * work_per_row // max(1, MIN_WORK_PER_THREAD))
+    threads = max(1, threads)
+    bounds = [round(i * batch / threads) for i in range(threads + 1)]
+    return [(bounds[i], bounds[i + 1]) for i in range(threads)]
+
+
+def _small_gemm(fn: int, ranges: list[tuple[int, int]], width: int, hidden: int) -> bool:
+    """Run the per-step GEMMs as numba loops: without MKL, or where MKL's call overhead exceeds the work."""
+    from ._blas import SMALL_GEMM
+
+    return fn == 0 or max(hi - lo for lo, hi in ranges) * width * hidden <= SMALL_GEMM
+
+
+class _TorchOpenMP:
+    """torch's own OpenMP runtime (the libgomp in torch/lib), to run row ranges on torch's intra-op threads.
+
+    Running them on a separate pool was measured to lose most of the second core: right after a torch op (the input
+    projection) torch's OpenMP worker keeps spinning for a while, competing with any other thread for that core.
+    Inside an OpenMP parallel region of torch's own runtime the spinning worker simply takes the work, and MKL
+    (same runtime) sees the region and stays single-threaded: Numba, MKL and torch share one pool of threads.
+    """
+
+    def __init__(self) -> None:
+        self.lib = None
+        path = os.path.join(os.path.dirname(torch.__file__), "lib", "libgomp.so.1")
+        if os.path.exists(path):
+            try:
+                lib = ctypes.CDLL(path)
+                lib.GOMP_parallel.argtypes = [_OMP_BODY, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
+                lib.GOMP_parallel.restype = None
+                lib.omp_get_thread_num.restype = ctypes.c_int
+                self.lib = lib
+            except (OSError, AttributeError):
+                self.lib = None
+
+    def run(self, call, ranges: list[tuple[int, int]]) -> bool:
+        """call(*ranges[i]) on OpenMP thread i; False when torch has no libgomp to use."""
+        if self.lib is None:
+            return False
+        errors: list[BaseException] = []
+        done = [False] * len(ranges)
+        thread_num = self.lib.omp_get_thread_num
+
+        def body(_data) -> None:
+            index = thread_num()
+            try:
+                if index < len(ranges):
+                    call(*ranges[index])
+                    done[index] = True
+            except BaseException as exc:  # cannot propagate through C: re-raised below
+                errors.append(exc)
+
+        callback = _OMP_BODY(body)  # kept alive until GOMP_parallel returns
+        self.lib.GOMP_parallel(callback, None, len(ranges), 0)
+        if errors:
+            raise errors[0]
+        for index, finished in enumerate(done):  # a smaller team (e.g. nested inside another region): finish here
+            if not finished:
+                call(*ranges[index])
+        return True
+
+
+_OMP_BODY = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+_omp: _TorchOpenMP | None = None
+_pool: ThreadPoolExecutor | None = None
+_pool_size = [0]
+_pool_lock = threading.Lock()
+
+
+def _run_rows(call, ranges: list[tuple[int, int]]) -> None:
+    """call(lo, hi) for every row range, concurrently (kernels release the GIL): on torch's OpenMP threads, else on
+    a thread pool. MKL is held to one thread inside each call, so k ranges use exactly k cores."""
+    global _pool, _omp
+    from ._blas import single_threaded_blas
+
+    def task(lo: int, hi: int) -> None:
+        with single_threaded_blas():
+            call(lo, hi)
+
+    if len(ranges) == 1:
+        task(*ranges[0])
+        return
+    if _omp is None:
+        _omp = _TorchOpenMP()
+    if _omp.run(task, ranges):
+        return
+    with _pool_lock:
+        if _pool is None or _pool_size[0] < len(ranges) - 1:
+            if _pool is not None:
+                _pool.shutdown(wait=False)
+            _pool_size[0] = len(ranges) - 1
+            _pool = ThreadPoolExecutor(max_workers=_pool_size[0], thread_name_prefix="seqfast-numba")
+        pool = _pool
+    futures = [pool.submit(task, lo, hi) for lo, hi in ranges[1:]]
+    try:
+        task(*ranges[0])
+    finally:
+        for f in futures:
+            f.result()
+
+
+class NumbaBackend(FusedBackend):
+    name = "numba"
+    description = "fused CPU scans compiled with numba (MKL GEMM per step, vectorized float32 gate math)"
+    devices = frozenset({"cpu"})
+    dtypes = frozenset(_DTYPES)
+    supports_proj = False  # LSTM proj_size: h would need a second GEMM per step; declined, use torch or native
+    priority = 5
+
+    # --- support ---------------------------------------------------------------------------------------------
+    def unavailable_reason(self) -> str | None:
+        return _numba_missing()
+
+    def extra_reasons(self, query: Query) -> list[str]:
+        from .codegen import CodegenError, check_cell
+
+        if query.cell.pointwise is None:
+            return []  # already reported by needs_pointwise
+        try:
+            check_cell(query.cell)
+        except CodegenError as exc:
+            return [f"cannot compile the cell's pointwise code: {exc}"]
+        return []
+
+    def auto_rank(self, query: Query) -> float:
+        from .tuning import auto_rank
+
+        return auto_rank(query, native_priority=10.0, own_priority=float(self.priority))
+
+    # --- the fused scan --------------------------------------------------------------------------------------
+    def saved_shapes(self, cell: CellSpec, steps: int, batch: int, hidden: int) -> list[tuple[int, ...]]:
+        # every state before each step, in time order (the backward recomputes the recurrent pre-activations from
+        # h with one GEMM rather than saving [T, B, G*H] of them: training's peak memory stays near torch.nn's)
+        return [(cell.num_states, steps, batch, hidden)]
+
+    def _module(self, cell: CellSpec, dtype: torch.dtype):
+        if dtype not in _DTYPES:
+            raise TypeError(f"numba backend: dtype {dtype} not supported (float32, float64)")
+        why = self.unavailable_reason()
+        if why:
+            raise RuntimeError(f"numba backend: {why}")
+        from .codegen import kernels
+
+        return kernels(cell, _DTYPES[dtype])
+
+    @staticmethod
+    def _arrays(cell: CellSpec, x_proj: Tensor, weights: list[Tensor | None], lengths: Tensor | None):
+        from .codegen import per_unit_width
+
+        steps, batch, width = x_proj.shape
+        hidden = width // cell.num_gates
+        if x_proj.device.type != "cpu":
+            raise ValueError(f"numba backend: tensors must be on the CPU, got {x_proj.device}")
+        if weights and len(weights) > 2 + len(cell.pointwise.params):
+            raise ValueError("numba backend: proj_size (weight_hr) is not supported")
+        x = x_proj.detach().contiguous()
+        w = weights[0] if weights else None
+        if w is None:
+            w = x.new_zeros(width, hidden) if cell.recurrence == "dense" else x.new_zeros(width)
+        bias = weights[1] if len(weights) > 1 and weights[1] is not None else x.new_zeros(width)
+        # the kernel takes the per-unit extras in Pointwise.params order; an absent one (a bias-like extra under
+        # bias=False) reads as zeros
+        given = dict(zip(cell.recurrent_param_names()[2:], weights[2:], strict=False))
+        extras = [given.get(name) for name in cell.pointwise.params]
+        extras = [p if p is not None else x.new_zeros(per_unit_width(cell, name) * hidden)
+                  for p, name in zip(extras, cell.pointwise.params, strict=True)]
+        if lengths is None:
+            lens = torch.full((batch,), steps, dtype=torch.int64)
+        else:
+            lens = lengths.detach().to(device="cpu", dtype=torch.int64).contiguous()
+        arrays = [t.detach().contiguous() for t in (w, bias, *extras)]
+        return x, arrays, lens
+
+    def forward(self, cell: CellSpec, x_proj: Tensor, state0: list[Tensor], weights: list[Tensor | None],
+                lengths: Tensor | None, reverse: bool, need_saved: bool) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        module = self._module(cell, x_proj.dtype)
+        from ._blas import gemm_address
+
+        x, (w, bias, *extras), lens = self._arrays(cell, x_proj, weights, lengths)
+        steps, batch, width = x.shape
+        hidden = width // cell.num_gates
+        states = [s.detach().to(x.dtype).contiguous().clone() for s in state0]  # updated in place: the finals
+        out = x.new_empty(steps, batch, hidden)
+        if need_saved:
+            saved = [x.new_empty(s) for s in self.saved_shapes(cell, steps, batch, hidden)]
+        else:
+            saved = [x.new_empty(0, 0, 0, 0)]
+        if batch == 0:
+            return out, states, saved if need_saved else []
+        hg = x.new_empty(batch, width)
+        fn = gemm_address(_DTYPES[x.dtype])
+        ranges = _row_ranges(batch, steps * width * hidden)
+        small = _small_gemm(fn, ranges, width, hidden)
+        # W_hh^T for the small-GEMM loop (the loop wants the summed index outermost)
+        wt = w.t().contiguous() if small and cell.recurrence == "dense" else w
+        args = (x.numpy(), w.numpy(), wt.numpy(), bias.numpy(), *(e.numpy() for e in extras),
+                *(s.numpy() for s in states),
+                lens.numpy(), bool(reverse), out.numpy(), hg.numpy(), saved[0].numpy(), bool(need_saved))
+        _run_rows(lambda lo, hi: module.forward(fn, small, lo, hi, *args), ranges)
+        return out, states, saved if need_saved else []
+
+    def backward(self, cell: CellSpec, x_proj: Tensor, state0: list[Tensor], weights: list[Tensor | None],
+                 lengths: Tensor | None, reverse: bool, outputs: Tensor, final: list[Tensor], saved: list[Tensor],
+                 grad_outputs: Tensor, grad_final: list[Tensor]) -> tuple[Tensor, list[Tensor], list[Tensor | None]]:
+        if cell.pointwise is None or cell.pointwise.backward is None:
+            raise RuntimeError(f"numba backend: cell {cell.name!r} has no pointwise backward")
+        module = self._module(cell, x_proj.dtype)
+        from ._blas import gemm_address
+
+        x, (w, bias, *extras), lens = self._arrays(cell, x_proj, weights, lengths)
+        steps, batch, width = x.shape
+        hidden = width // cell.num_gates
+        saved_st = saved[0].detach().contiguous()
+        h_prev = saved_st[0].view(steps * batch, hidden)
+        # hgd: the recurrent pre-activations of every step, one GEMM (the kernel overwrites them with d_hg)
+        hgd = x.new_empty(steps, batch, width)
+        flat_hgd = hgd.view(steps * batch, width)
+        if cell.recurrence == "dense":
+            torch.addmm(bias, h_prev, w.t(), out=flat_hgd)
+        elif cell.recurrence == "diagonal":
+            torch.addcmul(bias, h_prev.repeat(1, cell.num_gates), w, out=flat_hgd)
+        else:
+            flat_hgd.zero_()
+        grad_out = x.new_zeros(steps, batch, hidden) if grad_outputs is None else grad_outputs.detach().contiguous()
+        d_states = [x.new_zeros(batch, hidden) if g is None else g.detach().to(x.dtype).contiguous().clone()
+                    for g in grad_final]
+        dx = x.new_empty(steps, batch, width)
+        d_extras = [x.new_zeros(e.shape) for e in extras]
+        if batch > 0:
+            dstep = x.new_empty(batch, width)
+            ranges = _row_ranges(batch, steps * width * hidden)
+            # per-unit parameter gradients are sums over rows: one accumulator per thread, added afterwards
+            per_thread = [d_extras] + [[torch.zeros_like(d) for d in d_extras] for _ in ranges[1:]]
+            args = (x.numpy(), w.numpy(), bias.numpy(), *(e.numpy() for e in extras), saved_st.numpy(),
+                    lens.numpy(), bool(reverse), grad_out.numpy(), *(d.numpy() for d in d_states), dx.numpy(),
+                    hgd.numpy(), dstep.numpy())
+            fn = gemm_address(_DTYPES[x.dtype])
+            small = _small_gemm(fn, ranges, width, hidden)
+            accumulators = {r: [d.numpy() for d in acc] for r, acc in zip(ranges, per_thread, strict=True)}
+            _run_rows(lambda lo, hi: module.backward(fn, small, lo, hi, *args, *accumulators[(lo, hi)]), ranges)
+            for acc in per_thread[1:]:
+                for total, part in zip(d_extras, acc, strict=True):
+                    total += part
+        # the recurrent-weight gradient: one GEMM over every step (padding rows of dhg are zero)
+        flat_dhg = flat_hgd  # now d_hg
+        grads: list[Tensor | None] = [None] * len(weights)
+        if weights and weights[0] is not None:
+            if cell.recurrence == "dense":
+                grads[0] = flat_dhg.t().mm(h_prev)
+            else:  # diagonal: d w[g*H + j] = sum over steps of d_hg[., g*H + j] * h_prev[., j]
+                grads[0] = (flat_dhg.view(-1, cell.num_gates, hidden) * h_prev.unsqueeze(1)).sum(0).view(width)
+        if len(weights) > 1 and weights[1] is not None:
+            grads[1] = flat_dhg.sum(0)
+        d_by_name = dict(zip(cell.pointwise.params, d_extras, strict=True))
+        for i, name in enumerate(cell.recurrent_param_names()[2:len(weights)]):
+            p = weights[i + 2]
+            grads[i + 2] = None if p is None else d_by_name[name].view(p.shape)
+        return dx, d_states, grads
+
+
+__all__ = ["NumbaBackend"]

@@ -1,0 +1,530 @@
+"""Turns a CellSpec into numba kernels: one generic forward scan and one generic backward scan per cell and dtype.
+
+Math, per step k of each batch row b (t = k, or lengths[b] - 1 - k when reverse; steps k >= lengths[b] are
+padding: output 0, state kept):
+    forward   hg = h W_hh^T + b_hh (dense; diagonal: w_hh * h + b_hh; none: 0)      one GEMM per step, all rows
+              state_t = pointwise.forward(x_proj[t], hg, state_{t-1})               fused, vectorized over units
+    backward  d_x[t], d_hg[t], d_state = pointwise.backward(..., d_state + (d_out[t], 0, ...))
+              d_h += d_hg[t] W_hh                                                  one GEMM per step
+              after the loop: d_W_hh = sum_t d_hg[t]^T h_{t-1}, d_b_hh = sum_t d_hg[t]   one GEMM (torch)
+Memory layout: x_proj / d_x [T, B, G*H] with gate g of unit j at column g*H + j; states [B, H] each; everything
+C-contiguous; the generated module's header lists the buffers.
+
+The cell's Pointwise functions are compiled from their source: the AST is rewritten so that `m.tanh(...)` calls the
+numba math namespace (seqfast/backends/numba/_math.py), numeric literals take the kernel's dtype (so float32 math
+stays float32 and vectorizes), and numeric globals the code reads are inlined. The time loops below are a single
+template; only the unrolled tuple plumbing (G gates, S states, P per-unit params) and the recurrence term (dense,
+diagonal, none) differ from cell to cell.
+
+The generated module is written to a cache directory (SEQFAST_CACHE_DIR, else $XDG_CACHE_HOME/seqfast/numba,
+else ~/.cache/seqfast/numba; a private temporary directory when none is writable) under a name that hashes
+everything it depends on, and its kernels are njit(cache=True): a later process loads the machine code instead of
+compiling again.
+"""
+
+from __future__ import annotations
+
+import ast
+import builtins
+import hashlib
+import importlib.util
+import inspect
+import math
+import os
+import sys
+import tempfile
+import textwrap
+import threading
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+from ...registry import CellSpec
+
+TEMPLATE_VERSION = "8"
+MATH_NAMES = ("exp", "log", "tanh", "sigmoid", "relu", "sqrt", "abs", "maximum", "minimum", "where")
+_SAFE_BUILTINS = {"abs", "min", "max", "range", "len", "float", "int", "bool", "True", "False", "None"}
+_HERE = Path(__file__).resolve().parent
+
+
+class CodegenError(ValueError):
+    """A cell's pointwise code cannot be compiled by the numba backend (the message says why)."""
+
+
+# --- the pointwise functions --------------------------------------------------------------------------------------
+class _Rewrite(ast.NodeTransformer):
+    """m.f -> _m_f; numeric literals -> _F(literal) (except subscripts); numeric globals -> their value."""
+
+    def __init__(self, math_arg: str, constants: dict[str, float], where: str) -> None:
+        self.math_arg, self.constants, self.where = math_arg, constants, where
+
+    def visit_Attribute(self, node: ast.Attribute) -> ast.AST:
+        if isinstance(node.value, ast.Name) and node.value.id == self.math_arg:
+            if node.attr not in MATH_NAMES:
+                raise CodegenError(f"{self.where} uses {self.math_arg}.{node.attr}, which the math namespace does "
+                                   f"not provide (it provides {', '.join(MATH_NAMES)})")
+            return ast.copy_location(ast.Name(id=f"_m_{node.attr}", ctx=ast.Load()), node)
+        return self.generic_visit(node)
+
+    def visit_Subscript(self, node: ast.Subscript) -> ast.AST:
+        node.value = self.visit(node.value)  # the index stays an int
+        return node
+
+    def visit_Constant(self, node: ast.Constant) -> ast.AST:
+        if isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
+            return self._typed(node.value, node)
+        return node
+
+    def visit_Name(self, node: ast.Name) -> ast.AST:
+        if isinstance(node.ctx, ast.Load) and node.id in self.constants:
+            return self._typed(self.constants[node.id], node)
+        return node
+
+    @staticmethod
+    def _typed(value: float, node: ast.AST) -> ast.AST:
+        call = ast.Call(func=ast.Name(id="_F", ctx=ast.Load()), args=[ast.Constant(value=float(value))], keywords=[])
+        return ast.copy_location(call, node)
+
+
+def _function_source(fn, role: str, cell: CellSpec, nargs: int) -> str:
+    """The rewritten source of one pointwise function, renamed `_pw_<role>` and without its math argument."""
+    where = f"cell {cell.name!r}: pointwise {role} ({getattr(fn, '__qualname__', fn)!r})"
+    try:
+        source = textwrap.dedent(inspect.getsource(fn))
+    except (OSError, TypeError) as exc:
+        raise CodegenError(f"{where}: its source is not available ({exc})") from None
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        raise CodegenError(f"{where}: its source could not be parsed on its own (a lambda?); use a def") from None
+    defs = [n for n in tree.body if isinstance(n, ast.FunctionDef)]
+    if not defs:
+        raise CodegenError(f"{where}: expected a def, got {type(tree.body[0]).__name__}; use a def")
+    node = defs[0]
+    args = node.args
+    if args.vararg or args.kwarg or args.kwonlyargs or len(args.posonlyargs) + len(args.args) != nargs:
+        raise CodegenError(f"{where}: expected exactly {nargs} positional arguments")
+    math_arg = (args.posonlyargs + args.args)[0].arg
+
+    # free names: numeric constants are inlined, builtins numba knows are kept, anything else is refused
+    params = {a.arg for a in args.posonlyargs + args.args}
+    assigned = {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+    closure = inspect.getclosurevars(fn)
+    scope = {**closure.builtins, **closure.globals, **closure.nonlocals}
+    constants: dict[str, float] = {}
+    for name in sorted({n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}):
+        if name in params or name in assigned or name in _SAFE_BUILTINS:
+            continue
+        value = scope.get(name, getattr(builtins, name, None))
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            constants[name] = value
+        else:
+            raise CodegenError(f"{where}: refers to {name!r} ({type(value).__name__}); only numbers and the math "
+                               f"namespace {math_arg}.* can be used inside pointwise code")
+    node.decorator_list = []
+    node.name = f"_pw_{role}"
+    node.returns = None
+    for a in args.posonlyargs + args.args:
+        a.annotation = None
+    args.args = (args.posonlyargs + args.args)[1:]
+    args.posonlyargs = []
+    args.defaults = []
+    node.body = [_Rewrite(math_arg, constants, where).visit(stmt) for stmt in node.body]
+    return ast.unparse(ast.fix_missing_locations(node))
+
+
+def per_unit_width(cell: CellSpec, name: str) -> int:
+    """k for a per-unit extra parameter of shape [k*H] (unit j reads p[i*H + j], i < k)."""
+    spec = next((p for p in cell.extra_params if p.name == name), None)
+    if spec is None:
+        raise CodegenError(f"cell {cell.name!r}: pointwise param {name!r} is not one of its extra_params")
+    sizes = [math.prod(spec.shape(h, 0)) for h in (1, 2, 5)]
+    if sizes[0] < 1 or sizes != [sizes[0] * h for h in (1, 2, 5)]:
+        raise CodegenError(f"cell {cell.name!r}: parameter {name!r} is not a [k*H] per-unit vector")
+    return sizes[0]
+
+
+_checked: dict[CellSpec, str | None] = {}
+
+
+def check_cell(cell: CellSpec) -> None:
+    """Raise CodegenError when the numba backend cannot compile this cell (parses, compiles nothing; memoized,
+    since backend selection asks on every call)."""
+    if cell not in _checked:
+        try:
+            _check_cell(cell)
+            _checked[cell] = None
+        except CodegenError as exc:
+            _checked[cell] = str(exc)
+    if _checked[cell] is not None:
+        raise CodegenError(_checked[cell])
+
+
+def _check_cell(cell: CellSpec) -> None:
+    pw = cell.pointwise
+    if pw is None:
+        raise CodegenError(f"cell {cell.name!r} has no pointwise math")
+    recurrent = [p.name for p in cell.extra_params if p.recurrent]
+    unread = [n for n in recurrent if n not in pw.params]
+    if unread:
+        raise CodegenError(f"cell {cell.name!r}: recurrent parameters {unread} are not per-unit pointwise params")
+    for name in pw.params:
+        if name not in recurrent:
+            raise CodegenError(f"cell {cell.name!r}: pointwise param {name!r} is not a recurrent extra parameter")
+        per_unit_width(cell, name)
+    _function_source(pw.forward, "forward", cell, 5)
+    if pw.backward is not None:
+        _function_source(pw.backward, "backward", cell, 6)
+
+
+# --- the kernel template ------------------------------------------------------------------------------------------
+_HEADER = '''\
+# Generated by seqfast.backends.numba.codegen for cell {cell!r}, {dtype}. Do not edit: regenerated on change.
+# Kernels: forward / backward scans over x [T, B, G*H] (gate g of unit j at column g*H + j), states [B, H] each,
+# recurrent pre-activations hg [B, G*H] (per step); forward saves saved_st [S, T, B, H], every state before each
+# step in time order (zero at padding steps). The backward gets hgd [T, B, G*H] = the recurrent pre-activations
+# recomputed by one GEMM from saved_st[0], and overwrites each (t, b) row with its gradient d_hg once read, so
+# the weight gradient is one GEMM over all steps afterwards and no [T, B, G*H] tensor is saved.
+import numpy as np
+from numba import njit
+
+from seqfast.backends.numba._blas import gemm_nn_acc as _gemm_nn_acc
+from seqfast.backends.numba._blas import gemm_nt as _gemm_nt
+from seqfast.backends.numba._blas import loop_nn_acc as _loop_nn_acc
+{math_imports}
+
+_F = np.{dtype}
+_U = np.uint64
+_FM = {{"contract"}}  # FMA contraction only: no nnan/ninf, so NaN and inf propagate like torch
+
+
+@njit(inline="always")
+{forward_src}
+'''
+
+_BACKWARD_PW = '''
+
+@njit(inline="always")
+{backward_src}
+'''
+
+
+def _tup(items: list[str]) -> str:
+    return "(" + "".join(f"{i}, " for i in items) + ")" if items else "()"
+
+
+CHUNK = 128  # units per chunk: the scratch rows' stride, a compile-time constant (see _Layout)
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Rows of the per-kernel scratch buffer `buf[rows, CHUNK]` for one chunk of units of one batch row.
+
+    The pointwise loop reads and writes only `buf`, at constant row offsets of a constant stride, so LLVM can prove
+    its iterations independent and vectorizes it without runtime alias checks (with the kernels' many array
+    arguments it otherwise gives up: "too many memory checks needed"). Copies in and out are one loop per row.
+    """
+
+    G: int
+    S: int
+    widths: tuple[int, ...]  # per-unit params: k of each
+    recurrence: str
+
+    @property
+    def P(self) -> int:
+        return sum(self.widths)
+
+    @property
+    def param_args(self) -> str:
+        return "".join(f"p{i}, " for i in range(len(self.widths)))
+
+    def param_rows(self, base: int) -> list[tuple[int, int, int]]:
+        """(buffer row, param index, r) for every per-unit scalar."""
+        rows, row = [], base
+        for i, k in enumerate(self.widths):
+            for r in range(k):
+                rows.append((row, i, r))
+                row += 1
+        return rows
+
+    def params_tuple(self, base: int) -> str:
+        """The pointwise `params`: flat, k values per [k*H] parameter (value r of unit j is p[r*H + j])."""
+        return _tup([f"buf[{base + q}, c]" for q in range(self.P)])
+
+
+def _copy_in_params(lay: _Layout, base: int, indent: str) -> list[str]:
+    return [f"{indent}for c in range(cn):\n{indent}    buf[{row}, c] = p{i}[op{i}_{r} + c]"
+            for row, i, r in lay.param_rows(base)]
+
+
+def _offsets(lay: _Layout, ind: str) -> list[str]:
+    """Unsigned chunk offsets: an index numba knows is >= 0 gets no negative-index wraparound select, which would
+    otherwise turn every copy into a gather."""
+    lines = [f"{ind}cn = _U(n)", f"{ind}u0 = _U(j0)"]
+    lines += [f"{ind}og{g} = _U({g} * H + j0)" for g in range(lay.G)]
+    lines += [f"{ind}op{i}_{r} = _U({r} * H + j0)" for _, i, r in lay.param_rows(0)]
+    return lines
+
+
+def _forward_kernel(lay: _Layout) -> str:
+    G, S, P = lay.G, lay.S, lay.P
+    XG, HG, ST, PR = 0, G, 2 * G, 2 * G + S
+    NS = PR + P
+    rows = NS + S
+    states = "".join(f"s{i}, " for i in range(S))
+    L: list[str] = []
+    a = L.append
+    a("@njit(cache=_CACHE, nogil=True, fastmath=_FM, error_model='numpy')")
+    a(f"def forward(gemm_fn, small, b_lo, b_hi, x, w, wt, bias, {lay.param_args}{states}lengths, reverse, out, hg, "
+      "saved_st, need_saved):")
+    a('    """Rows b_lo..b_hi of the forward scan (threads take disjoint row ranges; rows never interact).')
+    a('    small: the recurrent GEMM runs as a numba loop over wt = W_hh^T instead of calling MKL."""')
+    a("    T = x.shape[0]")
+    a("    H = s0.shape[1]")
+    a("    one = _F(1.0)")
+    a("    zero = _F(0.0)")
+    a(f"    buf = np.zeros(({rows}, {CHUNK}), dtype=_F)")
+    if lay.recurrence == "dense":
+        a("    h_rows = s0[b_lo:b_hi]")
+        a("    hg_rows = hg[b_lo:b_hi]")
+    a("    for k in range(T):")
+    if lay.recurrence == "dense":
+        a("        if small:  # hg = h @ W_hh^T for these rows")
+        a("            hg_rows[:, :] = zero")
+        a("            _loop_nn_acc(h_rows, wt, hg_rows)")
+        a("        else:")
+        a("            _gemm_nt(gemm_fn, h_rows, w, hg_rows, one, zero)")
+    a("        for b in range(b_lo, b_hi):")
+    a("            L = lengths[b]")
+    a("            if k >= L:  # padding step: output 0, state kept; saved rows 0 so the weight GEMM skips them")
+    a("                out[k, b, :] = zero")
+    a("                if need_saved:")
+    a("                    saved_st[:, k, b, :] = zero")
+    a("                continue")
+    a("            t = L - 1 - k if reverse else k")
+    a(f"            for j0 in range(0, H, {CHUNK}):")
+    a(f"                n = min({CHUNK}, H - j0)")
+    ind = "                "
+    L.extend(_offsets(lay, ind))
+    for g in range(G):
+        a(f"{ind}for c in range(cn):\n{ind}    buf[{XG + g}, c] = x[t, b, og{g} + c]")
+    for g in range(G):
+        if lay.recurrence == "dense":
+            rhs = f"hg[b, og{g} + c] + bias[og{g} + c]"
+        elif lay.recurrence == "diagonal":
+            rhs = f"w[og{g} + c] * s0[b, u0 + c] + bias[og{g} + c]"
+        else:
+            rhs = "zero"
+        a(f"{ind}for c in range(cn):\n{ind}    buf[{HG + g}, c] = {rhs}")
+    for i in range(S):
+        a(f"{ind}for c in range(cn):\n{ind}    buf[{ST + i}, c] = s{i}[b, u0 + c]")
+    L.extend(_copy_in_params(lay, PR, ind))
+    a(f"{ind}for c in range(cn):  # the fused pointwise math, vectorized over units")
+    xg = _tup([f"buf[{XG + g}, c]" for g in range(G)])
+    hgv = _tup([f"buf[{HG + g}, c]" for g in range(G)])
+    st = _tup([f"buf[{ST + i}, c]" for i in range(S)])
+    a(f"{ind}    ns = _pw_forward({xg}, {hgv}, {st}, {lay.params_tuple(PR)})")
+    for i in range(S):
+        a(f"{ind}    buf[{NS + i}, c] = ns[{i}]")
+    for i in range(S):
+        a(f"{ind}for c in range(cn):\n{ind}    s{i}[b, u0 + c] = buf[{NS + i}, c]")
+    a(f"{ind}for c in range(cn):\n{ind}    out[t, b, u0 + c] = buf[{NS}, c]")
+    a(f"{ind}if need_saved:")
+    for i in range(S):
+        a(f"{ind}    for c in range(cn):\n{ind}        saved_st[{i}, t, b, u0 + c] = buf[{ST + i}, c]")
+    return "\n".join(L)
+
+
+def _backward_kernel(lay: _Layout) -> str:
+    G, S, P = lay.G, lay.S, lay.P
+    XG, HG, ST, DN, PR = 0, G, 2 * G, 2 * G + S, 2 * G + 2 * S
+    DX = PR + P
+    DH = DX + G
+    DS = DH + G
+    DP = DS + S
+    rows = DP + P
+    dstates = "".join(f"d{i}, " for i in range(S))
+    dparams = "".join(f"dp{i}, " for i in range(len(lay.widths)))
+    L: list[str] = []
+    a = L.append
+    a("@njit(cache=_CACHE, nogil=True, fastmath=_FM, error_model='numpy')")
+    a(f"def backward(gemm_fn, small, b_lo, b_hi, x, w, bias, {lay.param_args}saved_st, lengths, reverse, "
+      f"grad_out, {dstates}dx, hgd, dstep, {dparams}):")
+    a('    """Rows b_lo..b_hi of the backward scan; d<i> hold the running state gradients (in: grad of the final')
+    a('    state, out: grad of state0); dp<i> accumulate per-unit parameter gradients (one thread per call)."""')
+    a("    T = x.shape[0]")
+    a("    H = d0.shape[1]")
+    a("    one = _F(1.0)")
+    a("    zero = _F(0.0)")
+    a(f"    buf = np.zeros(({rows}, {CHUNK}), dtype=_F)")
+    if lay.recurrence == "dense":
+        a("    dstep_rows = dstep[b_lo:b_hi]")
+        a("    d_rows = d0[b_lo:b_hi]")
+    a("    for k in range(T - 1, -1, -1):")
+    a("        for b in range(b_lo, b_hi):")
+    a("            L = lengths[b]")
+    a("            if k >= L:  # padding: gradients 0, the state gradient passes through")
+    a("                dx[k, b, :] = zero")
+    a("                hgd[k, b, :] = zero")
+    a("                dstep[b, :] = zero")
+    a("                continue")
+    a("            t = L - 1 - k if reverse else k")
+    a(f"            for j0 in range(0, H, {CHUNK}):")
+    a(f"                n = min({CHUNK}, H - j0)")
+    ind = "                "
+    L.extend(_offsets(lay, ind))
+    for g in range(G):
+        a(f"{ind}for c in range(cn):\n{ind}    buf[{XG + g}, c] = x[t, b, og{g} + c]")
+    for g in range(G):
+        a(f"{ind}for c in range(cn):\n{ind}    buf[{HG + g}, c] = hgd[t, b, og{g} + c]")
+    for i in range(S):
+        a(f"{ind}for c in range(cn):\n{ind}    buf[{ST + i}, c] = saved_st[{i}, t, b, u0 + c]")
+    a(f"{ind}for c in range(cn):\n{ind}    buf[{DN}, c] = d0[b, u0 + c] + grad_out[t, b, u0 + c]")
+    for i in range(1, S):
+        a(f"{ind}for c in range(cn):\n{ind}    buf[{DN + i}, c] = d{i}[b, u0 + c]")
+    L.extend(_copy_in_params(lay, PR, ind))
+    a(f"{ind}for c in range(cn):  # the fused pointwise derivative, vectorized over units")
+    xg = _tup([f"buf[{XG + g}, c]" for g in range(G)])
+    hgv = _tup([f"buf[{HG + g}, c]" for g in range(G)])
+    st = _tup([f"buf[{ST + i}, c]" for i in range(S)])
+    dn = _tup([f"buf[{DN + i}, c]" for i in range(S)])
+    a(f"{ind}    res = _pw_backward({xg}, {hgv}, {st}, {lay.params_tuple(PR)}, {dn})")
+    for g in range(G):
+        a(f"{ind}    buf[{DX + g}, c] = res[0][{g}]")
+        a(f"{ind}    buf[{DH + g}, c] = res[1][{g}]")
+    for i in range(S):
+        a(f"{ind}    buf[{DS + i}, c] = res[2][{i}]")
+    for q, (row, _, _) in enumerate(lay.param_rows(DP)):
+        a(f"{ind}    buf[{row}, c] = res[3][{q}]")
+    for g in range(G):
+        a(f"{ind}for c in range(cn):\n{ind}    dx[t, b, og{g} + c] = buf[{DX + g}, c]")
+        a(f"{ind}for c in range(cn):\n{ind}    hgd[t, b, og{g} + c] = buf[{DH + g}, c]  # d_hg replaces hg")
+        a(f"{ind}for c in range(cn):\n{ind}    dstep[b, og{g} + c] = buf[{DH + g}, c]")
+    if lay.recurrence == "diagonal":  # d h += sum_g d_hg[g] * w[g]
+        extra = " + ".join(f"buf[{DH + g}, c] * w[og{g} + c]" for g in range(G))
+        a(f"{ind}for c in range(cn):\n{ind}    d0[b, u0 + c] = buf[{DS}, c] + {extra}")
+    else:
+        a(f"{ind}for c in range(cn):\n{ind}    d0[b, u0 + c] = buf[{DS}, c]")
+    for i in range(1, S):
+        a(f"{ind}for c in range(cn):\n{ind}    d{i}[b, u0 + c] = buf[{DS + i}, c]")
+    for row, i, r in lay.param_rows(DP):
+        a(f"{ind}for c in range(cn):\n{ind}    dp{i}[op{i}_{r} + c] += buf[{row}, c]")
+    if lay.recurrence == "dense":
+        a("        if small:  # d_h += d_hg @ W_hh (padding rows of dstep are 0)")
+        a("            _loop_nn_acc(dstep_rows, w, d_rows)")
+        a("        else:")
+        a("            _gemm_nn_acc(gemm_fn, dstep_rows, w, d_rows, one)")
+    return "\n".join(L)
+
+
+def generate_source(cell: CellSpec, dtype: str) -> str:
+    """The complete kernel module for one cell and dtype ('float32' or 'float64')."""
+    check_cell(cell)
+    pw = cell.pointwise
+    assert pw is not None
+    lay = _Layout(cell.num_gates, cell.num_states, tuple(per_unit_width(cell, n) for n in pw.params),
+                  cell.recurrence)
+    suffix = "_f32" if dtype == "float32" else "_f64"
+    alias = {"tanh": "tanh" + suffix, "sigmoid": "sigmoid" + suffix, "relu": "relu" + suffix, "abs": "fabs"}
+    math_imports = "\n".join(
+        f"from seqfast.backends.numba._math import {alias.get(n, n)} as _m_{n}" for n in MATH_NAMES
+    )
+    src = _HEADER.format(cell=cell.name, dtype=dtype, math_imports=math_imports,
+                         forward_src=_function_source(pw.forward, "forward", cell, 5))
+    if pw.backward is not None:
+        src += _BACKWARD_PW.format(backward_src=_function_source(pw.backward, "backward", cell, 6))
+    src += "\n\n" + _forward_kernel(lay) + "\n"
+    if pw.backward is not None:
+        src += "\n\n" + _backward_kernel(lay) + "\n"
+    return src
+
+
+# --- the cache directory and loading --------------------------------------------------------------------------------
+_lock = threading.Lock()
+_modules: dict[tuple, ModuleType] = {}
+_cache_dir: Path | None = None
+cache_note: str = ""  # why kernels are not cached across processes, if they are not
+
+
+def _writable(path: Path) -> bool:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".probe-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+        (path / "__pycache__").mkdir(exist_ok=True)
+        return os.access(path / "__pycache__", os.W_OK)
+    except OSError:
+        return False
+
+
+def cache_dir() -> Path:
+    """Where generated kernel modules (and numba's cache of their machine code) live."""
+    global _cache_dir, cache_note
+    if _cache_dir is None:
+        env = os.environ.get("SEQFAST_CACHE_DIR")
+        base = Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "seqfast"
+        chosen = base / "numba"
+        if not _writable(chosen):
+            cache_note = (f"{chosen} is not writable: numba kernels are compiled in a temporary directory and not "
+                          "reused by later processes (set SEQFAST_CACHE_DIR to a writable directory)")
+            warnings.warn(f"seqfast numba backend: {cache_note}", RuntimeWarning, stacklevel=3)
+            chosen = Path(tempfile.mkdtemp(prefix="seqfast-numba-"))
+        _cache_dir = chosen
+    return _cache_dir
+
+
+def _fingerprint(source: str) -> str:
+    import numba
+
+    h = hashlib.sha256()
+    for part in (TEMPLATE_VERSION, source, numba.__version__, sys.version,
+                 (_HERE / "_math.py").read_text(), (_HERE / "_blas.py").read_text()):
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:20]
+
+
+def _load(path: Path, name: str, cache: bool) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    module._CACHE = cache  # read by the decorators as the module body runs
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception:
+        sys.modules.pop(name, None)
+        raise
+    return module
+
+
+def kernels(cell: CellSpec, dtype: str) -> ModuleType:
+    """The compiled-on-demand kernel module (attributes `forward`, `backward`) of a cell for a dtype."""
+    key = (cell, dtype)
+    module = _modules.get(key)
+    if module is not None:
+        return module
+    with _lock:
+        if key in _modules:
+            return _modules[key]
+        source = generate_source(cell, dtype)
+        digest = _fingerprint(source)
+        stem = f"{cell.name}_{dtype}_{digest}"
+        path = cache_dir() / f"{stem}.py"
+        if not path.exists():  # never rewrite an existing file: numba's cache index is keyed on its mtime
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(source)
+            os.replace(tmp, path)
+        # a hard-coded `_CACHE` global, injected before the body runs, chooses caching; numba refuses to cache
+        # when it finds no writable place for the index, in which case the module is compiled uncached
+        name = f"seqfast_numba_kernels.{stem}"
+        try:
+            module = _load(path, name, True)
+        except RuntimeError as exc:
+            if "cannot cache" not in str(exc):
+                raise
+            module = _load(path, name, False)
+        _modules[key] = module
+        return module

@@ -1,0 +1,475 @@
+"""The numba backend against the torch reference (scan level) and torch.nn (module level), forward and backward."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+import seqfast
+from seqfast.cells.common import recurrent_term
+from seqfast.registry import CellSpec, ParamSpec, Pointwise, Query, Weights
+
+numba = pytest.importorskip("numba")
+
+from seqfast.backends import numba as numba_backend  # noqa: E402
+from seqfast.backends.numba import _math  # noqa: E402
+
+BUILTIN = ("rnn_tanh", "rnn_relu", "lstm", "gru")
+TOL = {torch.float32: dict(rtol=1e-4, atol=2e-5), torch.float64: dict(rtol=1e-9, atol=1e-10)}
+
+
+# --- the fast float32 tanh / sigmoid ------------------------------------------------------------------------------
+@numba.njit
+def _worst_error(which: int, start: int, stop: int, step: int):
+    """(max |approx - exact|, its x, NaN mismatches, out-of-range results) over the float32 bit patterns
+    start, start + step, ... < stop (exact: float64 libm)."""
+    word = np.empty(1, dtype=np.uint32)
+    floats = word.view(np.float32)
+    worst, worst_x, nan_bad, out_of_range = 0.0, 0.0, 0, 0
+    for i in range(start, stop, step):
+        word[0] = i
+        x = floats[0]
+        if which == 0:
+            y = _math.tanh_f32(x)
+            exact = math.tanh(np.float64(x))
+            bad_range = abs(y) > 1.0
+        else:
+            y = _math.sigmoid_f32(x)
+            exact = 1.0 / (1.0 + math.exp(-np.float64(x)))
+            bad_range = y < 0.0 or y > 1.0
+        if x != x:
+            nan_bad += y == y
+            continue
+        out_of_range += bad_range
+        err = abs(np.float64(y) - exact)
+        if err > worst:
+            worst, worst_x = err, x
+    return worst, worst_x, nan_bad, out_of_range
+
+
+@pytest.mark.parametrize("which", ["tanh", "sigmoid"])
+def test_fast_math_whole_float32_range(which: str) -> None:
+    """Every 257th float32 bit pattern (every sign and exponent, ~17M inputs incl. infs and NaNs) and every 31st in
+    [-16, 16] (~70M): the documented worst-case error holds, results stay in range, NaN propagates. (Every input,
+    2**32 of them, was checked once when the bounds were measured; that takes minutes.)"""
+    index = 0 if which == "tanh" else 1
+    bound = _math.TANH_F32_MAX_ABS_ERROR if which == "tanh" else _math.SIGMOID_F32_MAX_ABS_ERROR
+    worst, x, nan_bad, out_of_range = _worst_error(index, 0, 2**32, 257)
+    assert nan_bad == 0 and out_of_range == 0
+    assert worst <= bound, f"{which}: error {worst:.3g} at x={x} exceeds the documented {bound:.3g}"
+    for lo, hi in ((0x00000000, 0x41800000), (0x80000000, 0xC1800000)):  # [0, 16] and [-16, -0]
+        worst, x, nan_bad, out_of_range = _worst_error(index, lo, hi, 31)
+        assert worst <= bound and nan_bad == 0 and out_of_range == 0, (which, worst, x)
+
+
+def test_fast_math_specials() -> None:
+    specials = np.array([np.inf, -np.inf, np.nan, 0.0, -0.0, 3.4e38, -3.4e38, 1e-45, -1e-45, 88.0, -104.0],
+                        dtype=np.float32)
+
+    @numba.njit
+    def apply(xs):
+        out = np.empty((2, xs.shape[0]), dtype=np.float32)
+        for i in range(xs.shape[0]):
+            out[0, i] = _math.tanh_f32(xs[i])
+            out[1, i] = _math.sigmoid_f32(xs[i])
+        return out
+
+    got = apply(specials)
+    ref = torch.from_numpy(specials)
+    torch.testing.assert_close(torch.from_numpy(got[0]), torch.tanh(ref), atol=5e-7, rtol=0, equal_nan=True)
+    torch.testing.assert_close(torch.from_numpy(got[1]), torch.sigmoid(ref), atol=3e-7, rtol=0, equal_nan=True)
+    assert got[0, 0] == 1.0 and got[0, 1] == -1.0  # saturates to exactly +-1 at inf
+
+
+# --- scan level: numba vs the torch reference ----------------------------------------------------------------------
+def _inputs(cell: CellSpec, steps: int, batch: int, hidden: int, dtype: torch.dtype, seed: int, bias: bool = True,
+            lengths: bool = False):
+    gen = torch.Generator().manual_seed(seed)
+    g = cell.num_gates
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen, dtype=dtype) * scale).requires_grad_()
+
+    x = rand(steps, batch, g * hidden)
+    state0 = tuple(rand(batch, hidden, scale=0.5) for _ in cell.state_names)
+    weights = Weights(weight_hh=None, bias_hh=None)
+    if cell.recurrence == "dense":
+        weights["weight_hh"] = rand(g * hidden, hidden, scale=1 / math.sqrt(hidden))
+    elif cell.recurrence == "diagonal":
+        weights["weight_hh"] = rand(g * hidden, scale=0.5)
+    if bias and cell.recurrence != "none":
+        weights["bias_hh"] = rand(g * hidden, scale=0.3)
+    for p in cell.extra_params:
+        if p.recurrent:
+            weights[p.name] = rand(*p.shape(hidden, 0), scale=0.5)
+    lens = None
+    if lengths:
+        lens = torch.randint(1, steps + 1, (batch,), generator=gen)
+        lens[0] = steps
+    return x, state0, weights, lens
+
+
+def _run(cell, x, state0, weights, lengths, reverse, backend):
+    out, final = seqfast.scan(cell, x, state0, weights, lengths, reverse, backend=backend)
+    gen = torch.Generator().manual_seed(123)
+    loss = (out * torch.randn(out.shape, generator=gen, dtype=out.dtype)).sum()
+    loss = loss + sum(((i + 2.0) * f).sum() for i, f in enumerate(final))
+    leaves = [x, *state0, *(w for w in weights.values() if w is not None)]
+    grads = torch.autograd.grad(loss, leaves)
+    return out, final, grads
+
+
+def _compare(cell, x, state0, weights, lengths, reverse, dtype):
+    ref = _run(cell, x, state0, weights, lengths, reverse, "torch")
+    got = _run(cell, x, state0, weights, lengths, reverse, "numba")
+    names = ["x_proj", *(f"state0.{s}" for s in cell.state_names), *(n for n, w in weights.items() if w is not None)]
+    torch.testing.assert_close(got[0], ref[0], **TOL[dtype], msg=lambda m: f"outputs: {m}")
+    for name, a, b in zip(cell.state_names, got[1], ref[1], strict=True):
+        torch.testing.assert_close(a, b, **TOL[dtype], msg=lambda m, name=name: f"final {name}: {m}")
+    for name, a, b in zip(names, got[2], ref[2], strict=True):
+        torch.testing.assert_close(a, b, **TOL[dtype], msg=lambda m, name=name: f"grad {name}: {m}")
+    if lengths is not None:  # outputs past each sequence's length are exactly zero
+        steps = torch.arange(x.shape[0]).unsqueeze(1)
+        assert torch.all(got[0][steps >= lengths.unsqueeze(0)] == 0)
+
+
+SCAN_CASES = [
+    # (T, B, H, reverse, lengths, dtype)
+    (7, 3, 5, False, False, torch.float32),
+    (7, 3, 5, True, True, torch.float32),
+    (11, 4, 130, False, True, torch.float32),  # H > one 128-unit chunk, odd remainder
+    (5, 1, 1, True, False, torch.float32),
+    (6, 5, 9, True, True, torch.float64),
+    (4, 2, 3, False, False, torch.float64),
+]
+
+
+def _case_id(case) -> str:
+    steps, batch, hidden, reverse, lengths, dtype = case
+    return (f"T{steps}-B{batch}-H{hidden}" + ("-rev" if reverse else "") + ("-len" if lengths else "")
+            + ("-f32" if dtype == torch.float32 else "-f64"))
+
+
+@pytest.mark.parametrize("case", SCAN_CASES, ids=_case_id)
+@pytest.mark.parametrize("cell_name", BUILTIN)
+def test_scan_matches_reference(cell_name: str, case) -> None:
+    steps, batch, hidden, reverse, lengths, dtype = case
+    cell = seqfast.get_cell(cell_name)
+    x, state0, weights, lens = _inputs(cell, steps, batch, hidden, dtype, seed=hash(case) % 1000, lengths=lengths)
+    _compare(cell, x, state0, weights, lens, reverse, dtype)
+
+
+@pytest.mark.parametrize("cell_name", ["lstm", "gru"])
+def test_scan_without_bias(cell_name: str) -> None:
+    cell = seqfast.get_cell(cell_name)
+    x, state0, weights, lens = _inputs(cell, 6, 3, 4, torch.float64, seed=3, bias=False, lengths=True)
+    _compare(cell, x, state0, weights, lens, True, torch.float64)
+
+
+class _NoOpenMP:
+    def run(self, call, ranges) -> bool:
+        return False
+
+
+@pytest.mark.parametrize("runner", ["openmp", "pool"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+def test_batch_split_over_threads(monkeypatch, reverse: bool, runner: str) -> None:
+    """Rows split over threads (torch's OpenMP team, or the thread pool without it) give the single-thread result
+    (the split is on by size; forced on here)."""
+    if runner == "pool":
+        monkeypatch.setattr(numba_backend, "_omp", _NoOpenMP())
+    cell = seqfast.get_cell("lstm")
+    x, state0, weights, lens = _inputs(cell, 9, 7, 6, torch.float64, seed=5, lengths=True)
+    monkeypatch.setenv("SEQFAST_NUMBA_THREADS", "1")
+    one = _run(cell, x, state0, weights, lens, reverse, "numba")
+    monkeypatch.setenv("SEQFAST_NUMBA_THREADS", "3")
+    monkeypatch.setattr(numba_backend, "MIN_WORK_PER_THREAD", 0)
+    assert len(numba_backend._row_ranges(7, 1)) == 3
+    three = _run(cell, x, state0, weights, lens, reverse, "numba")
+    for a, b in zip([one[0], *one[1], *one[2]], [three[0], *three[1], *three[2]], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_loop_gemm_matches_mkl(monkeypatch) -> None:
+    """The per-step GEMM as a numba loop (small GEMMs; torch without MKL) matches the MKL path (H=130 uses MKL)."""
+    cell = seqfast.get_cell("gru")
+    x, state0, weights, lens = _inputs(cell, 5, 3, 130, torch.float64, seed=9, lengths=True)
+    mkl = _run(cell, x, state0, weights, lens, True, "numba")
+    monkeypatch.setattr(numba_backend, "_small_gemm", lambda *args: True)
+    loop = _run(cell, x, state0, weights, lens, True, "numba")
+    for a, b in zip([mkl[0], *mkl[1], *mkl[2]], [loop[0], *loop[1], *loop[2]], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_inference_fast_path_matches_op() -> None:
+    cell = seqfast.get_cell("lstm")
+    x, state0, weights, lens = _inputs(cell, 6, 3, 4, torch.float32, seed=4, lengths=True)
+    with torch.no_grad():
+        direct = seqfast.scan(cell, x, state0, weights, lens, True, backend="numba")
+    via_op = seqfast.scan(cell, x, state0, weights, lens, True, backend="numba")
+    assert via_op[0].grad_fn is not None
+    torch.testing.assert_close(direct[0], via_op[0].detach(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cell_name", BUILTIN)
+def test_gradcheck_float64(cell_name: str) -> None:
+    cell = seqfast.get_cell(cell_name)
+    x, state0, weights, lens = _inputs(cell, 4, 3, 3, torch.float64, seed=11, lengths=True)
+    names = [n for n, w in weights.items() if w is not None]
+
+    def fn(x, *rest):
+        st, ws = rest[: cell.num_states], rest[cell.num_states :]
+        out, final = seqfast.scan(cell, x, tuple(st), dict(zip(names, ws, strict=True)), lens, True, backend="numba")
+        return (out, *final)
+
+    assert torch.autograd.gradcheck(fn, (x, *state0, *(weights[n] for n in names)), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("cell_name", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
+def test_nan_and_inf_propagate_like_torch(cell_name: str) -> None:
+    cell = seqfast.get_cell(cell_name)
+    x, state0, weights, _ = _inputs(cell, 6, 4, 5, torch.float32, seed=7)
+    x = x.detach().clone()
+    x[1, 0, 0] = float("nan")  # row 0 turns NaN from step 1 on, through the recurrence
+    x[2, 1, :] = float("inf")  # saturating inputs: no NaN from the fast tanh/sigmoid
+    x[3, 2, :] = -float("inf")
+    x[4, 3, :] = 1e30
+    ref, ref_final = seqfast.scan(cell, x, state0, weights, None, False, backend="torch")
+    got, got_final = seqfast.scan(cell, x, state0, weights, None, False, backend="numba")
+    torch.testing.assert_close(got, ref, **TOL[torch.float32], equal_nan=True)
+    for a, b in zip(got_final, ref_final, strict=True):
+        torch.testing.assert_close(a, b, **TOL[torch.float32], equal_nan=True)
+    assert torch.isnan(got[:, 0]).any()
+
+
+# --- a plugin-style cell compiled through the same generator -------------------------------------------------------
+LEAK = 0.25  # a module-level constant read by the pointwise code: inlined by the generator
+
+
+def _leaky_step(x_t, state, w):
+    (h,) = state
+    a = x_t + recurrent_term(h, w, 1, "diagonal")
+    return (torch.tanh(a) * w["gain"] + LEAK * h,)
+
+
+def _leaky_forward(m, xg, hg, state, params):
+    return (m.tanh(xg[0] + hg[0]) * params[0] + LEAK * state[0],)
+
+
+def _leaky_backward(m, xg, hg, state, params, d_new):
+    t = m.tanh(xg[0] + hg[0])
+    da = d_new[0] * params[0] * (1 - t * t)
+    return (da,), (da,), (LEAK * d_new[0],), (d_new[0] * t,)
+
+
+LEAKY = CellSpec(
+    name="test_numba_leaky",
+    num_gates=1,
+    state_names=("h",),
+    reference_step=_leaky_step,
+    recurrence="diagonal",
+    extra_params=(ParamSpec("gain", lambda hidden, proj: (hidden,)),),
+    pointwise=Pointwise(_leaky_forward, _leaky_backward, params=("gain",)),
+)
+
+
+@pytest.fixture
+def leaky_cell():
+    seqfast.register_cell(LEAKY, replace=True)
+    yield LEAKY
+    seqfast.registry.cells.pop(LEAKY.name, None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_plugin_cell_diagonal_with_param(leaky_cell, dtype) -> None:
+    x, state0, weights, lens = _inputs(leaky_cell, 8, 3, 6, dtype, seed=2, lengths=True)
+    _compare(leaky_cell, x, state0, weights, lens, True, dtype)
+
+
+def test_uncompilable_cell_gets_a_reason() -> None:
+    def fwd(m, xg, hg, state, params):
+        return (m.softplus(xg[0] + hg[0]),)
+
+    cell = CellSpec(name="test_numba_bad", num_gates=1, state_names=("h",),
+                    reference_step=lambda x, s, w: (x + recurrent_term(s[0], w, 1, "dense"),),
+                    pointwise=Pointwise(fwd))
+    reasons = seqfast.get_backend("numba").not_supported_reasons(Query(cell))
+    assert any("m.softplus" in r for r in reasons), reasons
+
+
+def test_reasons_for_unsupported_queries() -> None:
+    backend = seqfast.get_backend("numba")
+    lstm = seqfast.get_cell("lstm")
+    assert any("proj_size" in r for r in backend.not_supported_reasons(Query(lstm, proj_size=3)))
+    assert any("device" in r for r in backend.not_supported_reasons(Query(lstm, device="cuda")))
+    assert any("float16" in r for r in backend.not_supported_reasons(Query(lstm, dtype=torch.float16)))
+    assert backend.not_supported_reasons(Query(lstm, requires_grad=True)) == []
+    with pytest.raises(seqfast.BackendNotSupportedError, match="proj_size"):
+        seqfast.LSTM(4, 6, proj_size=3, backend="numba")(torch.randn(3, 2, 4))
+
+
+def test_auto_takes_numba_only_where_it_measured_faster() -> None:
+    pick = seqfast.current_backend
+    assert pick("gru", batch_size=1, hidden_size=32, seq_len=100, requires_grad=True) == "numba"
+    assert pick("rnn_tanh", batch_size=64, hidden_size=512, seq_len=50) == "numba"
+    assert pick("gru", batch_size=64, hidden_size=512, seq_len=50, requires_grad=True) == "native"
+    assert pick("lstm", batch_size=1, hidden_size=32, seq_len=100, requires_grad=True) == "native"
+    assert pick("lstm", batch_size=8, hidden_size=64, seq_len=100) == "native"
+    assert pick("lstm", batch_size=1, hidden_size=32, seq_len=100) == "numba"
+
+
+def test_numba_missing_is_a_reason(monkeypatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "numba" else real(name, *a))
+    monkeypatch.setattr(numba_backend, "_availability", {})
+    try:
+        backend = seqfast.get_backend("numba")
+        assert backend.unavailable_reason() == "numba not installed (pip install 'seqfast[numba]')"
+        assert "numba" not in seqfast.available_backends()
+        assert seqfast.current_backend("lstm") != "numba"
+    finally:
+        monkeypatch.undo()
+
+
+# --- module level: seqfast.<Cell>(backend="numba") vs torch.nn -----------------------------------------------------
+MODULES = [
+    ("LSTM", {}),
+    ("GRU", {}),
+    ("RNN", {"nonlinearity": "tanh"}),
+    ("RNN", {"nonlinearity": "relu"}),
+]
+
+
+@pytest.mark.parametrize("name,kwargs", MODULES, ids=["lstm", "gru", "rnn_tanh", "rnn_relu"])
+def test_module_matches_torch_nn_packed_bidirectional(name: str, kwargs: dict) -> None:
+    torch.manual_seed(0)
+    ref = getattr(torch.nn, name)(5, 7, num_layers=2, bidirectional=True, **kwargs).double()
+    mod = getattr(seqfast, name)(5, 7, num_layers=2, bidirectional=True, backend="numba", **kwargs).double()
+    mod.load_state_dict(ref.state_dict())
+    lengths = torch.tensor([4, 9, 2, 6])  # unsorted
+    x = torch.randn(9, 4, 5, dtype=torch.float64)
+    outs, grads = [], []
+    for model in (ref, mod):
+        xi = x.clone().requires_grad_()
+        packed = torch.nn.utils.rnn.pack_padded_sequence(xi, lengths, enforce_sorted=False)
+        out, hidden = model(packed)
+        padded, _ = torch.nn.utils.rnn.pad_packed_sequence(out)
+        finals = hidden if isinstance(hidden, tuple) else (hidden,)
+        loss = (padded * torch.linspace(-1, 1, padded.numel(), dtype=padded.dtype).view_as(padded)).sum()
+        loss = loss + sum((f * 1.5).sum() for f in finals)
+        loss.backward()
+        outs.append((padded.detach(), [f.detach() for f in finals]))
+        grads.append([xi.grad, *(p.grad for p in model.parameters())])
+    torch.testing.assert_close(outs[1][0], outs[0][0])
+    for a, b in zip(outs[1][1], outs[0][1], strict=True):
+        torch.testing.assert_close(a, b)
+    for a, b in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_module_float32_dropout_batch_first_trains() -> None:
+    torch.manual_seed(1)
+    ref = torch.nn.LSTM(6, 8, num_layers=2, batch_first=True)
+    mod = seqfast.LSTM(6, 8, num_layers=2, batch_first=True, dropout=0.3, backend="numba")
+    mod.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(3, 10, 6)
+    mod.eval()
+    torch.testing.assert_close(mod(x)[0], ref(x)[0], rtol=1e-4, atol=2e-5)
+    mod.train()
+    opt = torch.optim.SGD(mod.parameters(), lr=0.1)
+    out, _ = mod(x)
+    out.pow(2).mean().backward()
+    opt.step()
+    assert all(torch.isfinite(p).all() for p in mod.parameters())
+
+
+def test_torch_compile_fullgraph_trains() -> None:
+    """A model holding a seqfast LSTM compiles with fullgraph=True (the custom op, no graph break) and its
+    gradients match eager mode."""
+    torch.manual_seed(2)
+
+    class Model(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = seqfast.LSTM(4, 6, backend="numba")
+            self.head = torch.nn.Linear(6, 1)
+
+        def forward(self, x):
+            out, _ = self.rnn(x)
+            return self.head(out).sum()
+
+    model = Model().double()
+    x = torch.randn(5, 3, 4, dtype=torch.float64)
+    eager_loss = model(x)
+    eager = torch.autograd.grad(eager_loss, list(model.parameters()))
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    loss = compiled(x)
+    got = torch.autograd.grad(loss, list(model.parameters()))
+    torch.testing.assert_close(loss, eager_loss)
+    for a, b in zip(got, eager, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+_COMPILE_FRESH = """
+import torch, seqfast
+model = seqfast.LSTM(4, 6, num_layers=2, backend="numba")
+compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+out, _ = compiled(torch.randn(5, 3, 4))  # compiled before any eager call in this process
+out.sum().backward()
+print("ok")
+"""
+
+
+def test_torch_compile_fullgraph_in_a_fresh_process() -> None:
+    assert _python(_COMPILE_FRESH, {}).strip().endswith("ok")
+
+
+# --- import, caching ----------------------------------------------------------------------------------------------
+def _python(code: str, env: dict[str, str]) -> str:
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                            env={**os.environ, **env}, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_import_does_not_import_numba() -> None:
+    out = _python("import sys, seqfast; print('numba' in sys.modules)", {})
+    assert out.strip() == "False"
+
+
+_CACHE_PROBE = """
+import json, torch, seqfast
+from seqfast.backends.numba.codegen import kernels
+cell = seqfast.get_cell("rnn_tanh")
+seqfast.scan(cell, torch.randn(3, 2, 4), (torch.zeros(2, 4),), {"weight_hh": torch.randn(4, 4)}, backend="numba")
+stats = kernels(cell, "float32").forward.stats
+print(json.dumps({"hits": sum(stats.cache_hits.values()), "misses": sum(stats.cache_misses.values())}))
+"""
+
+
+def test_second_process_loads_compiled_kernels(tmp_path) -> None:
+    env = {"SEQFAST_CACHE_DIR": str(tmp_path)}
+    first = json.loads(_python(_CACHE_PROBE, env).strip().splitlines()[-1])
+    second = json.loads(_python(_CACHE_PROBE, env).strip().splitlines()[-1])
+    assert first == {"hits": 0, "misses": 1}
+    assert second == {"hits": 1, "misses": 0}
+
+
+def test_unwritable_cache_dir_falls_back(tmp_path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    result = subprocess.run([sys.executable, "-c", _CACHE_PROBE], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "SEQFAST_CACHE_DIR": str(blocker / "cache")})
+    assert result.returncode == 0, result.stderr
+    assert "not writable" in result.stderr
