@@ -93,20 +93,37 @@ def _select_while_compiling(cell: str, device: str, dtype: str, hidden: int, inp
 _select_while_compiling._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
+# Decisions already made, by (query, requested name, registry generation, backends' selection tokens): every
+# module call selects, and computing every backend's reasons each time costs tens of microseconds.
+_decisions: dict[tuple, Backend] = {}
+
+
 def _select(query: Query, requested: str | None) -> tuple[Backend, Choice]:
-    choice = resolve_choice(query.cell.name, query.cell.env_name, requested)
+    choice = resolve_choice(query.cell.name, query.cell.env_name, requested)  # sources can change at any time
+    tokens = tuple(b.selection_token() for b in registry.backends.values())
+    key = (query, choice.name, registry.generation, tokens)
+    backend = _decisions.get(key)
+    if backend is None or registry.backends.get(backend.name) is not backend:
+        backend = _decide(query, choice)
+        if len(_decisions) > 4096:  # shapes vary without bound in some programs
+            _decisions.clear()
+        _decisions[key] = backend
+    return backend, choice
+
+
+def _decide(query: Query, choice: Choice) -> Backend:
     if choice.name == "auto":
         best = _best(query)
         if best is None:
             reasons = ["no registered backend can run this"]
             raise BackendNotSupportedError("auto", choice, query, reasons, explain(query))
-        return best, choice
+        return best
     backend = registry.get_backend(choice.name)
     reasons = backend.not_supported_reasons(query)
     if reasons:
         others = {k: v for k, v in explain(query).items() if k != backend.name}
         raise BackendNotSupportedError(backend.name, choice, query, reasons, others)
-    return backend, choice
+    return backend
 
 
 def current_backend(cell: str | CellSpec, device: str = "cpu", **query_fields) -> str:

@@ -250,6 +250,11 @@ class Backend:
     def on_register(self) -> None:
         """Called once by register_backend: set-up that must not wait for the first (maybe compiled) call."""
 
+    def selection_token(self) -> object:
+        """Whatever outside the query this backend's reasons and rank depend on (e.g. an environment variable).
+        Selection decisions are remembered per query and token; the default says: nothing."""
+        return None
+
     def auto_rank(self, query: Query) -> float:
         """Higher is preferred by `auto` among backends with no reasons. Override to rank by shape."""
         return float(self.priority)
@@ -295,6 +300,7 @@ class Registry:
     plugins_loaded: list[str] = field(default_factory=list)
     plugin_failures: list[PluginFailure] = field(default_factory=list)
     cell_origin: dict[str, str] = field(default_factory=dict)
+    generation: int = 0  # bumped by every registration: remembered selection decisions then no longer apply
 
     RESERVED = ("auto",)
 
@@ -306,6 +312,7 @@ class Registry:
         _validate_reference(spec)
         self.cells[spec.name] = spec
         self.cell_origin[spec.name] = _current_origin.get()
+        self.generation += 1
         return spec
 
     def register_backend(self, backend: Backend, *, replace: bool = False) -> Backend:
@@ -319,6 +326,7 @@ class Registry:
             raise ValueError(f"backend {backend.name!r} implements neither scan nor run_stack")
         backend.on_register()
         self.backends[backend.name] = backend
+        self.generation += 1
         return backend
 
     def get_cell(self, cell: str | CellSpec) -> CellSpec:
@@ -353,6 +361,7 @@ class Registry:
                 hook(self)
             except Exception as exc:  # a plugin must never break the host library; it is reported instead
                 self.cells, self.backends, self.cell_origin = (copy.copy(s) for s in snapshot)
+                self.generation += 1
                 failure = PluginFailure(dist, ep.name, f"{type(exc).__name__}: {exc}")
                 self.plugin_failures.append(failure)
                 warnings.warn(

@@ -213,3 +213,20 @@ def test_env_choice_applies_to_modules(monkeypatch):
     seqfast.GRU(2, 3)(torch.randn(3, 1, 2))
     seqfast.LSTM(2, 3)(torch.randn(3, 1, 2))  # not affected: auto -> native
     assert calls == ["gru"]
+
+
+def test_remembered_auto_decisions_follow_registrations(custom_cell):
+    from seqfast.backends.reference import TorchBackend
+
+    assert seqfast.current_backend("half_tanh") == "torch"
+
+    class Preferred(TorchBackend):
+        name = "preferred"
+        priority = 50
+
+    seqfast.register_backend(Preferred())
+    try:
+        assert seqfast.current_backend("half_tanh") == "preferred"
+    finally:
+        del registry.backends["preferred"]
+    assert seqfast.current_backend("half_tanh") == "torch"

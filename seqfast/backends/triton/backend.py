@@ -110,6 +110,9 @@ class TritonBackend(FusedBackend):
         # decided per query: the interpreter can be switched on after seqfast is imported
         return frozenset({"cuda", "cpu"}) if interpreting() else frozenset({"cuda"})
 
+    def selection_token(self) -> object:
+        return interpreting()  # devices and availability follow TRITON_INTERPRET
+
     def unavailable_reason(self) -> str | None:
         if not _triton_installed():
             return "triton not installed"
