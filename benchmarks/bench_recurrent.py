@@ -76,16 +76,12 @@ def grid_labels() -> list[str]:
 
 
 def torch_nn_module(cell: str, input_size: int, hidden_size: int) -> torch.nn.Module | None:
-    """torch.nn's own module for a built-in cell (from its CellSpec.native_mode), else None."""
-    spec = seqfast.registry.cells.get(cell) if seqfast is not None else None
-    mode = getattr(spec, "native_mode", None)
-    if mode == "LSTM":
-        return torch.nn.LSTM(input_size, hidden_size)
-    if mode == "GRU":
-        return torch.nn.GRU(input_size, hidden_size)
-    if mode in ("RNN_TANH", "RNN_RELU"):
-        return torch.nn.RNN(input_size, hidden_size, nonlinearity=mode[4:].lower())
-    return None
+    """torch.nn's own module for a built-in cell (`seqfast bench`'s definition), else None."""
+    try:
+        from seqfast.bench import torch_nn_module as make
+    except ImportError:  # a commit from before `seqfast bench`: no torch.nn column there
+        return None
+    return make(cell, input_size, hidden_size)
 
 
 def skip_reason(cell: str, backend: str, shape: tuple[int, int, int, int], requires_grad: bool) -> str | None:
