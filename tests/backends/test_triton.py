@@ -309,7 +309,7 @@ def _bad_global(m, xg, hg, state, params):
 
 
 @pytest.mark.parametrize("forward,match", [
-    (lambda m, xg, hg, state, params: (xg[0],), "plain `def`"),
+    (lambda m, xg, hg, state, params: (xg[0],), "plain def"),
     (_bad_m, "m.softplus"),
     (_bad_global, "_NOT_A_NUMBER"),
 ], ids=["lambda", "unknown-math", "global-object"])

@@ -25,15 +25,11 @@ compiling again.
 from __future__ import annotations
 
 import ast
-import builtins
 import hashlib
 import importlib.util
-import inspect
-import math
 import os
 import sys
 import tempfile
-import textwrap
 import threading
 import warnings
 from dataclasses import dataclass
@@ -41,9 +37,9 @@ from pathlib import Path
 from types import ModuleType
 
 from ...registry import CellSpec
+from ..pointwise_source import MATH_NAMES, parse_pointwise, per_unit_rows
 
 TEMPLATE_VERSION = "8"
-MATH_NAMES = ("exp", "log", "tanh", "sigmoid", "relu", "sqrt", "abs", "maximum", "minimum", "where")
 _SAFE_BUILTINS = {"abs", "min", "max", "range", "len", "float", "int", "bool", "True", "False", "None"}
 _HERE = Path(__file__).resolve().parent
 
@@ -53,19 +49,11 @@ class CodegenError(ValueError):
 
 
 # --- the pointwise functions --------------------------------------------------------------------------------------
-class _Rewrite(ast.NodeTransformer):
-    """m.f -> _m_f; numeric literals -> _F(literal) (except subscripts); numeric globals -> their value."""
+class _TypedNumbers(ast.NodeTransformer):
+    """Numeric literals and named constants -> _F(value), so float32 kernels stay float32 (indices stay ints)."""
 
-    def __init__(self, math_arg: str, constants: dict[str, float], where: str) -> None:
-        self.math_arg, self.constants, self.where = math_arg, constants, where
-
-    def visit_Attribute(self, node: ast.Attribute) -> ast.AST:
-        if isinstance(node.value, ast.Name) and node.value.id == self.math_arg:
-            if node.attr not in MATH_NAMES:
-                raise CodegenError(f"{self.where} uses {self.math_arg}.{node.attr}, which the math namespace does "
-                                   f"not provide (it provides {', '.join(MATH_NAMES)})")
-            return ast.copy_location(ast.Name(id=f"_m_{node.attr}", ctx=ast.Load()), node)
-        return self.generic_visit(node)
+    def __init__(self, constants: dict[str, float]) -> None:
+        self.constants = constants
 
     def visit_Subscript(self, node: ast.Subscript) -> ast.AST:
         node.value = self.visit(node.value)  # the index stays an int
@@ -90,59 +78,15 @@ class _Rewrite(ast.NodeTransformer):
 def _function_source(fn, role: str, cell: CellSpec, nargs: int) -> str:
     """The rewritten source of one pointwise function, renamed `_pw_<role>` and without its math argument."""
     where = f"cell {cell.name!r}: pointwise {role} ({getattr(fn, '__qualname__', fn)!r})"
-    try:
-        source = textwrap.dedent(inspect.getsource(fn))
-    except (OSError, TypeError) as exc:
-        raise CodegenError(f"{where}: its source is not available ({exc})") from None
-    try:
-        tree = ast.parse(source)
-    except SyntaxError:
-        raise CodegenError(f"{where}: its source could not be parsed on its own (a lambda?); use a def") from None
-    defs = [n for n in tree.body if isinstance(n, ast.FunctionDef)]
-    if not defs:
-        raise CodegenError(f"{where}: expected a def, got {type(tree.body[0]).__name__}; use a def")
-    node = defs[0]
-    args = node.args
-    if args.vararg or args.kwarg or args.kwonlyargs or len(args.posonlyargs) + len(args.args) != nargs:
-        raise CodegenError(f"{where}: expected exactly {nargs} positional arguments")
-    math_arg = (args.posonlyargs + args.args)[0].arg
-
-    # free names: numeric constants are inlined, builtins numba knows are kept, anything else is refused
-    params = {a.arg for a in args.posonlyargs + args.args}
-    assigned = {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
-    closure = inspect.getclosurevars(fn)
-    scope = {**closure.builtins, **closure.globals, **closure.nonlocals}
-    constants: dict[str, float] = {}
-    for name in sorted({n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}):
-        if name in params or name in assigned or name in _SAFE_BUILTINS:
-            continue
-        value = scope.get(name, getattr(builtins, name, None))
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            constants[name] = value
-        else:
-            raise CodegenError(f"{where}: refers to {name!r} ({type(value).__name__}); only numbers and the math "
-                               f"namespace {math_arg}.* can be used inside pointwise code")
-    node.decorator_list = []
-    node.name = f"_pw_{role}"
-    node.returns = None
-    for a in args.posonlyargs + args.args:
-        a.annotation = None
-    args.args = (args.posonlyargs + args.args)[1:]
-    args.posonlyargs = []
-    args.defaults = []
-    node.body = [_Rewrite(math_arg, constants, where).visit(stmt) for stmt in node.body]
+    node, constants = parse_pointwise(fn, where=where, nargs=nargs, new_name=f"_pw_{role}", prefix="_m_",
+                                      error=CodegenError, allowed_names=_SAFE_BUILTINS)
+    node.body = [_TypedNumbers(constants).visit(stmt) for stmt in node.body]
     return ast.unparse(ast.fix_missing_locations(node))
 
 
 def per_unit_width(cell: CellSpec, name: str) -> int:
     """k for a per-unit extra parameter of shape [k*H] (unit j reads p[i*H + j], i < k)."""
-    spec = next((p for p in cell.extra_params if p.name == name), None)
-    if spec is None:
-        raise CodegenError(f"cell {cell.name!r}: pointwise param {name!r} is not one of its extra_params")
-    sizes = [math.prod(spec.shape(h, 0)) for h in (1, 2, 5)]
-    if sizes[0] < 1 or sizes != [sizes[0] * h for h in (1, 2, 5)]:
-        raise CodegenError(f"cell {cell.name!r}: parameter {name!r} is not a [k*H] per-unit vector")
-    return sizes[0]
+    return per_unit_rows(cell, name, CodegenError)
 
 
 _checked: dict[CellSpec, str | None] = {}

@@ -17,20 +17,18 @@ import ast
 import builtins
 import hashlib
 import importlib.util
-import inspect
-import math
 import os
 import re
 import sys
 import tempfile
-import textwrap
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
 from ...registry import CellSpec
-from .kernels import BACKWARD_TEMPLATE, FORWARD_TEMPLATE, MATH_NAMES, MATH_PRELUDE
+from ..pointwise_source import parse_pointwise, per_unit_rows
+from .kernels import BACKWARD_TEMPLATE, FORWARD_TEMPLATE, MATH_PRELUDE
 
 __all__ = ["CodegenError", "param_layout", "generate_source", "load_kernels", "cache_dir"]
 
@@ -49,89 +47,16 @@ def param_layout(cell: CellSpec) -> list[tuple[str, int]]:
     """
     if cell.pointwise is None:
         return []
-    specs = {p.name: p for p in cell.extra_params if p.recurrent}
-    layout = []
-    for name in getattr(cell.pointwise, "params", ()):
-        if name not in specs:
-            raise CodegenError(f"cell {cell.name!r}: pointwise parameter {name!r} is not one of its recurrent "
-                               f"extra_params {sorted(specs)}")
-        probe = 7  # any hidden size: the parameter's length over it is its number of values per unit
-        numel = math.prod(specs[name].shape(probe, 0))
-        if numel % probe:
-            raise CodegenError(f"cell {cell.name!r}: per-unit parameter {name!r} must have k*H elements, got "
-                               f"{numel} for H={probe}")
-        layout.extend((name, row) for row in range(numel // probe))
-    return layout
-
-
-class _Rewriter(ast.NodeTransformer):
-    def __init__(self, namespace: str, cell: str, func: str) -> None:
-        self.namespace, self.cell, self.func = namespace, cell, func
-
-    def visit_Attribute(self, node: ast.Attribute) -> ast.AST:
-        if isinstance(node.value, ast.Name) and node.value.id == self.namespace:
-            if node.attr not in MATH_NAMES:
-                raise CodegenError(f"cell {self.cell!r}: {self.func} uses {self.namespace}.{node.attr}, which the "
-                                   f"triton backend does not provide (it has {', '.join(MATH_NAMES)})")
-            return ast.copy_location(ast.Name(id=_MATH_PREFIX + node.attr, ctx=node.ctx), node)
-        return self.generic_visit(node)
-
-    def visit_Name(self, node: ast.Name) -> ast.AST:
-        if node.id == self.namespace:
-            raise CodegenError(f"cell {self.cell!r}: {self.func} uses the math namespace {self.namespace!r} other "
-                               f"than as {self.namespace}.<function>")
-        return node
+    return [(name, row) for name in cell.pointwise.params
+            for row in range(per_unit_rows(cell, name, CodegenError))]
 
 
 def pointwise_source(fn: Callable, new_name: str, cell: str) -> tuple[str, dict[str, float]]:
     """(source of a Triton jit function equivalent to `fn` without its math argument, constants it reads)."""
-    what = f"{getattr(fn, '__qualname__', fn)!s}"
-    try:
-        src = textwrap.dedent(inspect.getsource(fn))
-    except (OSError, TypeError) as exc:
-        raise CodegenError(f"cell {cell!r}: the source of {what} is not available ({exc}); the triton backend "
-                           f"compiles pointwise code from source") from exc
-    tree = ast.parse(src)
-    fdef = tree.body[0] if tree.body else None
-    if not isinstance(fdef, ast.FunctionDef):
-        raise CodegenError(f"cell {cell!r}: {what} must be a plain `def` function (lambdas cannot be compiled)")
-    args = fdef.args
-    if args.vararg or args.kwarg or args.kwonlyargs or args.posonlyargs or not args.args:
-        raise CodegenError(f"cell {cell!r}: {what} must take plain positional arguments (m, xg, hg, state, ...)")
-    namespace = args.args[0].arg
-    args.args = args.args[1:]
-    args.defaults = []
-    for a in args.args:
-        a.annotation = None
-    fdef.returns = None
-    fdef.decorator_list = []
-    fdef.name = new_name
-    body = fdef.body
-    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
-        body = body[1:] or [ast.Pass()]  # Triton does not need the docstring
-    fdef.body = body
-    fdef = _Rewriter(namespace, cell, what).visit(fdef)
-    # free names: module-level number constants are copied in; anything else cannot be compiled
-    local = {a.arg for a in fdef.args.args}
-    local |= {n.id for n in ast.walk(fdef) if isinstance(n, ast.Name) and isinstance(n.ctx, (ast.Store, ast.Del))}
-    constants: dict[str, float] = {}
-    scope = dict(getattr(fn, "__globals__", {}))
-    try:
-        scope.update(inspect.getclosurevars(fn).nonlocals)
-    except (TypeError, ValueError):
-        pass  # not a plain Python function: its globals are all there is
-    for node in ast.walk(fdef):
-        if not isinstance(node, ast.Name) or not isinstance(node.ctx, ast.Load):
-            continue
-        name = node.id
-        if name in local or name.startswith(_MATH_PREFIX) or hasattr(builtins, name):
-            continue
-        value = scope.get(name)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            constants[name] = value
-        else:
-            raise CodegenError(f"cell {cell!r}: {what} reads {name!r}; only number constants and "
-                               f"the math namespace can be compiled by the triton backend")
+    role = "backward" if new_name.endswith("backward") else "forward"
+    where = f"cell {cell!r}: pointwise {role} ({getattr(fn, '__qualname__', fn)!s})"
+    fdef, constants = parse_pointwise(fn, where=where, nargs=6 if role == "backward" else 5, new_name=new_name,
+                                      prefix=_MATH_PREFIX, error=CodegenError, allowed_names=dir(builtins))
     return ast.unparse(ast.fix_missing_locations(fdef)), constants
 
 

@@ -87,8 +87,6 @@ def _sf_tanh(x):
     return tl.where(x < 0, -t, t)
 '''
 
-MATH_NAMES = ("exp", "log", "sqrt", "abs", "maximum", "minimum", "where", "relu", "sigmoid", "tanh")
-
 FORWARD_TEMPLATE = '''
 @triton.jit
 def scan_forward(
