@@ -202,6 +202,18 @@ def _copy_in_params(lay: _Layout, base: int, indent: str) -> list[str]:
             for row, i, r in lay.param_rows(base)]
 
 
+def _chunk_prologue(lay, G: int, ind: str) -> list[str]:
+    """Lines shared by both scans: the sequence's own time index, the loop over 128-unit chunks, and the chunk's
+    input pre-activations copied into the scratch buffer."""
+    lines = ["            t = L - 1 - k if reverse else k",
+             f"            for j0 in range(0, H, {CHUNK}):",
+             f"                n = min({CHUNK}, H - j0)"]
+    lines += _offsets(lay, ind)
+    # the input gates are scratch rows 0..G-1 in both scans (XG = 0)
+    lines += [f"{ind}for c in range(cn):\n{ind}    buf[{g}, c] = x[t, b, og{g} + c]" for g in range(G)]
+    return lines
+
+
 def _offsets(lay: _Layout, ind: str) -> list[str]:
     """Unsigned chunk offsets: an index numba knows is >= 0 gets no negative-index wraparound select, which would
     otherwise turn every copy into a gather."""
@@ -246,13 +258,8 @@ def _forward_kernel(lay: _Layout) -> str:
     a("                if need_saved:")
     a("                    saved_st[:, k, b, :] = zero")
     a("                continue")
-    a("            t = L - 1 - k if reverse else k")
-    a(f"            for j0 in range(0, H, {CHUNK}):")
-    a(f"                n = min({CHUNK}, H - j0)")
     ind = "                "
-    L.extend(_offsets(lay, ind))
-    for g in range(G):
-        a(f"{ind}for c in range(cn):\n{ind}    buf[{XG + g}, c] = x[t, b, og{g} + c]")
+    L.extend(_chunk_prologue(lay, G, ind))
     for g in range(G):
         if lay.recurrence == "dense":
             rhs = f"hg[b, og{g} + c] + bias[og{g} + c]"
@@ -313,13 +320,8 @@ def _backward_kernel(lay: _Layout) -> str:
     a("                hgd[k, b, :] = zero")
     a("                dstep[b, :] = zero")
     a("                continue")
-    a("            t = L - 1 - k if reverse else k")
-    a(f"            for j0 in range(0, H, {CHUNK}):")
-    a(f"                n = min({CHUNK}, H - j0)")
     ind = "                "
-    L.extend(_offsets(lay, ind))
-    for g in range(G):
-        a(f"{ind}for c in range(cn):\n{ind}    buf[{XG + g}, c] = x[t, b, og{g} + c]")
+    L.extend(_chunk_prologue(lay, G, ind))
     for g in range(G):
         a(f"{ind}for c in range(cn):\n{ind}    buf[{HG + g}, c] = hgd[t, b, og{g} + c]")
     for i in range(S):
