@@ -16,6 +16,8 @@ independent loop, so the `torch` backend is checked too). Checks:
   nan        a NaN inside one sequence spreads exactly as it does in the reference; other sequences stay finite
   bad_input  malformed scan arguments raise a ValueError naming the argument
 A backend that declares it cannot run a case is skipped with its reasons (unittest.SkipTest, which pytest shows).
+Cases run on CPU where the backend runs there, else on its device: on a GPU machine with TRITON_INTERPRET unset,
+`triton` cases run the compiled kernels on CUDA (float32 dots at float32 accuracy, not TF32).
 """
 
 from __future__ import annotations
@@ -110,11 +112,18 @@ class Case:
     def _spec(self) -> CellSpec:
         return get_cell(self.cell)
 
+    @property
+    def device(self) -> str:
+        """CPU where the backend runs there; else its device (triton on a GPU machine runs its real kernels)."""
+        backend = registry.backends.get(self.backend)
+        devices = None if backend is None else backend.devices
+        return "cpu" if devices is None or "cpu" in devices else sorted(devices)[0]
+
     def _skip_unless_supported(self, level: str, requires_grad: bool = True) -> None:
         if self.backend not in registry.backends:
             raise unittest.SkipTest(f"backend {self.backend!r} is not registered")
-        query = Query(self._spec(), dtype=self.dtype, hidden_size=self.hidden, batch_size=self.batch,
-                      seq_len=self.steps, requires_grad=requires_grad, level=level)
+        query = Query(self._spec(), device=self.device, dtype=self.dtype, hidden_size=self.hidden,
+                      batch_size=self.batch, seq_len=self.steps, requires_grad=requires_grad, level=level)
         reasons = registry.backends[self.backend].not_supported_reasons(query)
         if reasons:
             raise unittest.SkipTest(f"{self.backend} cannot run {self}: {'; '.join(reasons)}")
@@ -130,10 +139,18 @@ class Case:
             rng = random.Random(self.seed)
             lengths = torch.tensor([self.steps] + [rng.randint(1, self.steps) for _ in range(self.batch - 1)])
             lengths = lengths[torch.randperm(self.batch, generator=gen)]
-        return x, state, w, lengths
+        device = self.device
+        w = Weights({k: (v.to(device) if v is not None else None) for k, v in w.items()})
+        return x.to(device), tuple(s.to(device) for s in state), w, lengths
 
     def run(self) -> None:
-        getattr(self, "_check_" + self.check)()
+        # on a GPU, float32 dots follow cudnn.allow_tf32 (TF32 by default): check at float32 accuracy instead
+        allow_tf32 = torch.backends.cudnn.allow_tf32
+        torch.backends.cudnn.allow_tf32 = allow_tf32 and self.device == "cpu"
+        try:
+            getattr(self, "_check_" + self.check)()
+        finally:
+            torch.backends.cudnn.allow_tf32 = allow_tf32
 
     # --- checks -----------------------------------------------------------------------------------------------
     def _check_pointwise(self) -> None:
@@ -190,8 +207,9 @@ class Case:
             else:
                 out, final = scan(spec, xs, ss, ws, lengths, self.reverse, backend=self.backend)
             gen = torch.Generator().manual_seed(self.seed + 7)
-            loss = (out * torch.randn(out.shape, generator=gen, dtype=out.dtype)).sum()
-            loss = loss + sum((f * torch.randn(f.shape, generator=gen, dtype=f.dtype)).sum() for f in final)
+            loss = (out * torch.randn(out.shape, generator=gen, dtype=out.dtype).to(out.device)).sum()
+            loss = loss + sum((f * torch.randn(f.shape, generator=gen, dtype=f.dtype).to(f.device)).sum()
+                              for f in final)
             leaves = [xs, *ss, *(v for v in ws.values() if v is not None)]
             results.append((out, final, torch.autograd.grad(loss, leaves, allow_unused=True)))
         names = ["x_proj", *(f"state0[{n}]" for n in spec.state_names), *(k for k, v in w.items() if v is not None)]
@@ -213,9 +231,10 @@ class Case:
         ref = Recurrent(spec, size, self.hidden, backend="torch", **kwargs)
         ours = Recurrent(spec, size, self.hidden, backend=self.backend, **kwargs)
         ours.load_state_dict(ref.state_dict())
+        ref.to(self.device), ours.to(self.device)
         _, _, _, lengths = self._inputs()
         gen = torch.Generator().manual_seed(self.seed + 3)
-        x = torch.randn(self.batch, self.steps, size, generator=gen, dtype=self.dtype)
+        x = torch.randn(self.batch, self.steps, size, generator=gen, dtype=self.dtype).to(self.device)
         grads = []
         for module in (ref, ours):
             xs = x.clone().requires_grad_()
