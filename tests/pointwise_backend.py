@@ -57,7 +57,7 @@ class PointwiseTorchBackend(FusedBackend):
         return [(steps, batch, cell.num_gates * hidden)] + [(steps, batch, hidden)] * cell.num_states
 
     def backward(self, cell, x_proj, state0, weights, lengths, reverse, outputs, final, saved, grad_outputs,
-                 grad_final):
+                 grad_final, saved_mode="keep"):
         w_hh, b_hh = weights[0], weights[1]
         hgs, befores = saved[0], saved[1:]
         x = reverse_within_lengths(x_proj, lengths) if reverse else x_proj

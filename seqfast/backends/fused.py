@@ -40,8 +40,13 @@ class FusedBackend(Backend):
 
     def backward(self, cell: CellSpec, x_proj: Tensor, state0: list[Tensor], weights: list[Tensor | None],
                  lengths: Tensor | None, reverse: bool, outputs: Tensor, final: list[Tensor], saved: list[Tensor],
-                 grad_outputs: Tensor, grad_final: list[Tensor]) -> tuple[Tensor, list[Tensor], list[Tensor | None]]:
-        """-> (grad of x_proj, grad of each state0, grad of each weight (None where the weight is None))."""
+                 grad_outputs: Tensor, grad_final: list[Tensor], saved_mode: str = "keep"
+                 ) -> tuple[Tensor, list[Tensor], list[Tensor | None]]:
+        """-> (grad of x_proj, grad of each state0, grad of each weight (None where the weight is None)).
+
+        saved_mode: "keep": leave the saved tensors unchanged (the custom op, whose inputs must not change, and
+        a graph retained for another backward); "consume": they are read for the last time, so the backward may
+        use them as scratch."""
         raise NotImplementedError
 
     # --- the Backend interface ----------------------------------------------------------------------------------
@@ -84,10 +89,19 @@ class _EagerScan(torch.autograd.Function):
         x_proj, lengths, *rest = ctx.saved_tensors
         state0, weights, rest = rest[:n_state], rest[n_state : n_state + n_weights], rest[n_state + n_weights :]
         outputs, final, saved = rest[0], rest[1 : 1 + n_state], rest[1 + n_state :]
+        # the saved tensors may serve as scratch unless the graph is retained for another backward
+        saved_mode = "keep" if _graph_retained() else "consume"
         gx, gstate, gweights = ctx.backend.backward(ctx.cell, x_proj, list(state0), list(weights), lengths,
                                                     ctx.reverse, outputs, list(final), list(saved),
-                                                    grad_out.contiguous(), list(grad_final))
+                                                    grad_out.contiguous(), list(grad_final), saved_mode=saved_mode)
         return None, None, None, None, None, gx, *gstate, *gweights
+
+
+def _graph_retained() -> bool:
+    """Whether the running backward keeps the graph (retain_graph=True, gradcheck, create_graph); True when this
+    torch cannot say, which only costs a copy."""
+    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if keep_graph is None else bool(keep_graph())
 
 
 _OPS: dict[str, tuple] = {}

@@ -245,12 +245,10 @@ class Recurrent(nn.Module):
             outputs = []
             for direction in range(directions):
                 index = layer * directions + direction
-                names = self._all_weights[index]
-                suffix = names[0][len("weight_ih"):]
-                params = {n[: -len(suffix)]: getattr(self, n) for n in names}
-                x_proj = F.linear(layer_input, params.pop("weight_ih"), params.pop("bias_ih", None))
-                weights = Weights(weight_hh=params.pop("weight_hh", None), bias_hh=params.pop("bias_hh", None))
-                weights.update(params)
+                w_ih, b_ih, recurrent = self._scan_names()[index]
+                # getattr, not _parameters: a parametrized weight (torch.nn.utils.parametrize) is a property
+                x_proj = F.linear(layer_input, getattr(self, w_ih), getattr(self, b_ih) if b_ih else None)
+                weights = Weights({base: (getattr(self, name) if name else None) for base, name in recurrent})
                 out, final = backend.scan(self.cell, x_proj, tuple(s[index] for s in state0), weights, lengths,
                                           direction == 1)
                 outputs.append(out)
@@ -259,7 +257,25 @@ class Recurrent(nn.Module):
             layer_input = outputs[0] if directions == 1 else torch.cat(outputs, dim=2)
             if self.dropout and self.training and layer < self.num_layers - 1:
                 layer_input = F.dropout(layer_input, self.dropout, training=True)
-        return layer_input, tuple(torch.stack(store) for store in finals)
+        # one layer-direction (the common case): unsqueeze is a view, where stack would copy
+        return layer_input, tuple(store[0].unsqueeze(0) if len(store) == 1 else torch.stack(store)
+                                  for store in finals)
+
+    def _scan_names(self) -> list[tuple[str, str | None, tuple[tuple[str, str | None], ...]]]:
+        """Per layer-direction: (weight_ih name, bias_ih name or None, ((recurrent weight, its name or None),
+        ...)), worked out once: the forward pass runs on every call and should not re-parse parameter names."""
+        cached = self.__dict__.get("_scan_names_cache")
+        if cached is None:
+            cached = []
+            for names in self._all_weights:
+                suffix = names[0][len("weight_ih"):]
+                by_base = {n[: -len(suffix)]: n for n in names}
+                recurrent = [("weight_hh", by_base.get("weight_hh")), ("bias_hh", by_base.get("bias_hh"))]
+                recurrent += [(b, n) for b, n in by_base.items() if b not in ("weight_ih", "bias_ih", "weight_hh",
+                                                                              "bias_hh")]
+                cached.append((by_base["weight_ih"], by_base.get("bias_ih"), tuple(recurrent)))
+            self.__dict__["_scan_names_cache"] = cached
+        return cached
 
 
 def _packed_index(packed: PackedSequence) -> tuple[Tensor, Tensor]:

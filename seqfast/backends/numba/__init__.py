@@ -175,6 +175,19 @@ def _run_rows(call, ranges: list[tuple[int, int]]) -> None:
             f.result()
 
 
+_full_cache: dict[tuple[int, int], Tensor] = {}
+
+
+def _full_lengths(batch: int, steps: int) -> Tensor:
+    """lengths for a batch without them: every row runs all steps (read-only, so one tensor serves every call)."""
+    lens = _full_cache.get((batch, steps))
+    if lens is None:
+        if len(_full_cache) > 64:
+            _full_cache.clear()
+        lens = _full_cache[(batch, steps)] = torch.full((batch,), steps, dtype=torch.int64)
+    return lens
+
+
 class NumbaBackend(FusedBackend):
     name = "numba"
     description = "fused CPU scans compiled with numba (MKL GEMM per step, vectorized float32 gate math)"
@@ -205,9 +218,13 @@ class NumbaBackend(FusedBackend):
 
     # --- the fused scan --------------------------------------------------------------------------------------
     def saved_shapes(self, cell: CellSpec, steps: int, batch: int, hidden: int) -> list[tuple[int, ...]]:
-        # every state before each step, in time order (the backward recomputes the recurrent pre-activations from
-        # h with one GEMM rather than saving [T, B, G*H] of them: training's peak memory stays near torch.nn's)
-        return [(cell.num_states, steps, batch, hidden)]
+        # every state before each step and, for a dense recurrence, h W_hh^T of each step, both by loop step. The
+        # backward overwrites the saved products with their gradients in place, so its peak memory is no higher
+        # than recomputing them would need, and the recurrent GEMM runs once instead of twice.
+        shapes = [(cell.num_states, steps, batch, hidden)]
+        if cell.recurrence == "dense":
+            shapes.append((steps, batch, cell.num_gates * hidden))
+        return shapes
 
     def _module(self, cell: CellSpec, dtype: torch.dtype):
         if dtype not in _DTYPES:
@@ -241,7 +258,7 @@ class NumbaBackend(FusedBackend):
         extras = [p if p is not None else x.new_zeros(per_unit_width(cell, name) * hidden)
                   for p, name in zip(extras, cell.pointwise.params, strict=True)]
         if lengths is None:
-            lens = torch.full((batch,), steps, dtype=torch.int64)
+            lens = _full_lengths(batch, steps)
         else:
             lens = lengths.detach().to(device="cpu", dtype=torch.int64).contiguous()
         arrays = [t.detach().contiguous() for t in (w, bias, *extras)]
@@ -255,7 +272,8 @@ class NumbaBackend(FusedBackend):
         x, (w, bias, *extras), lens = self._arrays(cell, x_proj, weights, lengths)
         steps, batch, width = x.shape
         hidden = width // cell.num_gates
-        states = [s.detach().to(x.dtype).contiguous().clone() for s in state0]  # updated in place: the finals
+        # updated in place: the finals
+        states = [s.detach().to(x.dtype).clone(memory_format=torch.contiguous_format) for s in state0]
         out = x.new_empty(steps, batch, hidden)
         if need_saved:
             saved = [x.new_empty(s) for s in self.saved_shapes(cell, steps, batch, hidden)]
@@ -263,7 +281,7 @@ class NumbaBackend(FusedBackend):
             saved = [x.new_empty(0, 0, 0, 0)]
         if batch == 0:
             return out, states, saved if need_saved else []
-        hg = x.new_empty(batch, width)
+        hg = saved[1] if len(saved) > 1 else x.new_empty(1, batch, width)
         fn = gemm_address(_DTYPES[x.dtype])
         ranges = _row_ranges(batch, steps * width * hidden)
         small = _small_gemm(fn, ranges, width, hidden)
@@ -277,7 +295,8 @@ class NumbaBackend(FusedBackend):
 
     def backward(self, cell: CellSpec, x_proj: Tensor, state0: list[Tensor], weights: list[Tensor | None],
                  lengths: Tensor | None, reverse: bool, outputs: Tensor, final: list[Tensor], saved: list[Tensor],
-                 grad_outputs: Tensor, grad_final: list[Tensor]) -> tuple[Tensor, list[Tensor], list[Tensor | None]]:
+                 grad_outputs: Tensor, grad_final: list[Tensor], saved_mode: str = "keep"
+                 ) -> tuple[Tensor, list[Tensor], list[Tensor | None]]:
         if cell.pointwise is None or cell.pointwise.backward is None:
             raise RuntimeError(f"numba backend: cell {cell.name!r} has no pointwise backward")
         module = self._module(cell, x_proj.dtype)
@@ -288,28 +307,27 @@ class NumbaBackend(FusedBackend):
         hidden = width // cell.num_gates
         saved_st = saved[0].detach().contiguous()
         h_prev = saved_st[0].view(steps * batch, hidden)
-        # hgd: the recurrent pre-activations of every step, one GEMM (the kernel overwrites them with d_hg)
-        hgd = x.new_empty(steps, batch, width)
-        flat_hgd = hgd.view(steps * batch, width)
+        # hgd: the recurrent products of every step, without bias (the kernel overwrites them with d_hg). Dense:
+        # the forward's own, copied when they must stay unchanged; elementwise otherwise
         if cell.recurrence == "dense":
-            torch.addmm(bias, h_prev, w.t(), out=flat_hgd)
+            hgd = saved[1] if saved_mode == "consume" else saved[1].clone()
         elif cell.recurrence == "diagonal":
-            torch.addcmul(bias, h_prev.repeat(1, cell.num_gates), w, out=flat_hgd)
+            hgd = (h_prev.repeat(1, cell.num_gates) * w).view(steps, batch, width)
         else:
-            flat_hgd.zero_()
+            hgd = x.new_zeros(steps, batch, width)
+        flat_hgd = hgd.view(steps * batch, width)
         grad_out = x.new_zeros(steps, batch, hidden) if grad_outputs is None else grad_outputs.detach().contiguous()
         d_states = [x.new_zeros(batch, hidden) if g is None else g.detach().to(x.dtype).contiguous().clone()
                     for g in grad_final]
         dx = x.new_empty(steps, batch, width)
         d_extras = [x.new_zeros(e.shape) for e in extras]
         if batch > 0:
-            dstep = x.new_empty(batch, width)
             ranges = _row_ranges(batch, steps * width * hidden)
             # per-unit parameter gradients are sums over rows: one accumulator per thread, added afterwards
             per_thread = [d_extras] + [[torch.zeros_like(d) for d in d_extras] for _ in ranges[1:]]
             args = (x.numpy(), w.numpy(), bias.numpy(), *(e.numpy() for e in extras), saved_st.numpy(),
                     lens.numpy(), bool(reverse), grad_out.numpy(), *(d.numpy() for d in d_states), dx.numpy(),
-                    hgd.numpy(), dstep.numpy())
+                    hgd.numpy())
             fn = gemm_address(_DTYPES[x.dtype])
             small = _small_gemm(fn, ranges, width, hidden)
             accumulators = {r: [d.numpy() for d in acc] for r, acc in zip(ranges, per_thread, strict=True)}

@@ -1,11 +1,11 @@
 """Where `auto` prefers numba over torch.nn's native kernels on CPU, from benchmarks/numba_compare.py.
 
 Measured on 2 cores (benchmarks/RESULTS.md, "Numba (CPU)"). torch.nn's LSTM runs on oneDNN, whose fused kernels
-beat ours at every grid point but the smallest inference one (T100 B1 H32) and one training tie (T200 B32 H128),
-so `auto` keeps native for LSTM elsewhere. torch.nn's GRU and RNN have no fused CPU training kernel (autograd over
-per-step ops) and a slower inference path: numba won their inference at every grid point, and their training
-up to batch x hidden = 64 x 256 (GRU) and 32 x 128 (RNN); beyond that the GEMMs dominate both sides and numba was
-measured 0.91-1.01x, so `auto` keeps native there (choosing torch.nn's own kernels can never be slower than them).
+beat or tie ours at every grid point but the smallest inference one (T100 B1 H32): numba's LSTM training measured
+0.85-1.08x from run to run, so `auto` keeps native for LSTM elsewhere. torch.nn's GRU and RNN have no fused CPU
+training kernel (autograd over per-step ops) and a slower inference path. numba won their inference at every grid
+point. Since the backward reuses the forward's recurrent products, it also won their training at every grid
+point, in every run (GRU 1.13-16x, RNN 1.01-6.3x).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from ...registry import Query
 # largest batch * hidden_size at which numba beat native, per cell and mode (None: never; inf: everywhere measured)
 INFERENCE_MAX_BATCH_HIDDEN: dict[str, float | None] = {"gru": math.inf, "rnn_tanh": math.inf,
                                                        "rnn_relu": math.inf, "lstm": 1 * 32}
-TRAINING_MAX_BATCH_HIDDEN: dict[str, float | None] = {"gru": 64 * 256, "rnn_tanh": 32 * 128, "rnn_relu": 32 * 128,
+TRAINING_MAX_BATCH_HIDDEN: dict[str, float | None] = {"gru": math.inf, "rnn_tanh": math.inf, "rnn_relu": math.inf,
                                                       "lstm": None}
 
 

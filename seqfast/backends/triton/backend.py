@@ -261,7 +261,8 @@ class TritonBackend(FusedBackend):
 
     def backward(self, cell: CellSpec, x_proj: Tensor, state0: list[Tensor], weights: list[Tensor | None],
                  lengths: Tensor | None, reverse: bool, outputs: Tensor, final: list[Tensor], saved: list[Tensor],
-                 grad_outputs: Tensor, grad_final: list[Tensor]) -> tuple[Tensor, list[Tensor], list[Tensor | None]]:
+                 grad_outputs: Tensor, grad_final: list[Tensor], saved_mode: str = "keep"
+                 ) -> tuple[Tensor, list[Tensor], list[Tensor | None]]:
         kernels = load_kernels(cell)
         if not hasattr(kernels, "scan_backward"):
             raise RuntimeError(f"cell {cell.name!r} has no pointwise backward; the triton backend cannot train it")
