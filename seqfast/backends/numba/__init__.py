@@ -23,6 +23,7 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -87,6 +88,25 @@ def _small_gemm(fn: int, ranges: list[tuple[int, int]], width: int, hidden: int)
     return fn == 0 or max(hi - lo for lo, hi in ranges) * width * hidden <= SMALL_GEMM
 
 
+_plans: dict[tuple, tuple[int, list[tuple[int, int]], bool]] = {}
+
+
+def _plan(dtype_name: str, steps: int, batch: int, width: int, hidden: int) -> tuple[int, list[tuple[int, int]], bool]:
+    """(GEMM address, row ranges, small-GEMM loops?) for a scan shape; memoised, since a small scan's whole kernel
+    takes tens of microseconds and working this out each call was a measurable part of it."""
+    key = (dtype_name, steps, batch, width, hidden, num_threads())
+    plan = _plans.get(key)
+    if plan is None:
+        from ._blas import gemm_address
+
+        fn = gemm_address(dtype_name)
+        ranges = _row_ranges(batch, steps * width * hidden)
+        if len(_plans) > 256:
+            _plans.clear()
+        plan = _plans[key] = (fn, ranges, _small_gemm(fn, ranges, width, hidden))
+    return plan
+
+
 class _TorchOpenMP:
     """torch's own OpenMP runtime (the libgomp in torch/lib), to run row ranges on torch's intra-op threads.
 
@@ -143,9 +163,10 @@ _pool_size = [0]
 _pool_lock = threading.Lock()
 
 
-def _run_rows(call, ranges: list[tuple[int, int]]) -> None:
+def _run_rows(call, ranges: list[tuple[int, int]], blas: bool = True) -> None:
     """call(lo, hi) for every row range, concurrently (kernels release the GIL): on torch's OpenMP threads, else on
-    a thread pool. MKL is held to one thread inside each call, so k ranges use exactly k cores."""
+    a thread pool. MKL is held to one thread inside each call, so k ranges use exactly k cores. blas=False: the
+    kernels call no BLAS (small-GEMM loops), so MKL's setting is left alone."""
     global _pool, _omp
     from ._blas import single_threaded_blas
 
@@ -154,7 +175,10 @@ def _run_rows(call, ranges: list[tuple[int, int]]) -> None:
             call(lo, hi)
 
     if len(ranges) == 1:
-        task(*ranges[0])
+        if blas:
+            task(*ranges[0])
+        else:
+            call(*ranges[0])
         return
     if _omp is None:
         _omp = _TorchOpenMP()
@@ -238,8 +262,6 @@ class NumbaBackend(FusedBackend):
 
     @staticmethod
     def _arrays(cell: CellSpec, x_proj: Tensor, weights: list[Tensor | None], lengths: Tensor | None):
-        from .codegen import per_unit_width
-
         steps, batch, width = x_proj.shape
         hidden = width // cell.num_gates
         if x_proj.device.type != "cpu":
@@ -253,10 +275,14 @@ class NumbaBackend(FusedBackend):
         bias = weights[1] if len(weights) > 1 and weights[1] is not None else x.new_zeros(width)
         # the kernel takes the per-unit extras in Pointwise.params order; an absent one (a bias-like extra under
         # bias=False) reads as zeros
-        given = dict(zip(cell.recurrent_param_names()[2:], weights[2:], strict=False))
-        extras = [given.get(name) for name in cell.pointwise.params]
-        extras = [p if p is not None else x.new_zeros(per_unit_width(cell, name) * hidden)
-                  for p, name in zip(extras, cell.pointwise.params, strict=True)]
+        extras = []
+        if cell.pointwise.params:
+            given = dict(zip(cell.recurrent_param_names()[2:], weights[2:], strict=False))
+            extras = [given.get(name) for name in cell.pointwise.params]
+            from .codegen import per_unit_width
+
+            extras = [p if p is not None else x.new_zeros(per_unit_width(cell, name) * hidden)
+                      for p, name in zip(extras, cell.pointwise.params, strict=True)]
         if lengths is None:
             lens = _full_lengths(batch, steps)
         else:
@@ -266,32 +292,34 @@ class NumbaBackend(FusedBackend):
 
     def forward(self, cell: CellSpec, x_proj: Tensor, state0: list[Tensor], weights: list[Tensor | None],
                 lengths: Tensor | None, reverse: bool, need_saved: bool) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        # kept lean: at small shapes (T100 B1 H32) the kernel runs ~40 us, and every torch call here costs ~1 us
         module = self._module(cell, x_proj.dtype)
-        from ._blas import gemm_address
-
         x, (w, bias, *extras), lens = self._arrays(cell, x_proj, weights, lengths)
         steps, batch, width = x.shape
         hidden = width // cell.num_gates
         # updated in place: the finals
-        states = [s.detach().to(x.dtype).clone(memory_format=torch.contiguous_format) for s in state0]
+        states = [s.detach().clone() if s.dtype == x.dtype and s.is_contiguous()
+                  else s.detach().to(x.dtype).contiguous().clone() for s in state0]
         out = x.new_empty(steps, batch, hidden)
+        dtype_name = _DTYPES[x.dtype]
         if need_saved:
             saved = [x.new_empty(s) for s in self.saved_shapes(cell, steps, batch, hidden)]
+            saved_np = saved[0].numpy()
         else:
-            saved = [x.new_empty(0, 0, 0, 0)]
+            saved = []
+            saved_np = np.empty((0, 0, 0, 0), dtype=dtype_name)
         if batch == 0:
-            return out, states, saved if need_saved else []
-        hg = saved[1] if len(saved) > 1 else x.new_empty(1, batch, width)
-        fn = gemm_address(_DTYPES[x.dtype])
-        ranges = _row_ranges(batch, steps * width * hidden)
-        small = _small_gemm(fn, ranges, width, hidden)
-        # W_hh^T for the small-GEMM loop (the loop wants the summed index outermost)
-        wt = w.t().contiguous() if small and cell.recurrence == "dense" else w
-        args = (x.numpy(), w.numpy(), wt.numpy(), bias.numpy(), *(e.numpy() for e in extras),
-                *(s.numpy() for s in states),
-                lens.numpy(), bool(reverse), out.numpy(), hg.numpy(), saved[0].numpy(), bool(need_saved))
-        _run_rows(lambda lo, hi: module.forward(fn, small, lo, hi, *args), ranges)
-        return out, states, saved if need_saved else []
+            return out, states, saved
+        # the per-step products: saved for the backward (dense), else one reused [1, B, G*H] buffer
+        hg = saved[1].numpy() if len(saved) > 1 else np.empty((1, batch, width), dtype=dtype_name)
+        fn, ranges, small = _plan(dtype_name, steps, batch, width, hidden)
+        w_np = w.numpy()
+        # W_hh^T for the small-GEMM loop (the loop wants the summed index outermost); numpy's copy is the cheap one
+        wt = np.ascontiguousarray(w_np.T) if small and cell.recurrence == "dense" else w_np
+        args = (x.numpy(), w_np, wt, bias.numpy(), *(e.numpy() for e in extras), *(s.numpy() for s in states),
+                lens.numpy(), bool(reverse), out.numpy(), hg, saved_np, bool(need_saved))
+        _run_rows(lambda lo, hi: module.forward(fn, small, lo, hi, *args), ranges, blas=not small)
+        return out, states, saved
 
     def backward(self, cell: CellSpec, x_proj: Tensor, state0: list[Tensor], weights: list[Tensor | None],
                  lengths: Tensor | None, reverse: bool, outputs: Tensor, final: list[Tensor], saved: list[Tensor],
@@ -300,8 +328,6 @@ class NumbaBackend(FusedBackend):
         if cell.pointwise is None or cell.pointwise.backward is None:
             raise RuntimeError(f"numba backend: cell {cell.name!r} has no pointwise backward")
         module = self._module(cell, x_proj.dtype)
-        from ._blas import gemm_address
-
         x, (w, bias, *extras), lens = self._arrays(cell, x_proj, weights, lengths)
         steps, batch, width = x.shape
         hidden = width // cell.num_gates
@@ -317,21 +343,21 @@ class NumbaBackend(FusedBackend):
             hgd = x.new_zeros(steps, batch, width)
         flat_hgd = hgd.view(steps * batch, width)
         grad_out = x.new_zeros(steps, batch, hidden) if grad_outputs is None else grad_outputs.detach().contiguous()
-        d_states = [x.new_zeros(batch, hidden) if g is None else g.detach().to(x.dtype).contiguous().clone()
-                    for g in grad_final]
+        d_states = [x.new_zeros(batch, hidden) if g is None
+                    else g.detach().clone() if g.dtype == x.dtype and g.is_contiguous()
+                    else g.detach().to(x.dtype).contiguous().clone() for g in grad_final]
         dx = x.new_empty(steps, batch, width)
         d_extras = [x.new_zeros(e.shape) for e in extras]
         if batch > 0:
-            ranges = _row_ranges(batch, steps * width * hidden)
+            fn, ranges, small = _plan(_DTYPES[x.dtype], steps, batch, width, hidden)
             # per-unit parameter gradients are sums over rows: one accumulator per thread, added afterwards
             per_thread = [d_extras] + [[torch.zeros_like(d) for d in d_extras] for _ in ranges[1:]]
             args = (x.numpy(), w.numpy(), bias.numpy(), *(e.numpy() for e in extras), saved_st.numpy(),
                     lens.numpy(), bool(reverse), grad_out.numpy(), *(d.numpy() for d in d_states), dx.numpy(),
                     hgd.numpy())
-            fn = gemm_address(_DTYPES[x.dtype])
-            small = _small_gemm(fn, ranges, width, hidden)
             accumulators = {r: [d.numpy() for d in acc] for r, acc in zip(ranges, per_thread, strict=True)}
-            _run_rows(lambda lo, hi: module.backward(fn, small, lo, hi, *args, *accumulators[(lo, hi)]), ranges)
+            _run_rows(lambda lo, hi: module.backward(fn, small, lo, hi, *args, *accumulators[(lo, hi)]), ranges,
+                      blas=not small)
             for acc in per_thread[1:]:
                 for total, part in zip(d_extras, acc, strict=True):
                     total += part
