@@ -20,7 +20,7 @@ from seqfast.registry import CellSpec, ParamSpec, Pointwise, Query, Weights
 numba = pytest.importorskip("numba")
 
 from seqfast.backends import numba as numba_backend  # noqa: E402
-from seqfast.backends.numba import _math  # noqa: E402
+from seqfast.backends.numba import _blas, _math  # noqa: E402
 
 BUILTIN = ("rnn_tanh", "rnn_relu", "lstm", "gru")
 TOL = {torch.float32: dict(rtol=1e-4, atol=2e-5), torch.float64: dict(rtol=1e-9, atol=1e-10)}
@@ -192,6 +192,7 @@ def test_batch_split_over_threads(monkeypatch, reverse: bool, runner: str) -> No
     one = _run(cell, x, state0, weights, lens, reverse, "numba")
     monkeypatch.setenv("SEQFAST_NUMBA_THREADS", "3")
     monkeypatch.setattr(numba_backend, "MIN_WORK_PER_THREAD", 0)
+    monkeypatch.setattr(numba_backend, "_plans", {})  # plans are memoised: forget any made before the patch
     assert len(numba_backend._row_ranges(7, 1)) == 3
     three = _run(cell, x, state0, weights, lens, reverse, "numba")
     for a, b in zip([one[0], *one[1], *one[2]], [three[0], *three[1], *three[2]], strict=True):
@@ -199,14 +200,40 @@ def test_batch_split_over_threads(monkeypatch, reverse: bool, runner: str) -> No
 
 
 def test_loop_gemm_matches_mkl(monkeypatch) -> None:
-    """The per-step GEMM as a numba loop (small GEMMs; torch without MKL) matches the MKL path (H=130 uses MKL)."""
+    """The per-step GEMM as a numba loop matches the MKL path, forward and backward: 6 rows (a block of four and
+    two left over) and K = 130 or 390 (not a multiple of the loop's eight k-steps)."""
+    if not _blas.SGEMM:
+        pytest.skip("this torch has no MKL: every GEMM is the loop")
     cell = seqfast.get_cell("gru")
-    x, state0, weights, lens = _inputs(cell, 5, 3, 130, torch.float64, seed=9, lengths=True)
-    mkl = _run(cell, x, state0, weights, lens, True, "numba")
-    monkeypatch.setattr(numba_backend, "_small_gemm", lambda *args: True)
-    loop = _run(cell, x, state0, weights, lens, True, "numba")
+    x, state0, weights, lens = _inputs(cell, 5, 6, 130, torch.float64, seed=9, lengths=True)
+    results = []
+    for loop in (False, True):
+        monkeypatch.setattr(numba_backend, "_small_gemm", lambda *args, loop=loop: loop)
+        monkeypatch.setattr(numba_backend, "_plans", {})
+        results.append(_run(cell, x, state0, weights, lens, True, "numba"))
+    mkl, loop = results
     for a, b in zip([mkl[0], *mkl[1], *mkl[2]], [loop[0], *loop[1], *loop[2]], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@numba.njit
+def _blocked(a, b, c):
+    _blas.loop_nn_acc(a, b, c)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_loop_gemm_blocks_and_leftovers(dtype) -> None:
+    """The blocked loop GEMM (four rows, eight k-steps) against a float64 product, at shapes with leftover rows and
+    k-steps, a lone row, and widths that are not a multiple of the vector length."""
+    rng = np.random.default_rng(0)
+    tol = 2e-5 if dtype == np.float32 else 1e-12
+    for m, k, n in [(1, 8, 5), (3, 7, 33), (4, 16, 17), (6, 17, 64), (9, 40, 3), (5, 3, 128)]:
+        a, b = rng.standard_normal((m, k)).astype(dtype), rng.standard_normal((k, n)).astype(dtype)
+        c0 = rng.standard_normal((m, n)).astype(dtype)
+        got = c0.copy()
+        _blocked(a, b, got)
+        expected = c0.astype(np.float64) + a.astype(np.float64) @ b.astype(np.float64)
+        np.testing.assert_allclose(got, expected, rtol=tol, atol=tol * k, err_msg=str((m, k, n)))
 
 
 def test_inference_fast_path_matches_op() -> None:

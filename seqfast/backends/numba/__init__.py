@@ -81,11 +81,13 @@ def _row_ranges(batch: int, work_per_row: int) -> list[tuple[int, int]]:
     return [(bounds[i], bounds[i + 1]) for i in range(threads)]
 
 
-def _small_gemm(fn: int, ranges: list[tuple[int, int]], width: int, hidden: int) -> bool:
-    """Run the per-step GEMMs as numba loops: without MKL, or where MKL's call overhead exceeds the work."""
-    from ._blas import SMALL_GEMM
+def _small_gemm(fn: int, ranges: list[tuple[int, int]], width: int, hidden: int, itemsize: int = 4) -> bool:
+    """Run the per-step GEMMs as numba loops: without MKL, where MKL's call overhead exceeds the work, or where
+    W_hh is small enough for the loop to beat MKL (see _blas)."""
+    from ._blas import LOOP_GEMM_MAX_WEIGHT_BYTES, SMALL_GEMM
 
-    return fn == 0 or max(hi - lo for lo, hi in ranges) * width * hidden <= SMALL_GEMM
+    return (fn == 0 or max(hi - lo for lo, hi in ranges) * width * hidden <= SMALL_GEMM
+            or width * hidden * itemsize <= LOOP_GEMM_MAX_WEIGHT_BYTES)
 
 
 _plans: dict[tuple, tuple[int, list[tuple[int, int]], bool]] = {}
@@ -103,7 +105,8 @@ def _plan(dtype_name: str, steps: int, batch: int, width: int, hidden: int) -> t
         ranges = _row_ranges(batch, steps * width * hidden)
         if len(_plans) > 256:
             _plans.clear()
-        plan = _plans[key] = (fn, ranges, _small_gemm(fn, ranges, width, hidden))
+        itemsize = 4 if dtype_name == "float32" else 8
+        plan = _plans[key] = (fn, ranges, _small_gemm(fn, ranges, width, hidden, itemsize))
     return plan
 
 

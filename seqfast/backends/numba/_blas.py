@@ -102,9 +102,13 @@ def _fortran_gemm(typingctx, fn, transa, transb, m, n, k, alpha, a, lda, b, ldb,
 
 _N, _T = ord("N"), ord("T")
 
-# Up to this many multiply-adds a per-step GEMM runs as the numba loop below: measured in the forward kernel on
-# 2026-11-25, the loop won at 4K (0.27 vs 0.38 us per step) and 64K (3.2 vs 3.4 us), MKL at 128K (5.5 vs 6.3 us)
+# When a per-step GEMM runs as the numba loop below instead of MKL (measured in the forward kernel, one thread,
+# 2026-11-25): always up to this many multiply-adds, where MKL's fixed cost dominates (B1 H32 LSTM: 0.27-0.32 vs
+# 0.64-0.70 us per step; B4 H64: 2.2 vs 3.4 us) ...
 SMALL_GEMM = 65536
+# ... and at any size while W_hh stays in this core's 1 MiB L2 with room to spare: B16 H128 LSTM, W 256 KiB, 29 vs
+# 34 us per step. At H = 256 (W 1 MiB) the two were even and at H = 512 MKL won, so MKL keeps those.
+LOOP_GEMM_MAX_WEIGHT_BYTES = 256 * 1024
 
 
 @njit(inline="always")
@@ -124,16 +128,47 @@ def gemm_nn_acc(fn, a, b, c, one):
 
 
 @njit(inline="always")
-def loop_nn_acc(a, b, c):
-    """c[M, N] += a[M, K] @ b[K, N] as a loop LLVM vectorizes over N: for small GEMMs, or without MKL.
+def _row_block_nn_acc(a, b, c, i, p):
+    """c[i:i+4, :] += a[i:i+4, p:p+8] @ b[p:p+8, :]: 32 multiply-adds per loaded vector of b's rows."""
+    n = b.shape[1]
+    a0, a1, a2, a3, a4, a5, a6, a7 = (a[i, p], a[i, p + 1], a[i, p + 2], a[i, p + 3],
+                                      a[i, p + 4], a[i, p + 5], a[i, p + 6], a[i, p + 7])
+    e0, e1, e2, e3, e4, e5, e6, e7 = (a[i + 1, p], a[i + 1, p + 1], a[i + 1, p + 2], a[i + 1, p + 3],
+                                      a[i + 1, p + 4], a[i + 1, p + 5], a[i + 1, p + 6], a[i + 1, p + 7])
+    f0, f1, f2, f3, f4, f5, f6, f7 = (a[i + 2, p], a[i + 2, p + 1], a[i + 2, p + 2], a[i + 2, p + 3],
+                                      a[i + 2, p + 4], a[i + 2, p + 5], a[i + 2, p + 6], a[i + 2, p + 7])
+    g0, g1, g2, g3, g4, g5, g6, g7 = (a[i + 3, p], a[i + 3, p + 1], a[i + 3, p + 2], a[i + 3, p + 3],
+                                      a[i + 3, p + 4], a[i + 3, p + 5], a[i + 3, p + 6], a[i + 3, p + 7])
+    for j in range(n):
+        b0, b1, b2, b3 = b[p, j], b[p + 1, j], b[p + 2, j], b[p + 3, j]
+        b4, b5, b6, b7 = b[p + 4, j], b[p + 5, j], b[p + 6, j], b[p + 7, j]
+        c[i, j] = c[i, j] + a0 * b0 + a1 * b1 + a2 * b2 + a3 * b3 + a4 * b4 + a5 * b5 + a6 * b6 + a7 * b7
+        c[i + 1, j] = c[i + 1, j] + e0 * b0 + e1 * b1 + e2 * b2 + e3 * b3 + e4 * b4 + e5 * b5 + e6 * b6 + e7 * b7
+        c[i + 2, j] = c[i + 2, j] + f0 * b0 + f1 * b1 + f2 * b2 + f3 * b3 + f4 * b4 + f5 * b5 + f6 * b6 + f7 * b7
+        c[i + 3, j] = c[i + 3, j] + g0 * b0 + g1 * b1 + g2 * b2 + g3 * b3 + g4 * b4 + g5 * b5 + g6 * b6 + g7 * b7
 
-    Eight k-steps per pass over a row of c, so c is loaded and stored once per eight multiply-adds instead of once
-    per one (1.3-3x faster at the sizes used here). The sums keep the order of the plain k loop, so results are
-    bitwise the same as adding one k-step at a time."""
+
+@njit(inline="always")
+def loop_nn_acc(a, b, c):
+    """c[M, N] += a[M, K] @ b[K, N] as a loop LLVM vectorizes over N: for GEMMs where it beats MKL, or without MKL.
+
+    Blocks of four rows and eight k-steps: each vector of b loaded serves 32 multiply-adds, and c is loaded and
+    stored once per eight k-steps. That reaches ~85-105 GFLOP/s per core here against MKL's 62-66 at the per-step
+    shapes of H = 128 (16 rows). Every output still adds its k terms in order, one after another; where the
+    compiler fuses multiply-adds may differ from a plain loop's, so the last bit can."""
     m, k = a.shape
     n = b.shape[1]
     k8 = k - k % 8
-    for i in range(m):
+    m4 = m - m % 4
+    for i in range(0, m4, 4):
+        for p in range(0, k8, 8):
+            _row_block_nn_acc(a, b, c, i, p)
+        for r in range(i, i + 4):
+            for p in range(k8, k):
+                av = a[r, p]
+                for j in range(n):
+                    c[r, j] += av * b[p, j]
+    for i in range(m4, m):  # leftover rows, one at a time, still eight k-steps per pass
         for p in range(0, k8, 8):
             a0, a1, a2, a3 = a[i, p], a[i, p + 1], a[i, p + 2], a[i, p + 3]
             a4, a5, a6, a7 = a[i, p + 4], a[i, p + 5], a[i, p + 6], a[i, p + 7]
@@ -146,5 +181,5 @@ def loop_nn_acc(a, b, c):
                 c[i, j] += av * b[p, j]
 
 
-__all__ = ["SGEMM", "DGEMM", "SMALL_GEMM", "gemm_address", "gemm_nt", "gemm_nn_acc", "loop_nn_acc",
-           "single_threaded_blas"]
+__all__ = ["SGEMM", "DGEMM", "SMALL_GEMM", "LOOP_GEMM_MAX_WEIGHT_BYTES", "gemm_address", "gemm_nt", "gemm_nn_acc",
+           "loop_nn_acc", "single_threaded_blas"]
