@@ -208,7 +208,7 @@ def test_loop_gemm_matches_mkl(monkeypatch) -> None:
     x, state0, weights, lens = _inputs(cell, 5, 6, 130, torch.float64, seed=9, lengths=True)
     results = []
     for loop in (False, True):
-        monkeypatch.setattr(numba_backend, "_small_gemm", lambda *args, loop=loop: loop)
+        monkeypatch.setattr(numba_backend, "_use_loop_gemm", lambda *args, loop=loop: loop)
         monkeypatch.setattr(numba_backend, "_plans", {})
         results.append(_run(cell, x, state0, weights, lens, True, "numba"))
     mkl, loop = results

@@ -81,9 +81,9 @@ def _row_ranges(batch: int, work_per_row: int) -> list[tuple[int, int]]:
     return [(bounds[i], bounds[i + 1]) for i in range(threads)]
 
 
-def _small_gemm(fn: int, ranges: list[tuple[int, int]], width: int, hidden: int, itemsize: int = 4) -> bool:
-    """Run the per-step GEMMs as numba loops: without MKL, where MKL's call overhead exceeds the work, or where
-    W_hh is small enough for the loop to beat MKL (see _blas)."""
+def _use_loop_gemm(fn: int, ranges: list[tuple[int, int]], width: int, hidden: int, itemsize: int = 4) -> bool:
+    """Run the per-step GEMMs as the blocked numba loop (the kernels' `small` flag): without MKL, where MKL's call
+    overhead exceeds the work, or where W_hh is small enough for the loop to beat MKL (see _blas)."""
     from ._blas import LOOP_GEMM_MAX_WEIGHT_BYTES, SMALL_GEMM
 
     return (fn == 0 or max(hi - lo for lo, hi in ranges) * width * hidden <= SMALL_GEMM
@@ -94,7 +94,7 @@ _plans: dict[tuple, tuple[int, list[tuple[int, int]], bool]] = {}
 
 
 def _plan(dtype_name: str, steps: int, batch: int, width: int, hidden: int) -> tuple[int, list[tuple[int, int]], bool]:
-    """(GEMM address, row ranges, small-GEMM loops?) for a scan shape; memoised, since a small scan's whole kernel
+    """(GEMM address, row ranges, loop GEMM?) for a scan shape; memoised, since a small scan's whole kernel
     takes tens of microseconds and working this out each call was a measurable part of it."""
     key = (dtype_name, steps, batch, width, hidden, num_threads())
     plan = _plans.get(key)
@@ -106,7 +106,7 @@ def _plan(dtype_name: str, steps: int, batch: int, width: int, hidden: int) -> t
         if len(_plans) > 256:
             _plans.clear()
         itemsize = 4 if dtype_name == "float32" else 8
-        plan = _plans[key] = (fn, ranges, _small_gemm(fn, ranges, width, hidden, itemsize))
+        plan = _plans[key] = (fn, ranges, _use_loop_gemm(fn, ranges, width, hidden, itemsize))
     return plan
 
 
@@ -169,7 +169,7 @@ _pool_lock = threading.Lock()
 def _run_rows(call, ranges: list[tuple[int, int]], blas: bool = True) -> None:
     """call(lo, hi) for every row range, concurrently (kernels release the GIL): on torch's OpenMP threads, else on
     a thread pool. MKL is held to one thread inside each call, so k ranges use exactly k cores. blas=False: the
-    kernels call no BLAS (small-GEMM loops), so MKL's setting is left alone."""
+    kernels call no BLAS (loop GEMMs), so MKL's setting is left alone."""
     global _pool, _omp
     from ._blas import single_threaded_blas
 
@@ -317,7 +317,7 @@ class NumbaBackend(FusedBackend):
         hg = saved[1].numpy() if len(saved) > 1 else np.empty((1, batch, width), dtype=dtype_name)
         fn, ranges, small = _plan(dtype_name, steps, batch, width, hidden)
         w_np = w.numpy()
-        # W_hh^T for the small-GEMM loop (the loop wants the summed index outermost); numpy's copy is the cheap one
+        # W_hh^T for the loop GEMM (it wants the summed index outermost): once per call, outside the time loop
         wt = np.ascontiguousarray(w_np.T) if small and cell.recurrence == "dense" else w_np
         args = (x.numpy(), w_np, wt, bias.numpy(), *(e.numpy() for e in extras), *(s.numpy() for s in states),
                 lens.numpy(), bool(reverse), out.numpy(), hg, saved_np, bool(need_saved))

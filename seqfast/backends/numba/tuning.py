@@ -1,16 +1,18 @@
 """Where `auto` prefers numba over torch.nn's native kernels on CPU, from benchmarks/numba_compare.py.
 
 Measured on 2 cores (benchmarks/RESULTS.md, "Numba (CPU)"). torch.nn's GRU and RNN have no fused CPU training
-kernel (autograd over per-step ops) and a slower inference path. numba won their inference and training at
-every grid point, in every run. torch.nn's LSTM runs on oneDNN, whose fused kernels beat ours at LSTM inference
-except at batch 1. For training, repeated interleaved measurements on 2026-11-25 gave:
-- B1 H32: 1.09-1.16x;
-- B8 H64: 0.92-0.96x;
-- B32 H128: 1.21-1.24x;
-- B64 H256: 1.04-1.09x;
-- B64 H512: 0.99-1.05x.
-`auto` takes numba only inside the batch x hidden ranges where it won every time, and native elsewhere,
-unmeasured sizes included: choosing torch.nn's own kernels can never be slower than them.
+kernel (autograd over per-step ops) and a slower inference path. In the quiet runs of
+`benchmarks/numba_compare.py` numba was faster at every grid point but B64 H512, where it was even (0.99-1.01x).
+torch.nn's LSTM runs on oneDNN, whose forward beats ours at LSTM inference except at batch 1. LSTM training, in
+two quiet runs on 2026-11-25 (23:09 UTC, before the four-row loop GEMM, and 23:30, the final code; a disturbed
+run in between gave 0.74-1.09x):
+- B1 H32: 1.16x, 1.10x;
+- B8 H64: 0.96x, 1.14x;
+- B32 H128: 1.22x, 1.30x;
+- B64 H256: 1.09x, 1.11x;
+- B64 H512: 1.05x, 1.08x.
+`auto` takes numba for LSTM training only where it won both runs by a clear margin (B64 H512, within noise, stays
+native), and native elsewhere, unmeasured sizes included: torch.nn's own kernels can never be slower than them.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import math
 
 from ...registry import Query
 
-# batch * hidden_size ranges (inclusive) where numba beat native in every run, per cell and mode; absent: never
+# batch * hidden_size ranges (inclusive) where numba beat native in every quiet run, per cell and mode; absent: never
 _ALL = ((0, math.inf),)
 INFERENCE_RANGES: dict[str, tuple[tuple[float, float], ...]] = {
     "gru": _ALL, "rnn_tanh": _ALL, "rnn_relu": _ALL, "lstm": ((0, 1 * 32),)}
