@@ -7,7 +7,8 @@
 
 torch.nn is timed twice: interleaved with seqfast in this process, and alone in a fresh subprocess that never
 imports seqfast, numba or scipy (so no foreign thread pool can slow it down or speed it up); the speed-up counted is
-the lower of the two. Every time is the median of --repeats runs after --warmup runs. The `auto` column times
+the lower of the two. Every time is the median of --repeats samples after --warmup runs; a sample is the mean of
+enough back-to-back calls to last 20 ms (one call, from the middle of the grid up). The `auto` column times
 seqfast with backend="auto" (what a user gets by default).
 """
 
@@ -57,15 +58,29 @@ def _timer(model, x, mode: str):
     return run
 
 
-def _median_ms(run, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        run()
-    times = []
-    for _ in range(repeats):
+# A sample is the mean over enough back-to-back calls to last this long: single sub-millisecond calls on this VM
+# swing by 2x from one to the next, so their median still moved by 20-30% between runs.
+MIN_SAMPLE_S = 0.02
+
+
+def _medians_ms(runs: list, warmup: int, repeats: int) -> list[float]:
+    """Median time of each run, their samples taken in turn (run 0, 1, 2, 0, 1, 2, ...), so a slow stretch of this
+    VM hits every contender alike instead of whichever happened to be timing then."""
+    calls = []
+    for run in runs:
+        for _ in range(warmup):
+            run()
         t0 = time.perf_counter()
         run()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+        calls.append(max(1, math.ceil(MIN_SAMPLE_S / max(time.perf_counter() - t0, 1e-6))))
+    times: list[list[float]] = [[] for _ in runs]
+    for _ in range(repeats):
+        for run, n, store in zip(runs, calls, times, strict=True):
+            t0 = time.perf_counter()
+            for _ in range(n):
+                run()
+            store.append((time.perf_counter() - t0) / n)
+    return [statistics.median(t) * 1e3 for t in times]
 
 
 def _inputs(T: int, B: int, I: int):
@@ -86,7 +101,7 @@ def _alone(args) -> None:
             x = _inputs(T, B, I)
             model = _make("torch", cell, I, H)
             for mode in args.modes:
-                results[f"{cell}|{index}|{mode}"] = _median_ms(_timer(model, x, mode), args.warmup, args.repeats)
+                results[f"{cell}|{index}|{mode}"] = _medians_ms([_timer(model, x, mode)], args.warmup, args.repeats)[0]
     torch.set_num_threads(torch.get_num_threads())
     print(json.dumps(results))
 
@@ -188,9 +203,8 @@ def main() -> None:
             fast = _make("seqfast", cell, I, H, backend="numba")
             auto = _make("seqfast", cell, I, H, backend="auto")
             for mode in args.modes:
-                t_torch = _median_ms(_timer(ref, x, mode), args.warmup, args.repeats)
-                t_numba = _median_ms(_timer(fast, x, mode), args.warmup, args.repeats)
-                t_auto = _median_ms(_timer(auto, x, mode), args.warmup, args.repeats)
+                t_torch, t_numba, t_auto = _medians_ms([_timer(m, x, mode) for m in (ref, fast, auto)],
+                                                       args.warmup, args.repeats)
                 t_alone = alone[f"{cell}|{index}|{mode}"]
                 with torch.set_grad_enabled(mode == "train"):
                     chosen = seqfast.current_backend(cell, seq_len=T, batch_size=B, input_size=I, hidden_size=H,

@@ -98,10 +98,22 @@ _select_while_compiling._dynamo_marked_constant = True  # type: ignore[attr-defi
 _decisions: dict[tuple, Backend] = {}
 
 
+_tokens: list = [None, ()]  # [registry generation, backends that override selection_token]
+
+
+def _token_backends() -> tuple[Backend, ...]:
+    """The backends whose selection depends on something outside the query (few: asking every one per call was
+    a measurable part of a small module call)."""
+    if _tokens[0] != registry.generation:
+        _tokens[1] = tuple(b for b in registry.backends.values()
+                           if type(b).selection_token is not Backend.selection_token)
+        _tokens[0] = registry.generation
+    return _tokens[1]
+
+
 def _select(query: Query, requested: str | None) -> tuple[Backend, Choice]:
     choice = resolve_choice(query.cell.name, query.cell.env_name, requested)  # sources can change at any time
-    tokens = tuple(b.selection_token() for b in registry.backends.values())
-    key = (query, choice.name, registry.generation, tokens)
+    key = (query, choice.name, registry.generation, *(b.selection_token() for b in _token_backends()))
     backend = _decisions.get(key)
     if backend is None or registry.backends.get(backend.name) is not backend:
         backend = _decide(query, choice)

@@ -114,6 +114,10 @@ class CellSpec:
     # the suffix of this cell's SEQFAST_BACKEND_<CELL> variable; a plain field, computed once, so that
     # torch.compile can read it without tracing a cached_property's lock
     env_name: str = field(init=False, repr=False, compare=False)
+    # hashed on every backend selection (as part of a Query key): the generated hash would hash every field,
+    # reference functions and pointwise source included, which cost microseconds per call
+    _hash: int = field(init=False, repr=False, compare=False)
+    _param_names: tuple[tuple[str, ...], tuple[str, ...]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         problems = []
@@ -131,6 +135,12 @@ class CellSpec:
         if problems:
             raise ValueError(f"invalid cell {self.name!r}: " + "; ".join(problems))
         object.__setattr__(self, "env_name", re.sub(r"[^A-Za-z0-9]", "_", self.name).upper())
+        object.__setattr__(self, "_hash", hash((self.name, self.num_gates, self.state_names, self.recurrence)))
+        names = ("weight_hh", "bias_hh", *(p.name for p in self.extra_params if p.recurrent))
+        object.__setattr__(self, "_param_names", (names, (*names, "weight_hr")))
+
+    def __hash__(self) -> int:  # equal specs share name, gates, states and recurrence, so this agrees with ==
+        return self._hash
 
     @property
     def num_states(self) -> int:
@@ -139,11 +149,7 @@ class CellSpec:
 
     def recurrent_param_names(self, proj: bool = False) -> tuple[str, ...]:
         """Names of the weights the scan receives, in order."""
-        names = ["weight_hh", "bias_hh"]
-        names += [p.name for p in self.extra_params if p.recurrent]
-        if proj:
-            names.append("weight_hr")
-        return tuple(names)
+        return self._param_names[bool(proj)]
 
 
 class Weights(dict):

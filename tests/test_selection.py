@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 
 import pytest
@@ -230,3 +231,21 @@ def test_remembered_auto_decisions_follow_registrations(custom_cell):
     finally:
         del registry.backends["preferred"]
     assert seqfast.current_backend("half_tanh") == "torch"
+
+
+def test_fast_environment_reads_follow_every_change(monkeypatch):
+    """Selection reads the environment on every call through config.getenv (os.environ's own bytes dict)."""
+    from seqfast.config import getenv
+
+    name = "SEQFAST_TEST_FAST_ENV"
+    assert getenv(name) == ""
+    monkeypatch.setenv(name, " numba ")
+    assert getenv(name) == "numba"
+    os.environ[name] = "torch"
+    assert getenv(name) == "torch"
+    monkeypatch.delenv(name)
+    assert getenv(name) == ""
+    monkeypatch.setenv("SEQFAST_BACKEND", "torch")
+    assert seqfast.current_backend("gru", hidden_size=4) == "torch"
+    monkeypatch.setenv("SEQFAST_BACKEND", "native")
+    assert seqfast.current_backend("gru", hidden_size=4) == "native"

@@ -149,12 +149,13 @@ class Recurrent(nn.Module):
     def _state_sizes(self) -> list[int]:
         return [self.proj_size or self.hidden_size] + [self.hidden_size] * (self.cell.num_states - 1)
 
-    def _unpack_hx(self, hx, batch: int, batched: bool, ref: Tensor) -> tuple[Tensor, ...]:
+    def _unpack_hx(self, hx, batch: int, batched: bool, ref: Tensor) -> tuple[Tensor, ...] | None:
+        """hx as [layers * directions, B, size] tensors; None for hx=None (zero states, made where needed)."""
+        if hx is None:
+            return None
         layers = self.num_layers * (2 if self.bidirectional else 1)
         sizes = self._state_sizes()
         names = self.cell.state_names
-        if hx is None:
-            return tuple(ref.new_zeros(layers, batch, size) for size in sizes)
         states = (hx,) if isinstance(hx, Tensor) else tuple(hx)
         if len(states) != len(names) or not all(isinstance(s, Tensor) for s in states):
             want = "a tensor" if len(names) == 1 else f"a tuple of {len(names)} tensors {names}"
@@ -222,18 +223,46 @@ class Recurrent(nn.Module):
             output = output.transpose(0, 1)
         return output, (final[0] if self.cell.num_states == 1 else final)
 
-    def _query(self, x: Tensor, state0: tuple[Tensor, ...], level: str) -> Query:
-        return Query(
-            cell=self.cell, device=x.device.type, dtype=x.dtype, hidden_size=self.hidden_size,
-            input_size=x.shape[-1], batch_size=x.shape[1], seq_len=x.shape[0], proj_size=self.proj_size,
-            requires_grad=torch.is_grad_enabled() and (x.requires_grad or any(s.requires_grad for s in state0)
-                                                        or any(p.requires_grad for p in self._parameters.values())),
-            level=level,
-        )
+    def _query(self, x: Tensor, state0: tuple[Tensor, ...] | None, level: str) -> Query:
+        requires_grad = torch.is_grad_enabled() and (
+            x.requires_grad or (state0 is not None and any(s.requires_grad for s in state0))
+            or any(p.requires_grad for p in self._parameters.values()))
+        if torch.compiler.is_compiling():  # no module state changes inside a traced graph
+            return self._new_query(x, requires_grad, level)
+        # one Query per input shape, kept: building the frozen dataclass costs more than the lookup
+        key = (x.shape, x.dtype, x.device.type, requires_grad, level)
+        queries = self.__dict__.setdefault("_queries", {})
+        query = queries.get(key)
+        if query is None:
+            if len(queries) > 64:
+                queries.clear()
+            query = queries[key] = self._new_query(x, requires_grad, level)
+        return query
 
-    def _run(self, x: Tensor, lengths: Tensor | None, state0: tuple[Tensor, ...]):
+    def _new_query(self, x: Tensor, requires_grad: bool, level: str) -> Query:
+        return Query(cell=self.cell, device=x.device.type, dtype=x.dtype, hidden_size=self.hidden_size,
+                     input_size=x.shape[-1], batch_size=x.shape[1], seq_len=x.shape[0], proj_size=self.proj_size,
+                     requires_grad=requires_grad, level=level)
+
+    def __getstate__(self):
+        # per-call caches (derived, and holding the cell's functions) stay out of pickles and copies
+        state = dict(super().__getstate__())
+        state.pop("_queries", None)
+        state.pop("_scan_names_cache", None)
+        return state
+
+    def _param(self, name: str) -> Tensor:
+        # _parameters first (a dict lookup); getattr for a parametrized weight (torch.nn.utils.parametrize),
+        # which is a property and absent from _parameters
+        p = self._parameters.get(name)
+        return getattr(self, name) if p is None else p
+
+    def _run(self, x: Tensor, lengths: Tensor | None, state0: tuple[Tensor, ...] | None):
         backend, _ = select_backend(self._query(x, state0, "module"), self.backend)
         if backend.has_stack():
+            if state0 is None:
+                layers = self.num_layers * (2 if self.bidirectional else 1)
+                state0 = tuple(x.new_zeros(layers, x.shape[1], size) for size in self._state_sizes())
             params = [[self._parameters[n] for n in names] for names in self._all_weights]
             return backend.run_stack(self.cell, x, lengths, state0, params, num_layers=self.num_layers,
                                      bidirectional=self.bidirectional, dropout=self.dropout,
@@ -246,11 +275,13 @@ class Recurrent(nn.Module):
             for direction in range(directions):
                 index = layer * directions + direction
                 w_ih, b_ih, recurrent = self._scan_names()[index]
-                # getattr, not _parameters: a parametrized weight (torch.nn.utils.parametrize) is a property
-                x_proj = F.linear(layer_input, getattr(self, w_ih), getattr(self, b_ih) if b_ih else None)
-                weights = Weights({base: (getattr(self, name) if name else None) for base, name in recurrent})
-                out, final = backend.scan(self.cell, x_proj, tuple(s[index] for s in state0), weights, lengths,
-                                          direction == 1)
+                x_proj = F.linear(layer_input, self._param(w_ih), self._param(b_ih) if b_ih else None)
+                weights = Weights({base: (self._param(name) if name else None) for base, name in recurrent})
+                if state0 is None:
+                    init = tuple(x.new_zeros(x.shape[1], size) for size in self._state_sizes())
+                else:
+                    init = tuple(s[index] for s in state0)
+                out, final = backend.scan(self.cell, x_proj, init, weights, lengths, direction == 1)
                 outputs.append(out)
                 for store, s in zip(finals, final, strict=True):
                     store.append(s)

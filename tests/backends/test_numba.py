@@ -532,3 +532,63 @@ def test_unwritable_cache_dir_falls_back(tmp_path) -> None:
                             env={**os.environ, "SEQFAST_CACHE_DIR": str(blocker / "cache")})
     assert result.returncode == 0, result.stderr
     assert "not writable" in result.stderr
+
+
+def test_large_buffers_are_pooled_and_never_shared_while_alive() -> None:
+    from seqfast.backends.numba import _buffers
+
+    _buffers.clear()
+    shape = (300, 1024)  # 1.2 MB: pooled
+    a = _buffers.empty(shape, torch.float32)
+    b = _buffers.empty(shape, torch.float32)
+    assert a.data_ptr() != b.data_ptr() and a.data_ptr() % 64 == 0
+    first = a.data_ptr()
+    view = a[5:]
+    del a
+    assert _buffers.empty(shape, torch.float32).data_ptr() != first  # a view of it is alive
+    array = view.numpy()
+    del view
+    assert _buffers.empty(shape, torch.float32).data_ptr() != first  # so is a numpy array over it
+    del array
+    reused = _buffers.empty(shape, torch.float32)
+    assert reused.data_ptr() == first
+    assert _buffers.empty((2048, 1024), torch.float64).data_ptr() != first  # too large for the free one
+    assert _buffers.empty((4, 4), torch.float32).shape == (4, 4)  # small: plain torch.empty
+    assert len(_buffers._kept) <= _buffers.MAX_KEPT
+    _buffers.clear()
+
+
+def test_outputs_and_initial_states_stay_intact_across_calls() -> None:
+    """Outputs live in pooled buffers: one a caller keeps must not be overwritten by the next call, and the
+    kernels never write into the caller's initial state."""
+    torch.manual_seed(0)
+    model = seqfast.LSTM(8, 256, backend="numba")  # outputs of 64 x 16 x 256 floats: 1 MiB, pooled
+    x1, x2 = torch.randn(64, 16, 8), torch.randn(64, 16, 8)
+    h0 = (torch.randn(1, 16, 256), torch.randn(1, 16, 256))
+    kept_h0 = tuple(s.clone() for s in h0)
+    with torch.no_grad():
+        out1, _ = model(x1, h0)
+        kept = out1.clone()
+        out2, _ = model(x2, h0)
+    assert out1.data_ptr() != out2.data_ptr()
+    assert torch.equal(out1, kept)
+    assert all(torch.equal(s, k) for s, k in zip(h0, kept_h0, strict=True))
+    del out1, kept  # now its buffer may serve the next call, which must still be right
+    reference = seqfast.LSTM(8, 256, backend="torch")
+    reference.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        again, _ = model(x1, h0)
+        torch.testing.assert_close(again, reference(x1, h0)[0], **TOL[torch.float32])
+
+
+def test_module_pickles_without_its_call_caches(tmp_path) -> None:
+    model = seqfast.GRU(4, 6, backend="numba")
+    with torch.no_grad():
+        model(torch.randn(3, 2, 4))
+    assert "_queries" in model.__dict__
+    path = tmp_path / "m.pt"
+    torch.save(model, path)
+    loaded = torch.load(path, weights_only=False)
+    assert "_queries" not in loaded.__dict__
+    x = torch.randn(3, 2, 4)
+    torch.testing.assert_close(loaded(x)[0], model(x)[0], rtol=0, atol=0)

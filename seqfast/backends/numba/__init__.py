@@ -21,14 +21,17 @@ import importlib.metadata
 import importlib.util
 import os
 import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from ...config import getenv
 from ...registry import CellSpec, Query
 from ..fused import FusedBackend
+from . import _buffers
 
 MIN_NUMBA = (0, 60)
 
@@ -65,7 +68,7 @@ MIN_ROWS_PER_THREAD = 2
 
 def num_threads() -> int:
     """Threads a scan may use: SEQFAST_NUMBA_THREADS, else torch's intra-op thread count."""
-    env = os.environ.get("SEQFAST_NUMBA_THREADS", "").strip()
+    env = getenv("SEQFAST_NUMBA_THREADS")
     if env:
         try:
             return max(1, int(env))
@@ -202,17 +205,46 @@ def _run_rows(call, ranges: list[tuple[int, int]], blas: bool = True) -> None:
             f.result()
 
 
-_full_cache: dict[tuple[int, int], Tensor] = {}
+_full_cache: dict[tuple[int, int], np.ndarray] = {}
 
 
-def _full_lengths(batch: int, steps: int) -> Tensor:
-    """lengths for a batch without them: every row runs all steps (read-only, so one tensor serves every call)."""
+def _full_lengths(batch: int, steps: int) -> np.ndarray:
+    """lengths for a batch without them: every row runs all steps (read-only, so one array serves every call)."""
     lens = _full_cache.get((batch, steps))
     if lens is None:
         if len(_full_cache) > 64:
             _full_cache.clear()
-        lens = _full_cache[(batch, steps)] = torch.full((batch,), steps, dtype=torch.int64)
+        lens = _full_cache[(batch, steps)] = np.full(batch, steps, dtype=np.int64)
     return lens
+
+
+_NP_DTYPES = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
+_NO_SAVED = {name: np.empty((0, 0, 0, 0), dtype=name) for name in ("float32", "float64")}  # inference's saved_st
+
+# numpy views of weight tensors, by id(tensor): the same memory, so in-place updates (optimizer steps, .data
+# writes) show through; a weight that died, moved or changed shape misses. A view costs ~1 us to make, a hit 0.2.
+_views: dict[int, tuple] = {}
+
+
+def _host(t: Tensor) -> np.ndarray:
+    """A numpy array of t's data (a view when t is contiguous)."""
+    hit = _views.get(id(t))
+    if hit is not None and hit[0]() is t and hit[1] == t.data_ptr() and hit[2] == t.shape:
+        return hit[3]
+    array = t.detach().contiguous().numpy()
+    if t.is_contiguous() and not t.is_inference():  # a copy would go stale; inference tensors allow no weakref
+        if len(_views) > 1024:
+            _views.clear()
+        _views[id(t)] = (weakref.ref(t), t.data_ptr(), t.shape, array)
+    return array
+
+
+def _state_array(s: Tensor, dtype: torch.dtype) -> np.ndarray:
+    """A state (or state gradient) as a numpy array of the scan's dtype (read only by the kernels)."""
+    s = s.detach()
+    if s.dtype != dtype:
+        s = s.to(dtype)
+    return s.contiguous().numpy()
 
 
 class NumbaBackend(FusedBackend):
@@ -222,6 +254,10 @@ class NumbaBackend(FusedBackend):
     dtypes = frozenset(_DTYPES)
     supports_proj = False  # LSTM proj_size: h would need a second GEMM per step; declined, use torch or native
     priority = 5
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._kernels: dict[tuple[CellSpec, torch.dtype], object] = {}  # the per-call fast path of _module
 
     # --- support ---------------------------------------------------------------------------------------------
     def unavailable_reason(self) -> str | None:
@@ -254,6 +290,9 @@ class NumbaBackend(FusedBackend):
         return shapes
 
     def _module(self, cell: CellSpec, dtype: torch.dtype):
+        module = self._kernels.get((cell, dtype))
+        if module is not None:
+            return module
         if dtype not in _DTYPES:
             raise TypeError(f"numba backend: dtype {dtype} not supported (float32, float64)")
         why = self.unavailable_reason()
@@ -261,67 +300,63 @@ class NumbaBackend(FusedBackend):
             raise RuntimeError(f"numba backend: {why}")
         from .codegen import kernels
 
-        return kernels(cell, _DTYPES[dtype])
+        module = self._kernels[(cell, dtype)] = kernels(cell, _DTYPES[dtype])
+        return module
 
     @staticmethod
     def _arrays(cell: CellSpec, x_proj: Tensor, weights: list[Tensor | None], lengths: Tensor | None):
+        """-> (x_proj as a tensor and as numpy, [W_hh, b_hh, *extras] as numpy, lengths as numpy)."""
         steps, batch, width = x_proj.shape
         hidden = width // cell.num_gates
-        if x_proj.device.type != "cpu":
+        if not x_proj.is_cpu:
             raise ValueError(f"numba backend: tensors must be on the CPU, got {x_proj.device}")
         if weights and len(weights) > 2 + len(cell.pointwise.params):
             raise ValueError("numba backend: proj_size (weight_hr) is not supported")
         x = x_proj.detach().contiguous()
+        dtype = _NP_DTYPES[x.dtype]
         w = weights[0] if weights else None
         if w is None:
-            w = x.new_zeros(width, hidden) if cell.recurrence == "dense" else x.new_zeros(width)
-        bias = weights[1] if len(weights) > 1 and weights[1] is not None else x.new_zeros(width)
+            w_np = np.zeros((width, hidden) if cell.recurrence == "dense" else (width,), dtype=dtype)
+        else:
+            w_np = _host(w)
+        bias = weights[1] if len(weights) > 1 else None
+        bias_np = np.zeros(width, dtype=dtype) if bias is None else _host(bias)
         # the kernel takes the per-unit extras in Pointwise.params order; an absent one (a bias-like extra under
         # bias=False) reads as zeros
         extras = []
         if cell.pointwise.params:
-            given = dict(zip(cell.recurrent_param_names()[2:], weights[2:], strict=False))
-            extras = [given.get(name) for name in cell.pointwise.params]
             from .codegen import per_unit_width
 
-            extras = [p if p is not None else x.new_zeros(per_unit_width(cell, name) * hidden)
-                      for p, name in zip(extras, cell.pointwise.params, strict=True)]
+            given = dict(zip(cell.recurrent_param_names()[2:], weights[2:], strict=False))
+            extras = [np.zeros(per_unit_width(cell, name) * hidden, dtype=dtype) if given.get(name) is None
+                      else _host(given[name]) for name in cell.pointwise.params]
         if lengths is None:
             lens = _full_lengths(batch, steps)
         else:
-            lens = lengths.detach().to(device="cpu", dtype=torch.int64).contiguous()
-        arrays = [t.detach().contiguous() for t in (w, bias, *extras)]
-        return x, arrays, lens
+            lens = lengths.detach().to(device="cpu", dtype=torch.int64).contiguous().numpy()
+        return x, x.numpy(), [w_np, bias_np, *extras], lens
 
     def forward(self, cell: CellSpec, x_proj: Tensor, state0: list[Tensor], weights: list[Tensor | None],
                 lengths: Tensor | None, reverse: bool, need_saved: bool) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-        # kept lean: at small shapes (T100 B1 H32) the kernel runs ~40 us, and every torch call here costs ~1 us
+        # kept lean: at small shapes (T100 B1 H32) the kernel runs ~30 us, and every torch call here costs ~1 us.
+        # Buffers are 64-byte aligned (numpy's large arrays sit 16 bytes off a cache line); large ones are pooled
         module = self._module(cell, x_proj.dtype)
-        x, (w, bias, *extras), lens = self._arrays(cell, x_proj, weights, lengths)
-        steps, batch, width = x.shape
+        x, x_np, arrays, lens = self._arrays(cell, x_proj, weights, lengths)
+        steps, batch, width = x_np.shape
         hidden = width // cell.num_gates
-        # updated in place: the finals
-        states = [s.detach().clone() if s.dtype == x.dtype and s.is_contiguous()
-                  else s.detach().to(x.dtype).contiguous().clone() for s in state0]
-        out = x.new_empty(steps, batch, hidden)
-        dtype_name = _DTYPES[x.dtype]
-        if need_saved:
-            saved = [x.new_empty(s) for s in self.saved_shapes(cell, steps, batch, hidden)]
-            saved_np = saved[0].numpy()
-        else:
-            saved = []
-            saved_np = np.empty((0, 0, 0, 0), dtype=dtype_name)
-        if batch == 0:
-            return out, states, saved
-        # the per-step products: saved for the backward (dense), else one reused [1, B, G*H] buffer
-        hg = saved[1].numpy() if len(saved) > 1 else np.empty((1, batch, width), dtype=dtype_name)
-        fn, ranges, small = _plan(dtype_name, steps, batch, width, hidden)
-        w_np = w.numpy()
-        # W_hh^T for the loop GEMM (it wants the summed index outermost): once per call, outside the time loop
-        wt = np.ascontiguousarray(w_np.T) if small and cell.recurrence == "dense" else w_np
-        args = (x.numpy(), w_np, wt, bias.numpy(), *(e.numpy() for e in extras), *(s.numpy() for s in states),
-                lens.numpy(), bool(reverse), out.numpy(), hg, saved_np, bool(need_saved))
-        _run_rows(lambda lo, hi: module.forward(fn, small, lo, hi, *args), ranges, blas=not small)
+        dtype_name = _DTYPES[x.dtype]  # not x_np.dtype.name: a Python property in numpy, ~1 us
+        init = [_state_array(s, x.dtype) for s in state0]
+        states = [torch.empty(a.shape, dtype=x.dtype) for a in init]  # the kernel copies init in: the finals
+        out = _buffers.empty((steps, batch, hidden), x.dtype)
+        saved = [_buffers.empty(s, x.dtype) for s in self.saved_shapes(cell, steps, batch, hidden)] if need_saved \
+            else []
+        if batch > 0:
+            # the per-step products: saved for the backward (dense), else one reused [1, B, G*H] buffer
+            hg = saved[1].numpy() if len(saved) > 1 else np.empty((1, batch, width), dtype=dtype_name)
+            fn, ranges, small = _plan(dtype_name, steps, batch, width, hidden)
+            args = (x_np, *arrays, *init, *(s.numpy() for s in states), lens, bool(reverse), out.numpy(), hg,
+                    saved[0].numpy() if saved else _NO_SAVED[dtype_name], bool(need_saved))
+            _run_rows(lambda lo, hi: module.forward(fn, small, lo, hi, *args), ranges, blas=not small)
         return out, states, saved
 
     def backward(self, cell: CellSpec, x_proj: Tensor, state0: list[Tensor], weights: list[Tensor | None],
@@ -331,41 +366,43 @@ class NumbaBackend(FusedBackend):
         if cell.pointwise is None or cell.pointwise.backward is None:
             raise RuntimeError(f"numba backend: cell {cell.name!r} has no pointwise backward")
         module = self._module(cell, x_proj.dtype)
-        x, (w, bias, *extras), lens = self._arrays(cell, x_proj, weights, lengths)
-        steps, batch, width = x.shape
+        x, x_np, (w, bias, *extras), lens = self._arrays(cell, x_proj, weights, lengths)
+        steps, batch, width = x_np.shape
         hidden = width // cell.num_gates
+        dtype = dtype_name = _DTYPES[x.dtype]
         saved_st = saved[0].detach().contiguous()
         h_prev = saved_st[0].view(steps * batch, hidden)
         # hgd: the recurrent products of every step, without bias (the kernel overwrites them with d_hg). Dense:
         # the forward's own, copied when they must stay unchanged; elementwise otherwise
         if cell.recurrence == "dense":
-            hgd = saved[1] if saved_mode == "consume" else saved[1].clone()
+            hgd = saved[1] if saved_mode == "consume" else _buffers.empty(saved[1].shape, x.dtype).copy_(saved[1])
         elif cell.recurrence == "diagonal":
-            hgd = (h_prev.repeat(1, cell.num_gates) * w).view(steps, batch, width)
+            hgd = (h_prev.repeat(1, cell.num_gates) * torch.from_numpy(w)).view(steps, batch, width)
         else:
             hgd = x.new_zeros(steps, batch, width)
-        flat_hgd = hgd.view(steps * batch, width)
-        grad_out = x.new_zeros(steps, batch, hidden) if grad_outputs is None else grad_outputs.detach().contiguous()
-        d_states = [x.new_zeros(batch, hidden) if g is None
-                    else g.detach().clone() if g.dtype == x.dtype and g.is_contiguous()
-                    else g.detach().to(x.dtype).contiguous().clone() for g in grad_final]
-        dx = x.new_empty(steps, batch, width)
-        d_extras = [x.new_zeros(e.shape) for e in extras]
+        grad_out = (np.zeros((steps, batch, hidden), dtype=dtype) if grad_outputs is None
+                    else grad_outputs.detach().contiguous().numpy())
+        d_final = [np.zeros((batch, hidden), dtype=dtype) if g is None else _state_array(g, x.dtype)
+                   for g in grad_final]
+        d_states = [torch.empty(d.shape, dtype=x.dtype) for d in d_final]  # the kernel copies d_final in
+        dx = _buffers.empty((steps, batch, width), x.dtype)
+        # sums over rows and steps (the bias and per-unit parameter gradients): one accumulator per thread,
+        # added afterwards; the bias one in float64, since it sums T*B terms
+        fn, ranges, small = _plan(dtype_name, steps, batch, width, hidden)
+        sums = [[torch.zeros(width, dtype=torch.float64).numpy(), *(torch.zeros(e.shape, dtype=x.dtype).numpy()
+                                                                   for e in extras)] for _ in ranges]
         if batch > 0:
-            fn, ranges, small = _plan(_DTYPES[x.dtype], steps, batch, width, hidden)
-            # per-unit parameter gradients are sums over rows: one accumulator per thread, added afterwards
-            per_thread = [d_extras] + [[torch.zeros_like(d) for d in d_extras] for _ in ranges[1:]]
-            args = (x.numpy(), w.numpy(), bias.numpy(), *(e.numpy() for e in extras), saved_st.numpy(),
-                    lens.numpy(), bool(reverse), grad_out.numpy(), *(d.numpy() for d in d_states), dx.numpy(),
-                    hgd.numpy())
-            accumulators = {r: [d.numpy() for d in acc] for r, acc in zip(ranges, per_thread, strict=True)}
-            _run_rows(lambda lo, hi: module.backward(fn, small, lo, hi, *args, *accumulators[(lo, hi)]), ranges,
+            args = (x_np, w, bias, *extras, saved_st.numpy(), lens, bool(reverse), grad_out, *d_final,
+                    *(d.numpy() for d in d_states), dx.numpy(), hgd.numpy())
+            by_range = dict(zip(ranges, sums, strict=True))
+            _run_rows(lambda lo, hi: module.backward(fn, small, lo, hi, *args, *by_range[(lo, hi)]), ranges,
                       blas=not small)
-            for acc in per_thread[1:]:
-                for total, part in zip(d_extras, acc, strict=True):
-                    total += part
-        # the recurrent-weight gradient: one GEMM over every step (padding rows of dhg are zero)
-        flat_dhg = flat_hgd  # now d_hg
+        d_bias, *d_extras = sums[0]
+        for part in sums[1:]:
+            for total, more in zip(sums[0], part, strict=True):
+                total += more
+        # the recurrent-weight gradient: one GEMM over every step (padding rows of d_hg are zero)
+        flat_dhg = hgd.view(steps * batch, width)  # now d_hg
         grads: list[Tensor | None] = [None] * len(weights)
         if weights and weights[0] is not None:
             if cell.recurrence == "dense":
@@ -373,11 +410,11 @@ class NumbaBackend(FusedBackend):
             else:  # diagonal: d w[g*H + j] = sum over steps of d_hg[., g*H + j] * h_prev[., j]
                 grads[0] = (flat_dhg.view(-1, cell.num_gates, hidden) * h_prev.unsqueeze(1)).sum(0).view(width)
         if len(weights) > 1 and weights[1] is not None:
-            grads[1] = flat_dhg.sum(0)
+            grads[1] = torch.from_numpy(d_bias.astype(dtype))
         d_by_name = dict(zip(cell.pointwise.params, d_extras, strict=True))
         for i, name in enumerate(cell.recurrent_param_names()[2:len(weights)]):
             p = weights[i + 2]
-            grads[i + 2] = None if p is None else d_by_name[name].view(p.shape)
+            grads[i + 2] = None if p is None else torch.from_numpy(d_by_name[name]).view(p.shape)
         return dx, d_states, grads
 
 

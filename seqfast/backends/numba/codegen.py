@@ -40,7 +40,7 @@ from types import ModuleType
 from ...registry import CellSpec
 from ..pointwise_source import MATH_NAMES, parse_pointwise, per_unit_rows
 
-TEMPLATE_VERSION = "10"
+TEMPLATE_VERSION = "11"
 _SAFE_BUILTINS = {"abs", "min", "max", "range", "len", "float", "int", "bool", "True", "False", "None"}
 _HERE = Path(__file__).resolve().parent
 
@@ -231,21 +231,31 @@ def _forward_kernel(lay: _Layout) -> str:
     XG, HG, ST, PR = 0, G, 2 * G, 2 * G + S
     NS = PR + P
     rows = NS + S
-    states = "".join(f"s{i}, " for i in range(S))
+    states = "".join(f"init{i}, " for i in range(S)) + "".join(f"s{i}, " for i in range(S))
     L: list[str] = []
     a = L.append
     a("@njit(cache=_CACHE, nogil=True, fastmath=_FM, error_model='numpy')")
-    a(f"def forward(gemm_fn, small, b_lo, b_hi, x, w, wt, bias, {lay.param_args}{states}lengths, reverse, out, hg, "
+    a(f"def forward(gemm_fn, small, b_lo, b_hi, x, w, bias, {lay.param_args}{states}lengths, reverse, out, hg, "
       "saved_st, need_saved):")
     a('    """Rows b_lo..b_hi of the forward scan (threads take disjoint row ranges; rows never interact).')
+    a('    s<i> start as a copy of init<i> (left unchanged) and end as the final states.')
     a('    small: the recurrent GEMM runs as a numba loop over wt = W_hh^T instead of calling MKL."""')
     a("    T = x.shape[0]")
     a("    H = s0.shape[1]")
     a("    one = _F(1.0)")
     a("    zero = _F(0.0)")
     a(f"    buf = np.zeros(({rows}, {CHUNK}), dtype=_F)")
+    for i in range(S):
+        a(f"    s{i}[b_lo:b_hi, :] = init{i}[b_lo:b_hi, :]")
     if lay.recurrence == "dense":
         a("    h_rows = s0[b_lo:b_hi]")
+        # the loop GEMM wants the summed index outermost; transposed here, once per call: cheaper than a numpy
+        # call from Python, and never cached across calls (weights change in place, even behind autograd's back)
+        a("    wt = np.empty((w.shape[1], w.shape[0]) if small else (0, 0), dtype=_F)")
+        a("    if small:")
+        a("        for n in range(w.shape[0]):")
+        a("            for q in range(w.shape[1]):")
+        a("                wt[q, n] = w[n, q]")
     a("    for k in range(T):")
     if lay.recurrence == "dense":
         a("        kk = k if hg.shape[0] == T else 0  # saved for backward, or one reused buffer")
@@ -299,20 +309,23 @@ def _backward_kernel(lay: _Layout) -> str:
     DS = DH + G
     DP = DS + S
     rows = DP + P
-    dstates = "".join(f"d{i}, " for i in range(S))
+    dstates = "".join(f"dfinal{i}, " for i in range(S)) + "".join(f"d{i}, " for i in range(S))
     dparams = "".join(f"dp{i}, " for i in range(len(lay.widths)))
     L: list[str] = []
     a = L.append
     a("@njit(cache=_CACHE, nogil=True, fastmath=_FM, error_model='numpy')")
     a(f"def backward(gemm_fn, small, b_lo, b_hi, x, w, bias, {lay.param_args}saved_st, lengths, reverse, "
-      f"grad_out, {dstates}dx, hgd, {dparams}):")
-    a('    """Rows b_lo..b_hi of the backward scan; d<i> hold the running state gradients (in: grad of the final')
-    a('    state, out: grad of state0); dp<i> accumulate per-unit parameter gradients (one thread per call)."""')
+      f"grad_out, {dstates}dx, hgd, dbias, {dparams}):")
+    a('    """Rows b_lo..b_hi of the backward scan; d<i> hold the running state gradients (start: a copy of dfinal<i>,')
+    a('    the grad of the final state; end: grad of state0); dp<i> accumulate per-unit parameter gradients and')
+    a('    dbias the bias gradient, sum over rows and steps of d_hg (one thread per call)."""')
     a("    T = x.shape[0]")
     a("    H = d0.shape[1]")
     a("    one = _F(1.0)")
     a("    zero = _F(0.0)")
     a(f"    buf = np.zeros(({rows}, {CHUNK}), dtype=_F)")
+    for i in range(S):
+        a(f"    d{i}[b_lo:b_hi, :] = dfinal{i}[b_lo:b_hi, :]")
     if lay.recurrence == "dense":
         a("    d_rows = d0[b_lo:b_hi]")
     a("    for k in range(T - 1, -1, -1):")
@@ -348,6 +361,7 @@ def _backward_kernel(lay: _Layout) -> str:
     for g in range(G):
         a(f"{ind}for c in range(cn):\n{ind}    dx[t, b, og{g} + c] = buf[{DX + g}, c]")
         a(f"{ind}for c in range(cn):\n{ind}    hgd[k, b, og{g} + c] = buf[{DH + g}, c]  # d_hg replaces hg")
+        a(f"{ind}for c in range(cn):\n{ind}    dbias[og{g} + c] += buf[{DH + g}, c]")
     if lay.recurrence == "diagonal":  # d h += sum_g d_hg[g] * w[g]
         extra = " + ".join(f"buf[{DH + g}, c] * w[og{g} + c]" for g in range(G))
         a(f"{ind}for c in range(cn):\n{ind}    d0[b, u0 + c] = buf[{DS}, c] + {extra}")

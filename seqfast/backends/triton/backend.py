@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ...config import getenv
 from ...registry import CellSpec, Query
 from ..fused import FusedBackend
 from .codegen import CodegenError, generate_source, load_kernels, param_layout
@@ -27,7 +28,7 @@ _RECURRENCE_CODE = {"dense": 0, "diagonal": 1, "none": 2}
 
 def interpreting() -> bool:
     """TRITON_INTERPRET is set: kernels run on CPU tensors through Triton's interpreter (tests only; slow)."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0")
+    return getenv("TRITON_INTERPRET") not in ("", "0")
 
 
 _SM90_SHARED = 227 * 1024  # H100 (sm_90) shared memory per block with opt-in; the default without a GPU
