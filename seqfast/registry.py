@@ -149,7 +149,7 @@ class CellSpec:
 
     def recurrent_param_names(self, proj: bool = False) -> tuple[str, ...]:
         """Names of the weights the scan receives, in order."""
-        return self._param_names[bool(proj)]
+        return self._param_names[1 if proj else 0]  # not [bool]: torch.compile rejects bool indices
 
 
 class Weights(dict):

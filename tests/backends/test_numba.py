@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -348,6 +349,27 @@ def leaky_cell():
 def test_plugin_cell_diagonal_with_param(leaky_cell, dtype) -> None:
     x, state0, weights, lens = _inputs(leaky_cell, 8, 3, 6, dtype, seed=2, lengths=True)
     _compare(leaky_cell, x, state0, weights, lens, True, dtype)
+
+
+def _leaky_backward_rebuilt(m, xg, hg, state, params, d_new):
+    t = m.tanh(xg[0] + hg[0])
+    da = d_new[0] * params[0] * (1 - t * t)
+    return (da,), (da * 1.0,), (LEAK * d_new[0],), (d_new[0] * t,)  # equal values, not one expression
+
+
+def test_shared_pre_activation_gradient_is_read_from_the_source(leaky_cell) -> None:
+    """d_x is written once (and is the d_hg buffer) only where the source returns one expression for both."""
+    from seqfast.backends.numba.codegen import dx_is_dhg
+
+    assert [dx_is_dhg(seqfast.get_cell(n)) for n in ("lstm", "rnn_tanh", "rnn_relu", "gru")] == [True] * 3 + [False]
+    assert dx_is_dhg(leaky_cell)
+    other = dataclasses.replace(leaky_cell, name="test_numba_leaky_rebuilt",
+                                pointwise=Pointwise(_leaky_forward, _leaky_backward_rebuilt, params=("gain",)))
+    assert not dx_is_dhg(other)
+    x, state0, weights, lens = _inputs(leaky_cell, 7, 3, 5, torch.float32, seed=5, lengths=True)
+    for cell in (leaky_cell, other):  # both ways give the reference's gradients, forward and reversed
+        for reverse in (False, True):
+            _compare(cell, x, state0, weights, lens, reverse, torch.float32)
 
 
 def test_uncompilable_cell_gets_a_reason() -> None:

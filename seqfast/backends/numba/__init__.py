@@ -365,6 +365,8 @@ class NumbaBackend(FusedBackend):
                  ) -> tuple[Tensor, list[Tensor], list[Tensor | None]]:
         if cell.pointwise is None or cell.pointwise.backward is None:
             raise RuntimeError(f"numba backend: cell {cell.name!r} has no pointwise backward")
+        from .codegen import dx_is_dhg
+
         module = self._module(cell, x_proj.dtype)
         x, x_np, (w, bias, *extras), lens = self._arrays(cell, x_proj, weights, lengths)
         steps, batch, width = x_np.shape
@@ -385,7 +387,9 @@ class NumbaBackend(FusedBackend):
         d_final = [np.zeros((batch, hidden), dtype=dtype) if g is None else _state_array(g, x.dtype)
                    for g in grad_final]
         d_states = [torch.empty(d.shape, dtype=x.dtype) for d in d_final]  # the kernel copies d_final in
-        dx = _buffers.empty((steps, batch, width), x.dtype)
+        # where d_x equals d_hg and both are in time order, the kernel writes d_hg only and d_x is that buffer
+        write_dx = reverse or not dx_is_dhg(cell)
+        dx = _buffers.empty((steps, batch, width), x.dtype) if write_dx else hgd
         # sums over rows and steps (the bias and per-unit parameter gradients): one accumulator per thread,
         # added afterwards; the bias one in float64, since it sums T*B terms
         fn, ranges, small = _plan(dtype_name, steps, batch, width, hidden)
@@ -393,7 +397,7 @@ class NumbaBackend(FusedBackend):
                                                                    for e in extras)] for _ in ranges]
         if batch > 0:
             args = (x_np, w, bias, *extras, saved_st.numpy(), lens, bool(reverse), grad_out, *d_final,
-                    *(d.numpy() for d in d_states), dx.numpy(), hgd.numpy())
+                    *(d.numpy() for d in d_states), dx.numpy(), write_dx, hgd.numpy())
             by_range = dict(zip(ranges, sums, strict=True))
             _run_rows(lambda lo, hi: module.backward(fn, small, lo, hi, *args, *by_range[(lo, hi)]), ranges,
                       blas=not small)

@@ -40,7 +40,7 @@ from types import ModuleType
 from ...registry import CellSpec
 from ..pointwise_source import MATH_NAMES, parse_pointwise, per_unit_rows
 
-TEMPLATE_VERSION = "11"
+TEMPLATE_VERSION = "12"
 _SAFE_BUILTINS = {"abs", "min", "max", "range", "len", "float", "int", "bool", "True", "False", "None"}
 _HERE = Path(__file__).resolve().parent
 
@@ -315,10 +315,11 @@ def _backward_kernel(lay: _Layout) -> str:
     a = L.append
     a("@njit(cache=_CACHE, nogil=True, fastmath=_FM, error_model='numpy')")
     a(f"def backward(gemm_fn, small, b_lo, b_hi, x, w, bias, {lay.param_args}saved_st, lengths, reverse, "
-      f"grad_out, {dstates}dx, hgd, dbias, {dparams}):")
+      f"grad_out, {dstates}dx, write_dx, hgd, dbias, {dparams}):")
     a('    """Rows b_lo..b_hi of the backward scan; d<i> hold the running state gradients (start: a copy of dfinal<i>,')
     a('    the grad of the final state; end: grad of state0); dp<i> accumulate per-unit parameter gradients and')
-    a('    dbias the bias gradient, sum over rows and steps of d_hg (one thread per call)."""')
+    a('    dbias the bias gradient, sum over rows and steps of d_hg (one thread per call). write_dx=False: d_x equals')
+    a('    d_hg and is not written (see dx_is_dhg)."""')
     a("    T = x.shape[0]")
     a("    H = d0.shape[1]")
     a("    one = _F(1.0)")
@@ -359,7 +360,7 @@ def _backward_kernel(lay: _Layout) -> str:
     for q, (row, _, _) in enumerate(lay.param_rows(DP)):
         a(f"{ind}    buf[{row}, c] = res[3][{q}]")
     for g in range(G):
-        a(f"{ind}for c in range(cn):\n{ind}    dx[t, b, og{g} + c] = buf[{DX + g}, c]")
+        a(f"{ind}if write_dx:\n{ind}    for c in range(cn):\n{ind}        dx[t, b, og{g} + c] = buf[{DX + g}, c]")
         a(f"{ind}for c in range(cn):\n{ind}    hgd[k, b, og{g} + c] = buf[{DH + g}, c]  # d_hg replaces hg")
         a(f"{ind}for c in range(cn):\n{ind}    dbias[og{g} + c] += buf[{DH + g}, c]")
     if lay.recurrence == "diagonal":  # d h += sum_g d_hg[g] * w[g]
@@ -379,6 +380,28 @@ def _backward_kernel(lay: _Layout) -> str:
         a("        else:")
         a("            _gemm_nn_acc(gemm_fn, dhg_rows, w, d_rows, one)")
     return "\n".join(L)
+
+
+_same_gradient: dict[CellSpec, bool] = {}
+
+
+def dx_is_dhg(cell: CellSpec) -> bool:
+    """Whether the cell's pointwise backward returns one expression as both d_x and d_hg: the pre-activation
+    gradient of cells whose input projection and recurrent product simply add (LSTM, the RNNs). Then a forward
+    scan, whose d_hg rows (by loop step) are in d_x's order (by time), writes it once and d_x_proj is that buffer.
+    Decided from the source: a single `return` whose first two items are the same expression."""
+    if cell not in _same_gradient:
+        pw = cell.pointwise
+        same = False
+        if pw is not None and pw.backward is not None:
+            node, _ = parse_pointwise(pw.backward, where=cell.name, nargs=6, new_name="_", prefix="_m_",
+                                      error=CodegenError, allowed_names=_SAFE_BUILTINS)
+            returns = [n for n in ast.walk(node) if isinstance(n, ast.Return)]
+            if len(returns) == 1 and isinstance(returns[0].value, ast.Tuple) and len(returns[0].value.elts) >= 2:
+                first, second = returns[0].value.elts[:2]
+                same = ast.dump(first) == ast.dump(second)
+        _same_gradient[cell] = same
+    return _same_gradient[cell]
 
 
 def generate_source(cell: CellSpec, dtype: str) -> str:
