@@ -6,10 +6,11 @@
     python benchmarks/numba_compare.py --latency       # cold / warm first-call latency in fresh processes
 
 torch.nn is timed twice: interleaved with seqfast in this process, and alone in a fresh subprocess that never
-imports seqfast, numba or scipy (so no foreign thread pool can slow it down or speed it up); the speed-up counted is
-the lower of the two. Every time is the median of --repeats samples after --warmup runs; a sample is the mean of
-enough back-to-back calls to last 20 ms (one call, from the middle of the grid up). The `auto` column times
-seqfast with backend="auto" (what a user gets by default).
+imports seqfast, numba or scipy (so no foreign thread pool can slow it down or speed it up), started just before
+the same grid point is timed here; the speed-up counted is the lower of the two. Every time is the median of
+--repeats samples after --warmup runs; a sample is the mean of enough back-to-back calls to last 20 ms (one call,
+from the middle of the grid up), and the contenders' samples are taken in turn. The `auto` column times seqfast
+with backend="auto" (what a user gets by default).
 """
 
 from __future__ import annotations
@@ -185,9 +186,7 @@ def main() -> None:
     if args.latency:
         return _latency(args.cells)
 
-    common = ["--cells", *args.cells, "--modes", *args.modes, "--points", *map(str, args.points),
-              "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
-    alone = _child([*common, "--alone"])
+    timing = ["--modes", *args.modes, "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
 
     import numba
     import torch
@@ -198,6 +197,9 @@ def main() -> None:
     for cell in args.cells:
         for index in args.points:
             T, B, I, H = GRID[index]
+            # torch.nn alone, just before the same point is timed here: this VM has slow stretches lasting
+            # minutes, and a baseline taken in another stretch than the contenders would skew the ratio
+            alone = _child(["--cells", cell, "--points", str(index), *timing, "--alone"])
             x = _inputs(T, B, I)
             ref = _make("torch", cell, I, H)
             fast = _make("seqfast", cell, I, H, backend="numba")

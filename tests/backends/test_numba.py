@@ -217,6 +217,19 @@ def test_loop_gemm_matches_mkl(monkeypatch) -> None:
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
+def test_forward_and_backward_choose_their_gemm_apart(monkeypatch) -> None:
+    """The backward's per-step GEMM stays a loop up to a larger W_hh than the forward's (LSTM H512: 4 MiB)."""
+    if not _blas.SGEMM:
+        pytest.skip("this torch has no MKL: every GEMM is the loop")
+    monkeypatch.setattr(numba_backend, "_plans", {})
+    _, _, forward_loop, backward_loop = numba_backend._plan("float32", 50, 64, 4 * 512, 512)
+    assert (forward_loop, backward_loop) == (False, True)
+    _, _, forward_loop, backward_loop = numba_backend._plan("float32", 50, 64, 4 * 1024, 1024)
+    assert (forward_loop, backward_loop) == (False, False)
+    _, _, forward_loop, backward_loop = numba_backend._plan("float32", 50, 64, 4 * 64, 64)
+    assert (forward_loop, backward_loop) == (True, True)
+
+
 @numba.njit
 def _blocked(a, b, c):
     _blas.loop_nn_acc(a, b, c)

@@ -84,32 +84,36 @@ def _row_ranges(batch: int, work_per_row: int) -> list[tuple[int, int]]:
     return [(bounds[i], bounds[i + 1]) for i in range(threads)]
 
 
-def _use_loop_gemm(fn: int, ranges: list[tuple[int, int]], width: int, hidden: int, itemsize: int = 4) -> bool:
+def _use_loop_gemm(fn: int, ranges: list[tuple[int, int]], width: int, hidden: int, itemsize: int = 4,
+                   max_weight_bytes: int | None = None) -> bool:
     """Run the per-step GEMMs as the blocked numba loop (the kernels' `small` flag): without MKL, where MKL's call
     overhead exceeds the work, or where W_hh is small enough for the loop to beat MKL (see _blas)."""
     from ._blas import LOOP_GEMM_MAX_WEIGHT_BYTES, SMALL_GEMM
 
+    limit = LOOP_GEMM_MAX_WEIGHT_BYTES if max_weight_bytes is None else max_weight_bytes
     return (fn == 0 or max(hi - lo for lo, hi in ranges) * width * hidden <= SMALL_GEMM
-            or width * hidden * itemsize <= LOOP_GEMM_MAX_WEIGHT_BYTES)
+            or width * hidden * itemsize <= limit)
 
 
-_plans: dict[tuple, tuple[int, list[tuple[int, int]], bool]] = {}
+_plans: dict[tuple, tuple[int, list[tuple[int, int]], bool, bool]] = {}
 
 
-def _plan(dtype_name: str, steps: int, batch: int, width: int, hidden: int) -> tuple[int, list[tuple[int, int]], bool]:
-    """(GEMM address, row ranges, loop GEMM?) for a scan shape; memoised, since a small scan's whole kernel
-    takes tens of microseconds and working this out each call was a measurable part of it."""
+def _plan(dtype_name: str, steps: int, batch: int, width: int, hidden: int
+          ) -> tuple[int, list[tuple[int, int]], bool, bool]:
+    """(GEMM address, row ranges, loop GEMM in the forward?, in the backward?) for a scan shape; memoised, since a
+    small scan's whole kernel takes tens of microseconds and working this out each call was a measurable part."""
     key = (dtype_name, steps, batch, width, hidden, num_threads())
     plan = _plans.get(key)
     if plan is None:
-        from ._blas import gemm_address
+        from ._blas import LOOP_GEMM_BWD_MAX_WEIGHT_BYTES, gemm_address
 
         fn = gemm_address(dtype_name)
         ranges = _row_ranges(batch, steps * width * hidden)
         if len(_plans) > 256:
             _plans.clear()
         itemsize = 4 if dtype_name == "float32" else 8
-        plan = _plans[key] = (fn, ranges, _use_loop_gemm(fn, ranges, width, hidden, itemsize))
+        plan = _plans[key] = (fn, ranges, _use_loop_gemm(fn, ranges, width, hidden, itemsize),
+                              _use_loop_gemm(fn, ranges, width, hidden, itemsize, LOOP_GEMM_BWD_MAX_WEIGHT_BYTES))
     return plan
 
 
@@ -353,7 +357,7 @@ class NumbaBackend(FusedBackend):
         if batch > 0:
             # the per-step products: saved for the backward (dense), else one reused [1, B, G*H] buffer
             hg = saved[1].numpy() if len(saved) > 1 else np.empty((1, batch, width), dtype=dtype_name)
-            fn, ranges, small = _plan(dtype_name, steps, batch, width, hidden)
+            fn, ranges, small, _ = _plan(dtype_name, steps, batch, width, hidden)
             args = (x_np, *arrays, *init, *(s.numpy() for s in states), lens, bool(reverse), out.numpy(), hg,
                     saved[0].numpy() if saved else _NO_SAVED[dtype_name], bool(need_saved))
             _run_rows(lambda lo, hi: module.forward(fn, small, lo, hi, *args), ranges, blas=not small)
@@ -392,7 +396,7 @@ class NumbaBackend(FusedBackend):
         dx = _buffers.empty((steps, batch, width), x.dtype) if write_dx else hgd
         # sums over rows and steps (the bias and per-unit parameter gradients): one accumulator per thread,
         # added afterwards; the bias one in float64, since it sums T*B terms
-        fn, ranges, small = _plan(dtype_name, steps, batch, width, hidden)
+        fn, ranges, _, small = _plan(dtype_name, steps, batch, width, hidden)
         sums = [[torch.zeros(width, dtype=torch.float64).numpy(), *(torch.zeros(e.shape, dtype=x.dtype).numpy()
                                                                    for e in extras)] for _ in ranges]
         if batch > 0:

@@ -109,6 +109,10 @@ SMALL_GEMM = 65536
 # ... and at any size while W_hh stays in this core's 1 MiB L2 with room to spare: B16 H128 LSTM, W 256 KiB, 29 vs
 # 34 us per step. At H = 256 (W 1 MiB) the two were even and at H = 512 MKL won, so MKL keeps those.
 LOOP_GEMM_MAX_WEIGHT_BYTES = 256 * 1024
+# The backward's d_h += d_hg W_hh (K = G*H summed, N = H wide) keeps its rows of c and b short, and there the loop
+# held on longer (2026-11-26, B64, whole backward scans, two runs each): LSTM H256 (W 1 MiB) 46.6 ms either way,
+# LSTM H512 (4 MiB) 84 vs 91-93 ms, GRU H512 (3 MiB) 62-68 vs 66-69; LSTM H1024 (16 MiB) 154 vs 146, MKL's.
+LOOP_GEMM_BWD_MAX_WEIGHT_BYTES = 4 * 1024 * 1024
 
 
 @njit(inline="always")
@@ -181,5 +185,5 @@ def loop_nn_acc(a, b, c):
                 c[i, j] += av * b[p, j]
 
 
-__all__ = ["SGEMM", "DGEMM", "SMALL_GEMM", "LOOP_GEMM_MAX_WEIGHT_BYTES", "gemm_address", "gemm_nt", "gemm_nn_acc",
-           "loop_nn_acc", "single_threaded_blas"]
+__all__ = ["SGEMM", "DGEMM", "SMALL_GEMM", "LOOP_GEMM_MAX_WEIGHT_BYTES", "LOOP_GEMM_BWD_MAX_WEIGHT_BYTES",
+           "gemm_address", "gemm_nt", "gemm_nn_acc", "loop_nn_acc", "single_threaded_blas"]
