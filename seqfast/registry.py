@@ -203,6 +203,8 @@ class Backend:
     cells: frozenset[str] | None = None  # None: any cell that satisfies the requirements below
     recurrences: frozenset[str] = frozenset(RECURRENCE_KINDS)
     needs_pointwise: bool = False  # fused backends compile CellSpec.pointwise
+    # scan() takes state0=None for zero initial states (modules pass it for hx=None, sparing the zero tensors)
+    accepts_zero_state: bool = False
     supports_grad: bool = True
     supports_proj: bool = True
     max_hidden_size: int | None = None

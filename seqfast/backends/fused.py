@@ -27,11 +27,15 @@ class FusedBackend(Backend):
 
     needs_pointwise = True
     cells = None
+    accepts_zero_state = True
+    forward_accepts_zero_state = False  # forward() itself takes state0=None (else scan makes the zeros)
 
     # --- what a subclass implements ---------------------------------------------------------------------------
     def forward(self, cell: CellSpec, x_proj: Tensor, state0: list[Tensor], weights: list[Tensor | None],
                 lengths: Tensor | None, reverse: bool, need_saved: bool) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-        """-> (outputs [T, B, H_out], final states, tensors saved for backward ([] unless need_saved))."""
+        """-> (outputs [T, B, H_out], final states, tensors saved for backward ([] unless need_saved)).
+        state0 is None (zero states) only in eager inference, and only for backends that set
+        forward_accepts_zero_state."""
         raise NotImplementedError
 
     def saved_shapes(self, cell: CellSpec, steps: int, batch: int, hidden: int) -> list[tuple[int, ...]]:
@@ -53,15 +57,20 @@ class FusedBackend(Backend):
     def on_register(self) -> None:
         _ops_for(self)  # defined now: torch.compile cannot trace torch.library's op definition later
 
-    def scan(self, cell: CellSpec, x_proj: Tensor, state0: tuple[Tensor, ...], weights: Weights,
+    def scan(self, cell: CellSpec, x_proj: Tensor, state0: tuple[Tensor, ...] | None, weights: Weights,
              lengths: Tensor | None, reverse: bool) -> tuple[Tensor, tuple[Tensor, ...]]:
         names = cell.recurrent_param_names(proj=weights.get("weight_hr") is not None)
         wlist = [weights.get(n) for n in names]
-        tensors = [x_proj, *state0, *(w for w in wlist if w is not None)]
+        tensors = [x_proj, *(state0 or ()), *(w for w in wlist if w is not None)]
         need_saved = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-        if not torch.compiler.is_compiling():
+        compiling = torch.compiler.is_compiling()
+        if state0 is None and (need_saved or compiling or not self.forward_accepts_zero_state):
+            hidden = x_proj.shape[2] // cell.num_gates  # no proj_size here: fused backends decline it
+            state0 = tuple(x_proj.new_zeros(x_proj.shape[1], hidden) for _ in cell.state_names)
+        if not compiling:
             if not need_saved:  # eager inference needs neither autograd nor the custom op's dispatch
-                out, final, _ = self.forward(cell, x_proj, list(state0), wlist, lengths, reverse, False)
+                out, final, _ = self.forward(cell, x_proj, None if state0 is None else list(state0), wlist, lengths,
+                                             reverse, False)
                 return out, tuple(final)
             # eager training: the same forward/backward through a plain autograd.Function, which costs a few
             # hundred microseconds less per call than the custom op's Python dispatch and pytree handling

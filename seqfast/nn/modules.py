@@ -277,8 +277,9 @@ class Recurrent(nn.Module):
                 w_ih, b_ih, recurrent = self._scan_names()[index]
                 x_proj = F.linear(layer_input, self._param(w_ih), self._param(b_ih) if b_ih else None)
                 weights = Weights({base: (self._param(name) if name else None) for base, name in recurrent})
-                if state0 is None:
-                    init = tuple(x.new_zeros(x.shape[1], size) for size in self._state_sizes())
+                if state0 is None:  # zero states: made by the backend if it can, else here
+                    init = None if backend.accepts_zero_state else tuple(
+                        x.new_zeros(x.shape[1], size) for size in self._state_sizes())
                 else:
                     init = tuple(s[index] for s in state0)
                 out, final = backend.scan(self.cell, x_proj, init, weights, lengths, direction == 1)

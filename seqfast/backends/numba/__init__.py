@@ -251,6 +251,20 @@ def _state_array(s: Tensor, dtype: torch.dtype) -> np.ndarray:
     return s.contiguous().numpy()
 
 
+_zeros: dict[tuple, list[np.ndarray]] = {}
+
+
+def _zero_states(cell: CellSpec, batch: int, hidden: int, dtype_name: str) -> list[np.ndarray]:
+    """Zero initial states (read only by the kernels, so one set serves every call of a shape)."""
+    key = (cell.num_states, batch, hidden, dtype_name)
+    zeros = _zeros.get(key)
+    if zeros is None:
+        if len(_zeros) > 64:
+            _zeros.clear()
+        zeros = _zeros[key] = [np.zeros((batch, hidden), dtype=dtype_name)] * cell.num_states
+    return zeros
+
+
 class NumbaBackend(FusedBackend):
     name = "numba"
     description = "fused CPU scans compiled with numba (MKL GEMM per step, vectorized float32 gate math)"
@@ -258,6 +272,7 @@ class NumbaBackend(FusedBackend):
     dtypes = frozenset(_DTYPES)
     supports_proj = False  # LSTM proj_size: h would need a second GEMM per step; declined, use torch or native
     priority = 5
+    forward_accepts_zero_state = True
 
     def __init__(self) -> None:
         super().__init__()
@@ -340,7 +355,7 @@ class NumbaBackend(FusedBackend):
             lens = lengths.detach().to(device="cpu", dtype=torch.int64).contiguous().numpy()
         return x, x.numpy(), [w_np, bias_np, *extras], lens
 
-    def forward(self, cell: CellSpec, x_proj: Tensor, state0: list[Tensor], weights: list[Tensor | None],
+    def forward(self, cell: CellSpec, x_proj: Tensor, state0: list[Tensor] | None, weights: list[Tensor | None],
                 lengths: Tensor | None, reverse: bool, need_saved: bool) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         # kept lean: at small shapes (T100 B1 H32) the kernel runs ~30 us, and every torch call here costs ~1 us.
         # Buffers are 64-byte aligned (numpy's large arrays sit 16 bytes off a cache line); large ones are pooled
@@ -349,8 +364,10 @@ class NumbaBackend(FusedBackend):
         steps, batch, width = x_np.shape
         hidden = width // cell.num_gates
         dtype_name = _DTYPES[x.dtype]  # not x_np.dtype.name: a Python property in numpy, ~1 us
-        init = [_state_array(s, x.dtype) for s in state0]
-        states = [torch.empty(a.shape, dtype=x.dtype) for a in init]  # the kernel copies init in: the finals
+        init = _zero_states(cell, batch, hidden, dtype_name) if state0 is None \
+            else [_state_array(s, x.dtype) for s in state0]
+        # the finals (the kernel copies init in); separate tensors: a custom op's outputs may not share storage
+        states = [torch.empty((batch, hidden), dtype=x.dtype) for _ in init]
         out = _buffers.empty((steps, batch, hidden), x.dtype)
         saved = [_buffers.empty(s, x.dtype) for s in self.saved_shapes(cell, steps, batch, hidden)] if need_saved \
             else []
