@@ -40,7 +40,7 @@ from types import ModuleType
 from ...registry import CellSpec
 from ..pointwise_source import MATH_NAMES, parse_pointwise, per_unit_rows
 
-TEMPLATE_VERSION = "12"
+TEMPLATE_VERSION = "13"
 _SAFE_BUILTINS = {"abs", "min", "max", "range", "len", "float", "int", "bool", "True", "False", "None"}
 _HERE = Path(__file__).resolve().parent
 
@@ -245,8 +245,11 @@ def _forward_kernel(lay: _Layout) -> str:
     a("    one = _F(1.0)")
     a("    zero = _F(0.0)")
     a(f"    buf = np.zeros(({rows}, {CHUNK}), dtype=_F)")
+    # explicit loops, not slice assignment: numba's broadcasting assignment costs seconds of cold compile
+    a("    for b in range(b_lo, b_hi):")
+    a("        for j in range(H):")
     for i in range(S):
-        a(f"    s{i}[b_lo:b_hi, :] = init{i}[b_lo:b_hi, :]")
+        a(f"            s{i}[b, j] = init{i}[b, j]")
     if lay.recurrence == "dense":
         a("    h_rows = s0[b_lo:b_hi]")
         # the loop GEMM wants the summed index outermost; transposed here, once per call: cheaper than a numpy
@@ -325,8 +328,10 @@ def _backward_kernel(lay: _Layout) -> str:
     a("    one = _F(1.0)")
     a("    zero = _F(0.0)")
     a(f"    buf = np.zeros(({rows}, {CHUNK}), dtype=_F)")
+    a("    for b in range(b_lo, b_hi):")
+    a("        for j in range(H):")
     for i in range(S):
-        a(f"    d{i}[b_lo:b_hi, :] = dfinal{i}[b_lo:b_hi, :]")
+        a(f"            d{i}[b, j] = dfinal{i}[b, j]")
     if lay.recurrence == "dense":
         a("    d_rows = d0[b_lo:b_hi]")
     a("    for k in range(T - 1, -1, -1):")
