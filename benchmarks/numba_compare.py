@@ -3,6 +3,7 @@
     python benchmarks/numba_compare.py                 # full grid, writes a markdown table to stdout
     python benchmarks/numba_compare.py --quick         # a few repeats, for a look
     python benchmarks/numba_compare.py --cells lstm --modes train --points 2
+    python benchmarks/numba_compare.py --cells lstm --shape 100,4,32,32 --shape 100,1,64,128   # other shapes
     python benchmarks/numba_compare.py --latency       # cold / warm first-call latency in fresh processes
 
 torch.nn is timed twice: interleaved with seqfast in this process, and alone in a fresh subprocess that never
@@ -169,6 +170,8 @@ def main() -> None:
     parser.add_argument("--cells", nargs="+", default=list(CELLS), choices=list(CELLS))
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--points", nargs="+", type=int, default=list(range(len(GRID))))
+    parser.add_argument("--shape", action="append", default=[], metavar="T,B,I,H",
+                        help="time this shape instead of the grid (repeatable; no memory figures)")
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="--repeats 3 --warmup 1")
@@ -179,6 +182,14 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.repeats, args.warmup = 3, 1
+    if args.shape:
+        try:
+            GRID[:] = [tuple(int(v) for v in shape.split(",")) for shape in args.shape]
+        except ValueError:
+            parser.error(f"--shape: expected T,B,I,H as four integers, got {args.shape}")
+        if any(len(shape) != 4 or min(shape) < 1 for shape in GRID):
+            parser.error(f"--shape: expected T,B,I,H as four positive integers, got {args.shape}")
+        args.points, args.no_memory = list(range(len(GRID))), True
     if args.alone:
         return _alone(args)
     if args.peak:
@@ -199,7 +210,8 @@ def main() -> None:
             T, B, I, H = GRID[index]
             # torch.nn alone, just before the same point is timed here: this VM has slow stretches lasting
             # minutes, and a baseline taken in another stretch than the contenders would skew the ratio
-            alone = _child(["--cells", cell, "--points", str(index), *timing, "--alone"])
+            alone = _child(["--cells", cell, "--shape", ",".join(map(str, GRID[index])), *timing, "--alone"])
+            alone = {key.replace("|0|", f"|{index}|"): ms for key, ms in alone.items()}
             x = _inputs(T, B, I)
             ref = _make("torch", cell, I, H)
             fast = _make("seqfast", cell, I, H, backend="numba")

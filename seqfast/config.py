@@ -94,19 +94,20 @@ def context_choices() -> Mapping[str, str]:
     return _context.get()
 
 
-def _config_file() -> tuple[str, os.stat_result] | None:
-    """The config file in force and its stat; None when there is none. Called on every selection: stat only."""
+def _config_file() -> tuple[str, os.stat_result, bool] | None:
+    """(the config file in force, its stat, named by SEQFAST_CONFIG?); None when there is none. Called on every
+    selection: stat only."""
     named = getenv("SEQFAST_CONFIG")
     if named:
         try:
-            return named, os.stat(named)
+            return named, os.stat(named), True
         except OSError as exc:
             raise FileNotFoundError(f"SEQFAST_CONFIG names {named!r}, which cannot be read: {exc}") from exc
     for candidate in ("seqfast.toml", "pyproject.toml"):
         if not os.access(candidate, os.F_OK):  # absent, the usual case: no exception to build (~1.5 us)
             continue
         try:
-            return candidate, os.stat(candidate)
+            return candidate, os.stat(candidate), False
         except OSError:
             continue
     return None
@@ -120,8 +121,7 @@ def config_file_settings() -> tuple[Path | None, str | None, dict[str, str]]:
     found = _config_file()
     if found is None:
         return None, None, {}
-    name, st = found
-    named = bool(getenv("SEQFAST_CONFIG"))  # a named pyproject.toml is read whole, not as [tool.seqfast]
+    name, st, named = found  # a named pyproject.toml is read whole, not as [tool.seqfast]
     key = (named, st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)  # the file itself, wherever the cwd is
     if key not in _file_cache:
         path = Path(name).absolute()  # the cache is by file, which later calls may reach from another cwd
@@ -146,22 +146,46 @@ def config_file_settings() -> tuple[Path | None, str | None, dict[str, str]]:
     return _file_cache[key]
 
 
+# Choices already made, by (name, source): every module call resolves one, and building the frozen dataclass
+# cost about a microsecond each time
+_choices: dict[tuple[str, str], Choice] = {}
+
+
+def _choice(name: str, source: str) -> Choice:
+    made = _choices.get((name, source))
+    if made is None:
+        if len(_choices) > 1024:
+            _choices.clear()
+        made = _choices[(name, source)] = Choice(name, source)
+    return made
+
+
 def resolve_choice(cell_name: str, env_suffix: str, argument: str | None = None) -> Choice:
     """The backend name requested for a cell, and its source, following the precedence above."""
     if argument is not None:
-        return Choice(_check_name(argument, "backend"), "backend= argument")
+        if not isinstance(argument, str):
+            _check_name(argument, "backend")  # raises, naming what came
+        made = _choices.get((argument, "backend= argument"))  # keyed by the argument as given
+        if made is None:
+            made = _choices[(argument, "backend= argument")] = Choice(_check_name(argument, "backend"),
+                                                                      "backend= argument")
+        return made
     ctx = _context.get()
-    if cell_name in ctx:
-        return Choice(ctx[cell_name], f"use_backend({{{cell_name!r}: ...}})")
-    if ALL_CELLS in ctx:
-        return Choice(ctx[ALL_CELLS], "use_backend()")
-    for var in (f"SEQFAST_BACKEND_{env_suffix}", "SEQFAST_BACKEND"):
+    if ctx:
+        if cell_name in ctx:
+            return _choice(ctx[cell_name], f"use_backend({{{cell_name!r}: ...}})")
+        if ALL_CELLS in ctx:
+            return _choice(ctx[ALL_CELLS], "use_backend()")
+    for var in ("SEQFAST_BACKEND_" + env_suffix, "SEQFAST_BACKEND"):
         value = getenv(var)
         if value:
-            return Choice(value.lower(), f"environment variable {var}")
+            return _choice(value.lower(), "environment variable " + var)
     path, default, per_cell = config_file_settings()
     if cell_name in per_cell:
-        return Choice(per_cell[cell_name], f"config file {path} [backends] {cell_name}")
+        return _choice(per_cell[cell_name], f"config file {path} [backends] {cell_name}")
     if default:
-        return Choice(default, f"config file {path} backend")
-    return Choice("auto", "default")
+        return _choice(default, f"config file {path} backend")
+    return _DEFAULT_CHOICE
+
+
+_DEFAULT_CHOICE = Choice("auto", "default")

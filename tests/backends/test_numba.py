@@ -418,6 +418,11 @@ def test_auto_takes_numba_only_where_it_measured_faster() -> None:
     assert pick("lstm", batch_size=32, hidden_size=128, seq_len=200, requires_grad=True) == "numba"
     assert pick("lstm", batch_size=8, hidden_size=64, seq_len=100) == "native"
     assert pick("lstm", batch_size=1, hidden_size=32, seq_len=100) == "numba"
+    assert pick("lstm", batch_size=4, hidden_size=32, seq_len=100) == "numba"
+    assert pick("lstm", batch_size=4, hidden_size=32, seq_len=100, requires_grad=True) == "numba"
+    assert pick("lstm", batch_size=8, hidden_size=32, seq_len=100, requires_grad=True) == "native"
+    assert pick("lstm", batch_size=1, hidden_size=128, seq_len=100) == "native"  # small batch, large H
+    assert pick("lstm", batch_size=1, hidden_size=128, seq_len=100, requires_grad=True) == "native"
 
 
 def test_numba_missing_is_a_reason(monkeypatch) -> None:

@@ -1,18 +1,20 @@
 """Where `auto` prefers numba over torch.nn's native kernels on CPU, from benchmarks/numba_compare.py.
 
 Measured on 2 cores (benchmarks/RESULTS.md, "Numba (CPU)"). torch.nn's GRU and RNN have no fused CPU training
-kernel (autograd over per-step ops) and a slower inference path. In the quiet runs of
-`benchmarks/numba_compare.py` numba was faster at every grid point but B64 H512, where it was even (0.99-1.01x).
-torch.nn's LSTM runs on oneDNN, whose forward beats ours at LSTM inference except at batch 1. LSTM training, in
-two quiet runs on 2026-11-25 (23:09 UTC, before the four-row loop GEMM, and 23:30, the final code; a disturbed
-run in between gave 0.74-1.09x):
-- B1 H32: 1.16x, 1.10x;
-- B8 H64: 0.96x, 1.14x;
-- B32 H128: 1.22x, 1.30x;
-- B64 H256: 1.09x, 1.11x;
-- B64 H512: 1.05x, 1.08x.
-`auto` takes numba for LSTM training only where it won both runs by a clear margin (B64 H512, within noise, stays
-native), and native elsewhere, unmeasured sizes included: torch.nn's own kernels can never be slower than them.
+kernel (autograd over per-step ops) and a slower inference path: numba was faster at every grid point in both
+runs of 2026-11-26 but GRU inference at B64 H256 (0.97x, 1.00x). torch.nn's LSTM runs on oneDNN. Speed-up of
+numba over torch.nn for LSTM on 2026-11-26, T = 100 unless the grid says otherwise (grid points: its two full
+runs; the rest: one run of `numba_compare.py --cells lstm --shape T,B,I,H ...` with all nine shapes):
+- inference: B1 H32 2.24x, 2.33x; B2 H32 2.44x; B4 H32 1.88x; B8 H32 1.35x; B1 H64 2.80x; B2 H64 2.34x;
+  B8 H64 1.04x, 1.04x; B4 H128 0.94x; B2 H256 0.39x; from B32 H128 up 0.70-0.77x.
+- training: B1 H32 1.18x, 1.18x; B2 H32 1.43x; B4 H32 1.33x; B8 H32 1.02x; B1 H64 1.75x; B2 H64 1.90x;
+  B8 H64 1.07x, 1.09x; B4 H128 1.03x; B2 H256 0.74x; B32 H128 1.26x, 1.27x; B64 H256 1.13x, 1.12x; B64 H512
+  1.04x, 1.05x.
+At small batches torch.nn's own time flips between two levels about 2x apart from one process to the next (B1
+H128 inference: 0.44 ms in one run, 0.86 ms in another; B16 H32: 0.51 vs 1.10 ms within one run), so single
+figures there are soft. `auto` takes numba for LSTM only where it won clearly: hidden <= 64 at small batch
+(batch * hidden <= 256 in inference, <= 128 in training) and training from B32 H128 to B64 H256; native
+elsewhere, unmeasured shapes included, since torch.nn's own kernels are never slower than themselves.
 """
 
 from __future__ import annotations
@@ -21,12 +23,12 @@ import math
 
 from ...registry import Query
 
-# batch * hidden_size ranges (inclusive) where numba beat native in every quiet run, per cell and mode; absent: never
-_ALL = ((0, math.inf),)
-INFERENCE_RANGES: dict[str, tuple[tuple[float, float], ...]] = {
-    "gru": _ALL, "rnn_tanh": _ALL, "rnn_relu": _ALL, "lstm": ((0, 1 * 32),)}
-TRAINING_RANGES: dict[str, tuple[tuple[float, float], ...]] = {
-    "gru": _ALL, "rnn_tanh": _ALL, "rnn_relu": _ALL, "lstm": ((0, 1 * 32), (32 * 128, 64 * 256))}
+# Where numba beat native: (largest hidden_size, smallest and largest batch * hidden_size), per cell and mode
+_ALL = ((math.inf, 0, math.inf),)
+INFERENCE_RANGES: dict[str, tuple[tuple[float, float, float], ...]] = {
+    "gru": _ALL, "rnn_tanh": _ALL, "rnn_relu": _ALL, "lstm": ((64, 0, 256),)}
+TRAINING_RANGES: dict[str, tuple[tuple[float, float, float], ...]] = {
+    "gru": _ALL, "rnn_tanh": _ALL, "rnn_relu": _ALL, "lstm": ((64, 0, 128), (math.inf, 32 * 128, 64 * 256))}
 
 
 def prefer_numba(query: Query) -> bool:
@@ -40,7 +42,7 @@ def prefer_numba(query: Query) -> bool:
     if query.batch_size is None:  # a query without its shape was not measured: keep native
         return False
     size = query.batch_size * query.hidden_size
-    return any(lo <= size <= hi for lo, hi in ranges)
+    return any(query.hidden_size <= most and lo <= size <= hi for most, lo, hi in ranges)
 
 
 def auto_rank(query: Query, native_priority: float, own_priority: float) -> float:
