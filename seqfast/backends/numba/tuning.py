@@ -12,9 +12,10 @@ runs; the rest: one run of `numba_compare.py --cells lstm --shape T,B,I,H ...` w
   1.04x, 1.05x.
 At small batches torch.nn's own time flips between two levels about 2x apart from one process to the next (B1
 H128 inference: 0.44 ms in one run, 0.86 ms in another; B16 H32: 0.51 vs 1.10 ms within one run), so single
-figures there are soft. `auto` takes numba for LSTM only where it won clearly: hidden <= 64 at small batch
-(batch * hidden <= 256 in inference, <= 128 in training) and training from B32 H128 to B64 H256; native
-elsewhere, unmeasured shapes included, since torch.nn's own kernels are never slower than themselves.
+figures there are soft. `auto` takes numba for LSTM only where it won every run: inference up to B8 and H64;
+training at hidden <= 64 with batch * hidden <= 128, at B8 H64, and from B32 H128 to B64 H256. A third full run
+(01:53 UTC, torch.nn in its slow level at small batch) agreed: B8 H64 1.33x / 1.15x. Native elsewhere,
+unmeasured shapes included, since torch.nn's own kernels are never slower than themselves.
 """
 
 from __future__ import annotations
@@ -23,12 +24,14 @@ import math
 
 from ...registry import Query
 
-# Where numba beat native: (largest hidden_size, smallest and largest batch * hidden_size), per cell and mode
-_ALL = ((math.inf, 0, math.inf),)
-INFERENCE_RANGES: dict[str, tuple[tuple[float, float, float], ...]] = {
-    "gru": _ALL, "rnn_tanh": _ALL, "rnn_relu": _ALL, "lstm": ((64, 0, 256),)}
-TRAINING_RANGES: dict[str, tuple[tuple[float, float, float], ...]] = {
-    "gru": _ALL, "rnn_tanh": _ALL, "rnn_relu": _ALL, "lstm": ((64, 0, 128), (math.inf, 32 * 128, 64 * 256))}
+# Where numba beat native, per cell and mode: boxes of (largest batch, largest hidden_size, smallest and largest
+# batch * hidden_size)
+_ALL = ((math.inf, math.inf, 0, math.inf),)
+INFERENCE_RANGES: dict[str, tuple[tuple[float, float, float, float], ...]] = {
+    "gru": _ALL, "rnn_tanh": _ALL, "rnn_relu": _ALL, "lstm": ((8, 64, 0, math.inf),)}
+TRAINING_RANGES: dict[str, tuple[tuple[float, float, float, float], ...]] = {
+    "gru": _ALL, "rnn_tanh": _ALL, "rnn_relu": _ALL,
+    "lstm": ((math.inf, 64, 0, 128), (8, 64, 512, 512), (math.inf, math.inf, 32 * 128, 64 * 256))}
 
 
 def prefer_numba(query: Query) -> bool:
@@ -42,7 +45,8 @@ def prefer_numba(query: Query) -> bool:
     if query.batch_size is None:  # a query without its shape was not measured: keep native
         return False
     size = query.batch_size * query.hidden_size
-    return any(query.hidden_size <= most and lo <= size <= hi for most, lo, hi in ranges)
+    return any(query.batch_size <= batch and query.hidden_size <= hidden and lo <= size <= hi
+               for batch, hidden, lo, hi in ranges)
 
 
 def auto_rank(query: Query, native_priority: float, own_priority: float) -> float:
