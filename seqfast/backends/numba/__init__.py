@@ -372,8 +372,10 @@ class NumbaBackend(FusedBackend):
         saved = [_buffers.empty(s, x.dtype) for s in self.saved_shapes(cell, steps, batch, hidden)] if need_saved \
             else []
         if batch > 0:
-            # the per-step products: saved for the backward (dense), else one reused [1, B, G*H] buffer
-            hg = saved[1].numpy() if len(saved) > 1 else np.empty((1, batch, width), dtype=dtype_name)
+            # the per-step products: saved for the backward (dense), else one reused [1, B, G*H] buffer. Both
+            # 64-byte aligned (numpy aligns to 16): threads accumulate their rows' GEMM into it many times a
+            # step, and a cache line shared across a range boundary would bounce between the cores
+            hg = saved[1].numpy() if len(saved) > 1 else torch.empty((1, batch, width), dtype=x.dtype).numpy()
             fn, ranges, small, _ = _plan(dtype_name, steps, batch, width, hidden)
             args = (x_np, *arrays, *init, *(s.numpy() for s in states), lens, bool(reverse), out.numpy(), hg,
                     saved[0].numpy() if saved else _NO_SAVED[dtype_name], bool(need_saved))
