@@ -110,8 +110,9 @@ SMALL_GEMM = 65536
 # 34 us per step. At H = 256 (W 1 MiB) the two were even and at H = 512 MKL won, so MKL keeps those.
 LOOP_GEMM_MAX_WEIGHT_BYTES = 256 * 1024
 # The backward's d_h += d_hg W_hh (K = G*H summed, N = H wide) keeps its rows of c and b short, and there the loop
-# held on longer (2026-11-26, B64, whole backward scans, two runs each): LSTM H256 (W 1 MiB) 46.6 ms either way,
-# LSTM H512 (4 MiB) 84 vs 91-93 ms, GRU H512 (3 MiB) 62-68 vs 66-69; LSTM H1024 (16 MiB) 154 vs 146, MKL's.
+# held on longer (2026-11-26, B64, whole backward scans): LSTM H256 (W 1 MiB) 46.6 ms either way, LSTM H512
+# (4 MiB) 84 vs 91-93 ms and, in benchmarks/numba_breakdown.py gemm, 80 vs 81; GRU H512 (3 MiB) 62-68 vs 66-69;
+# LSTM H1024 (16 MiB) 154 vs 146, MKL's.
 LOOP_GEMM_BWD_MAX_WEIGHT_BYTES = 4 * 1024 * 1024
 
 

@@ -1,0 +1,112 @@
+"""Where a numba training step's time goes, and the checks behind RESULTS.md's notes on it.
+
+    python benchmarks/numba_breakdown.py parts 100,64,256,256      # a training step, piece by piece
+    python benchmarks/numba_breakdown.py native 100,8,64,64        # seqfast on `native` vs torch.nn, in turn
+    python benchmarks/numba_breakdown.py threads 200,8,64,64       # a forward scan on one thread vs two
+    python benchmarks/numba_breakdown.py gemm 100,64,256,256       # per-step GEMM: numba loop vs MKL
+
+Shapes are T,B,I,H; the cell is LSTM unless --cell says otherwise. Each figure is the median of --repeats samples,
+a sample being the mean of enough calls to last 20 ms; contenders take their samples in turn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import time
+
+
+def _medians_ms(runs: dict, repeats: int) -> dict[str, float]:
+    calls = {}
+    for name, run in runs.items():
+        run()
+        t0 = time.perf_counter()
+        run()
+        calls[name] = max(1, math.ceil(0.02 / max(time.perf_counter() - t0, 1e-6)))
+    samples: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            t0 = time.perf_counter()
+            for _ in range(calls[name]):
+                run()
+            samples[name].append((time.perf_counter() - t0) / calls[name])
+    return {name: statistics.median(v) * 1e3 for name, v in samples.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=["parts", "native", "threads", "gemm"])
+    parser.add_argument("shape", help="T,B,I,H")
+    parser.add_argument("--cell", default="lstm", choices=["lstm", "gru", "rnn_tanh"])
+    parser.add_argument("--repeats", type=int, default=9)
+    args = parser.parse_args()
+    T, B, I, H = (int(v) for v in args.shape.split(","))
+
+    import torch
+    import torch.nn.functional as F
+
+    import seqfast
+    import seqfast.backends.numba as nb
+
+    cell = seqfast.get_cell(args.cell)
+    G, S = cell.num_gates, cell.num_states
+    backend = seqfast.get_backend("numba")
+    torch.manual_seed(0)
+    x = torch.randn(T, B, I)
+    w_ih, b_ih = torch.randn(G * H, I) / H**0.5, torch.randn(G * H) / H**0.5
+    w_hh, b_hh = torch.randn(G * H, H) / H**0.5, torch.randn(G * H) / H**0.5
+    x_proj = F.linear(x, w_ih, b_ih)
+    zeros = [torch.zeros(B, H) for _ in range(S)]
+    grad_out = torch.ones(T, B, H)
+
+    def scan_forward(need_saved: bool):
+        return backend.forward(cell, x_proj, zeros, [w_hh, b_hh], None, False, need_saved)
+
+    def scan_backward() -> None:
+        out, final, saved = scan_forward(True)
+        backend.backward(cell, x_proj, zeros, [w_hh, b_hh], None, False, out, final, saved, grad_out, [None] * S,
+                         saved_mode="consume")
+
+    if args.what == "parts":
+        d_gates = torch.randn(T * B, G * H)
+        times = _medians_ms({
+            "input projection (F.linear)": lambda: F.linear(x, w_ih, b_ih),
+            "forward scan, saving for backward": lambda: scan_forward(True),
+            "forward + backward scan (with d_W_hh)": scan_backward,
+            "d_W_ih GEMM": lambda: d_gates.t().mm(x.view(T * B, I)),
+        }, args.repeats)
+    elif args.what == "native":
+        torch.set_grad_enabled(False)
+        ref = getattr(torch.nn, {"lstm": "LSTM", "gru": "GRU", "rnn_tanh": "RNN"}[args.cell])(I, H)
+        ours = seqfast.Recurrent(args.cell, I, H, backend="native")
+        ours.load_state_dict(ref.state_dict())
+        times = _medians_ms({"torch.nn": lambda: ref(x), "seqfast on native": lambda: ours(x)}, args.repeats)
+    elif args.what == "threads":
+        runs = {}
+        for threads in ("1", "2"):
+            def run(threads=threads) -> None:
+                os.environ["SEQFAST_NUMBA_THREADS"] = threads
+                scan_forward(False)
+            runs[f"forward scan, {threads} thread(s)"] = run
+        nb.MIN_WORK_PER_THREAD = 0  # let two threads split even a small batch
+        times = _medians_ms(runs, args.repeats)
+    else:
+        real = nb._use_loop_gemm
+        runs = {}
+        for label, loop in (("MKL", False), ("numba loop", True)):
+            def choose(loop=loop) -> None:
+                nb._use_loop_gemm = lambda *a, loop=loop: loop
+                nb._plans.clear()
+            runs[f"forward scan, GEMM by {label}"] = lambda choose=choose: (choose(), scan_forward(True))
+            runs[f"forward + backward scan, GEMM by {label}"] = lambda choose=choose: (choose(), scan_backward())
+        times = _medians_ms(runs, args.repeats)
+        nb._use_loop_gemm = real
+    print(f"{args.cell} T{T} B{B} I{I} H{H}, torch {torch.__version__} ({torch.get_num_threads()} threads)")
+    for name, ms in times.items():
+        print(f"  {name:40s} {ms:9.3f} ms")
+
+
+if __name__ == "__main__":
+    main()
