@@ -599,6 +599,25 @@ def test_large_buffers_are_pooled_and_never_shared_while_alive() -> None:
     _buffers.clear()
 
 
+def test_pool_and_weight_views_stay_bounded(monkeypatch) -> None:
+    from seqfast.backends.numba import _buffers
+
+    _buffers.clear()
+    monkeypatch.setattr(_buffers, "MAX_KEPT_BYTES", 3 << 20)
+    held = [_buffers.empty((512, 1024), torch.float32) for _ in range(3)]  # 2 MiB each: the third is not kept
+    assert len({t.data_ptr() for t in held}) == 3 and len(_buffers._kept) == 1
+    del held
+    assert _buffers.empty((512, 1024), torch.float32) is not None and len(_buffers._kept) == 1
+    _buffers.clear()
+    # a weight's cached numpy view goes when the weight does (it would keep the memory alive)
+    weight = torch.randn(64, 16)
+    key = id(weight)
+    numba_backend._host(weight)
+    assert key in numba_backend._views
+    del weight
+    assert key not in numba_backend._views
+
+
 def test_outputs_and_initial_states_stay_intact_across_calls() -> None:
     """Outputs live in pooled buffers: one a caller keeps must not be overwritten by the next call, and the
     kernels never write into the caller's initial state."""

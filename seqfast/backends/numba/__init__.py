@@ -226,8 +226,13 @@ _NP_DTYPES = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.fl
 _NO_SAVED = {name: np.empty((0, 0, 0, 0), dtype=name) for name in ("float32", "float64")}  # inference's saved_st
 
 # numpy views of weight tensors, by id(tensor): the same memory, so in-place updates (optimizer steps, .data
-# writes) show through; a weight that died, moved or changed shape misses. A view costs ~1 us to make, a hit 0.2.
+# writes) show through; a weight that moved or changed shape misses, and one that dies takes its entry with it
+# (the view would otherwise keep its memory alive). A view costs ~1 us to make, a hit 0.2.
 _views: dict[int, tuple] = {}
+
+
+def _forget(key: int):
+    return lambda _ref: _views.pop(key, None)
 
 
 def _host(t: Tensor) -> np.ndarray:
@@ -239,7 +244,7 @@ def _host(t: Tensor) -> np.ndarray:
     if t.is_contiguous() and not t.is_inference():  # a copy would go stale; inference tensors allow no weakref
         if len(_views) > 1024:
             _views.clear()
-        _views[id(t)] = (weakref.ref(t), t.data_ptr(), t.shape, array)
+        _views[id(t)] = (weakref.ref(t, _forget(id(t))), t.data_ptr(), t.shape, array)
     return array
 
 

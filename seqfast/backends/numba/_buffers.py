@@ -8,7 +8,8 @@ Whether it happens depended on what the process had allocated before, so the sam
 
 The pool keeps a few buffers of at least MIN_BYTES and hands out tensors viewing them. A buffer is free again
 once nothing refers to it: every tensor made from it holds a numpy view whose base is the buffer, so its Python
-reference count says whether any such tensor is alive. Smaller requests go to torch.empty.
+reference count says whether any such tensor is alive. Smaller requests go to torch.empty. The pool holds at most
+MAX_KEPT buffers and MAX_KEPT_BYTES, like a caching allocator keeps its blocks after use; clear() lets go.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch import Tensor
 
 MIN_BYTES = 1 << 20
 MAX_KEPT = 8  # buffers the pool holds on to; beyond that, ones no longer in use are dropped
+MAX_KEPT_BYTES = 1 << 31  # and at most this much memory: a larger request gets a buffer of its own
 _NUMPY = {torch.float32: np.float32, torch.float64: np.float64}
 
 _kept: list[np.ndarray] = []
@@ -47,9 +49,14 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
         if fits:
             index = min(fits, key=lambda i: _kept[i].nbytes)
         else:
-            if len(_kept) >= MAX_KEPT:  # make room: forget free buffers first, then the oldest
+            # make room: forget free buffers, oldest first, while over either limit
+            while _kept and (len(_kept) >= MAX_KEPT or sum(b.nbytes for b in _kept) + nbytes > MAX_KEPT_BYTES):
                 free = [i for i in range(len(_kept)) if _free(i)]
-                del _kept[free[0] if free else 0]
+                if not free:
+                    break
+                del _kept[free[0]]
+            if len(_kept) >= MAX_KEPT or sum(b.nbytes for b in _kept) + nbytes > MAX_KEPT_BYTES:
+                return torch.empty(shape, dtype=dtype)  # everything kept is in use: not pooled
             # torch's allocator aligns to 64 bytes; the numpy array over it is what every view points back to
             _kept.append(torch.empty(nbytes, dtype=torch.uint8).numpy())
             index = len(_kept) - 1
