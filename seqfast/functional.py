@@ -2,7 +2,8 @@
 
 scan contract
     x_proj  [T, B, G*H]   the input projection incl. bias_ih, computed outside the loop by one GEMM
-    state0  tuple of [B, *] tensors (LSTM: h [B, P or H], c [B, H]; GRU/RNN: h [B, H])
+    state0  tuple of [B, *] tensors (LSTM: h [B, P or H], c [B, H]; GRU/RNN: h [B, H]); modules pass None for
+            zero states to backends with accepts_zero_state (scan() below always takes tensors)
     weights {name: tensor}: weight_hh [G*H, H] (dense) or [G*H] (diagonal) or None, bias_hh [G*H] or None,
             then the cell's recurrent extras (and weight_hr [P, H] for LSTM with proj_size)
     lengths optional [B] int tensor, 1 <= lengths <= T. Steps past a sequence's length leave its state untouched
