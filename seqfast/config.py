@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 
+from ._memo import memo
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -152,24 +154,13 @@ _choices: dict[tuple[str, str], Choice] = {}
 
 
 def _choice(name: str, source: str) -> Choice:
-    made = _choices.get((name, source))
-    if made is None:
-        if len(_choices) > 1024:
-            _choices.clear()
-        made = _choices[(name, source)] = Choice(name, source)
-    return made
+    return memo(_choices, (name, source), lambda: Choice(name, source), limit=1024)
 
 
 def resolve_choice(cell_name: str, env_suffix: str, argument: str | None = None) -> Choice:
     """The backend name requested for a cell, and its source, following the precedence above."""
     if argument is not None:
-        if not isinstance(argument, str):
-            _check_name(argument, "backend")  # raises, naming what came
-        made = _choices.get((argument, "backend= argument"))  # keyed by the argument as given
-        if made is None:
-            made = _choices[(argument, "backend= argument")] = Choice(_check_name(argument, "backend"),
-                                                                      "backend= argument")
-        return made
+        return _choice(_check_name(argument, "backend"), "backend= argument")
     ctx = _context.get()
     if ctx:
         if cell_name in ctx:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
+from .._memo import memo
 from ..functional import check_lengths, select_backend
 from ..registry import CellSpec, Query, Weights, get_cell
 
@@ -230,14 +231,8 @@ class Recurrent(nn.Module):
         if torch.compiler.is_compiling():  # no module state changes inside a traced graph
             return self._new_query(x, requires_grad, level)
         # one Query per input shape, kept: building the frozen dataclass costs more than the lookup
-        key = (x.shape, x.dtype, x.device.type, requires_grad, level)
-        queries = self.__dict__.setdefault("_queries", {})
-        query = queries.get(key)
-        if query is None:
-            if len(queries) > 64:
-                queries.clear()
-            query = queries[key] = self._new_query(x, requires_grad, level)
-        return query
+        return memo(self.__dict__.setdefault("_queries", {}), (x.shape, x.dtype, x.device.type, requires_grad, level),
+                    lambda: self._new_query(x, requires_grad, level), limit=64)
 
     def _new_query(self, x: Tensor, requires_grad: bool, level: str) -> Query:
         return Query(cell=self.cell, device=x.device.type, dtype=x.dtype, hidden_size=self.hidden_size,

@@ -604,10 +604,13 @@ def test_pool_and_weight_views_stay_bounded(monkeypatch) -> None:
 
     _buffers.clear()
     monkeypatch.setattr(_buffers, "MAX_KEPT_BYTES", 3 << 20)
-    held = [_buffers.empty((512, 1024), torch.float32) for _ in range(3)]  # 2 MiB each: the third is not kept
+    held = [_buffers.empty((512, 1024), torch.float32) for _ in range(3)]  # 2 MiB each: the others are not kept
     assert len({t.data_ptr() for t in held}) == 3 and len(_buffers._kept) == 1
+    kept = _buffers._kept[0].ctypes.data
     del held
-    assert _buffers.empty((512, 1024), torch.float32) is not None and len(_buffers._kept) == 1
+    assert _buffers.empty((512, 1024), torch.float32).data_ptr() == kept  # free again: reused
+    larger = _buffers.empty((512, 1024), torch.float64)  # 4 MiB, over the cap alone: the free buffer is dropped
+    assert larger.data_ptr() != kept and _buffers._kept == []  # to make room, and this one is not kept
     _buffers.clear()
     # a weight's cached numpy view goes when the weight does (it would keep the memory alive)
     weight = torch.randn(64, 16)
@@ -621,6 +624,9 @@ def test_pool_and_weight_views_stay_bounded(monkeypatch) -> None:
 def test_outputs_and_initial_states_stay_intact_across_calls() -> None:
     """Outputs live in pooled buffers: one a caller keeps must not be overwritten by the next call, and the
     kernels never write into the caller's initial state."""
+    from seqfast.backends.numba import _buffers
+
+    _buffers.clear()
     torch.manual_seed(0)
     model = seqfast.LSTM(8, 256, backend="numba")  # outputs of 64 x 16 x 256 floats: 1 MiB, pooled
     x1, x2 = torch.randn(64, 16, 8), torch.randn(64, 16, 8)
@@ -630,6 +636,7 @@ def test_outputs_and_initial_states_stay_intact_across_calls() -> None:
         out1, _ = model(x1, h0)
         kept = out1.clone()
         out2, _ = model(x2, h0)
+    assert {out1.data_ptr(), out2.data_ptr()} <= {b.ctypes.data for b in _buffers._kept}  # both from the pool
     assert out1.data_ptr() != out2.data_ptr()
     assert torch.equal(out1, kept)
     assert all(torch.equal(s, k) for s, k in zip(h0, kept_h0, strict=True))

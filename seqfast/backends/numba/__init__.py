@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..._memo import memo
 from ...config import getenv
 from ...registry import CellSpec, Query
 from ..fused import FusedBackend
@@ -102,19 +103,16 @@ def _plan(dtype_name: str, steps: int, batch: int, width: int, hidden: int
           ) -> tuple[int, list[tuple[int, int]], bool, bool]:
     """(GEMM address, row ranges, loop GEMM in the forward?, in the backward?) for a scan shape; memoised, since a
     small scan's whole kernel takes tens of microseconds and working this out each call was a measurable part."""
-    key = (dtype_name, steps, batch, width, hidden, num_threads())
-    plan = _plans.get(key)
-    if plan is None:
+    def make() -> tuple[int, list[tuple[int, int]], bool, bool]:
         from ._blas import LOOP_GEMM_BWD_MAX_WEIGHT_BYTES, gemm_address
 
         fn = gemm_address(dtype_name)
         ranges = _row_ranges(batch, steps * width * hidden)
-        if len(_plans) > 256:
-            _plans.clear()
         itemsize = 4 if dtype_name == "float32" else 8
-        plan = _plans[key] = (fn, ranges, _use_loop_gemm(fn, ranges, width, hidden, itemsize),
-                              _use_loop_gemm(fn, ranges, width, hidden, itemsize, LOOP_GEMM_BWD_MAX_WEIGHT_BYTES))
-    return plan
+        return (fn, ranges, _use_loop_gemm(fn, ranges, width, hidden, itemsize),
+                _use_loop_gemm(fn, ranges, width, hidden, itemsize, LOOP_GEMM_BWD_MAX_WEIGHT_BYTES))
+
+    return memo(_plans, (dtype_name, steps, batch, width, hidden, num_threads()), make)
 
 
 class _TorchOpenMP:
@@ -214,15 +212,9 @@ _full_cache: dict[tuple[int, int], np.ndarray] = {}
 
 def _full_lengths(batch: int, steps: int) -> np.ndarray:
     """lengths for a batch without them: every row runs all steps (read-only, so one array serves every call)."""
-    lens = _full_cache.get((batch, steps))
-    if lens is None:
-        if len(_full_cache) > 64:
-            _full_cache.clear()
-        lens = _full_cache[(batch, steps)] = np.full(batch, steps, dtype=np.int64)
-    return lens
+    return memo(_full_cache, (batch, steps), lambda: np.full(batch, steps, dtype=np.int64), limit=64)
 
 
-_NP_DTYPES = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
 _NO_SAVED = {name: np.empty((0, 0, 0, 0), dtype=name) for name in ("float32", "float64")}  # inference's saved_st
 
 # numpy views of weight tensors, by id(tensor): the same memory, so in-place updates (optimizer steps, .data
@@ -261,13 +253,8 @@ _zeros: dict[tuple, list[np.ndarray]] = {}
 
 def _zero_states(cell: CellSpec, batch: int, hidden: int, dtype_name: str) -> list[np.ndarray]:
     """Zero initial states (read only by the kernels, so one set serves every call of a shape)."""
-    key = (cell.num_states, batch, hidden, dtype_name)
-    zeros = _zeros.get(key)
-    if zeros is None:
-        if len(_zeros) > 64:
-            _zeros.clear()
-        zeros = _zeros[key] = [np.zeros((batch, hidden), dtype=dtype_name)] * cell.num_states
-    return zeros
+    return memo(_zeros, (cell.num_states, batch, hidden, dtype_name),
+                lambda: [np.zeros((batch, hidden), dtype=dtype_name)] * cell.num_states, limit=64)
 
 
 class NumbaBackend(FusedBackend):
@@ -337,7 +324,7 @@ class NumbaBackend(FusedBackend):
         if weights and len(weights) > 2 + len(cell.pointwise.params):
             raise ValueError("numba backend: proj_size (weight_hr) is not supported")
         x = x_proj.detach().contiguous()
-        dtype = _NP_DTYPES[x.dtype]
+        dtype = _DTYPES[x.dtype]
         w = weights[0] if weights else None
         if w is None:
             w_np = np.zeros((width, hidden) if cell.recurrence == "dense" else (width,), dtype=dtype)
@@ -399,7 +386,7 @@ class NumbaBackend(FusedBackend):
         x, x_np, (w, bias, *extras), lens = self._arrays(cell, x_proj, weights, lengths)
         steps, batch, width = x_np.shape
         hidden = width // cell.num_gates
-        dtype = dtype_name = _DTYPES[x.dtype]
+        dtype_name = _DTYPES[x.dtype]
         saved_st = saved[0].detach().contiguous()
         h_prev = saved_st[0].view(steps * batch, hidden)
         # hgd: the recurrent products of every step, without bias (the kernel overwrites them with d_hg). Dense:
@@ -410,9 +397,9 @@ class NumbaBackend(FusedBackend):
             hgd = (h_prev.repeat(1, cell.num_gates) * torch.from_numpy(w)).view(steps, batch, width)
         else:
             hgd = x.new_zeros(steps, batch, width)
-        grad_out = (np.zeros((steps, batch, hidden), dtype=dtype) if grad_outputs is None
+        grad_out = (np.zeros((steps, batch, hidden), dtype=dtype_name) if grad_outputs is None
                     else grad_outputs.detach().contiguous().numpy())
-        d_final = [np.zeros((batch, hidden), dtype=dtype) if g is None else _state_array(g, x.dtype)
+        d_final = [np.zeros((batch, hidden), dtype=dtype_name) if g is None else _state_array(g, x.dtype)
                    for g in grad_final]
         d_states = [torch.empty(d.shape, dtype=x.dtype) for d in d_final]  # the kernel copies d_final in
         # where d_x equals d_hg and both are in time order, the kernel writes d_hg only and d_x is that buffer
@@ -442,7 +429,7 @@ class NumbaBackend(FusedBackend):
             else:  # diagonal: d w[g*H + j] = sum over steps of d_hg[., g*H + j] * h_prev[., j]
                 grads[0] = (flat_dhg.view(-1, cell.num_gates, hidden) * h_prev.unsqueeze(1)).sum(0).view(width)
         if len(weights) > 1 and weights[1] is not None:
-            grads[1] = torch.from_numpy(d_bias.astype(dtype))
+            grads[1] = torch.from_numpy(d_bias.astype(dtype_name))
         d_by_name = dict(zip(cell.pointwise.params, d_extras, strict=True))
         for i, name in enumerate(cell.recurrent_param_names()[2:len(weights)]):
             p = weights[i + 2]

@@ -25,7 +25,6 @@ from torch import Tensor
 MIN_BYTES = 1 << 20
 MAX_KEPT = 8  # buffers the pool holds on to; beyond that, ones no longer in use are dropped
 MAX_KEPT_BYTES = 1 << 31  # and at most this much memory: a larger request gets a buffer of its own
-_NUMPY = {torch.float32: np.float32, torch.float64: np.float64}
 
 _kept: list[np.ndarray] = []
 _lock = threading.Lock()
@@ -39,8 +38,8 @@ def _free(index: int) -> bool:
 
 def empty(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
     """torch.empty(shape, dtype=dtype) on the CPU; large ones reuse a pooled buffer (64-byte aligned)."""
-    nbytes = math.prod(shape) * (4 if dtype == torch.float32 else 8)
-    if nbytes < MIN_BYTES or dtype not in _NUMPY:
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes < MIN_BYTES:
         return torch.empty(shape, dtype=dtype)
     with _lock:
         # the smallest free buffer that fits, at most twice the size asked for (a small request must not pin a
@@ -60,8 +59,8 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
             # torch's allocator aligns to 64 bytes; the numpy array over it is what every view points back to
             _kept.append(torch.empty(nbytes, dtype=torch.uint8).numpy())
             index = len(_kept) - 1
-        view = _kept[index][:nbytes].view(_NUMPY[dtype]).reshape(shape)
-    return torch.from_numpy(view)
+        view = _kept[index][:nbytes]  # the tensor holds this numpy view, and so the buffer's count
+    return torch.from_numpy(view).view(dtype).view(shape)
 
 
 def clear() -> None:
