@@ -10,6 +10,8 @@ scan contract
             and write zeros to its output. reverse=True walks each sequence from its own last valid step to 0.
     returns (outputs [T, B, H_out] where outputs[t] is the new state[0], final state tuple at each sequence's
             own last valid step)
+Modules reach it through Backend.layer (registry.py), which forms x_proj first; a backend may override layer to
+take part of the projection's work into its kernels (the numba backend adds bias_ih there).
 """
 
 from __future__ import annotations

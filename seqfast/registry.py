@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -284,6 +285,14 @@ class Backend:
         reverse: bool,
     ) -> tuple[Tensor, tuple[Tensor, ...]]:
         raise NotImplementedError
+
+    def layer(self, cell: CellSpec, x: Tensor, weight_ih: Tensor, bias_ih: Tensor | None,
+              state0: tuple[Tensor, ...] | None, weights: Weights, lengths: Tensor | None, reverse: bool
+              ) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """One layer-direction from its input x [T, B, I]: the input projection (one GEMM over all steps), then
+        scan. What modules call; a backend whose kernels can take over part of the projection's work (its bias,
+        its gradients) overrides it. state0=None (zero states) only for backends with accepts_zero_state."""
+        return self.scan(cell, F.linear(x, weight_ih, bias_ih), state0, weights, lengths, reverse)
 
     def run_stack(self, cell: CellSpec, x: Tensor, lengths: Tensor | None, state0: tuple[Tensor, ...], params: list,
                   *, num_layers: int, bidirectional: bool, dropout: float, training: bool, proj_size: int

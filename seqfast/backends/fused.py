@@ -18,6 +18,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from ..registry import Backend, CellSpec, Weights, get_cell
 
@@ -29,13 +30,17 @@ class FusedBackend(Backend):
     cells = None
     accepts_zero_state = True
     forward_accepts_zero_state = False  # forward() itself takes state0=None (else scan makes the zeros)
+    # forward()/backward() take x_bias (the input projection's bias, added as the kernel reads x_proj, its gradient
+    # summed there too) and state0=None in training: layer() then runs the projection inside one autograd node
+    fuses_input_bias = False
 
     # --- what a subclass implements ---------------------------------------------------------------------------
     def forward(self, cell: CellSpec, x_proj: Tensor, state0: list[Tensor], weights: list[Tensor | None],
                 lengths: Tensor | None, reverse: bool, need_saved: bool) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         """-> (outputs [T, B, H_out], final states, tensors saved for backward ([] unless need_saved)).
-        state0 is None (zero states) only in eager inference, and only for backends that set
-        forward_accepts_zero_state."""
+        state0 is None (zero states) only in eager calls: inference, for backends that set
+        forward_accepts_zero_state, and layer() training, for those that set fuses_input_bias (which also take
+        x_bias=, a [G*H] bias that x_proj does not include yet)."""
         raise NotImplementedError
 
     def saved_shapes(self, cell: CellSpec, steps: int, batch: int, hidden: int) -> list[tuple[int, ...]]:
@@ -46,16 +51,41 @@ class FusedBackend(Backend):
                  lengths: Tensor | None, reverse: bool, outputs: Tensor, final: list[Tensor], saved: list[Tensor],
                  grad_outputs: Tensor, grad_final: list[Tensor], saved_mode: str = "keep"
                  ) -> tuple[Tensor, list[Tensor], list[Tensor | None]]:
-        """-> (grad of x_proj, grad of each state0, grad of each weight (None where the weight is None)).
+        """-> (grad of x_proj, grad of each state0, grad of each weight (None where the weight is None), and
+        with x_bias= (fuses_input_bias backends) one more at the end of the weights' list: x_bias's).
+        grad_outputs and grad_final entries may be None (that output was not used: zero gradient).
 
         saved_mode: "keep": leave the saved tensors unchanged (the custom op, whose inputs must not change, and
         a graph retained for another backward); "consume": they are read for the last time, so the backward may
         use them as scratch."""
         raise NotImplementedError
 
+    def project(self, x: Tensor, weight_ih: Tensor) -> Tensor:
+        """x [N, I] @ weight_ih^T, the input projection without its bias, for layer() (a backend may choose where
+        the result lives)."""
+        return torch.mm(x, weight_ih.t())
+
     # --- the Backend interface ----------------------------------------------------------------------------------
     def on_register(self) -> None:
         _ops_for(self)  # defined now: torch.compile cannot trace torch.library's op definition later
+
+    def layer(self, cell: CellSpec, x: Tensor, weight_ih: Tensor, bias_ih: Tensor | None,
+              state0: tuple[Tensor, ...] | None, weights: Weights, lengths: Tensor | None, reverse: bool
+              ) -> tuple[Tensor, tuple[Tensor, ...]]:
+        if not self.fuses_input_bias or torch.compiler.is_compiling():
+            return super().layer(cell, x, weight_ih, bias_ih, state0, weights, lengths, reverse)
+        names = cell.recurrent_param_names(proj=weights.get("weight_hr") is not None)
+        wlist = [weights.get(n) for n in names]
+        tensors = [x, weight_ih, bias_ih, *(state0 or ()), *wlist]
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+            result = _EagerLayer.apply(self, cell, lengths, bool(reverse), len(state0 or ()), x, weight_ih, bias_ih,
+                                       *(state0 or ()), *wlist)
+            return result[0], tuple(result[1:])
+        steps, batch, _ = x.shape
+        x_proj = self.project(x.reshape(steps * batch, -1), weight_ih).view(steps, batch, -1)
+        out, final, _ = self.forward(cell, x_proj, None if state0 is None else list(state0), wlist, lengths,
+                                     reverse, False, x_bias=bias_ih)
+        return out, tuple(final)
 
     def scan(self, cell: CellSpec, x_proj: Tensor, state0: tuple[Tensor, ...] | None, weights: Weights,
              lengths: Tensor | None, reverse: bool) -> tuple[Tensor, tuple[Tensor, ...]]:
@@ -93,6 +123,7 @@ class _EagerScan(torch.autograd.Function):
         return (out, *final)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out, *grad_final):
         n_state, n_weights = ctx.counts
         x_proj, lengths, *rest = ctx.saved_tensors
@@ -104,6 +135,45 @@ class _EagerScan(torch.autograd.Function):
                                                     ctx.reverse, outputs, list(final), list(saved),
                                                     grad_out.contiguous(), list(grad_final), saved_mode=saved_mode)
         return None, None, None, None, None, gx, *gstate, *gweights
+
+
+class _EagerLayer(torch.autograd.Function):
+    """Eager training of one layer-direction, input projection included (FusedBackend.layer, for backends with
+    fuses_input_bias): x_proj = x W_ih^T is formed without its bias, which the kernels add as they read it and
+    whose gradient they sum, so a step spends no pass over x_proj on the bias either way, and autograd sees one
+    node per layer-direction. The backward forms d_W_ih (and d_x, when x needs it) from the kernels' d_x_proj."""
+
+    @staticmethod
+    def forward(ctx, backend, cell, lengths, reverse, n_state, x, weight_ih, bias_ih, *tensors):
+        ctx.set_materialize_grads(False)  # unused outputs (usually the final states) get no zero tensors
+        state0, weights = list(tensors[:n_state]), list(tensors[n_state:])
+        steps, batch, _ = x.shape
+        x_proj = backend.project(x.reshape(steps * batch, -1), weight_ih).view(steps, batch, -1)
+        out, final, saved = backend.forward(cell, x_proj, state0 or None, weights, lengths, reverse, True,
+                                            x_bias=bias_ih)
+        ctx.backend, ctx.cell, ctx.reverse, ctx.counts = backend, cell, reverse, (n_state, len(weights))
+        ctx.save_for_backward(x, weight_ih, bias_ih, x_proj, lengths, *state0, *weights, out, *final, *saved)
+        return (out, *final)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out, *grad_final):
+        n_state, n_weights = ctx.counts
+        x, weight_ih, bias_ih, x_proj, lengths, *rest = ctx.saved_tensors
+        state0, weights, rest = rest[:n_state], rest[n_state : n_state + n_weights], rest[n_state + n_weights :]
+        outputs, final, saved = rest[0], rest[1 : 1 + len(grad_final)], rest[1 + len(grad_final) :]
+        saved_mode = "keep" if _graph_retained() else "consume"
+        gx_proj, gstate, gweights = ctx.backend.backward(
+            ctx.cell, x_proj, list(state0) or None, list(weights), lengths, ctx.reverse, outputs, list(final),
+            list(saved), None if grad_out is None else grad_out.contiguous(), list(grad_final),
+            saved_mode=saved_mode, x_bias=bias_ih)
+        g_bias_ih = gweights.pop() if bias_ih is not None else None
+        flat = gx_proj.view(-1, gx_proj.shape[2])
+        needs = ctx.needs_input_grad
+        g_x = flat.mm(weight_ih).view(x.shape) if needs[5] else None
+        g_weight_ih = flat.t().mm(x.reshape(flat.shape[0], -1)) if needs[6] else None
+        return (None, None, None, None, None, g_x, g_weight_ih, g_bias_ih,
+                *(gstate if n_state else ()), *gweights)
 
 
 def _graph_retained() -> bool:

@@ -270,14 +270,15 @@ class Recurrent(nn.Module):
             for direction in range(directions):
                 index = layer * directions + direction
                 w_ih, b_ih, recurrent = self._scan_names()[index]
-                x_proj = F.linear(layer_input, self._param(w_ih), self._param(b_ih) if b_ih else None)
                 weights = Weights({base: (self._param(name) if name else None) for base, name in recurrent})
                 if state0 is None:  # zero states: made by the backend if it can, else here
                     init = None if backend.accepts_zero_state else tuple(
                         x.new_zeros(x.shape[1], size) for size in self._state_sizes())
                 else:
                     init = tuple(s[index] for s in state0)
-                out, final = backend.scan(self.cell, x_proj, init, weights, lengths, direction == 1)
+                out, final = backend.layer(self.cell, layer_input, self._param(w_ih),
+                                           self._param(b_ih) if b_ih else None, init, weights, lengths,
+                                           direction == 1)
                 outputs.append(out)
                 for store, s in zip(finals, final, strict=True):
                     store.append(s)
@@ -419,10 +420,10 @@ class RecurrentCell(nn.Module):
                                          [list(params.values())], num_layers=1, bidirectional=False, dropout=0.0,
                                          training=self.training, proj_size=0)
             return tuple(s.squeeze(0) for s in final)
-        x_proj = F.linear(x, params.pop("weight_ih"), params.pop("bias_ih", None))
+        weight_ih, bias_ih = params.pop("weight_ih"), params.pop("bias_ih", None)
         weights = Weights(weight_hh=params.pop("weight_hh", None), bias_hh=params.pop("bias_hh", None))
         weights.update(params)
-        _, final = backend.scan(self.cell, x_proj, state, weights, None, False)
+        _, final = backend.layer(self.cell, x, weight_ih, bias_ih, state, weights, None, False)
         return final
 
 

@@ -222,12 +222,12 @@ def test_forward_and_backward_choose_their_gemm_apart(monkeypatch) -> None:
     if not _blas.SGEMM:
         pytest.skip("this torch has no MKL: every GEMM is the loop")
     monkeypatch.setattr(numba_backend, "_plans", {})
-    _, _, forward_loop, backward_loop = numba_backend._plan("float32", 50, 64, 4 * 512, 512)
-    assert (forward_loop, backward_loop) == (False, True)
-    _, _, forward_loop, backward_loop = numba_backend._plan("float32", 50, 64, 4 * 1024, 1024)
-    assert (forward_loop, backward_loop) == (False, False)
-    _, _, forward_loop, backward_loop = numba_backend._plan("float32", 50, 64, 4 * 64, 64)
-    assert (forward_loop, backward_loop) == (True, True)
+    plan = numba_backend._plan("float32", 50, 64, 4 * 512, 512)
+    assert (plan.loop_forward, plan.loop_backward) == (False, True)
+    plan = numba_backend._plan("float32", 50, 64, 4 * 1024, 1024)
+    assert (plan.loop_forward, plan.loop_backward) == (False, False)
+    plan = numba_backend._plan("float32", 50, 64, 4 * 64, 64)
+    assert (plan.loop_forward, plan.loop_backward) == (True, True)
 
 
 @numba.njit
@@ -475,6 +475,58 @@ def test_module_matches_torch_nn_packed_bidirectional(name: str, kwargs: dict) -
         torch.testing.assert_close(a, b)
     for a, b in zip(grads[1], grads[0], strict=True):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("name,kwargs", MODULES, ids=["lstm", "gru", "rnn_tanh", "rnn_relu"])
+def test_module_gradcheck_float64(name: str, kwargs: dict) -> None:
+    """gradcheck through a module: the layer path (the projection's bias added and its gradient summed in the
+    kernels, d_W_ih and d_x formed from the kernels' d_x_proj), both directions, lengths, given initial states."""
+    torch.manual_seed(3)
+    mod = getattr(seqfast, name)(3, 3, bidirectional=True, backend="numba", **kwargs).double()
+    params = list(mod.parameters())
+    x = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
+    states = [torch.randn(2, 2, 3, dtype=torch.float64, requires_grad=True) for _ in mod.cell.state_names]
+    lengths = torch.tensor([4, 3])
+
+    def fn(x, *leaves):
+        hx = leaves[: len(states)]
+        out, hidden = torch.func.functional_call(mod, dict(zip([n for n, _ in mod.named_parameters()],
+                                                               leaves[len(states):], strict=True)),
+                                                 (x, hx if len(hx) > 1 else hx[0]), {"lengths": lengths})
+        return (out, *(hidden if isinstance(hidden, tuple) else (hidden,)))
+
+    assert torch.autograd.gradcheck(fn, (x, *states, *params), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+def test_module_partial_gradients_match_torch_nn(bias: bool) -> None:
+    """Frozen input weights, an input without grad and only the final state used (the outputs get no gradient):
+    each gradient the layer path skips or forms must still match torch.nn's."""
+    torch.manual_seed(4)
+    ref = torch.nn.GRU(5, 6, num_layers=2, bias=bias).double()
+    mod = seqfast.GRU(5, 6, num_layers=2, bias=bias, backend="numba").double()
+    mod.load_state_dict(ref.state_dict())
+    x = torch.randn(7, 3, 5, dtype=torch.float64)
+    grads = []
+    for model in (ref, mod):
+        model.weight_ih_l0.requires_grad_(False)
+        _, h = model(x)
+        (h * torch.arange(1.0, h.numel() + 1, dtype=h.dtype).view_as(h)).sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    assert grads[1]["weight_ih_l0"] is None and grads[0]["weight_ih_l0"] is None
+    for n, g in grads[0].items():
+        if g is not None:
+            torch.testing.assert_close(grads[1][n], g, rtol=1e-9, atol=1e-10, msg=n)
+
+
+def test_second_derivatives_raise_a_clear_error() -> None:
+    """The fused backward is not itself differentiable: asking for a second derivative says so."""
+    mod = seqfast.LSTM(3, 4, backend="numba")
+    x = torch.randn(5, 2, 3, requires_grad=True)
+    out, _ = mod(x)
+    (g,) = torch.autograd.grad(out.pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        g.sum().backward()
 
 
 def test_module_float32_dropout_batch_first_trains() -> None:

@@ -23,6 +23,7 @@ import os
 import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -96,23 +97,38 @@ def _use_loop_gemm(fn: int, ranges: list[tuple[int, int]], width: int, hidden: i
             or width * hidden * itemsize <= limit)
 
 
-_plans: dict[tuple, tuple[int, list[tuple[int, int]], bool, bool]] = {}
+class _Plan(NamedTuple):
+    """Everything about a scan that follows from its shape, worked out once: a small scan's whole kernel takes
+    tens of microseconds, and redoing this on each call was a measurable part of it."""
+
+    fn: int  # the BLAS GEMM's address (0: none)
+    ranges: list[tuple[int, int]]  # batch rows per thread
+    loop_forward: bool  # the per-step GEMM as the numba loop, in the forward scan
+    loop_backward: bool  # and in the backward scan
+    hidden: int
+    dtype_name: str
+    full_lengths: np.ndarray  # lengths of a batch without them (read-only)
+    zero_states: tuple[np.ndarray, ...]  # [B, H] zeros, per state (read-only)
+    zero_bias: np.ndarray  # [G*H] zeros: an absent bias (read-only)
 
 
-def _plan(dtype_name: str, steps: int, batch: int, width: int, hidden: int
-          ) -> tuple[int, list[tuple[int, int]], bool, bool]:
-    """(GEMM address, row ranges, loop GEMM in the forward?, in the backward?) for a scan shape; memoised, since a
-    small scan's whole kernel takes tens of microseconds and working this out each call was a measurable part."""
-    def make() -> tuple[int, list[tuple[int, int]], bool, bool]:
+_plans: dict[tuple, _Plan] = {}
+
+
+def _plan(dtype_name: str, steps: int, batch: int, width: int, hidden: int, num_states: int = 1) -> _Plan:
+    def make() -> _Plan:
         from ._blas import LOOP_GEMM_BWD_MAX_WEIGHT_BYTES, gemm_address
 
         fn = gemm_address(dtype_name)
         ranges = _row_ranges(batch, steps * width * hidden)
         itemsize = 4 if dtype_name == "float32" else 8
-        return (fn, ranges, _use_loop_gemm(fn, ranges, width, hidden, itemsize),
-                _use_loop_gemm(fn, ranges, width, hidden, itemsize, LOOP_GEMM_BWD_MAX_WEIGHT_BYTES))
+        zero = np.zeros((batch, hidden), dtype=dtype_name)
+        return _Plan(fn, ranges, _use_loop_gemm(fn, ranges, width, hidden, itemsize),
+                     _use_loop_gemm(fn, ranges, width, hidden, itemsize, LOOP_GEMM_BWD_MAX_WEIGHT_BYTES), hidden,
+                     dtype_name, np.full(batch, steps, dtype=np.int64), (zero,) * num_states,
+                     np.zeros(width, dtype=dtype_name))
 
-    return memo(_plans, (dtype_name, steps, batch, width, hidden, num_threads()), make)
+    return memo(_plans, (dtype_name, steps, batch, width, hidden, num_states, num_threads()), make)
 
 
 class _TorchOpenMP:
@@ -207,14 +223,6 @@ def _run_rows(call, ranges: list[tuple[int, int]], blas: bool = True) -> None:
             f.result()
 
 
-_full_cache: dict[tuple[int, int], np.ndarray] = {}
-
-
-def _full_lengths(batch: int, steps: int) -> np.ndarray:
-    """lengths for a batch without them: every row runs all steps (read-only, so one array serves every call)."""
-    return memo(_full_cache, (batch, steps), lambda: np.full(batch, steps, dtype=np.int64), limit=64)
-
-
 _NO_SAVED = {name: np.empty((0, 0, 0, 0), dtype=name) for name in ("float32", "float64")}  # inference's saved_st
 
 # numpy views of weight tensors, by id(tensor): the same memory, so in-place updates (optimizer steps, .data
@@ -248,15 +256,6 @@ def _state_array(s: Tensor, dtype: torch.dtype) -> np.ndarray:
     return s.contiguous().numpy()
 
 
-_zeros: dict[tuple, list[np.ndarray]] = {}
-
-
-def _zero_states(cell: CellSpec, batch: int, hidden: int, dtype_name: str) -> list[np.ndarray]:
-    """Zero initial states (read only by the kernels, so one set serves every call of a shape)."""
-    return memo(_zeros, (cell.num_states, batch, hidden, dtype_name),
-                lambda: [np.zeros((batch, hidden), dtype=dtype_name)] * cell.num_states, limit=64)
-
-
 class NumbaBackend(FusedBackend):
     name = "numba"
     description = "fused CPU scans compiled with numba (MKL GEMM per step, vectorized float32 gate math)"
@@ -265,6 +264,7 @@ class NumbaBackend(FusedBackend):
     supports_proj = False  # LSTM proj_size: h would need a second GEMM per step; declined, use torch or native
     priority = 5
     forward_accepts_zero_state = True
+    fuses_input_bias = True
 
     def __init__(self) -> None:
         super().__init__()
@@ -300,6 +300,10 @@ class NumbaBackend(FusedBackend):
             shapes.append((steps, batch, cell.num_gates * hidden))
         return shapes
 
+    def project(self, x: Tensor, weight_ih: Tensor) -> Tensor:
+        # into a pooled buffer: a fresh one this large would be page-faulted in on every call
+        return torch.mm(x, weight_ih.t(), out=_buffers.empty((x.shape[0], weight_ih.shape[0]), x.dtype))
+
     def _module(self, cell: CellSpec, dtype: torch.dtype):
         module = self._kernels.get((cell, dtype))
         if module is not None:
@@ -314,126 +318,127 @@ class NumbaBackend(FusedBackend):
         module = self._kernels[(cell, dtype)] = kernels(cell, _DTYPES[dtype])
         return module
 
-    @staticmethod
-    def _arrays(cell: CellSpec, x_proj: Tensor, weights: list[Tensor | None], lengths: Tensor | None):
-        """-> (x_proj as a tensor and as numpy, [W_hh, b_hh, *extras] as numpy, lengths as numpy)."""
-        steps, batch, width = x_proj.shape
-        hidden = width // cell.num_gates
+    def _call(self, cell: CellSpec, x_proj: Tensor, weights: list[Tensor | None], lengths: Tensor | None,
+              x_bias: Tensor | None):
+        """What both scans start from: (kernel module, plan, x_proj as numpy, [x_bias, W_hh, b_hh, *extras] as
+        numpy, lengths as numpy)."""
+        module = self._kernels.get((cell, x_proj.dtype)) or self._module(cell, x_proj.dtype)
         if not x_proj.is_cpu:
             raise ValueError(f"numba backend: tensors must be on the CPU, got {x_proj.device}")
-        if weights and len(weights) > 2 + len(cell.pointwise.params):
+        steps, batch, width = x_proj.shape
+        plan = _plan(_DTYPES[x_proj.dtype], steps, batch, width, width // cell.num_gates, cell.num_states)
+        if len(weights) > 2 + len(cell.pointwise.params):
             raise ValueError("numba backend: proj_size (weight_hr) is not supported")
-        x = x_proj.detach().contiguous()
-        dtype = _DTYPES[x.dtype]
         w = weights[0] if weights else None
         if w is None:
-            w_np = np.zeros((width, hidden) if cell.recurrence == "dense" else (width,), dtype=dtype)
+            shape = (width, plan.hidden) if cell.recurrence == "dense" else (width,)
+            w_np = np.zeros(shape, dtype=plan.dtype_name)
         else:
             w_np = _host(w)
         bias = weights[1] if len(weights) > 1 else None
-        bias_np = np.zeros(width, dtype=dtype) if bias is None else _host(bias)
+        arrays = [plan.zero_bias if x_bias is None else _host(x_bias), w_np,
+                  plan.zero_bias if bias is None else _host(bias)]
         # the kernel takes the per-unit extras in Pointwise.params order; an absent one (a bias-like extra under
         # bias=False) reads as zeros
-        extras = []
         if cell.pointwise.params:
             from .codegen import per_unit_width
 
             given = dict(zip(cell.recurrent_param_names()[2:], weights[2:], strict=False))
-            extras = [np.zeros(per_unit_width(cell, name) * hidden, dtype=dtype) if given.get(name) is None
-                      else _host(given[name]) for name in cell.pointwise.params]
+            arrays += [np.zeros(per_unit_width(cell, name) * plan.hidden, dtype=plan.dtype_name)
+                       if given.get(name) is None else _host(given[name]) for name in cell.pointwise.params]
         if lengths is None:
-            lens = _full_lengths(batch, steps)
+            lens = plan.full_lengths
         else:
             lens = lengths.detach().to(device="cpu", dtype=torch.int64).contiguous().numpy()
-        return x, x.numpy(), [w_np, bias_np, *extras], lens
+        return module, plan, x_proj.detach().contiguous().numpy(), arrays, lens
 
     def forward(self, cell: CellSpec, x_proj: Tensor, state0: list[Tensor] | None, weights: list[Tensor | None],
-                lengths: Tensor | None, reverse: bool, need_saved: bool) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+                lengths: Tensor | None, reverse: bool, need_saved: bool, x_bias: Tensor | None = None
+                ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         # kept lean: at small shapes (T100 B1 H32) the kernel runs ~30 us, and every torch call here costs ~1 us.
         # Buffers are 64-byte aligned (numpy's large arrays sit 16 bytes off a cache line); large ones are pooled
-        module = self._module(cell, x_proj.dtype)
-        x, x_np, arrays, lens = self._arrays(cell, x_proj, weights, lengths)
+        module, plan, x_np, arrays, lens = self._call(cell, x_proj, weights, lengths, x_bias)
         steps, batch, width = x_np.shape
-        hidden = width // cell.num_gates
-        dtype_name = _DTYPES[x.dtype]  # not x_np.dtype.name: a Python property in numpy, ~1 us
-        init = _zero_states(cell, batch, hidden, dtype_name) if state0 is None \
-            else [_state_array(s, x.dtype) for s in state0]
+        dtype = x_proj.dtype
+        init = plan.zero_states if state0 is None else [_state_array(s, dtype) for s in state0]
         # the finals (the kernel copies init in); separate tensors: a custom op's outputs may not share storage
-        states = [torch.empty((batch, hidden), dtype=x.dtype) for _ in init]
-        out = _buffers.empty((steps, batch, hidden), x.dtype)
-        saved = [_buffers.empty(s, x.dtype) for s in self.saved_shapes(cell, steps, batch, hidden)] if need_saved \
-            else []
+        states = [torch.empty((batch, plan.hidden), dtype=dtype) for _ in init]
+        out = _buffers.empty((steps, batch, plan.hidden), dtype)
+        saved = [_buffers.empty(s, dtype) for s in self.saved_shapes(cell, steps, batch, plan.hidden)] \
+            if need_saved else []
         if batch > 0:
             # the per-step products: saved for the backward (dense), else one reused [1, B, G*H] buffer. Both
             # 64-byte aligned (numpy aligns to 16): threads accumulate their rows' GEMM into it many times a
             # step, and a cache line shared across a range boundary would bounce between the cores
-            hg = saved[1].numpy() if len(saved) > 1 else torch.empty((1, batch, width), dtype=x.dtype).numpy()
-            fn, ranges, small, _ = _plan(dtype_name, steps, batch, width, hidden)
+            hg = saved[1].numpy() if len(saved) > 1 else torch.empty((1, batch, width), dtype=dtype).numpy()
             args = (x_np, *arrays, *init, *(s.numpy() for s in states), lens, bool(reverse), out.numpy(), hg,
-                    saved[0].numpy() if saved else _NO_SAVED[dtype_name], bool(need_saved))
-            _run_rows(lambda lo, hi: module.forward(fn, small, lo, hi, *args), ranges, blas=not small)
+                    saved[0].numpy() if saved else _NO_SAVED[plan.dtype_name], bool(need_saved))
+            fn, small = plan.fn, plan.loop_forward
+            _run_rows(lambda lo, hi: module.forward(fn, small, lo, hi, *args), plan.ranges, blas=not small)
         return out, states, saved
 
-    def backward(self, cell: CellSpec, x_proj: Tensor, state0: list[Tensor], weights: list[Tensor | None],
+    def backward(self, cell: CellSpec, x_proj: Tensor, state0: list[Tensor] | None, weights: list[Tensor | None],
                  lengths: Tensor | None, reverse: bool, outputs: Tensor, final: list[Tensor], saved: list[Tensor],
-                 grad_outputs: Tensor, grad_final: list[Tensor], saved_mode: str = "keep"
-                 ) -> tuple[Tensor, list[Tensor], list[Tensor | None]]:
+                 grad_outputs: Tensor | None, grad_final: list[Tensor | None], saved_mode: str = "keep",
+                 x_bias: Tensor | None = None) -> tuple[Tensor, list[Tensor], list[Tensor | None]]:
         if cell.pointwise is None or cell.pointwise.backward is None:
             raise RuntimeError(f"numba backend: cell {cell.name!r} has no pointwise backward")
         from .codegen import dx_is_dhg
 
-        module = self._module(cell, x_proj.dtype)
-        x, x_np, (w, bias, *extras), lens = self._arrays(cell, x_proj, weights, lengths)
+        module, plan, x_np, (x_bias_np, w, bias, *extras), lens = self._call(cell, x_proj, weights, lengths,
+                                                                              x_bias)
         steps, batch, width = x_np.shape
-        hidden = width // cell.num_gates
-        dtype_name = _DTYPES[x.dtype]
+        dtype, hidden, dtype_name = x_proj.dtype, plan.hidden, plan.dtype_name
         saved_st = saved[0].detach().contiguous()
-        h_prev = saved_st[0].view(steps * batch, hidden)
         # hgd: the recurrent products of every step, without bias (the kernel overwrites them with d_hg). Dense:
         # the forward's own, copied when they must stay unchanged; elementwise otherwise
         if cell.recurrence == "dense":
-            hgd = saved[1] if saved_mode == "consume" else _buffers.empty(saved[1].shape, x.dtype).copy_(saved[1])
+            hgd = saved[1] if saved_mode == "consume" else _buffers.empty(saved[1].shape, dtype).copy_(saved[1])
         elif cell.recurrence == "diagonal":
+            h_prev = saved_st[0].view(steps * batch, hidden)
             hgd = (h_prev.repeat(1, cell.num_gates) * torch.from_numpy(w)).view(steps, batch, width)
         else:
-            hgd = x.new_zeros(steps, batch, width)
+            hgd = torch.zeros((steps, batch, width), dtype=dtype)
         grad_out = (np.zeros((steps, batch, hidden), dtype=dtype_name) if grad_outputs is None
                     else grad_outputs.detach().contiguous().numpy())
-        d_final = [np.zeros((batch, hidden), dtype=dtype_name) if g is None else _state_array(g, x.dtype)
-                   for g in grad_final]
-        d_states = [torch.empty(d.shape, dtype=x.dtype) for d in d_final]  # the kernel copies d_final in
+        d_final = [plan.zero_states[0] if g is None else _state_array(g, dtype) for g in grad_final]
+        d_states = [torch.empty((batch, hidden), dtype=dtype) for _ in d_final]  # the kernel copies d_final in
         # where d_x equals d_hg and both are in time order, the kernel writes d_hg only and d_x is that buffer
         write_dx = reverse or not dx_is_dhg(cell)
-        dx = _buffers.empty((steps, batch, width), x.dtype) if write_dx else hgd
-        # sums over rows and steps (the bias and per-unit parameter gradients): one accumulator per thread,
-        # added afterwards; the bias one in float64, since it sums T*B terms
-        fn, ranges, _, small = _plan(dtype_name, steps, batch, width, hidden)
-        sums = [[torch.zeros(width, dtype=torch.float64).numpy(), *(torch.zeros(e.shape, dtype=x.dtype).numpy()
-                                                                   for e in extras)] for _ in ranges]
+        dx = _buffers.empty((steps, batch, width), dtype) if write_dx else hgd
+        # sums over rows and steps (the bias gradients, of b_hh and of x_bias, and the per-unit parameter ones):
+        # one accumulator per thread, added afterwards; the bias ones in float64, since they sum T*B terms
+        sums = [[np.zeros(width), np.zeros(width), *(np.zeros(e.shape, dtype=dtype_name) for e in extras)]
+                for _ in plan.ranges]
         if batch > 0:
-            args = (x_np, w, bias, *extras, saved_st.numpy(), lens, bool(reverse), grad_out, *d_final,
+            args = (x_np, x_bias_np, w, bias, *extras, saved_st.numpy(), lens, bool(reverse), grad_out, *d_final,
                     *(d.numpy() for d in d_states), dx.numpy(), write_dx, hgd.numpy())
-            by_range = dict(zip(ranges, sums, strict=True))
-            _run_rows(lambda lo, hi: module.backward(fn, small, lo, hi, *args, *by_range[(lo, hi)]), ranges,
+            by_range = dict(zip(plan.ranges, sums, strict=True))
+            fn, small = plan.fn, plan.loop_backward
+            _run_rows(lambda lo, hi: module.backward(fn, small, lo, hi, *args, *by_range[(lo, hi)]), plan.ranges,
                       blas=not small)
-        d_bias, *d_extras = sums[0]
+        d_bias, d_x_bias, *d_extras = sums[0]
         for part in sums[1:]:
             for total, more in zip(sums[0], part, strict=True):
                 total += more
-        # the recurrent-weight gradient: one GEMM over every step (padding rows of d_hg are zero)
-        flat_dhg = hgd.view(steps * batch, width)  # now d_hg
         grads: list[Tensor | None] = [None] * len(weights)
         if weights and weights[0] is not None:
+            # the recurrent-weight gradient: one GEMM over every step (padding rows of d_hg are zero)
+            flat_dhg = hgd.view(steps * batch, width)  # now d_hg
+            h_prev = saved_st.select(0, 0).view(steps * batch, hidden)
             if cell.recurrence == "dense":
                 grads[0] = flat_dhg.t().mm(h_prev)
             else:  # diagonal: d w[g*H + j] = sum over steps of d_hg[., g*H + j] * h_prev[., j]
                 grads[0] = (flat_dhg.view(-1, cell.num_gates, hidden) * h_prev.unsqueeze(1)).sum(0).view(width)
         if len(weights) > 1 and weights[1] is not None:
             grads[1] = torch.from_numpy(d_bias.astype(dtype_name))
-        d_by_name = dict(zip(cell.pointwise.params, d_extras, strict=True))
-        for i, name in enumerate(cell.recurrent_param_names()[2:len(weights)]):
-            p = weights[i + 2]
-            grads[i + 2] = None if p is None else torch.from_numpy(d_by_name[name]).view(p.shape)
+        if extras:
+            d_by_name = dict(zip(cell.pointwise.params, d_extras, strict=True))
+            for i, name in enumerate(cell.recurrent_param_names()[2:len(weights)]):
+                p = weights[i + 2]
+                grads[i + 2] = None if p is None else torch.from_numpy(d_by_name[name]).view(p.shape)
+        if x_bias is not None:  # its gradient comes last (see FusedBackend.backward)
+            grads.append(torch.from_numpy((d_x_bias if write_dx else d_bias).astype(dtype_name)))
         return dx, d_states, grads
 
 

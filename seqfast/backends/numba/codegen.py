@@ -40,7 +40,7 @@ from types import ModuleType
 from ...registry import CellSpec
 from ..pointwise_source import MATH_NAMES, parse_pointwise, per_unit_rows
 
-TEMPLATE_VERSION = "13"
+TEMPLATE_VERSION = "14"
 _SAFE_BUILTINS = {"abs", "min", "max", "range", "len", "float", "int", "bool", "True", "False", "None"}
 _HERE = Path(__file__).resolve().parent
 
@@ -200,9 +200,18 @@ class _Layout:
         return _tup([f"buf[{base + q}, c]" for q in range(self.P)])
 
 
+def _loop(ind: str, statements: list[str]) -> list[str]:
+    """One loop over the chunk's units running `statements` (an empty list: no loop). Copies are grouped by the
+    arrays they touch, a few per loop: each loop pays its vectorization's runtime overlap checks and remainder
+    once, which at small hidden sizes (a 32-unit row) costs more than the copies themselves; but a loop touching
+    too many arrays is left scalar (LLVM: "too many memory checks needed")."""
+    if not statements:
+        return []
+    return [f"{ind}for c in range(cn):"] + [f"{ind}    {st}" for st in statements]
+
+
 def _copy_in_params(lay: _Layout, base: int, indent: str) -> list[str]:
-    return [f"{indent}for c in range(cn):\n{indent}    buf[{row}, c] = p{i}[op{i}_{r} + c]"
-            for row, i, r in lay.param_rows(base)]
+    return _loop(indent, [f"buf[{row}, c] = p{i}[op{i}_{r} + c]" for row, i, r in lay.param_rows(base)])
 
 
 def _chunk_prologue(lay, G: int, ind: str) -> list[str]:
@@ -213,8 +222,7 @@ def _chunk_prologue(lay, G: int, ind: str) -> list[str]:
              f"                n = min({CHUNK}, H - j0)"]
     lines += _offsets(lay, ind)
     # the input gates are scratch rows 0..G-1 in both scans (XG = 0)
-    lines += [f"{ind}for c in range(cn):\n{ind}    buf[{g}, c] = x[t, b, og{g} + c]" for g in range(G)]
-    return lines
+    return lines + _loop(ind, [f"buf[{g}, c] = x[t, b, og{g} + c] + xbias[og{g} + c]" for g in range(G)])
 
 
 def _offsets(lay: _Layout, ind: str) -> list[str]:
@@ -235,7 +243,7 @@ def _forward_kernel(lay: _Layout) -> str:
     L: list[str] = []
     a = L.append
     a("@njit(cache=_CACHE, nogil=True, fastmath=_FM, error_model='numpy')")
-    a(f"def forward(gemm_fn, small, b_lo, b_hi, x, w, bias, {lay.param_args}{states}lengths, reverse, out, hg, "
+    a(f"def forward(gemm_fn, small, b_lo, b_hi, x, xbias, w, bias, {lay.param_args}{states}lengths, reverse, out, hg, "
       "saved_st, need_saved):")
     a('    """Rows b_lo..b_hi of the forward scan (threads take disjoint row ranges; rows never interact).')
     a('    s<i> start as a copy of init<i> (left unchanged) and end as the final states.')
@@ -278,16 +286,10 @@ def _forward_kernel(lay: _Layout) -> str:
     a("                continue")
     ind = "                "
     L.extend(_chunk_prologue(lay, G, ind))
-    for g in range(G):
-        if lay.recurrence == "dense":
-            rhs = f"hg[kk, b, og{g} + c] + bias[og{g} + c]"
-        elif lay.recurrence == "diagonal":
-            rhs = f"w[og{g} + c] * s0[b, u0 + c] + bias[og{g} + c]"
-        else:
-            rhs = "zero"
-        a(f"{ind}for c in range(cn):\n{ind}    buf[{HG + g}, c] = {rhs}")
-    for i in range(S):
-        a(f"{ind}for c in range(cn):\n{ind}    buf[{ST + i}, c] = s{i}[b, u0 + c]")
+    rhs = {"dense": "hg[kk, b, og{g} + c] + bias[og{g} + c]",
+           "diagonal": "w[og{g} + c] * s0[b, u0 + c] + bias[og{g} + c]", "none": "zero"}[lay.recurrence]
+    L.extend(_loop(ind, [f"buf[{HG + g}, c] = " + rhs.format(g=g) for g in range(G)]))
+    L.extend(_loop(ind, [f"buf[{ST + i}, c] = s{i}[b, u0 + c]" for i in range(S)]))
     L.extend(_copy_in_params(lay, PR, ind))
     a(f"{ind}for c in range(cn):  # the fused pointwise math, vectorized over units")
     xg = _tup([f"buf[{XG + g}, c]" for g in range(G)])
@@ -296,12 +298,10 @@ def _forward_kernel(lay: _Layout) -> str:
     a(f"{ind}    ns = _pw_forward({xg}, {hgv}, {st}, {lay.params_tuple(PR)})")
     for i in range(S):
         a(f"{ind}    buf[{NS + i}, c] = ns[{i}]")
-    for i in range(S):
-        a(f"{ind}for c in range(cn):\n{ind}    s{i}[b, u0 + c] = buf[{NS + i}, c]")
-    a(f"{ind}for c in range(cn):\n{ind}    out[t, b, u0 + c] = buf[{NS}, c]")
+    L.extend(_loop(ind, [f"s{i}[b, u0 + c] = buf[{NS + i}, c]" for i in range(S)]
+                   + [f"out[t, b, u0 + c] = buf[{NS}, c]"]))
     a(f"{ind}if need_saved:")
-    for i in range(S):
-        a(f"{ind}    for c in range(cn):\n{ind}        saved_st[{i}, k, b, u0 + c] = buf[{ST + i}, c]")
+    L.extend(_loop(ind + "    ", [f"saved_st[{i}, k, b, u0 + c] = buf[{ST + i}, c]" for i in range(S)]))
     return "\n".join(L)
 
 
@@ -318,12 +318,12 @@ def _backward_kernel(lay: _Layout) -> str:
     L: list[str] = []
     a = L.append
     a("@njit(cache=_CACHE, nogil=True, fastmath=_FM, error_model='numpy')")
-    a(f"def backward(gemm_fn, small, b_lo, b_hi, x, w, bias, {lay.param_args}saved_st, lengths, reverse, "
-      f"grad_out, {dstates}dx, write_dx, hgd, dbias, {dparams}):")
+    a(f"def backward(gemm_fn, small, b_lo, b_hi, x, xbias, w, bias, {lay.param_args}saved_st, lengths, reverse, "
+      f"grad_out, {dstates}dx, write_dx, hgd, dbias, dxbias, {dparams}):")
     a('    """Rows b_lo..b_hi of the backward scan; d<i> hold the running state gradients (start: a copy of dfinal<i>,')
     a('    the grad of the final state; end: grad of state0); dp<i> accumulate per-unit parameter gradients and')
-    a('    dbias the bias gradient, sum over rows and steps of d_hg (one thread per call). write_dx=False: d_x equals')
-    a('    d_hg and is not written (see dx_is_dhg)."""')
+    a('    dbias the bias gradient, sum over rows and steps of d_hg, and dxbias that of xbias, the sum of d_x (one')
+    a('    thread per call). write_dx=False: d_x equals d_hg, so is neither written nor summed (see dx_is_dhg)."""')
     a("    T = x.shape[0]")
     a("    H = d0.shape[1]")
     a("    one = _F(1.0)")
@@ -344,13 +344,10 @@ def _backward_kernel(lay: _Layout) -> str:
     a("                continue")
     ind = "                "
     L.extend(_chunk_prologue(lay, G, ind))
-    for g in range(G):
-        a(f"{ind}for c in range(cn):\n{ind}    buf[{HG + g}, c] = hgd[k, b, og{g} + c] + bias[og{g} + c]")
-    for i in range(S):
-        a(f"{ind}for c in range(cn):\n{ind}    buf[{ST + i}, c] = saved_st[{i}, k, b, u0 + c]")
-    a(f"{ind}for c in range(cn):\n{ind}    buf[{DN}, c] = d0[b, u0 + c] + grad_out[t, b, u0 + c]")
-    for i in range(1, S):
-        a(f"{ind}for c in range(cn):\n{ind}    buf[{DN + i}, c] = d{i}[b, u0 + c]")
+    L.extend(_loop(ind, [f"buf[{HG + g}, c] = hgd[k, b, og{g} + c] + bias[og{g} + c]" for g in range(G)]))
+    L.extend(_loop(ind, [f"buf[{ST + i}, c] = saved_st[{i}, k, b, u0 + c]" for i in range(S)]))
+    L.extend(_loop(ind, [f"buf[{DN}, c] = d0[b, u0 + c] + grad_out[t, b, u0 + c]"]
+                   + [f"buf[{DN + i}, c] = d{i}[b, u0 + c]" for i in range(1, S)]))
     L.extend(_copy_in_params(lay, PR, ind))
     a(f"{ind}for c in range(cn):  # the fused pointwise derivative, vectorized over units")
     xg = _tup([f"buf[{XG + g}, c]" for g in range(G)])
@@ -365,19 +362,17 @@ def _backward_kernel(lay: _Layout) -> str:
         a(f"{ind}    buf[{DS + i}, c] = res[2][{i}]")
     for q, (row, _, _) in enumerate(lay.param_rows(DP)):
         a(f"{ind}    buf[{row}, c] = res[3][{q}]")
-    for g in range(G):
-        a(f"{ind}if write_dx:\n{ind}    for c in range(cn):\n{ind}        dx[t, b, og{g} + c] = buf[{DX + g}, c]")
-        a(f"{ind}for c in range(cn):\n{ind}    hgd[k, b, og{g} + c] = buf[{DH + g}, c]  # d_hg replaces hg")
-        a(f"{ind}for c in range(cn):\n{ind}    dbias[og{g} + c] += buf[{DH + g}, c]")
+    a(f"{ind}if write_dx:")
+    L.extend(_loop(ind + "    ", [f"dx[t, b, og{g} + c] = buf[{DX + g}, c]" for g in range(G)]))
+    L.extend(_loop(ind + "    ", [f"dxbias[og{g} + c] += buf[{DX + g}, c]" for g in range(G)]))
+    # d_hg replaces hg
+    L.extend(_loop(ind, [f"hgd[k, b, og{g} + c] = buf[{DH + g}, c]" for g in range(G)]))
+    L.extend(_loop(ind, [f"dbias[og{g} + c] += buf[{DH + g}, c]" for g in range(G)]))
+    d_h = f"buf[{DS}, c]"
     if lay.recurrence == "diagonal":  # d h += sum_g d_hg[g] * w[g]
-        extra = " + ".join(f"buf[{DH + g}, c] * w[og{g} + c]" for g in range(G))
-        a(f"{ind}for c in range(cn):\n{ind}    d0[b, u0 + c] = buf[{DS}, c] + {extra}")
-    else:
-        a(f"{ind}for c in range(cn):\n{ind}    d0[b, u0 + c] = buf[{DS}, c]")
-    for i in range(1, S):
-        a(f"{ind}for c in range(cn):\n{ind}    d{i}[b, u0 + c] = buf[{DS + i}, c]")
-    for row, i, r in lay.param_rows(DP):
-        a(f"{ind}for c in range(cn):\n{ind}    dp{i}[op{i}_{r} + c] += buf[{row}, c]")
+        d_h += " + " + " + ".join(f"buf[{DH + g}, c] * w[og{g} + c]" for g in range(G))
+    L.extend(_loop(ind, [f"d0[b, u0 + c] = {d_h}"] + [f"d{i}[b, u0 + c] = buf[{DS + i}, c]" for i in range(1, S)]))
+    L.extend(_loop(ind, [f"dp{i}[op{i}_{r} + c] += buf[{row}, c]" for row, i, r in lay.param_rows(DP)]))
     if lay.recurrence == "dense":
         # this step's d_hg rows are contiguous in hgd (indexed by loop step k; padding rows are 0)
         a("        dhg_rows = hgd[k, b_lo:b_hi]")
