@@ -180,13 +180,23 @@ class _NoOpenMP:
         return False
 
 
-@pytest.mark.parametrize("runner", ["openmp", "pool"])
+@pytest.mark.parametrize("runner", ["team", "openmp", "pool"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
 def test_batch_split_over_threads(monkeypatch, reverse: bool, runner: str) -> None:
-    """Rows split over threads (torch's OpenMP team, or the thread pool without it) give the single-thread result
-    (the split is on by size; forced on here)."""
+    """Rows split over threads give the single-thread result: torch's OpenMP team running the kernels' cfunc
+    (the default), the same team entered through a Python callback, or a thread pool without torch's libgomp (the
+    split is on by size; forced on here)."""
+    launched = []
+    if runner == "team":
+        if numba_backend._team_addresses() is None:
+            pytest.skip("this torch has no libgomp: no OpenMP team")
+        found = numba_backend._team_addresses
+        monkeypatch.setattr(numba_backend, "_team_addresses", lambda: launched.append(1) or found())
+    if runner == "openmp":
+        monkeypatch.setattr(numba_backend, "_team_addresses", lambda: None)
     if runner == "pool":
         monkeypatch.setattr(numba_backend, "_omp", _NoOpenMP())
+        assert numba_backend._team_addresses() is None
     cell = seqfast.get_cell("lstm")
     x, state0, weights, lens = _inputs(cell, 9, 7, 6, torch.float64, seed=5, lengths=True)
     monkeypatch.setenv("SEQFAST_NUMBA_THREADS", "1")
@@ -196,6 +206,7 @@ def test_batch_split_over_threads(monkeypatch, reverse: bool, runner: str) -> No
     monkeypatch.setattr(numba_backend, "_plans", {})  # plans are memoised: forget any made before the patch
     assert len(numba_backend._row_ranges(7, 1)) == 3
     three = _run(cell, x, state0, weights, lens, reverse, "numba")
+    assert (len(launched) == 2) == (runner == "team")  # the forward and the backward went through the launcher
     for a, b in zip([one[0], *one[1], *one[2]], [three[0], *three[1], *three[2]], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
@@ -358,9 +369,15 @@ def leaky_cell():
     seqfast.registry.cells.pop(LEAKY.name, None)
 
 
+@pytest.mark.parametrize("threads", [1, 3], ids=["1thread", "3threads"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-def test_plugin_cell_diagonal_with_param(leaky_cell, dtype) -> None:
-    x, state0, weights, lens = _inputs(leaky_cell, 8, 3, 6, dtype, seed=2, lengths=True)
+def test_plugin_cell_diagonal_with_param(monkeypatch, leaky_cell, dtype, threads: int) -> None:
+    """A diagonal recurrence with a per-unit parameter; on three threads its gradient is summed per row range."""
+    monkeypatch.setenv("SEQFAST_NUMBA_THREADS", str(threads))
+    monkeypatch.setattr(numba_backend, "MIN_WORK_PER_THREAD", 0)
+    monkeypatch.setattr(numba_backend, "_plans", {})
+    assert len(numba_backend._row_ranges(6, 1)) == threads
+    x, state0, weights, lens = _inputs(leaky_cell, 8, 6, 6, dtype, seed=2, lengths=True)
     _compare(leaky_cell, x, state0, weights, lens, True, dtype)
 
 

@@ -110,6 +110,7 @@ class _Plan(NamedTuple):
     full_lengths: np.ndarray  # lengths of a batch without them (read-only)
     zero_states: tuple[np.ndarray, ...]  # [B, H] zeros, per state (read-only)
     zero_bias: np.ndarray  # [G*H] zeros: an absent bias (read-only)
+    range_array: np.ndarray  # ranges as int64 [threads, 2], for the kernels' team launchers
 
 
 _plans: dict[tuple, _Plan] = {}
@@ -126,7 +127,7 @@ def _plan(dtype_name: str, steps: int, batch: int, width: int, hidden: int, num_
         return _Plan(fn, ranges, _use_loop_gemm(fn, ranges, width, hidden, itemsize),
                      _use_loop_gemm(fn, ranges, width, hidden, itemsize, LOOP_GEMM_BWD_MAX_WEIGHT_BYTES), hidden,
                      dtype_name, np.full(batch, steps, dtype=np.int64), (zero,) * num_states,
-                     np.zeros(width, dtype=dtype_name))
+                     np.zeros(width, dtype=dtype_name), np.array(ranges, dtype=np.int64).reshape(-1, 2))
 
     return memo(_plans, (dtype_name, steps, batch, width, hidden, num_states, num_threads()), make)
 
@@ -142,6 +143,10 @@ class _TorchOpenMP:
 
     def __init__(self) -> None:
         self.lib = None
+        self._body = None
+        self._work: dict[int, tuple] = {}
+        self._next = 0
+        self._lock = threading.Lock()
         path = os.path.join(os.path.dirname(torch.__file__), "lib", "libgomp.so.1")
         if os.path.exists(path):
             try:
@@ -157,21 +162,19 @@ class _TorchOpenMP:
         """call(*ranges[i]) on OpenMP thread i; False when torch has no libgomp to use."""
         if self.lib is None:
             return False
-        errors: list[BaseException] = []
-        done = [False] * len(ranges)
-        thread_num = self.lib.omp_get_thread_num
-
-        def body(_data) -> None:
-            index = thread_num()
-            try:
-                if index < len(ranges):
-                    call(*ranges[index])
-                    done[index] = True
-            except BaseException as exc:  # cannot propagate through C: re-raised below
-                errors.append(exc)
-
-        callback = _OMP_BODY(body)  # kept alive until GOMP_parallel returns
-        self.lib.GOMP_parallel(callback, None, len(ranges), 0)
+        if self._body is None:
+            # one C callback for every region, made once (a ctypes thunk costs ~10 us to create); the region's
+            # `data` argument is the key of its work in self._work, so concurrent regions never mix
+            self._body = _OMP_BODY(self._run_one)
+        with self._lock:
+            self._next += 1
+            key = self._next
+        work = self._work[key] = (call, ranges, [False] * len(ranges), [])
+        try:
+            self.lib.GOMP_parallel(self._body, key, len(ranges), 0)
+        finally:
+            del self._work[key]
+        _, _, done, errors = work
         if errors:
             raise errors[0]
         for index, finished in enumerate(done):  # a smaller team (e.g. nested inside another region): finish here
@@ -179,9 +182,42 @@ class _TorchOpenMP:
                 call(*ranges[index])
         return True
 
+    def _run_one(self, key: int) -> None:
+        call, ranges, done, errors = self._work[key]
+        index = self.lib.omp_get_thread_num()
+        try:
+            if index < len(ranges):
+                call(*ranges[index])
+                done[index] = True
+        except BaseException as exc:  # cannot propagate through C: re-raised by run()
+            errors.append(exc)
+
 
 _OMP_BODY = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
 _omp: _TorchOpenMP | None = None
+_team_found: list = [None, None]  # [the _TorchOpenMP they came from, the addresses or None]
+
+
+def _team_addresses() -> tuple[int, int, int] | None:
+    """(GOMP_parallel, omp_get_thread_num, MKL_Set_Num_Threads_Local or 0) addresses, what the kernels' team
+    launchers need (seqfast/backends/numba/_team.py); None without torch's libgomp (then _run_rows runs the ranges
+    on a thread pool)."""
+    global _omp
+    if _omp is None:
+        _omp = _TorchOpenMP()
+    if _team_found[0] is not _omp:
+        lib = getattr(_omp, "lib", None)
+        found = None
+        if lib is not None:
+            from ._blas import _set_local_threads
+
+            found = (ctypes.cast(lib.GOMP_parallel, ctypes.c_void_p).value,
+                     ctypes.cast(lib.omp_get_thread_num, ctypes.c_void_p).value,
+                     0 if _set_local_threads is None else ctypes.cast(_set_local_threads, ctypes.c_void_p).value)
+        _team_found[:] = [_omp, found]
+    return _team_found[1]
+
+
 _pool: ThreadPoolExecutor | None = None
 _pool_size = [0]
 _pool_lock = threading.Lock()
@@ -374,7 +410,13 @@ class NumbaBackend(FusedBackend):
             args = (x_np, *arrays, *init, *(s.numpy() for s in states), lens, bool(reverse), out.numpy(), hg,
                     saved[0].numpy() if saved else _NO_SAVED[plan.dtype_name], bool(need_saved))
             fn, small = plan.fn, plan.loop_forward
-            _run_rows(lambda lo, hi: module.forward(fn, small, lo, hi, *args), plan.ranges, blas=not small)
+            team = _team_addresses() if len(plan.ranges) > 1 else None
+            if team is not None:  # the ranges on torch's OpenMP threads, Python-free (see _team.py)
+                gomp, thread_num, mkl_local = team
+                module.forward_launch(gomp, module.forward_team.address, thread_num, mkl_local, plan.range_array,
+                                      fn, small, *args)
+            else:
+                _run_rows(lambda lo, hi: module.forward(fn, small, lo, hi, *args), plan.ranges, blas=not small)
         return out, states, saved
 
     def backward(self, cell: CellSpec, x_proj: Tensor, state0: list[Tensor] | None, weights: list[Tensor | None],
@@ -408,19 +450,24 @@ class NumbaBackend(FusedBackend):
         dx = _buffers.empty((steps, batch, width), dtype) if write_dx else hgd
         # sums over rows and steps (the bias gradients, of b_hh and of x_bias, and the per-unit parameter ones):
         # one accumulator per thread, added afterwards; the bias ones in float64, since they sum T*B terms
-        sums = [[np.zeros(width), np.zeros(width), *(np.zeros(e.shape, dtype=dtype_name) for e in extras)]
-                for _ in plan.ranges]
+        count = len(plan.ranges)
+        sums = [np.zeros((count, width)), np.zeros((count, width)),
+                *(np.zeros((count, e.shape[0]), dtype=dtype_name) for e in extras)]
         if batch > 0:
             args = (x_np, x_bias_np, w, bias, *extras, saved_st.numpy(), lens, bool(reverse), grad_out, *d_final,
                     *(d.numpy() for d in d_states), dx.numpy(), write_dx, hgd.numpy())
-            by_range = dict(zip(plan.ranges, sums, strict=True))
             fn, small = plan.fn, plan.loop_backward
-            _run_rows(lambda lo, hi: module.backward(fn, small, lo, hi, *args, *by_range[(lo, hi)]), plan.ranges,
-                      blas=not small)
-        d_bias, d_x_bias, *d_extras = sums[0]
-        for part in sums[1:]:
-            for total, more in zip(sums[0], part, strict=True):
-                total += more
+            team = _team_addresses() if count > 1 else None
+            if team is not None:
+                gomp, thread_num, mkl_local = team
+                module.backward_launch(gomp, module.backward_team.address, thread_num, mkl_local, plan.range_array,
+                                       fn, small, *args, *sums)
+            else:
+                rows = {r: i for i, r in enumerate(plan.ranges)}
+                _run_rows(lambda lo, hi: module.backward(fn, small, lo, hi, *args,
+                                                         *(part[rows[(lo, hi)]] for part in sums)),
+                          plan.ranges, blas=not small)
+        d_bias, d_x_bias, *d_extras = (part[0] if count == 1 else part.sum(0) for part in sums)
         grads: list[Tensor | None] = [None] * len(weights)
         if weights and weights[0] is not None:
             # the recurrent-weight gradient: one GEMM over every step (padding rows of d_hg are zero)

@@ -40,7 +40,7 @@ from types import ModuleType
 from ...registry import CellSpec
 from ..pointwise_source import MATH_NAMES, parse_pointwise, per_unit_rows
 
-TEMPLATE_VERSION = "14"
+TEMPLATE_VERSION = "15"
 _SAFE_BUILTINS = {"abs", "min", "max", "range", "len", "float", "int", "bool", "True", "False", "None"}
 _HERE = Path(__file__).resolve().parent
 
@@ -134,7 +134,13 @@ _HEADER = '''\
 # elementwise), and overwrites each (k, b) row with its gradient d_hg once read, so the weight gradient is one
 # GEMM over all steps afterwards and the recurrent GEMM is never run twice.
 import numpy as np
-from numba import njit
+from numba import carray, cfunc, njit, types
+
+from seqfast.backends.numba._team import address_of as _address_of
+from seqfast.backends.numba._team import call_int as _call_int
+from seqfast.backends.numba._team import call_int_int as _call_int_int
+from seqfast.backends.numba._team import gomp_parallel as _gomp_parallel
+from seqfast.backends.numba._team import pointer_to as _pointer_to
 
 from seqfast.backends.numba._blas import gemm_nn_acc as _gemm_nn_acc
 from seqfast.backends.numba._blas import gemm_nt as _gemm_nt
@@ -142,6 +148,8 @@ from seqfast.backends.numba._blas import loop_nn_acc as _loop_nn_acc
 {math_imports}
 
 _F = np.{dtype}
+_FZ, _IZ, _DZ = _F(0), np.int64(0), np.float64(0)  # element types for _pointer_to
+_FSIZE = np.dtype(_F).itemsize
 _U = np.uint64
 _FM = {{"contract"}}  # FMA contraction only: no nnan/ninf, so NaN and inf propagate like torch
 
@@ -181,10 +189,6 @@ class _Layout:
     @property
     def P(self) -> int:
         return sum(self.widths)
-
-    @property
-    def param_args(self) -> str:
-        return "".join(f"p{i}, " for i in range(len(self.widths)))
 
     def param_rows(self, base: int) -> list[tuple[int, int, int]]:
         """(buffer row, param index, r) for every per-unit scalar."""
@@ -234,17 +238,116 @@ def _offsets(lay: _Layout, ind: str) -> list[str]:
     return lines
 
 
+# Kernel parameters and their kinds: "i" int, "b" bool, "lo"/"hi" the row range, "F<n>" an n-d array of the
+# kernel's dtype, "I1" int64 lengths, "D1r"/"F1r" one float64 / kernel-dtype accumulator row per range (the
+# launcher takes them as [ranges, n]). One list drives the kernel's signature, its launcher and its team body.
+def _common_params(lay: _Layout) -> list[tuple[str, str]]:
+    w = "F2" if lay.recurrence == "dense" else "F1"
+    return ([("gemm_fn", "i"), ("small", "b"), ("b_lo", "lo"), ("b_hi", "hi"), ("x", "F3"), ("xbias", "F1"),
+             ("w", w), ("bias", "F1")] + [(f"p{i}", "F1") for i in range(len(lay.widths))])
+
+
+def _forward_params(lay: _Layout) -> list[tuple[str, str]]:
+    return (_common_params(lay) + [(f"init{i}", "F2") for i in range(lay.S)] + [(f"s{i}", "F2") for i in range(lay.S)]
+            + [("lengths", "I1"), ("reverse", "b"), ("out", "F3"), ("hg", "F3"), ("saved_st", "F4"),
+               ("need_saved", "b")])
+
+
+def _backward_params(lay: _Layout) -> list[tuple[str, str]]:
+    return (_common_params(lay) + [("saved_st", "F4"), ("lengths", "I1"), ("reverse", "b"), ("grad_out", "F3")]
+            + [(f"dfinal{i}", "F2") for i in range(lay.S)] + [(f"d{i}", "F2") for i in range(lay.S)]
+            + [("dx", "F3"), ("write_dx", "b"), ("hgd", "F3"), ("dbias", "D1r"), ("dxbias", "D1r")]
+            + [(f"dp{i}", "F1r") for i in range(len(lay.widths))])
+
+
+_ELEMENT = {"F": "_FZ", "I": "_IZ", "D": "_DZ"}
+
+
+def _block_entry(name: str, kind: str, o: int) -> tuple[int, list[str], str]:
+    """(entries used, the launcher's lines writing a parameter into the block at o, the team's line reading it):
+    scalars as their value; arrays as address then shape; a per-range accumulator as address and row length,
+    the team taking row `tid`."""
+    if kind == "i":
+        return 1, [f"block[{o}] = {name}"], f"{name} = block[{o}]"
+    if kind == "b":
+        return 1, [f"block[{o}] = 1 if {name} else 0"], f"{name} = block[{o}] != 0"
+    element = _ELEMENT[kind[0]]
+    if kind.endswith("r"):
+        size = 8 if kind[0] == "D" else "_FSIZE"
+        return 2, [f"block[{o}] = {name}.ctypes.data", f"block[{o + 1}] = {name}.shape[1]"], (
+            f"{name} = carray(_pointer_to(block[{o}] + tid * block[{o + 1}] * {size}, {element}), (block[{o + 1}],))")
+    dims = int(kind[1])
+    shape = "".join(f"block[{o + 1 + d}], " for d in range(dims))
+    return 1 + dims, [f"block[{o}] = {name}.ctypes.data"] + [f"block[{o + 1 + d}] = {name}.shape[{d}]"
+                                                            for d in range(dims)], (
+        f"{name} = carray(_pointer_to(block[{o}], {element}), ({shape}))")
+
+
+def _team_kernels(kernel: str, params: list[tuple[str, str]]) -> str:
+    """`<kernel>_launch` and `<kernel>_team` (see seqfast/backends/numba/_team.py): the launcher writes every
+    argument into an int64 block and starts an OpenMP team on `<kernel>_team`, which rebuilds them on each thread
+    and runs the kernel over that thread's row range. Ranges a smaller team (a nested region) left undone run
+    afterwards on the calling thread."""
+    offset, pack, unpack = 5, [], []  # block: thread_num, mkl_local, ranges count, ranges, done flags; params
+    for name, kind in params:
+        if kind not in ("lo", "hi"):
+            used, writes, read = _block_entry(name, kind, offset)
+            pack += writes
+            unpack.append(read)
+            offset += used
+    passed = [n for n, k in params if k not in ("lo", "hi")]
+    serial = [("ranges[r, 0]" if k == "lo" else "ranges[r, 1]" if k == "hi" else f"{n}[r]" if k.endswith("r")
+               else n) for n, k in params]
+    in_team = [("ranges[tid, 0]" if k == "lo" else "ranges[tid, 1]" if k == "hi" else n) for n, k in params]
+    return _TEAM.format(kernel=kernel, passed=", ".join(passed), size=offset, serial=", ".join(serial),
+                        in_team=", ".join(in_team), pack="".join(f"    {line}\n" for line in pack),
+                        unpack="".join(f"    {line}\n" for line in unpack))
+
+
+# block: [0] omp_get_thread_num, [1] MKL_Set_Num_Threads_Local or 0, [2] ranges count, [3] ranges [count, 2],
+# [4] done flags [count], then the parameters (_block_entry)
+_TEAM = """\
+@njit(cache=_CACHE, nogil=True)
+def {kernel}_launch(gomp, team, thread_num, mkl_local, ranges, {passed}):
+    count = ranges.shape[0]
+    done = np.zeros(count, dtype=np.int64)
+    block = np.empty({size}, dtype=np.int64)
+    block[0] = thread_num
+    block[1] = mkl_local
+    block[2] = count
+    block[3] = ranges.ctypes.data
+    block[4] = done.ctypes.data
+{pack}    _gomp_parallel(gomp, team, block.ctypes.data, count)
+    for r in range(count):
+        if done[r] == 0:
+            {kernel}({serial})
+
+
+@cfunc(types.void(types.voidptr), cache=_CACHE)
+def {kernel}_team(data):
+    block = carray(_pointer_to(_address_of(data), _IZ), ({size},))
+    tid = _call_int(block[0])
+    if tid >= block[2]:
+        return
+    ranges = carray(_pointer_to(block[3], _IZ), (block[2], 2))
+    done = carray(_pointer_to(block[4], _IZ), (block[2],))
+{unpack}    blas = block[1] != 0 and not small  # MKL held to one thread in each range
+    previous = _call_int_int(block[1], 1) if blas else 0
+    {kernel}({in_team})
+    if blas:
+        _call_int_int(block[1], previous)
+    done[tid] = 1"""
+
+
 def _forward_kernel(lay: _Layout) -> str:
     G, S, P = lay.G, lay.S, lay.P
     XG, HG, ST, PR = 0, G, 2 * G, 2 * G + S
     NS = PR + P
     rows = NS + S
-    states = "".join(f"init{i}, " for i in range(S)) + "".join(f"s{i}, " for i in range(S))
     L: list[str] = []
     a = L.append
     a("@njit(cache=_CACHE, nogil=True, fastmath=_FM, error_model='numpy')")
-    a(f"def forward(gemm_fn, small, b_lo, b_hi, x, xbias, w, bias, {lay.param_args}{states}lengths, reverse, out, hg, "
-      "saved_st, need_saved):")
+    a(f"def forward({', '.join(n for n, _ in _forward_params(lay))}):")
     a('    """Rows b_lo..b_hi of the forward scan (threads take disjoint row ranges; rows never interact).')
     a('    s<i> start as a copy of init<i> (left unchanged) and end as the final states.')
     a('    small: the recurrent GEMM runs as a numba loop over wt = W_hh^T instead of calling MKL."""')
@@ -313,13 +416,10 @@ def _backward_kernel(lay: _Layout) -> str:
     DS = DH + G
     DP = DS + S
     rows = DP + P
-    dstates = "".join(f"dfinal{i}, " for i in range(S)) + "".join(f"d{i}, " for i in range(S))
-    dparams = "".join(f"dp{i}, " for i in range(len(lay.widths)))
     L: list[str] = []
     a = L.append
     a("@njit(cache=_CACHE, nogil=True, fastmath=_FM, error_model='numpy')")
-    a(f"def backward(gemm_fn, small, b_lo, b_hi, x, xbias, w, bias, {lay.param_args}saved_st, lengths, reverse, "
-      f"grad_out, {dstates}dx, write_dx, hgd, dbias, dxbias, {dparams}):")
+    a(f"def backward({', '.join(n for n, _ in _backward_params(lay))}):")
     a('    """Rows b_lo..b_hi of the backward scan; d<i> hold the running state gradients (start: a copy of dfinal<i>,')
     a('    the grad of the final state; end: grad of state0); dp<i> accumulate per-unit parameter gradients and')
     a('    dbias the bias gradient, sum over rows and steps of d_hg, and dxbias that of xbias, the sum of d_x (one')
@@ -421,9 +521,9 @@ def generate_source(cell: CellSpec, dtype: str) -> str:
                          forward_src=_function_source(pw.forward, "forward", cell, 5))
     if pw.backward is not None:
         src += _BACKWARD_PW.format(backward_src=_function_source(pw.backward, "backward", cell, 6))
-    src += "\n\n" + _forward_kernel(lay) + "\n"
+    src += "\n\n" + _forward_kernel(lay) + "\n\n\n" + _team_kernels("forward", _forward_params(lay)) + "\n"
     if pw.backward is not None:
-        src += "\n\n" + _backward_kernel(lay) + "\n"
+        src += "\n\n" + _backward_kernel(lay) + "\n\n\n" + _team_kernels("backward", _backward_params(lay)) + "\n"
     return src
 
 
@@ -467,7 +567,7 @@ def _fingerprint(source: str) -> str:
 
     h = hashlib.sha256()
     for part in (TEMPLATE_VERSION, source, numba.__version__, sys.version,
-                 (_HERE / "_math.py").read_text(), (_HERE / "_blas.py").read_text()):
+                 (_HERE / "_math.py").read_text(), (_HERE / "_blas.py").read_text(), (_HERE / "_team.py").read_text()):
         h.update(part.encode())
         h.update(b"\0")
     return h.hexdigest()[:20]
