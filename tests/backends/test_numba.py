@@ -175,28 +175,19 @@ def test_scan_without_bias(cell_name: str) -> None:
     _compare(cell, x, state0, weights, lens, True, torch.float64)
 
 
-class _NoOpenMP:
-    def run(self, call, ranges) -> bool:
-        return False
-
-
-@pytest.mark.parametrize("runner", ["team", "openmp", "pool"])
+@pytest.mark.parametrize("runner", ["team", "pool"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
 def test_batch_split_over_threads(monkeypatch, reverse: bool, runner: str) -> None:
     """Rows split over threads give the single-thread result: torch's OpenMP team running the kernels' cfunc
-    (the default), the same team entered through a Python callback, or a thread pool without torch's libgomp (the
-    split is on by size; forced on here)."""
+    (the default), or a thread pool where torch has no libgomp (the split is on by size; forced on here)."""
     launched = []
     if runner == "team":
         if numba_backend._team_addresses() is None:
             pytest.skip("this torch has no libgomp: no OpenMP team")
         found = numba_backend._team_addresses
         monkeypatch.setattr(numba_backend, "_team_addresses", lambda: launched.append(1) or found())
-    if runner == "openmp":
+    else:
         monkeypatch.setattr(numba_backend, "_team_addresses", lambda: None)
-    if runner == "pool":
-        monkeypatch.setattr(numba_backend, "_omp", _NoOpenMP())
-        assert numba_backend._team_addresses() is None
     cell = seqfast.get_cell("lstm")
     x, state0, weights, lens = _inputs(cell, 9, 7, 6, torch.float64, seed=5, lengths=True)
     monkeypatch.setenv("SEQFAST_NUMBA_THREADS", "1")
@@ -207,6 +198,33 @@ def test_batch_split_over_threads(monkeypatch, reverse: bool, runner: str) -> No
     assert len(numba_backend._row_ranges(7, 1)) == 3
     three = _run(cell, x, state0, weights, lens, reverse, "numba")
     assert (len(launched) == 2) == (runner == "team")  # the forward and the backward went through the launcher
+    for a, b in zip([one[0], *one[1], *one[2]], [three[0], *three[1], *three[2]], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_ranges_a_smaller_team_leaves_run_on_the_caller(monkeypatch) -> None:
+    """Inside a nested parallel region the team may get one thread: the launcher runs the ranges it left."""
+    import ctypes
+
+    if numba_backend._team_addresses() is None:
+        pytest.skip("this torch has no libgomp: no OpenMP team")
+    gomp, thread_num, mkl_local = numba_backend._team_addresses()
+    body_type = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+
+    @ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint)
+    def team_of_one(body, data, threads, flags):  # GOMP_parallel as a nested region runs it: thread 0 only
+        body_type(body)(data)
+
+    address = ctypes.cast(team_of_one, ctypes.c_void_p).value
+    monkeypatch.setattr(numba_backend, "_team_addresses", lambda: (address, thread_num, mkl_local))
+    cell = seqfast.get_cell("gru")
+    x, state0, weights, lens = _inputs(cell, 6, 7, 5, torch.float64, seed=8, lengths=True)
+    monkeypatch.setenv("SEQFAST_NUMBA_THREADS", "1")
+    one = _run(cell, x, state0, weights, lens, True, "numba")
+    monkeypatch.setenv("SEQFAST_NUMBA_THREADS", "3")
+    monkeypatch.setattr(numba_backend, "MIN_WORK_PER_THREAD", 0)
+    monkeypatch.setattr(numba_backend, "_plans", {})
+    three = _run(cell, x, state0, weights, lens, True, "numba")
     for a, b in zip([one[0], *one[1], *one[2]], [three[0], *three[1], *three[2]], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 

@@ -2,14 +2,16 @@
 
 Per step, one kernel call does the recurrent product (MKL ?gemm_ from libtorch, called from inside the numba loop;
 no Python round trip) and the cell's pointwise math fused over every (row, unit). The input projection stays one
-big torch GEMM in the module; the backward forms dW_hh as one torch GEMM over all steps after the loop.
-Kernels are generated per cell from one template (codegen.py) and cached on disk across processes.
+big torch GEMM over all steps (in FusedBackend.layer, without its bias, which the kernels add); the backward forms
+dW_hh as one torch GEMM over all steps after the loop. Kernels are generated per cell from one template
+(codegen.py) and cached on disk across processes.
 
 Threads (one pool for everything): the numba kernels are single-threaded (no parallel=True, so numba's threading
 layer never starts). A scan splits its batch into row ranges, one per torch intra-op thread (torch.get_num_threads(),
 or SEQFAST_NUMBA_THREADS), and runs them inside an OpenMP parallel region of torch's own libgomp, i.e. on the very
-threads torch uses for its GEMMs; MKL is held to one thread inside each range. numpy's OpenBLAS is never called, so
-its threads never spin against torch's. On the 2-core benchmark machine torch keeps its default of 2 threads.
+threads torch uses for its GEMMs, entered from compiled code so that no team thread runs Python (_team.py); MKL is
+held to one thread inside each range. numpy's OpenBLAS is never called, so its threads never spin against torch's.
+On the 2-core benchmark machine torch keeps its default of 2 threads.
 
 numba is imported only when a kernel is first needed, never by `import seqfast`.
 """
@@ -132,90 +134,33 @@ def _plan(dtype_name: str, steps: int, batch: int, width: int, hidden: int, num_
     return memo(_plans, (dtype_name, steps, batch, width, hidden, num_states, num_threads()), make)
 
 
-class _TorchOpenMP:
-    """torch's own OpenMP runtime (the libgomp in torch/lib), to run row ranges on torch's intra-op threads.
-
-    Running them on a separate pool was measured to lose most of the second core: right after a torch op (the input
-    projection) torch's OpenMP worker keeps spinning for a while, competing with any other thread for that core.
-    Inside an OpenMP parallel region of torch's own runtime the spinning worker simply takes the work, and MKL
-    (same runtime) sees the region and stays single-threaded: Numba, MKL and torch share one pool of threads.
-    """
-
-    def __init__(self) -> None:
-        self.lib = None
-        self._body = None
-        self._work: dict[int, tuple] = {}
-        self._next = 0
-        self._lock = threading.Lock()
-        path = os.path.join(os.path.dirname(torch.__file__), "lib", "libgomp.so.1")
-        if os.path.exists(path):
-            try:
-                lib = ctypes.CDLL(path)
-                lib.GOMP_parallel.argtypes = [_OMP_BODY, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
-                lib.GOMP_parallel.restype = None
-                lib.omp_get_thread_num.restype = ctypes.c_int
-                self.lib = lib
-            except (OSError, AttributeError):
-                self.lib = None
-
-    def run(self, call, ranges: list[tuple[int, int]]) -> bool:
-        """call(*ranges[i]) on OpenMP thread i; False when torch has no libgomp to use."""
-        if self.lib is None:
-            return False
-        if self._body is None:
-            # one C callback for every region, made once (a ctypes thunk costs ~10 us to create); the region's
-            # `data` argument is the key of its work in self._work, so concurrent regions never mix
-            self._body = _OMP_BODY(self._run_one)
-        with self._lock:
-            self._next += 1
-            key = self._next
-        work = self._work[key] = (call, ranges, [False] * len(ranges), [])
-        try:
-            self.lib.GOMP_parallel(self._body, key, len(ranges), 0)
-        finally:
-            del self._work[key]
-        _, _, done, errors = work
-        if errors:
-            raise errors[0]
-        for index, finished in enumerate(done):  # a smaller team (e.g. nested inside another region): finish here
-            if not finished:
-                call(*ranges[index])
-        return True
-
-    def _run_one(self, key: int) -> None:
-        call, ranges, done, errors = self._work[key]
-        index = self.lib.omp_get_thread_num()
-        try:
-            if index < len(ranges):
-                call(*ranges[index])
-                done[index] = True
-        except BaseException as exc:  # cannot propagate through C: re-raised by run()
-            errors.append(exc)
-
-
-_OMP_BODY = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
-_omp: _TorchOpenMP | None = None
-_team_found: list = [None, None]  # [the _TorchOpenMP they came from, the addresses or None]
+_team_found: list = []  # [the addresses, or None], once looked up
 
 
 def _team_addresses() -> tuple[int, int, int] | None:
-    """(GOMP_parallel, omp_get_thread_num, MKL_Set_Num_Threads_Local or 0) addresses, what the kernels' team
-    launchers need (seqfast/backends/numba/_team.py); None without torch's libgomp (then _run_rows runs the ranges
-    on a thread pool)."""
-    global _omp
-    if _omp is None:
-        _omp = _TorchOpenMP()
-    if _team_found[0] is not _omp:
-        lib = getattr(_omp, "lib", None)
-        found = None
-        if lib is not None:
-            from ._blas import _set_local_threads
+    """(GOMP_parallel, omp_get_thread_num, MKL_Set_Num_Threads_Local or 0): what the kernels' team launchers need
+    to run a scan's row ranges on torch's own OpenMP threads (seqfast/backends/numba/_team.py). None when this
+    torch has no libgomp in torch/lib; _run_rows then runs the ranges on a thread pool.
 
-            found = (ctypes.cast(lib.GOMP_parallel, ctypes.c_void_p).value,
-                     ctypes.cast(lib.omp_get_thread_num, ctypes.c_void_p).value,
-                     0 if _set_local_threads is None else ctypes.cast(_set_local_threads, ctypes.c_void_p).value)
-        _team_found[:] = [_omp, found]
-    return _team_found[1]
+    torch's own runtime, not a pool of our own: right after a torch op (the input projection) torch's OpenMP worker
+    keeps spinning for a while, and a separate thread lost most of the second core to it (LSTM inference at T200
+    B32 H128: 20 ms instead of 13). Inside a region of torch's runtime the spinning worker simply takes the work,
+    and MKL (same runtime) stays single-threaded: numba, MKL and torch share one pool of threads."""
+    if not _team_found:
+        found = None
+        path = os.path.join(os.path.dirname(torch.__file__), "lib", "libgomp.so.1")
+        try:
+            if os.path.exists(path):
+                from ._blas import _set_local_threads
+
+                lib = ctypes.CDLL(path)
+                found = (ctypes.cast(lib.GOMP_parallel, ctypes.c_void_p).value,
+                         ctypes.cast(lib.omp_get_thread_num, ctypes.c_void_p).value,
+                         0 if _set_local_threads is None else ctypes.cast(_set_local_threads, ctypes.c_void_p).value)
+        except (OSError, AttributeError):
+            found = None
+        _team_found.append(found)
+    return _team_found[0]
 
 
 _pool: ThreadPoolExecutor | None = None
@@ -224,10 +169,11 @@ _pool_lock = threading.Lock()
 
 
 def _run_rows(call, ranges: list[tuple[int, int]], blas: bool = True) -> None:
-    """call(lo, hi) for every row range, concurrently (kernels release the GIL): on torch's OpenMP threads, else on
-    a thread pool. MKL is held to one thread inside each call, so k ranges use exactly k cores. blas=False: the
-    kernels call no BLAS (loop GEMMs), so MKL's setting is left alone."""
-    global _pool, _omp
+    """call(lo, hi) for every row range: one range here, several concurrently on a thread pool (kernels release the
+    GIL; used only where _team_addresses() finds no libgomp). MKL is held to one thread inside each call, so k
+    ranges use exactly k cores. blas=False: the kernels call no BLAS (loop GEMMs), so MKL's setting is left
+    alone."""
+    global _pool
     from ._blas import single_threaded_blas
 
     def task(lo: int, hi: int) -> None:
@@ -239,10 +185,6 @@ def _run_rows(call, ranges: list[tuple[int, int]], blas: bool = True) -> None:
             task(*ranges[0])
         else:
             call(*ranges[0])
-        return
-    if _omp is None:
-        _omp = _TorchOpenMP()
-    if _omp.run(task, ranges):
         return
     with _pool_lock:
         if _pool is None or _pool_size[0] < len(ranges) - 1:
