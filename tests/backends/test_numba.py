@@ -188,7 +188,13 @@ def test_batch_split_over_threads(monkeypatch, reverse: bool, runner: str) -> No
         monkeypatch.setattr(numba_backend, "_team_addresses", lambda: launched.append(1) or found())
     else:
         monkeypatch.setattr(numba_backend, "_team_addresses", lambda: None)
-    cell = seqfast.get_cell("lstm")
+    _one_thread_equals_three(monkeypatch, "lstm", reverse)
+    assert (len(launched) == 2) == (runner == "team")  # the forward and the backward went through the launcher
+
+
+def _one_thread_equals_three(monkeypatch, cell_name: str, reverse: bool) -> None:
+    """A scan (forward and every gradient) on one thread equals the same scan split over three row ranges."""
+    cell = seqfast.get_cell(cell_name)
     x, state0, weights, lens = _inputs(cell, 9, 7, 6, torch.float64, seed=5, lengths=True)
     monkeypatch.setenv("SEQFAST_NUMBA_THREADS", "1")
     one = _run(cell, x, state0, weights, lens, reverse, "numba")
@@ -197,7 +203,6 @@ def test_batch_split_over_threads(monkeypatch, reverse: bool, runner: str) -> No
     monkeypatch.setattr(numba_backend, "_plans", {})  # plans are memoised: forget any made before the patch
     assert len(numba_backend._row_ranges(7, 1)) == 3
     three = _run(cell, x, state0, weights, lens, reverse, "numba")
-    assert (len(launched) == 2) == (runner == "team")  # the forward and the backward went through the launcher
     for a, b in zip([one[0], *one[1], *one[2]], [three[0], *three[1], *three[2]], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
@@ -217,16 +222,7 @@ def test_ranges_a_smaller_team_leaves_run_on_the_caller(monkeypatch) -> None:
 
     address = ctypes.cast(team_of_one, ctypes.c_void_p).value
     monkeypatch.setattr(numba_backend, "_team_addresses", lambda: (address, thread_num, mkl_local))
-    cell = seqfast.get_cell("gru")
-    x, state0, weights, lens = _inputs(cell, 6, 7, 5, torch.float64, seed=8, lengths=True)
-    monkeypatch.setenv("SEQFAST_NUMBA_THREADS", "1")
-    one = _run(cell, x, state0, weights, lens, True, "numba")
-    monkeypatch.setenv("SEQFAST_NUMBA_THREADS", "3")
-    monkeypatch.setattr(numba_backend, "MIN_WORK_PER_THREAD", 0)
-    monkeypatch.setattr(numba_backend, "_plans", {})
-    three = _run(cell, x, state0, weights, lens, True, "numba")
-    for a, b in zip([one[0], *one[1], *one[2]], [three[0], *three[1], *three[2]], strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    _one_thread_equals_three(monkeypatch, "gru", True)
 
 
 def test_loop_gemm_matches_mkl(monkeypatch) -> None:
