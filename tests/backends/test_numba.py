@@ -225,6 +225,19 @@ def test_ranges_a_smaller_team_leaves_run_on_the_caller(monkeypatch) -> None:
     _one_thread_equals_three(monkeypatch, "gru", True)
 
 
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "mm"])
+def test_input_projection_matches_mm(monkeypatch, onednn: bool) -> None:
+    """The projection of a large layer (oneDNN's linear where torch has it, else a pooled mm) is x W_ih^T."""
+    backend = seqfast.registry.get_backend("numba")
+    if onednn and numba_backend._onednn_linear() is None:
+        pytest.skip("this torch has no oneDNN linear")
+    if not onednn:
+        monkeypatch.setattr(numba_backend, "_linear_op", [None])
+    x, weight = torch.randn(2048, 24), torch.randn(520, 24)  # over a million outputs
+    torch.testing.assert_close(backend.project(x, weight), x.double().mm(weight.double().t()).float(),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_loop_gemm_matches_mkl(monkeypatch) -> None:
     """The per-step GEMM as a numba loop matches the MKL path, forward and backward: 6 rows (a block of four and
     two left over) and K = 130 or 390 (not a multiple of the loop's eight k-steps)."""
