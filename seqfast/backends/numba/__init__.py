@@ -302,8 +302,11 @@ class NumbaBackend(FusedBackend):
         linear = _onednn_linear() if x.dtype == torch.float32 else None
         if linear is not None and x.shape[0] * weight_ih.shape[0] >= 1 << 20:
             return linear(x, weight_ih, None, "none", [], "")
+        shape = (x.shape[0], weight_ih.shape[0])
+        if shape[0] * shape[1] * x.dtype.itemsize < _buffers.MIN_BYTES:
+            return torch.mm(x, weight_ih.t())
         # into a pooled buffer: a fresh one this large would be page-faulted in on every call
-        return torch.mm(x, weight_ih.t(), out=_buffers.empty((x.shape[0], weight_ih.shape[0]), x.dtype))
+        return torch.mm(x, weight_ih.t(), out=_buffers.empty(shape, x.dtype))
 
     def _module(self, cell: CellSpec, dtype: torch.dtype):
         module = self._kernels.get((cell, dtype))
