@@ -36,6 +36,7 @@ from ...config import getenv
 from ...registry import CellSpec, Query
 from ..fused import FusedBackend
 from . import _buffers
+from .codegen import entry_address
 
 MIN_NUMBA = (0, 60)
 
@@ -378,11 +379,11 @@ class NumbaBackend(FusedBackend):
             args = (x_np, *arrays, *init, *(s.numpy() for s in states), lens, bool(reverse), out.numpy(), hg,
                     saved[0].numpy() if saved else _NO_SAVED[plan.dtype_name], bool(need_saved))
             fn, small = plan.fn, plan.loop_forward
-            team = _team_addresses() if len(plan.ranges) > 1 else None
+            team = _team_addresses()
             if team is not None:  # the ranges on torch's OpenMP threads, Python-free (see _team.py)
                 gomp, thread_num, mkl_local = team
-                module.forward_launch(gomp, module.forward_team.address, thread_num, mkl_local, plan.range_array,
-                                      fn, small, *args)
+                module.forward_launch(gomp, entry_address(module, "forward"), thread_num, mkl_local,
+                                      plan.range_array, fn, small, *args)
             else:
                 _run_rows(lambda lo, hi: module.forward(fn, small, lo, hi, *args), plan.ranges, blas=not small)
         return out, states, saved
@@ -425,11 +426,11 @@ class NumbaBackend(FusedBackend):
             args = (x_np, x_bias_np, w, bias, *extras, saved_st.numpy(), lens, bool(reverse), grad_out, *d_final,
                     *(d.numpy() for d in d_states), dx.numpy(), write_dx, hgd.numpy())
             fn, small = plan.fn, plan.loop_backward
-            team = _team_addresses() if count > 1 else None
+            team = _team_addresses()
             if team is not None:
                 gomp, thread_num, mkl_local = team
-                module.backward_launch(gomp, module.backward_team.address, thread_num, mkl_local, plan.range_array,
-                                       fn, small, *args, *sums)
+                module.backward_launch(gomp, entry_address(module, "backward"), thread_num, mkl_local,
+                                       plan.range_array, fn, small, *args, *sums)
             else:
                 rows = {r: i for i, r in enumerate(plan.ranges)}
                 _run_rows(lambda lo, hi: module.backward(fn, small, lo, hi, *args,

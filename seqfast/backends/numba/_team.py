@@ -4,8 +4,10 @@ A scan with several row ranges (see seqfast/backends/numba/__init__.py) used to 
 through a ctypes callback, so every team thread ran Python to start its kernel. That needs the GIL: the second
 thread went to sleep on it while the first started, and waking it cost 60-130 us per scan on this 2-vCPU VM.
 Now the generated module's `<kernel>_launch` (njit, GIL released) writes the kernel's arguments into an int64
-block (addresses and shapes) and calls `GOMP_parallel` with `<kernel>_team`, a numba cfunc: each team thread
-rebuilds the arrays from the block and calls the kernel for its range. No thread touches Python.
+block (addresses and shapes) and calls `GOMP_parallel` with `<kernel>_entry`, the kernel itself compiled as a
+numba cfunc: each team thread rebuilds the arrays from the block and runs the scan over its row range. No thread
+touches Python. The launcher reaches the entry only through its address: numba re-generates machine code for
+every function a compiled function calls directly, and the kernel is large (seconds of cold compile each time).
 
 Addresses (GOMP_parallel, omp_get_thread_num, MKL's per-thread thread count) are passed in as integers, never
 baked into the compiled code, so the kernels stay cacheable across processes.
@@ -68,6 +70,20 @@ def call_int_int(typingctx, fn, value):
 
 
 @intrinsic
+def call_void(typingctx, fn, data):
+    """void fn(void *data), called through its address (the kernel's entry, for one range)."""
+    sig = types.void(fn, data)
+
+    def codegen(context, builder, sig, args):
+        i8p = ir.IntType(8).as_pointer()
+        fnty = ir.FunctionType(ir.VoidType(), [i8p])
+        builder.call(builder.inttoptr(args[0], fnty.as_pointer()), [builder.inttoptr(args[1], i8p)])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
 def gomp_parallel(typingctx, gomp, body, data, threads):
     """GOMP_parallel(body, data, threads, 0) through its address: body(data) on each thread of a new team."""
     sig = types.void(gomp, body, data, threads)
@@ -84,4 +100,4 @@ def gomp_parallel(typingctx, gomp, body, data, threads):
     return sig, codegen
 
 
-__all__ = ["address_of", "pointer_to", "call_int", "call_int_int", "gomp_parallel"]
+__all__ = ["address_of", "pointer_to", "call_int", "call_int_int", "call_void", "gomp_parallel"]

@@ -17,6 +17,11 @@ stays float32 and vectorizes), and numeric globals the code reads are inlined. T
 template; only the unrolled tuple plumbing (G gates, S states, P per-unit params) and the recurrence term (dense,
 diagonal, none) differ from cell to cell.
 
+Each kernel also gets `<kernel>_launch` and `<kernel>_entry` (_team_kernels): the entry is the kernel's body
+behind a prologue that unpacks its arguments from an int64 block, compiled as a cfunc, so torch's OpenMP team
+runs the row ranges without Python (see _team.py); every call goes through it, and the plain kernel serves only
+the thread-pool fallback.
+
 The generated module is written to a cache directory (SEQFAST_CACHE_DIR, else $XDG_CACHE_HOME/seqfast/numba,
 else ~/.cache/seqfast/numba; a private temporary directory when none is writable) under a name that hashes
 everything it depends on, and its kernels are njit(cache=True): a later process loads the machine code instead of
@@ -134,11 +139,12 @@ _HEADER = '''\
 # elementwise), and overwrites each (k, b) row with its gradient d_hg once read, so the weight gradient is one
 # GEMM over all steps afterwards and the recurrent GEMM is never run twice.
 import numpy as np
-from numba import carray, cfunc, njit, types
+from numba import carray, njit
 
 from seqfast.backends.numba._team import address_of as _address_of
 from seqfast.backends.numba._team import call_int as _call_int
 from seqfast.backends.numba._team import call_int_int as _call_int_int
+from seqfast.backends.numba._team import call_void as _call_void
 from seqfast.backends.numba._team import gomp_parallel as _gomp_parallel
 from seqfast.backends.numba._team import pointer_to as _pointer_to
 
@@ -283,12 +289,12 @@ def _block_entry(name: str, kind: str, o: int) -> tuple[int, list[str], str]:
         f"{name} = carray(_pointer_to(block[{o}], {element}), ({shape}))")
 
 
-def _team_kernels(kernel: str, params: list[tuple[str, str]]) -> str:
-    """`<kernel>_launch` and `<kernel>_team` (see seqfast/backends/numba/_team.py): the launcher writes every
-    argument into an int64 block and starts an OpenMP team on `<kernel>_team`, which rebuilds them on each thread
-    and runs the kernel over that thread's row range. Ranges a smaller team (a nested region) left undone run
-    afterwards on the calling thread."""
-    offset, pack, unpack = 5, [], []  # block: thread_num, mkl_local, ranges count, ranges, done flags; params
+def _team_kernels(kernel: str, params: list[tuple[str, str]], body: list[str]) -> str:
+    """`<kernel>_launch` and `<kernel>_entry` (see seqfast/backends/numba/_team.py): the launcher writes every
+    argument into an int64 block and, for several row ranges, starts an OpenMP team on the entry, which rebuilds
+    the arguments and runs the kernel's `body` over its thread's range. Ranges a smaller team (a nested region)
+    left undone, or the only one, run on the calling thread."""
+    offset, pack, unpack = 6, [], []  # block: see _TEAM
     for name, kind in params:
         if kind not in ("lo", "hi"):
             used, writes, read = _block_entry(name, kind, offset)
@@ -296,19 +302,18 @@ def _team_kernels(kernel: str, params: list[tuple[str, str]]) -> str:
             unpack.append(read)
             offset += used
     passed = [n for n, k in params if k not in ("lo", "hi")]
-    serial = [("ranges[r, 0]" if k == "lo" else "ranges[r, 1]" if k == "hi" else f"{n}[r]" if k.endswith("r")
-               else n) for n, k in params]
-    in_team = [("ranges[tid, 0]" if k == "lo" else "ranges[tid, 1]" if k == "hi" else n) for n, k in params]
-    return _TEAM.format(kernel=kernel, passed=", ".join(passed), size=offset, serial=", ".join(serial),
-                        in_team=", ".join(in_team), pack="".join(f"    {line}\n" for line in pack),
+    return _TEAM.format(kernel=kernel, passed=", ".join(passed), size=offset, body="\n".join(body),
+                        pack="".join(f"    {line}\n" for line in pack),
                         unpack="".join(f"    {line}\n" for line in unpack))
 
 
 # block: [0] omp_get_thread_num, [1] MKL_Set_Num_Threads_Local or 0, [2] ranges count, [3] ranges [count, 2],
-# [4] done flags [count], then the parameters (_block_entry)
+# [4] done flags [count], [5] the range to run (-1: the OpenMP thread's own), then the parameters (_block_entry).
+# `<kernel>_entry` is the kernel's body behind an unpacking prologue, made a cfunc by entry_address(); every
+# call (one range or several) goes through it, so the kernel is compiled once, whatever splits its rows.
 _TEAM = """\
 @njit(cache=_CACHE, nogil=True)
-def {kernel}_launch(gomp, team, thread_num, mkl_local, ranges, {passed}):
+def {kernel}_launch(gomp, entry, thread_num, mkl_local, ranges, {passed}):
     count = ranges.shape[0]
     done = np.zeros(count, dtype=np.int64)
     block = np.empty({size}, dtype=np.int64)
@@ -317,23 +322,27 @@ def {kernel}_launch(gomp, team, thread_num, mkl_local, ranges, {passed}):
     block[2] = count
     block[3] = ranges.ctypes.data
     block[4] = done.ctypes.data
-{pack}    _gomp_parallel(gomp, team, block.ctypes.data, count)
+    block[5] = -1
+{pack}    if count > 1:
+        _gomp_parallel(gomp, entry, block.ctypes.data, count)
     for r in range(count):
         if done[r] == 0:
-            {kernel}({serial})
+            block[5] = r
+            _call_void(entry, block.ctypes.data)
 
 
-@cfunc(types.void(types.voidptr), cache=_CACHE)
-def {kernel}_team(data):
+def {kernel}_entry(data):
     block = carray(_pointer_to(_address_of(data), _IZ), ({size},))
-    tid = _call_int(block[0])
+    tid = block[5] if block[5] >= 0 else _call_int(block[0])
     if tid >= block[2]:
         return
     ranges = carray(_pointer_to(block[3], _IZ), (block[2], 2))
     done = carray(_pointer_to(block[4], _IZ), (block[2],))
+    b_lo = ranges[tid, 0]
+    b_hi = ranges[tid, 1]
 {unpack}    blas = block[1] != 0 and not small  # MKL held to one thread in each range
     previous = _call_int_int(block[1], 1) if blas else 0
-    {kernel}({in_team})
+{body}
     if blas:
         _call_int_int(block[1], previous)
     done[tid] = 1"""
@@ -505,6 +514,13 @@ def dx_is_dhg(cell: CellSpec) -> bool:
     return _same_gradient[cell]
 
 
+def _body(kernel: str) -> list[str]:
+    """A generated kernel's lines after its docstring."""
+    lines = kernel.split("\n")
+    closing = next(i for i, line in enumerate(lines) if i > 1 and line.rstrip().endswith('"""'))
+    return lines[closing + 1:]
+
+
 def generate_source(cell: CellSpec, dtype: str) -> str:
     """The complete kernel module for one cell and dtype ('float32' or 'float64')."""
     check_cell(cell)
@@ -521,9 +537,11 @@ def generate_source(cell: CellSpec, dtype: str) -> str:
                          forward_src=_function_source(pw.forward, "forward", cell, 5))
     if pw.backward is not None:
         src += _BACKWARD_PW.format(backward_src=_function_source(pw.backward, "backward", cell, 6))
-    src += "\n\n" + _forward_kernel(lay) + "\n\n\n" + _team_kernels("forward", _forward_params(lay)) + "\n"
+    kernels = [("forward", _forward_kernel(lay), _forward_params(lay))]
     if pw.backward is not None:
-        src += "\n\n" + _backward_kernel(lay) + "\n\n\n" + _team_kernels("backward", _backward_params(lay)) + "\n"
+        kernels.append(("backward", _backward_kernel(lay), _backward_params(lay)))
+    for name, kernel, params in kernels:
+        src += "\n\n" + kernel + "\n\n\n" + _team_kernels(name, params, _body(kernel)) + "\n"
     return src
 
 
@@ -615,3 +633,22 @@ def kernels(cell: CellSpec, dtype: str) -> ModuleType:
             module = _load(path, name, False)
         _modules[key] = module
         return module
+
+
+_entries: dict[tuple[int, str], int] = {}
+
+
+def entry_address(module: ModuleType, kernel: str) -> int:
+    """The address of `<kernel>_entry` (the kernel as a cfunc taking the argument block), compiled on first use
+    (or loaded from numba's cache): made at import, a cfunc would compile every kernel of a module up front."""
+    key = (id(module), kernel)
+    address = _entries.get(key)
+    if address is None:
+        from numba import cfunc, types
+
+        with _lock:
+            compiled = cfunc(types.void(types.voidptr), cache=module._CACHE, fastmath=module._FM,
+                             error_model="numpy")(getattr(module, f"{kernel}_entry"))
+            module.__dict__[f"_{kernel}_entry_cfunc"] = compiled  # kept alive with its module
+            address = _entries[key] = compiled.address
+    return address
