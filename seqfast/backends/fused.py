@@ -60,6 +60,11 @@ class FusedBackend(Backend):
         use them as scratch."""
         raise NotImplementedError
 
+    def backward_reads_x_proj(self, cell: CellSpec) -> bool:
+        """False where backward() takes x_proj=None (what forward saved holds all it needs): layer() then lets
+        the projection go after the forward instead of keeping it for the backward."""
+        return True
+
     def project(self, x: Tensor, weight_ih: Tensor) -> Tensor:
         """x [N, I] @ weight_ih^T, the input projection without its bias, for layer() (a backend may choose where
         the result lives)."""
@@ -152,7 +157,8 @@ class _EagerLayer(torch.autograd.Function):
         out, final, saved = backend.forward(cell, x_proj, state0 or None, weights, lengths, reverse, True,
                                             x_bias=bias_ih)
         ctx.backend, ctx.cell, ctx.reverse, ctx.counts = backend, cell, reverse, (n_state, len(weights))
-        ctx.save_for_backward(x, weight_ih, bias_ih, x_proj, lengths, *state0, *weights, out, *final, *saved)
+        keep = x_proj if backend.backward_reads_x_proj(cell) else None
+        ctx.save_for_backward(x, weight_ih, bias_ih, keep, lengths, *state0, *weights, out, *final, *saved)
         return (out, *final)
 
     @staticmethod
@@ -168,7 +174,7 @@ class _EagerLayer(torch.autograd.Function):
             list(saved), None if grad_out is None else grad_out.contiguous(), list(grad_final),
             saved_mode=saved_mode, x_bias=bias_ih)
         g_bias_ih = gweights.pop() if bias_ih is not None else None
-        flat = gx_proj.view(-1, gx_proj.shape[2])
+        flat = gx_proj.view(-1, gx_proj.shape[2])  # x_proj itself may not have been kept
         needs = ctx.needs_input_grad
         g_x = flat.mm(weight_ih).view(x.shape) if needs[5] else None
         g_weight_ih = flat.t().mm(x.reshape(flat.shape[0], -1)) if needs[6] else None

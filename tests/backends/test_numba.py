@@ -429,6 +429,27 @@ def test_shared_pre_activation_gradient_is_read_from_the_source(leaky_cell) -> N
             _compare(cell, x, state0, weights, lens, reverse, torch.float32)
 
 
+def _leaky_forward_apart(m, xg, hg, state, params):
+    return (state[0] * LEAK + params[0] * m.tanh(xg[0] + 0.5 * hg[0]),)  # hg scaled on its own
+
+
+def test_saved_pre_activation_only_where_the_source_adds_xg_and_hg() -> None:
+    """A training forward saves xg + hg (biases in) instead of h W_hh^T only for cells whose code reads them as
+    that sum, with a dense recurrence; the backward then never reads x_proj. Both ways match the reference."""
+    from seqfast.backends.numba.codegen import preactivation_only
+
+    names = ("lstm", "rnn_tanh", "rnn_relu", "gru")
+    assert [preactivation_only(seqfast.get_cell(n)) for n in names] == [True, True, True, False]
+    backend = seqfast.registry.get_backend("numba")
+    assert not backend.backward_reads_x_proj(seqfast.get_cell("lstm"))
+    assert backend.backward_reads_x_proj(seqfast.get_cell("gru"))
+    dense = dataclasses.replace(LEAKY, name="test_numba_leaky_dense", recurrence="dense")
+    apart = dataclasses.replace(dense, name="test_numba_leaky_apart",
+                                pointwise=Pointwise(_leaky_forward_apart, _leaky_backward, params=("gain",)))
+    assert preactivation_only(dense) and not preactivation_only(apart)
+    assert not preactivation_only(LEAKY)  # diagonal: no saved product to replace
+
+
 def test_uncompilable_cell_gets_a_reason() -> None:
     def fwd(m, xg, hg, state, params):
         return (m.softplus(xg[0] + hg[0]),)

@@ -220,6 +220,7 @@ def _onednn_linear():
     return _linear_op[0]
 
 
+_NO_X = {name: np.zeros((1, 1, 1), dtype=name) for name in ("float32", "float64")}  # x_proj not read
 _NO_SAVED = {name: np.empty((0, 0, 0, 0), dtype=name) for name in ("float32", "float64")}  # inference's saved_st
 
 # numpy views of weight tensors, by id(tensor): the same memory, so in-place updates (optimizer steps, .data
@@ -297,6 +298,11 @@ class NumbaBackend(FusedBackend):
             shapes.append((steps, batch, cell.num_gates * hidden))
         return shapes
 
+    def backward_reads_x_proj(self, cell: CellSpec) -> bool:
+        from .codegen import preactivation_only
+
+        return not preactivation_only(cell)
+
     def project(self, x: Tensor, weight_ih: Tensor) -> Tensor:
         # oneDNN from about a million outputs (T100 B16 H256 up); below it MKL was as fast or faster (T100 B8 H64
         # 171 vs 190 us, B1 H32 12 vs 30 us)
@@ -323,15 +329,16 @@ class NumbaBackend(FusedBackend):
         module = self._kernels[(cell, dtype)] = kernels(cell, _DTYPES[dtype])
         return module
 
-    def _call(self, cell: CellSpec, x_proj: Tensor, weights: list[Tensor | None], lengths: Tensor | None,
-              x_bias: Tensor | None):
+    def _call(self, cell: CellSpec, x_proj: Tensor | None, weights: list[Tensor | None], lengths: Tensor | None,
+              x_bias: Tensor | None, like: Tensor | None = None):
         """What both scans start from: (kernel module, plan, x_proj as numpy, [x_bias, W_hh, b_hh, *extras] as
-        numpy, lengths as numpy)."""
-        module = self._kernels.get((cell, x_proj.dtype)) or self._module(cell, x_proj.dtype)
-        if not x_proj.is_cpu:
-            raise ValueError(f"numba backend: tensors must be on the CPU, got {x_proj.device}")
-        steps, batch, width = x_proj.shape
-        plan = _plan(_DTYPES[x_proj.dtype], steps, batch, width, width // cell.num_gates, cell.num_states)
+        numpy, lengths as numpy). x_proj None (a backward that does not read it): shapes come from `like`."""
+        src = like if x_proj is None else x_proj
+        module = self._kernels.get((cell, src.dtype)) or self._module(cell, src.dtype)
+        if not src.is_cpu:
+            raise ValueError(f"numba backend: tensors must be on the CPU, got {src.device}")
+        steps, batch, width = src.shape
+        plan = _plan(_DTYPES[src.dtype], steps, batch, width, width // cell.num_gates, cell.num_states)
         if len(weights) > 2 + len(cell.pointwise.params):
             raise ValueError("numba backend: proj_size (weight_hr) is not supported")
         w = weights[0] if weights else None
@@ -355,11 +362,14 @@ class NumbaBackend(FusedBackend):
             lens = plan.full_lengths
         else:
             lens = lengths.detach().to(device="cpu", dtype=torch.int64).contiguous().numpy()
-        return module, plan, x_proj.detach().contiguous().numpy(), arrays, lens
+        x_np = _NO_X[plan.dtype_name] if x_proj is None else x_proj.detach().contiguous().numpy()
+        return module, plan, x_np, arrays, lens
 
     def forward(self, cell: CellSpec, x_proj: Tensor, state0: list[Tensor] | None, weights: list[Tensor | None],
                 lengths: Tensor | None, reverse: bool, need_saved: bool, x_bias: Tensor | None = None
                 ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        from .codegen import preactivation_only
+
         # kept lean: at small shapes (T100 B1 H32) the kernel runs ~30 us, and every torch call here costs ~1 us.
         # Buffers are 64-byte aligned (numpy's large arrays sit 16 bytes off a cache line); large ones are pooled
         module, plan, x_np, arrays, lens = self._call(cell, x_proj, weights, lengths, x_bias)
@@ -377,7 +387,8 @@ class NumbaBackend(FusedBackend):
             # step, and a cache line shared across a range boundary would bounce between the cores
             hg = saved[1].numpy() if len(saved) > 1 else torch.empty((1, batch, width), dtype=dtype).numpy()
             args = (x_np, *arrays, *init, *(s.numpy() for s in states), lens, bool(reverse), out.numpy(), hg,
-                    saved[0].numpy() if saved else _NO_SAVED[plan.dtype_name], bool(need_saved))
+                    saved[0].numpy() if saved else _NO_SAVED[plan.dtype_name], bool(need_saved),
+                    bool(need_saved) and preactivation_only(cell))
             fn, small = plan.fn, plan.loop_forward
             team = _team_addresses()
             if team is not None:  # the ranges on torch's OpenMP threads, Python-free (see _team.py)
@@ -394,12 +405,13 @@ class NumbaBackend(FusedBackend):
                  x_bias: Tensor | None = None) -> tuple[Tensor, list[Tensor], list[Tensor | None]]:
         if cell.pointwise is None or cell.pointwise.backward is None:
             raise RuntimeError(f"numba backend: cell {cell.name!r} has no pointwise backward")
-        from .codegen import dx_is_dhg
+        from .codegen import dx_is_dhg, preactivation_only
 
-        module, plan, x_np, (x_bias_np, w, bias, *extras), lens = self._call(cell, x_proj, weights, lengths,
-                                                                              x_bias)
-        steps, batch, width = x_np.shape
-        dtype, hidden, dtype_name = x_proj.dtype, plan.hidden, plan.dtype_name
+        preact = preactivation_only(cell)  # the forward saved whole pre-activations: x_proj is not read
+        module, plan, x_np, (x_bias_np, w, bias, *extras), lens = self._call(
+            cell, None if preact else x_proj, weights, lengths, x_bias, like=saved[1] if preact else None)
+        dtype, hidden, dtype_name = saved[0].dtype, plan.hidden, plan.dtype_name
+        steps, batch, width = saved[1].shape if preact else x_np.shape
         saved_st = saved[0].detach().contiguous()
         # hgd: the recurrent products of every step, without bias (the kernel overwrites them with d_hg). Dense:
         # the forward's own, copied when they must stay unchanged; elementwise otherwise
@@ -424,7 +436,7 @@ class NumbaBackend(FusedBackend):
                 *(np.zeros((count, e.shape[0]), dtype=dtype_name) for e in extras)]
         if batch > 0:
             args = (x_np, x_bias_np, w, bias, *extras, saved_st.numpy(), lens, bool(reverse), grad_out, *d_final,
-                    *(d.numpy() for d in d_states), dx.numpy(), write_dx, hgd.numpy())
+                    *(d.numpy() for d in d_states), dx.numpy(), write_dx, hgd.numpy(), preact)
             fn, small = plan.fn, plan.loop_backward
             team = _team_addresses()
             if team is not None:

@@ -45,7 +45,7 @@ from types import ModuleType
 from ...registry import CellSpec
 from ..pointwise_source import MATH_NAMES, parse_pointwise, per_unit_rows
 
-TEMPLATE_VERSION = "15"
+TEMPLATE_VERSION = "16"
 _SAFE_BUILTINS = {"abs", "min", "max", "range", "len", "float", "int", "bool", "True", "False", "None"}
 _HERE = Path(__file__).resolve().parent
 
@@ -226,13 +226,16 @@ def _copy_in_params(lay: _Layout, base: int, indent: str) -> list[str]:
 
 def _chunk_prologue(lay, G: int, ind: str) -> list[str]:
     """Lines shared by both scans: the sequence's own time index, the loop over 128-unit chunks, and the chunk's
-    input pre-activations copied into the scratch buffer."""
+    offsets."""
     lines = ["            t = L - 1 - k if reverse else k",
              f"            for j0 in range(0, H, {CHUNK}):",
              f"                n = min({CHUNK}, H - j0)"]
-    lines += _offsets(lay, ind)
+    return lines + _offsets(lay, ind)
+
+
+def _copy_in_x(G: int, ind: str) -> list[str]:
     # the input gates are scratch rows 0..G-1 in both scans (XG = 0)
-    return lines + _loop(ind, [f"buf[{g}, c] = x[t, b, og{g} + c] + xbias[og{g} + c]" for g in range(G)])
+    return _loop(ind, [f"buf[{g}, c] = x[t, b, og{g} + c] + xbias[og{g} + c]" for g in range(G)])
 
 
 def _offsets(lay: _Layout, ind: str) -> list[str]:
@@ -256,13 +259,13 @@ def _common_params(lay: _Layout) -> list[tuple[str, str]]:
 def _forward_params(lay: _Layout) -> list[tuple[str, str]]:
     return (_common_params(lay) + [(f"init{i}", "F2") for i in range(lay.S)] + [(f"s{i}", "F2") for i in range(lay.S)]
             + [("lengths", "I1"), ("reverse", "b"), ("out", "F3"), ("hg", "F3"), ("saved_st", "F4"),
-               ("need_saved", "b")])
+               ("need_saved", "b"), ("save_preact", "b")])
 
 
 def _backward_params(lay: _Layout) -> list[tuple[str, str]]:
     return (_common_params(lay) + [("saved_st", "F4"), ("lengths", "I1"), ("reverse", "b"), ("grad_out", "F3")]
             + [(f"dfinal{i}", "F2") for i in range(lay.S)] + [(f"d{i}", "F2") for i in range(lay.S)]
-            + [("dx", "F3"), ("write_dx", "b"), ("hgd", "F3"), ("dbias", "D1r"), ("dxbias", "D1r")]
+            + [("dx", "F3"), ("write_dx", "b"), ("hgd", "F3"), ("preact", "b"), ("dbias", "D1r"), ("dxbias", "D1r")]
             + [(f"dp{i}", "F1r") for i in range(len(lay.widths))])
 
 
@@ -398,6 +401,7 @@ def _forward_kernel(lay: _Layout) -> str:
     a("                continue")
     ind = "                "
     L.extend(_chunk_prologue(lay, G, ind))
+    L.extend(_copy_in_x(G, ind))
     rhs = {"dense": "hg[kk, b, og{g} + c] + bias[og{g} + c]",
            "diagonal": "w[og{g} + c] * s0[b, u0 + c] + bias[og{g} + c]", "none": "zero"}[lay.recurrence]
     L.extend(_loop(ind, [f"buf[{HG + g}, c] = " + rhs.format(g=g) for g in range(G)]))
@@ -412,6 +416,10 @@ def _forward_kernel(lay: _Layout) -> str:
         a(f"{ind}    buf[{NS + i}, c] = ns[{i}]")
     L.extend(_loop(ind, [f"s{i}[b, u0 + c] = buf[{NS + i}, c]" for i in range(S)]
                    + [f"out[t, b, u0 + c] = buf[{NS}, c]"]))
+    if lay.recurrence == "dense":  # the whole pre-activation replaces h W_hh^T (see preactivation_only)
+        a(f"{ind}if save_preact:")
+        L.extend(_loop(ind + "    ", [f"hg[kk, b, og{g} + c] = buf[{XG + g}, c] + buf[{HG + g}, c]"
+                                     for g in range(G)]))
     a(f"{ind}if need_saved:")
     L.extend(_loop(ind + "    ", [f"saved_st[{i}, k, b, u0 + c] = buf[{ST + i}, c]" for i in range(S)]))
     return "\n".join(L)
@@ -433,7 +441,7 @@ def _backward_kernel(lay: _Layout) -> str:
     a('    the grad of the final state; end: grad of state0); dp<i> accumulate per-unit parameter gradients and')
     a('    dbias the bias gradient, sum over rows and steps of d_hg, and dxbias that of xbias, the sum of d_x (one')
     a('    thread per call). write_dx=False: d_x equals d_hg, so is neither written nor summed (see dx_is_dhg)."""')
-    a("    T = x.shape[0]")
+    a("    T = hgd.shape[0]  # x may be a placeholder (preact)")
     a("    H = d0.shape[1]")
     a("    one = _F(1.0)")
     a("    zero = _F(0.0)")
@@ -453,7 +461,12 @@ def _backward_kernel(lay: _Layout) -> str:
     a("                continue")
     ind = "                "
     L.extend(_chunk_prologue(lay, G, ind))
-    L.extend(_loop(ind, [f"buf[{HG + g}, c] = hgd[k, b, og{g} + c] + bias[og{g} + c]" for g in range(G)]))
+    a(f"{ind}if preact:  # hgd holds the whole pre-activation: x and the biases are in it")
+    L.extend(_loop(ind + "    ", [f"buf[{g}, c] = hgd[k, b, og{g} + c]" for g in range(G)]
+                   + [f"buf[{HG + g}, c] = zero" for g in range(G)]))
+    a(f"{ind}else:")
+    L.extend(_copy_in_x(G, ind + "    "))
+    L.extend(_loop(ind + "    ", [f"buf[{HG + g}, c] = hgd[k, b, og{g} + c] + bias[og{g} + c]" for g in range(G)]))
     L.extend(_loop(ind, [f"buf[{ST + i}, c] = saved_st[{i}, k, b, u0 + c]" for i in range(S)]))
     L.extend(_loop(ind, [f"buf[{DN}, c] = d0[b, u0 + c] + grad_out[t, b, u0 + c]"]
                    + [f"buf[{DN + i}, c] = d{i}[b, u0 + c]" for i in range(1, S)]))
@@ -512,6 +525,42 @@ def dx_is_dhg(cell: CellSpec) -> bool:
                 same = ast.dump(first) == ast.dump(second)
         _same_gradient[cell] = same
     return _same_gradient[cell]
+
+
+_sum_only: dict[CellSpec, bool] = {}
+
+
+def preactivation_only(cell: CellSpec) -> bool:
+    """Whether the cell's pointwise code reads its inputs only as xg[g] + hg[g] (LSTM, the RNNs; not GRU, whose
+    candidate gate scales hg by the reset gate). Then a training forward scan saves that whole pre-activation,
+    biases included, in place of h W_hh^T, and the backward reads it instead of x_proj: one array fewer to keep
+    and to stream through. Decided from the source of both functions."""
+    if cell not in _sum_only:
+        pw = cell.pointwise
+        ok = pw is not None and pw.backward is not None and cell.recurrence == "dense"
+        for fn, nargs in (((pw.forward, 5), (pw.backward, 6)) if ok else ()):
+            node, _ = parse_pointwise(fn, where=cell.name, nargs=nargs, new_name="_", prefix="_m_",
+                                      error=CodegenError, allowed_names=_SAFE_BUILTINS)
+            xg, hg = node.args.args[0].arg, node.args.args[1].arg  # the math argument is gone
+            paired: set[int] = set()
+            for sub in ast.walk(node):
+                if isinstance(sub, ast.BinOp) and isinstance(sub.op, ast.Add):
+                    pair = [_gate_read(side, (xg, hg)) for side in (sub.left, sub.right)]
+                    if None not in pair and {pair[0][0], pair[1][0]} == {xg, hg} and pair[0][1] == pair[1][1]:
+                        paired.update(id(side) for side in (sub.left, sub.right))
+            reads = [n for n in ast.walk(node) if isinstance(n, ast.Name) and n.id in (xg, hg)]
+            subs = [n for n in ast.walk(node) if _gate_read(n, (xg, hg)) is not None]
+            ok = ok and len(reads) == len(subs) and all(id(n) in paired for n in subs)
+        _sum_only[cell] = ok
+    return _sum_only[cell]
+
+
+def _gate_read(node: ast.AST, names: tuple[str, str]) -> tuple[str, int] | None:
+    """(name, index) for `xg[i]` / `hg[i]` with a constant index, else None."""
+    if (isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name) and node.value.id in names
+            and isinstance(node.slice, ast.Constant) and isinstance(node.slice.value, int)):
+        return node.value.id, node.slice.value
+    return None
 
 
 def _body(kernel: str) -> list[str]:
