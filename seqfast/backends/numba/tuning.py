@@ -15,7 +15,10 @@ H128 inference: 0.44 ms in one run, 0.86 ms in another; B16 H32: 0.51 vs 1.10 ms
 figures there are soft. `auto` takes numba for LSTM only where it won every run: inference up to B8 and H64;
 training at hidden <= 64 with batch * hidden <= 128, at B8 H64, and from B32 H128 to B64 H256. A third full run
 (01:53 UTC, torch.nn in its slow level at small batch) agreed: B8 H64 1.33x / 1.15x. Native elsewhere,
-unmeasured shapes included, since torch.nn's own kernels are never slower than themselves.
+unmeasured shapes included, since torch.nn's own kernels are never slower than themselves. Session 4's seven
+full runs (thread team from compiled code, oneDNN input projection, saved pre-activation) kept these boxes:
+LSTM training B1 H32 1.26-1.56x, B8 H64 1.09-1.35x, B32 H128 1.24-1.40x, B64 H256 0.96-1.23x, and B64 H512
+0.96-1.12x, still native; inference B8 H64 0.99-1.37x, from B32 H128 up 0.70-0.88x.
 """
 
 from __future__ import annotations
