@@ -413,8 +413,9 @@ class NumbaBackend(FusedBackend):
         dtype, hidden, dtype_name = saved[0].dtype, plan.hidden, plan.dtype_name
         steps, batch, width = saved[1].shape if preact else x_np.shape
         saved_st = saved[0].detach().contiguous()
-        # hgd: the recurrent products of every step, without bias (the kernel overwrites them with d_hg). Dense:
-        # the forward's own, copied when they must stay unchanged; elementwise otherwise
+        # hgd: the recurrent products of every step, without bias, or with preact the whole pre-activations (the
+        # kernel overwrites them with d_hg). Dense: the forward's own, copied when they must stay unchanged;
+        # elementwise otherwise
         if cell.recurrence == "dense":
             hgd = saved[1] if saved_mode == "consume" else _buffers.empty(saved[1].shape, dtype).copy_(saved[1])
         elif cell.recurrence == "diagonal":

@@ -45,7 +45,7 @@ from types import ModuleType
 from ...registry import CellSpec
 from ..pointwise_source import MATH_NAMES, parse_pointwise, per_unit_rows
 
-TEMPLATE_VERSION = "16"
+TEMPLATE_VERSION = "17"
 _SAFE_BUILTINS = {"abs", "min", "max", "range", "len", "float", "int", "bool", "True", "False", "None"}
 _HERE = Path(__file__).resolve().parent
 
@@ -137,7 +137,9 @@ _HEADER = '''\
 # padding steps), and, for a dense recurrence, hg with K = T (inference passes K = 1, reused every step). The
 # backward gets hgd [T, B, G*H] = those products (the saved ones, or for diagonal / no recurrence recomputed
 # elementwise), and overwrites each (k, b) row with its gradient d_hg once read, so the weight gradient is one
-# GEMM over all steps afterwards and the recurrent GEMM is never run twice.
+# GEMM over all steps afterwards and the recurrent GEMM is never run twice. With save_preact / preact (cells that
+# read x and hg only as their sum, see preactivation_only) the saved rows hold x + xbias + hg + bias instead, and
+# the backward reads no x.
 import numpy as np
 from numba import carray, njit
 
