@@ -229,13 +229,16 @@ def test_ranges_a_smaller_team_leaves_run_on_the_caller(monkeypatch) -> None:
 def test_input_projection_matches_mm(monkeypatch, onednn: bool) -> None:
     """The projection of a large layer (oneDNN's linear where torch has it, else a pooled mm) is x W_ih^T."""
     backend = seqfast.registry.get_backend("numba")
-    if onednn and numba_backend._onednn_linear() is None:
+    linear = numba_backend._onednn_linear()
+    if onednn and linear is None:
         pytest.skip("this torch has no oneDNN linear")
-    if not onednn:
-        monkeypatch.setattr(numba_backend, "_linear_op", [None])
+    calls = []
+    monkeypatch.setattr(numba_backend, "_linear_op",
+                        [(lambda *args: calls.append(1) or linear(*args)) if onednn else None])
     x, weight = torch.randn(2048, 24), torch.randn(520, 24)  # over a million outputs
     torch.testing.assert_close(backend.project(x, weight), x.double().mm(weight.double().t()).float(),
                                rtol=1e-5, atol=1e-5)
+    assert len(calls) == (1 if onednn else 0)  # the path named is the one taken
 
 
 def test_loop_gemm_matches_mkl(monkeypatch) -> None:

@@ -36,7 +36,7 @@ from ...config import getenv
 from ...registry import CellSpec, Query
 from ..fused import FusedBackend
 from . import _buffers
-from .codegen import entry_address
+from .codegen import CodegenError, check_cell, dx_is_dhg, entry_address, kernels, per_unit_width, preactivation_only
 
 MIN_NUMBA = (0, 60)
 
@@ -273,8 +273,6 @@ class NumbaBackend(FusedBackend):
         return _numba_missing()
 
     def extra_reasons(self, query: Query) -> list[str]:
-        from .codegen import CodegenError, check_cell
-
         if query.cell.pointwise is None:
             return []  # already reported by needs_pointwise
         try:
@@ -299,8 +297,6 @@ class NumbaBackend(FusedBackend):
         return shapes
 
     def backward_reads_x_proj(self, cell: CellSpec) -> bool:
-        from .codegen import preactivation_only
-
         return not preactivation_only(cell)
 
     def project(self, x: Tensor, weight_ih: Tensor) -> Tensor:
@@ -324,8 +320,6 @@ class NumbaBackend(FusedBackend):
         why = self.unavailable_reason()
         if why:
             raise RuntimeError(f"numba backend: {why}")
-        from .codegen import kernels
-
         module = self._kernels[(cell, dtype)] = kernels(cell, _DTYPES[dtype])
         return module
 
@@ -353,8 +347,6 @@ class NumbaBackend(FusedBackend):
         # the kernel takes the per-unit extras in Pointwise.params order; an absent one (a bias-like extra under
         # bias=False) reads as zeros
         if cell.pointwise.params:
-            from .codegen import per_unit_width
-
             given = dict(zip(cell.recurrent_param_names()[2:], weights[2:], strict=False))
             arrays += [np.zeros(per_unit_width(cell, name) * plan.hidden, dtype=plan.dtype_name)
                        if given.get(name) is None else _host(given[name]) for name in cell.pointwise.params]
@@ -368,8 +360,6 @@ class NumbaBackend(FusedBackend):
     def forward(self, cell: CellSpec, x_proj: Tensor, state0: list[Tensor] | None, weights: list[Tensor | None],
                 lengths: Tensor | None, reverse: bool, need_saved: bool, x_bias: Tensor | None = None
                 ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-        from .codegen import preactivation_only
-
         # kept lean: at small shapes (T100 B1 H32) the kernel runs ~30 us, and every torch call here costs ~1 us.
         # Buffers are 64-byte aligned (numpy's large arrays sit 16 bytes off a cache line); large ones are pooled
         module, plan, x_np, arrays, lens = self._call(cell, x_proj, weights, lengths, x_bias)
@@ -405,8 +395,6 @@ class NumbaBackend(FusedBackend):
                  x_bias: Tensor | None = None) -> tuple[Tensor, list[Tensor], list[Tensor | None]]:
         if cell.pointwise is None or cell.pointwise.backward is None:
             raise RuntimeError(f"numba backend: cell {cell.name!r} has no pointwise backward")
-        from .codegen import dx_is_dhg, preactivation_only
-
         preact = preactivation_only(cell)  # the forward saved whole pre-activations: x_proj is not read
         module, plan, x_np, (x_bias_np, w, bias, *extras), lens = self._call(
             cell, None if preact else x_proj, weights, lengths, x_bias, like=saved[1] if preact else None)

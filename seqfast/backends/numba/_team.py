@@ -43,61 +43,56 @@ def pointer_to(typingctx, addr, like):
     return sig, codegen
 
 
+_I32 = ir.IntType(32)
+_I8P = ir.IntType(8).as_pointer()
+_BODY = ir.FunctionType(ir.VoidType(), [_I8P])  # void body(void *data): an OpenMP region's body, a kernel entry
+
+
+def _call_at(builder, address, result: ir.Type, params: list[ir.Type], args: list) -> ir.Value:
+    """Call the C function at an integer address with the given LLVM signature."""
+    fn = builder.inttoptr(address, ir.FunctionType(result, params).as_pointer())
+    return builder.call(fn, args)
+
+
 @intrinsic
 def call_int(typingctx, fn):
     """int fn(void), called through its address (omp_get_thread_num)."""
-    sig = types.int64(fn)
-
     def codegen(context, builder, sig, args):
-        fnty = ir.FunctionType(ir.IntType(32), [])
-        result = builder.call(builder.inttoptr(args[0], fnty.as_pointer()), [])
-        return builder.sext(result, ir.IntType(64))
+        return builder.sext(_call_at(builder, args[0], _I32, [], []), ir.IntType(64))
 
-    return sig, codegen
+    return types.int64(fn), codegen
 
 
 @intrinsic
 def call_int_int(typingctx, fn, value):
     """int fn(int), called through its address (MKL_Set_Num_Threads_Local)."""
-    sig = types.int64(fn, value)
-
     def codegen(context, builder, sig, args):
-        fnty = ir.FunctionType(ir.IntType(32), [ir.IntType(32)])
-        result = builder.call(builder.inttoptr(args[0], fnty.as_pointer()), [builder.trunc(args[1], ir.IntType(32))])
+        result = _call_at(builder, args[0], _I32, [_I32], [builder.trunc(args[1], _I32)])
         return builder.sext(result, ir.IntType(64))
 
-    return sig, codegen
+    return types.int64(fn, value), codegen
 
 
 @intrinsic
 def call_void(typingctx, fn, data):
     """void fn(void *data), called through its address (the kernel's entry, for one range)."""
-    sig = types.void(fn, data)
-
     def codegen(context, builder, sig, args):
-        i8p = ir.IntType(8).as_pointer()
-        fnty = ir.FunctionType(ir.VoidType(), [i8p])
-        builder.call(builder.inttoptr(args[0], fnty.as_pointer()), [builder.inttoptr(args[1], i8p)])
+        _call_at(builder, args[0], ir.VoidType(), [_I8P], [builder.inttoptr(args[1], _I8P)])
         return context.get_dummy_value()
 
-    return sig, codegen
+    return types.void(fn, data), codegen
 
 
 @intrinsic
 def gomp_parallel(typingctx, gomp, body, data, threads):
     """GOMP_parallel(body, data, threads, 0) through its address: body(data) on each thread of a new team."""
-    sig = types.void(gomp, body, data, threads)
-
     def codegen(context, builder, sig, args):
-        i8p = ir.IntType(8).as_pointer()
-        bodyty = ir.FunctionType(ir.VoidType(), [i8p])
-        fnty = ir.FunctionType(ir.VoidType(), [bodyty.as_pointer(), i8p, ir.IntType(32), ir.IntType(32)])
-        fn = builder.inttoptr(args[0], fnty.as_pointer())
-        builder.call(fn, [builder.inttoptr(args[1], bodyty.as_pointer()), builder.inttoptr(args[2], i8p),
-                          builder.trunc(args[3], ir.IntType(32)), ir.Constant(ir.IntType(32), 0)])
+        _call_at(builder, args[0], ir.VoidType(), [_BODY.as_pointer(), _I8P, _I32, _I32],
+                 [builder.inttoptr(args[1], _BODY.as_pointer()), builder.inttoptr(args[2], _I8P),
+                  builder.trunc(args[3], _I32), ir.Constant(_I32, 0)])
         return context.get_dummy_value()
 
-    return sig, codegen
+    return types.void(gomp, body, data, threads), codegen
 
 
 __all__ = ["address_of", "pointer_to", "call_int", "call_int_int", "call_void", "gomp_parallel"]
