@@ -12,6 +12,11 @@ the same grid point is timed here; the speed-up counted is the lower of the two.
 --repeats samples after --warmup runs; a sample is the mean of enough back-to-back calls to last 20 ms (one call,
 from the middle of the grid up), and the contenders' samples are taken in turn. The `auto` column times seqfast
 with backend="auto" (what a user gets by default).
+
+The `2nd core` columns say how much of its second core this VM gave while a point was timed: a fixed GEMM is timed
+on one thread and on all of torch's threads among the samples (here, and in the torch.nn-alone child), and the
+ratio printed (about 1.9 with two cores, 1.0 when the second gave nothing). On the 2-vCPU benchmark VM it swings
+between the two over tens of seconds (2026-11-26), which moves every multi-threaded time; see RESULTS.md.
 """
 
 from __future__ import annotations
@@ -85,6 +90,24 @@ def _medians_ms(runs: list, warmup: int, repeats: int) -> list[float]:
     return [statistics.median(t) * 1e3 for t in times]
 
 
+def _core_probe() -> list:
+    """Two runs of one fixed GEMM (B8 H64's input projection): on one thread, and on torch's thread count. The ratio
+    of their medians is the parallel speed-up the machine gives at that moment."""
+    import torch
+
+    a, b = torch.randn(800, 64), torch.randn(64, 256)
+    threads = torch.get_num_threads()
+
+    def one_thread() -> None:
+        torch.set_num_threads(1)
+        try:
+            torch.mm(a, b)
+        finally:
+            torch.set_num_threads(threads)
+
+    return [one_thread, lambda: torch.mm(a, b)]
+
+
 def _inputs(T: int, B: int, I: int):
     import torch
 
@@ -103,7 +126,9 @@ def _alone(args) -> None:
             x = _inputs(T, B, I)
             model = _make("torch", cell, I, H)
             for mode in args.modes:
-                results[f"{cell}|{index}|{mode}"] = _medians_ms([_timer(model, x, mode)], args.warmup, args.repeats)[0]
+                t, one, many = _medians_ms([_timer(model, x, mode), *_core_probe()], args.warmup, args.repeats)
+                results[f"{cell}|{index}|{mode}"] = t
+                results[f"{cell}|{index}|{mode}|cores"] = one / many
     torch.set_num_threads(torch.get_num_threads())
     print(json.dumps(results))
 
@@ -219,29 +244,29 @@ def main() -> None:
             fast = _make("seqfast", cell, I, H, backend="numba")
             auto = _make("seqfast", cell, I, H, backend="auto")
             for mode in args.modes:
-                t_torch, t_numba, t_auto = _medians_ms([_timer(m, x, mode) for m in (ref, fast, auto)],
-                                                       args.warmup, args.repeats)
-                t_alone = alone[f"{cell}|{index}|{mode}"]
+                t_torch, t_numba, t_auto, t_one, t_many = _medians_ms(
+                    [*(_timer(m, x, mode) for m in (ref, fast, auto)), *_core_probe()], args.warmup, args.repeats)
+                t_alone, cores_alone = alone[f"{cell}|{index}|{mode}"], alone[f"{cell}|{index}|{mode}|cores"]
                 with torch.set_grad_enabled(mode == "train"):
                     chosen = seqfast.current_backend(cell, seq_len=T, batch_size=B, input_size=I, hidden_size=H,
                                                      requires_grad=mode == "train")
                 best_torch = min(t_torch, t_alone)
                 rows.append(dict(cell=cell, point=(T, B, I, H), mode=mode, torch_mixed=t_torch, torch_alone=t_alone,
                                  numba=t_numba, auto=t_auto, auto_choice=chosen, speedup=best_torch / t_numba,
-                                 auto_vs_torch=best_torch / t_auto))
+                                 auto_vs_torch=best_torch / t_auto, cores=t_one / t_many, cores_alone=cores_alone))
                 print(f"{cell:8s} {str((T, B, I, H)):22s} {mode:5s} torch.nn {t_torch:8.2f} / alone {t_alone:8.2f} "
-                      f"ms  numba {t_numba:8.2f} ms  x{best_torch / t_numba:5.2f}  auto({chosen}) {t_auto:8.2f} ms",
-                      file=sys.stderr, flush=True)
+                      f"ms  numba {t_numba:8.2f} ms  x{best_torch / t_numba:5.2f}  auto({chosen}) {t_auto:8.2f} ms  "
+                      f"2nd core x{t_one / t_many:.2f} / alone x{cores_alone:.2f}", file=sys.stderr, flush=True)
 
     print(f"machine: {os.cpu_count()} cores; torch {torch.__version__} ({torch.get_num_threads()} threads), "
           f"numba {numba.__version__}, OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}\n")
     print("| cell | T, B, I, H | mode | torch.nn interleaved ms | torch.nn alone ms | numba ms | speed-up "
-          "| auto (choice) ms | auto vs torch.nn |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+          "| auto (choice) ms | auto vs torch.nn | 2nd core: interleaved / alone |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['cell']} | {', '.join(map(str, r['point']))} | {r['mode']} | {r['torch_mixed']:.2f} | "
               f"{r['torch_alone']:.2f} | {r['numba']:.2f} | **{r['speedup']:.2f}x** | {r['auto']:.2f} "
-              f"({r['auto_choice']}) | {r['auto_vs_torch']:.2f}x |")
+              f"({r['auto_choice']}) | {r['auto_vs_torch']:.2f}x | {r['cores']:.2f} / {r['cores_alone']:.2f} |")
     print()
     for mode in args.modes:
         sel = [r["speedup"] for r in rows if r["mode"] == mode]

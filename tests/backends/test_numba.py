@@ -207,6 +207,35 @@ def _one_thread_equals_three(monkeypatch, cell_name: str, reverse: bool) -> None
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_buffers_several_threads_write_start_on_a_cache_line(monkeypatch, threads: int) -> None:
+    """Outputs, final states and saved tensors that two threads write row by row start on a 64-byte line (so no
+    line straddles two threads' rows); with one thread they may come from numpy. Either way they are separate,
+    writable tensors holding the scan's results."""
+    monkeypatch.setenv("SEQFAST_NUMBA_THREADS", str(threads))
+    monkeypatch.setattr(numba_backend, "MIN_WORK_PER_THREAD", 0)
+    monkeypatch.setattr(numba_backend, "_plans", {})
+    backend = seqfast.registry.get_backend("numba")
+    cell = seqfast.get_cell("lstm")
+    x, state0, weights, _ = _inputs(cell, 5, 6, 3, torch.float32, seed=2)
+    wlist = [weights["weight_hh"], weights["bias_hh"]]
+    out, final, saved = backend.forward(cell, x, list(state0), wlist, None, False, True)
+    made = [out, *final, *saved]
+    if threads == 2:
+        assert all(t.data_ptr() % 64 == 0 for t in made)
+    assert len({t.data_ptr() for t in made}) == len(made)
+    ref_out, ref_final = seqfast.get_backend("torch").scan(cell, x, state0, weights, None, False)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    for got, want in zip(final, ref_final, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    g_x, g_state, _ = backend.backward(cell, x, list(state0), wlist, None, False, out, final, saved,
+                                       torch.ones_like(out), [None, None])
+    if threads == 2:
+        assert all(g.data_ptr() % 64 == 0 for g in [g_x, *g_state])
+    final[0].add_(1.0)  # a result may be changed in place like any tensor
+    torch.testing.assert_close(final[0], ref_final[0] + 1.0, rtol=1e-5, atol=1e-5)
+
+
 def test_ranges_a_smaller_team_leaves_run_on_the_caller(monkeypatch) -> None:
     """Inside a nested parallel region the team may get one thread: the launcher runs the ranges it left."""
     import ctypes

@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import importlib.metadata
 import importlib.util
+import math
 import os
 import threading
 import weakref
@@ -246,6 +247,18 @@ def _host(t: Tensor) -> np.ndarray:
     return array
 
 
+def _new(shape: tuple[int, ...], dtype: torch.dtype, shared: bool) -> tuple[Tensor, np.ndarray]:
+    """A new buffer as (tensor, numpy array over the same memory). shared: several threads write its rows, so it
+    comes from torch (64-byte aligned: a cache line straddling two threads' rows would bounce between the cores
+    every step) or the pool; otherwise small ones come from numpy, which costs ~1.4 us less per buffer (a batch-1
+    step allocates about ten)."""
+    if shared or math.prod(shape) * dtype.itemsize >= _buffers.MIN_BYTES:
+        t = _buffers.empty(shape, dtype)
+        return t, t.numpy()
+    a = np.empty(shape, dtype=_DTYPES[dtype])
+    return torch.from_numpy(a), a
+
+
 def _state_array(s: Tensor, dtype: torch.dtype) -> np.ndarray:
     """A state (or state gradient) as a numpy array of the scan's dtype (read only by the kernels)."""
     s = s.detach()
@@ -366,18 +379,18 @@ class NumbaBackend(FusedBackend):
         steps, batch, width = x_np.shape
         dtype = x_proj.dtype
         init = plan.zero_states if state0 is None else [_state_array(s, dtype) for s in state0]
+        shared = len(plan.ranges) > 1
         # the finals (the kernel copies init in); separate tensors: a custom op's outputs may not share storage
-        states = [torch.empty((batch, plan.hidden), dtype=dtype) for _ in init]
-        out = _buffers.empty((steps, batch, plan.hidden), dtype)
-        saved = [_buffers.empty(s, dtype) for s in self.saved_shapes(cell, steps, batch, plan.hidden)] \
+        states = [_new((batch, plan.hidden), dtype, shared) for _ in init]
+        out = _new((steps, batch, plan.hidden), dtype, shared)
+        saved = [_new(s, dtype, shared) for s in self.saved_shapes(cell, steps, batch, plan.hidden)] \
             if need_saved else []
         if batch > 0:
-            # the per-step products: saved for the backward (dense), else one reused [1, B, G*H] buffer. Both
-            # 64-byte aligned (numpy aligns to 16): threads accumulate their rows' GEMM into it many times a
-            # step, and a cache line shared across a range boundary would bounce between the cores
-            hg = saved[1].numpy() if len(saved) > 1 else torch.empty((1, batch, width), dtype=dtype).numpy()
-            args = (x_np, *arrays, *init, *(s.numpy() for s in states), lens, bool(reverse), out.numpy(), hg,
-                    saved[0].numpy() if saved else _NO_SAVED[plan.dtype_name], bool(need_saved),
+            # the per-step products: saved for the backward (dense), else one reused [1, B, G*H] buffer (which
+            # threads accumulate their rows' GEMM into many times a step: aligned when shared)
+            hg = saved[1][1] if len(saved) > 1 else _new((1, batch, width), dtype, shared)[1]
+            args = (x_np, *arrays, *init, *(s[1] for s in states), lens, bool(reverse), out[1], hg,
+                    saved[0][1] if saved else _NO_SAVED[plan.dtype_name], bool(need_saved),
                     bool(need_saved) and preactivation_only(cell))
             fn, small = plan.fn, plan.loop_forward
             team = _team_addresses()
@@ -387,7 +400,7 @@ class NumbaBackend(FusedBackend):
                                       plan.range_array, fn, small, *args)
             else:
                 _run_rows(lambda lo, hi: module.forward(fn, small, lo, hi, *args), plan.ranges, blas=not small)
-        return out, states, saved
+        return out[0], [s[0] for s in states], [s[0] for s in saved]
 
     def backward(self, cell: CellSpec, x_proj: Tensor, state0: list[Tensor] | None, weights: list[Tensor | None],
                  lengths: Tensor | None, reverse: bool, outputs: Tensor, final: list[Tensor], saved: list[Tensor],
@@ -414,18 +427,18 @@ class NumbaBackend(FusedBackend):
         grad_out = (np.zeros((steps, batch, hidden), dtype=dtype_name) if grad_outputs is None
                     else grad_outputs.detach().contiguous().numpy())
         d_final = [plan.zero_states[0] if g is None else _state_array(g, dtype) for g in grad_final]
-        d_states = [torch.empty((batch, hidden), dtype=dtype) for _ in d_final]  # the kernel copies d_final in
+        count = len(plan.ranges)
+        d_states = [_new((batch, hidden), dtype, count > 1) for _ in d_final]  # the kernel copies d_final in
         # where d_x equals d_hg and both are in time order, the kernel writes d_hg only and d_x is that buffer
         write_dx = reverse or not dx_is_dhg(cell)
-        dx = _buffers.empty((steps, batch, width), dtype) if write_dx else hgd
+        dx = _new((steps, batch, width), dtype, count > 1) if write_dx else (hgd, hgd.numpy())
         # sums over rows and steps (the bias gradients, of b_hh and of x_bias, and the per-unit parameter ones):
         # one accumulator per thread, added afterwards; the bias ones in float64, since they sum T*B terms
-        count = len(plan.ranges)
         sums = [np.zeros((count, width)), np.zeros((count, width)),
                 *(np.zeros((count, e.shape[0]), dtype=dtype_name) for e in extras)]
         if batch > 0:
             args = (x_np, x_bias_np, w, bias, *extras, saved_st.numpy(), lens, bool(reverse), grad_out, *d_final,
-                    *(d.numpy() for d in d_states), dx.numpy(), write_dx, hgd.numpy(), preact)
+                    *(d[1] for d in d_states), dx[1], write_dx, dx[1] if dx[0] is hgd else hgd.numpy(), preact)
             fn, small = plan.fn, plan.loop_backward
             team = _team_addresses()
             if team is not None:
@@ -456,7 +469,7 @@ class NumbaBackend(FusedBackend):
                 grads[i + 2] = None if p is None else torch.from_numpy(d_by_name[name]).view(p.shape)
         if x_bias is not None:  # its gradient comes last (see FusedBackend.backward)
             grads.append(torch.from_numpy((d_x_bias if write_dx else d_bias).astype(dtype_name)))
-        return dx, d_states, grads
+        return dx[0], [d[0] for d in d_states], grads
 
 
 __all__ = ["NumbaBackend"]
