@@ -270,13 +270,15 @@ def test_input_projection_matches_mm(monkeypatch, onednn: bool) -> None:
     assert len(calls) == (1 if onednn else 0)  # the path named is the one taken
 
 
-def test_loop_gemm_matches_mkl(monkeypatch) -> None:
+@pytest.mark.parametrize("hidden", [130, 150])
+def test_loop_gemm_matches_mkl(monkeypatch, hidden: int) -> None:
     """The per-step GEMM as a numba loop matches the MKL path, forward and backward: 6 rows (a block of four and
-    two left over) and K = 130 or 390 (not a multiple of the loop's eight k-steps)."""
+    two left over) and K = 130 or 390 (not a multiple of the loop's eight k-steps). At H = 150 W_hh has over
+    65,536 entries, and the forward builds its transpose in bands of 16 rows."""
     if not _blas.SGEMM:
         pytest.skip("this torch has no MKL: every GEMM is the loop")
     cell = seqfast.get_cell("gru")
-    x, state0, weights, lens = _inputs(cell, 5, 6, 130, torch.float64, seed=9, lengths=True)
+    x, state0, weights, lens = _inputs(cell, 5, 6, hidden, torch.float64, seed=9, lengths=True)
     results = []
     for loop in (False, True):
         monkeypatch.setattr(numba_backend, "_use_loop_gemm", lambda *args, loop=loop: loop)

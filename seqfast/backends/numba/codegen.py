@@ -45,7 +45,7 @@ from types import ModuleType
 from ...registry import CellSpec
 from ..pointwise_source import MATH_NAMES, parse_pointwise, per_unit_rows
 
-TEMPLATE_VERSION = "18"
+TEMPLATE_VERSION = "19"
 _SAFE_BUILTINS = {"abs", "min", "max", "range", "len", "float", "int", "bool", "True", "False", "None"}
 _HERE = Path(__file__).resolve().parent
 
@@ -381,12 +381,18 @@ def _forward_kernel(lay: _Layout) -> str:
         # only used while W_hh <= 256 KiB): cheaper than a numpy call from Python, and never cached across calls
         # (weights change in place, even behind autograd's back)
         a("    wt = np.empty((w.shape[1], w.shape[0]) if small else (0, 0), dtype=_F)")
-        # rows of wt written in order, w read down its columns: at H = 64 and 128 that took 10 and 39 us where
-        # writing down wt's columns took 16 and 173 (each write a new cache line)
-        a("    if small:")
+        # rows of wt written in order, w read down its columns, in bands of 16 rows of w once w outgrows the L2
+        # cache (each band's lines stay cached while its columns are read): H = 64 / 128 / 256 took 10 / 39 /
+        # 200 us where writing down wt's columns, each write a new cache line, took 16 / 173 / 1,800
+        a("    if small and w.shape[0] * w.shape[1] <= 65536:")
         a("        for q in range(w.shape[1]):")
         a("            for n in range(w.shape[0]):")
         a("                wt[q, n] = w[n, q]")
+        a("    elif small:")
+        a("        for n0 in range(0, w.shape[0], 16):")
+        a("            for q in range(w.shape[1]):")
+        a("                for n in range(n0, min(n0 + 16, w.shape[0])):")
+        a("                    wt[q, n] = w[n, q]")
     a("    for k in range(T):")
     if lay.recurrence == "dense":
         a("        kk = k if hg.shape[0] == T else 0  # saved for backward, or one reused buffer")
