@@ -203,6 +203,21 @@ def _run_rows(call, ranges: list[tuple[int, int]], blas: bool = True) -> None:
             f.result()
 
 
+def _launch(module, kernel: str, plan: _Plan, small: bool, args: tuple, sums: tuple = ()) -> None:
+    """Run `kernel` ("forward" or "backward") over the plan's row ranges: on torch's OpenMP team through the
+    kernel's launcher (Python-free, see _team.py), else on the thread pool. sums: per-range accumulators
+    [ranges, n], each range writing its own row."""
+    team = _team_addresses()
+    if team is not None:
+        gomp, thread_num, mkl_local = team
+        getattr(module, kernel + "_launch")(gomp, entry_address(module, kernel), thread_num, mkl_local,
+                                            plan.range_array, plan.fn, small, *args, *sums)
+        return
+    body, rows = getattr(module, kernel), {r: i for i, r in enumerate(plan.ranges)}
+    _run_rows(lambda lo, hi: body(plan.fn, small, lo, hi, *args, *(part[rows[(lo, hi)]] for part in sums)),
+              plan.ranges, blas=not small)
+
+
 _linear_op: list = []
 
 
@@ -250,8 +265,8 @@ def _host(t: Tensor) -> np.ndarray:
 def _new(shape: tuple[int, ...], dtype: torch.dtype, shared: bool) -> tuple[Tensor, np.ndarray]:
     """A new buffer as (tensor, numpy array over the same memory). shared: several threads write its rows, so it
     comes from torch (64-byte aligned: a cache line straddling two threads' rows would bounce between the cores
-    every step) or the pool; otherwise small ones come from numpy, which costs ~1.4 us less per buffer (a batch-1
-    step allocates about ten)."""
+    every step) or the pool; otherwise small ones come from numpy, which costs ~1.5 us less per buffer (2.4 vs
+    0.8 with .numpy() and torch.from_numpy counted; a batch-1 LSTM training step makes seven)."""
     if shared or math.prod(shape) * dtype.itemsize >= _buffers.MIN_BYTES:
         t = _buffers.empty(shape, dtype)
         return t, t.numpy()
@@ -374,7 +389,7 @@ class NumbaBackend(FusedBackend):
                 lengths: Tensor | None, reverse: bool, need_saved: bool, x_bias: Tensor | None = None
                 ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         # kept lean: at small shapes (T100 B1 H32) the kernel runs ~30 us, and every torch call here costs ~1 us.
-        # Buffers are 64-byte aligned (numpy's large arrays sit 16 bytes off a cache line); large ones are pooled
+        # Buffers come from _new: 64-byte aligned where several threads write them, pooled from 1 MiB
         module, plan, x_np, arrays, lens = self._call(cell, x_proj, weights, lengths, x_bias)
         steps, batch, width = x_np.shape
         dtype = x_proj.dtype
@@ -392,14 +407,7 @@ class NumbaBackend(FusedBackend):
             args = (x_np, *arrays, *init, *(s[1] for s in states), lens, bool(reverse), out[1], hg,
                     saved[0][1] if saved else _NO_SAVED[plan.dtype_name], bool(need_saved),
                     bool(need_saved) and preactivation_only(cell))
-            fn, small = plan.fn, plan.loop_forward
-            team = _team_addresses()
-            if team is not None:  # the ranges on torch's OpenMP threads, Python-free (see _team.py)
-                gomp, thread_num, mkl_local = team
-                module.forward_launch(gomp, entry_address(module, "forward"), thread_num, mkl_local,
-                                      plan.range_array, fn, small, *args)
-            else:
-                _run_rows(lambda lo, hi: module.forward(fn, small, lo, hi, *args), plan.ranges, blas=not small)
+            _launch(module, "forward", plan, plan.loop_forward, args)
         return out[0], [s[0] for s in states], [s[0] for s in saved]
 
     def backward(self, cell: CellSpec, x_proj: Tensor, state0: list[Tensor] | None, weights: list[Tensor | None],
@@ -431,25 +439,16 @@ class NumbaBackend(FusedBackend):
         d_states = [_new((batch, hidden), dtype, count > 1) for _ in d_final]  # the kernel copies d_final in
         # where d_x equals d_hg and both are in time order, the kernel writes d_hg only and d_x is that buffer
         write_dx = reverse or not dx_is_dhg(cell)
-        dx = _new((steps, batch, width), dtype, count > 1) if write_dx else (hgd, hgd.numpy())
+        hgd_np = hgd.numpy()
+        dx = _new((steps, batch, width), dtype, count > 1) if write_dx else (hgd, hgd_np)
         # sums over rows and steps (the bias gradients, of b_hh and of x_bias, and the per-unit parameter ones):
         # one accumulator per thread, added afterwards; the bias ones in float64, since they sum T*B terms
         sums = [np.zeros((count, width)), np.zeros((count, width)),
                 *(np.zeros((count, e.shape[0]), dtype=dtype_name) for e in extras)]
         if batch > 0:
             args = (x_np, x_bias_np, w, bias, *extras, saved_st.numpy(), lens, bool(reverse), grad_out, *d_final,
-                    *(d[1] for d in d_states), dx[1], write_dx, dx[1] if dx[0] is hgd else hgd.numpy(), preact)
-            fn, small = plan.fn, plan.loop_backward
-            team = _team_addresses()
-            if team is not None:
-                gomp, thread_num, mkl_local = team
-                module.backward_launch(gomp, entry_address(module, "backward"), thread_num, mkl_local,
-                                       plan.range_array, fn, small, *args, *sums)
-            else:
-                rows = {r: i for i, r in enumerate(plan.ranges)}
-                _run_rows(lambda lo, hi: module.backward(fn, small, lo, hi, *args,
-                                                         *(part[rows[(lo, hi)]] for part in sums)),
-                          plan.ranges, blas=not small)
+                    *(d[1] for d in d_states), dx[1], write_dx, hgd_np, preact)
+            _launch(module, "backward", plan, plan.loop_backward, args, tuple(sums))
         d_bias, d_x_bias, *d_extras = (part[0] if count == 1 else part.sum(0) for part in sums)
         grads: list[Tensor | None] = [None] * len(weights)
         if weights and weights[0] is not None:

@@ -377,9 +377,9 @@ def _forward_kernel(lay: _Layout) -> str:
         a(f"            s{i}[b, j] = init{i}[b, j]")
     if lay.recurrence == "dense":
         a("    h_rows = s0[b_lo:b_hi]")
-        # the loop GEMM wants the summed index outermost; transposed here, once per call and thread (the loop is
-        # only used while W_hh <= 256 KiB): cheaper than a numpy call from Python, and never cached across calls
-        # (weights change in place, even behind autograd's back)
+        # the loop GEMM wants the summed index outermost; transposed here, once per call and thread (with MKL the
+        # loop is only used while W_hh <= 256 KiB, without it at any size): cheaper than a numpy call from Python,
+        # and never cached across calls (weights change in place, even behind autograd's back)
         a("    wt = np.empty((w.shape[1], w.shape[0]) if small else (0, 0), dtype=_F)")
         # rows of wt written in order, w read down its columns, in bands of 16 rows of w once w outgrows the L2
         # cache (each band's lines stay cached while its columns are read): H = 64 / 128 / 256 took 10 / 39 /
