@@ -750,6 +750,12 @@ def test_large_buffers_are_pooled_and_never_shared_while_alive() -> None:
     assert _buffers.empty((4, 4), torch.float32).shape == (4, 4)  # small: plain torch.empty
     assert len(_buffers._kept) <= _buffers.MAX_KEPT
     _buffers.clear()
+    # the threshold: an LSTM's outputs at T100 B8 H64 (200 KiB) are pooled, a batch-1 step's are not
+    outputs = _buffers.empty((100, 8, 64), torch.float32)
+    assert [b.ctypes.data for b in _buffers._kept] == [outputs.data_ptr()]
+    _buffers.empty((100, 1, 32), torch.float32)
+    assert len(_buffers._kept) == 1
+    _buffers.clear()
 
 
 def test_pool_and_weight_views_stay_bounded(monkeypatch) -> None:

@@ -389,7 +389,7 @@ class NumbaBackend(FusedBackend):
                 lengths: Tensor | None, reverse: bool, need_saved: bool, x_bias: Tensor | None = None
                 ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         # kept lean: at small shapes (T100 B1 H32) the kernel runs ~30 us, and every torch call here costs ~1 us.
-        # Buffers come from _new: 64-byte aligned where several threads write them, pooled from 1 MiB
+        # Buffers come from _new: 64-byte aligned where several threads write them, pooled from 64 KiB
         module, plan, x_np, arrays, lens = self._call(cell, x_proj, weights, lengths, x_bias)
         steps, batch, width = x_np.shape
         dtype = x_proj.dtype

@@ -5,6 +5,9 @@ allocations this large back to the kernel when they are freed (mmap, or a trimme
 page-faults all of it in again: measured at T200 B32 H128 and T100 B64 H256, 1,000-5,000 faults and up to 17 ms of
 system time per LSTM training step (torch.nn's own LSTM pays 8,000-16,000 faults, 18-45 ms, at the same shapes).
 Whether it happens depended on what the process had allocated before, so the same step took 127 or 139 ms.
+Buffers of a few hundred KiB suffer it too: an LSTM training step at T100 B8 H64 (outputs 200 KiB, saved
+tensors 400 and 800 KiB) page-faulted 90-390 times in some processes and none in others, 1.76-2.15 against
+1.57-1.67 ms a step (2026-11-26); pooled from 64 KiB, it faulted in none (1.55-1.61 ms).
 
 The pool keeps a few buffers of at least MIN_BYTES and hands out tensors viewing them. A buffer is free again
 once nothing refers to it: every tensor made from it holds a numpy view whose base is the buffer, so its Python
@@ -22,8 +25,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-MIN_BYTES = 1 << 20
-MAX_KEPT = 8  # buffers the pool holds on to; beyond that, ones no longer in use are dropped
+MIN_BYTES = 1 << 16
+# buffers the pool holds on to; beyond that, ones no longer in use are dropped. A two-layer bidirectional LSTM
+# (T100 B8 H64) holds 13 at once: with 8 kept it still page-faulted 670-1,000 times a step, with 32 180-210.
+MAX_KEPT = 32
 MAX_KEPT_BYTES = 1 << 31  # and at most this much memory: a larger request gets a buffer of its own
 
 _kept: list[np.ndarray] = []
