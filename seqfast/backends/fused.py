@@ -70,6 +70,13 @@ class FusedBackend(Backend):
         the result lives)."""
         return torch.mm(x, weight_ih.t())
 
+    def project_backward(self, grad: Tensor, x: Tensor, weight_ih: Tensor, need_x: bool, need_weight: bool
+                         ) -> tuple[Tensor | None, Tensor | None]:
+        """The gradients of project(): grad [N, G*H] @ weight_ih -> d_x [N, I], and grad^T @ x -> d_weight_ih
+        (None where not needed)."""
+        g_x = grad.mm(weight_ih) if need_x else None
+        return g_x, (grad.t().mm(x) if need_weight else None)
+
     # --- the Backend interface ----------------------------------------------------------------------------------
     def on_register(self) -> None:
         _ops_for(self)  # defined now: torch.compile cannot trace torch.library's op definition later
@@ -176,8 +183,10 @@ class _EagerLayer(torch.autograd.Function):
         g_bias_ih = gweights.pop() if bias_ih is not None else None
         flat = gx_proj.view(-1, gx_proj.shape[2])  # x_proj itself may not have been kept
         needs = ctx.needs_input_grad
-        g_x = flat.mm(weight_ih).view(x.shape) if needs[5] else None
-        g_weight_ih = flat.t().mm(x.reshape(flat.shape[0], -1)) if needs[6] else None
+        g_x, g_weight_ih = ctx.backend.project_backward(flat, x.reshape(flat.shape[0], -1), weight_ih, needs[5],
+                                                        needs[6])
+        if g_x is not None:
+            g_x = g_x.view(x.shape)
         return (None, None, None, None, None, g_x, g_weight_ih, g_bias_ih,
                 *(gstate if n_state else ()), *gweights)
 

@@ -21,6 +21,7 @@ from seqfast.registry import CellSpec, ParamSpec, Pointwise, Query, Weights
 numba = pytest.importorskip("numba")
 
 from seqfast.backends import numba as numba_backend  # noqa: E402
+from seqfast.backends.fused import FusedBackend  # noqa: E402
 from seqfast.backends.numba import _blas, _math  # noqa: E402
 
 BUILTIN = ("rnn_tanh", "rnn_relu", "lstm", "gru")
@@ -818,3 +819,29 @@ def test_module_pickles_without_its_call_caches(tmp_path) -> None:
     assert "_queries" not in loaded.__dict__
     x = torch.randn(3, 2, 4)
     torch.testing.assert_close(loaded(x)[0], model(x)[0], rtol=0, atol=0)
+
+
+def test_small_torch_gemms_run_on_one_mkl_thread(monkeypatch) -> None:
+    """_mm holds MKL to one thread (on this thread only, then restores it) below SMALL_TORCH_GEMM, and its results
+    are torch.mm's; project_backward gives the default FusedBackend gradients."""
+    calls = []
+
+    def set_local(n: int) -> int:
+        calls.append(n)
+        return 7  # the setting before
+
+    monkeypatch.setattr(numba_backend, "_local_threads", [set_local])
+    a, b = torch.randn(100, 32), torch.randn(32, 128)  # 0.41M multiply-adds: small
+    assert torch.equal(numba_backend._mm(a, b), torch.mm(a, b)) and calls == [1, 7]
+    calls.clear()
+    big = torch.randn(32, 256)  # 0.82M: left to torch's threads
+    assert torch.equal(numba_backend._mm(a, big), torch.mm(a, big)) and calls == []
+    out = torch.empty(100, 128)
+    assert numba_backend._mm(a, b, out=out) is out and torch.equal(out, torch.mm(a, b))
+    backend = seqfast.get_backend("numba")
+    grad, x, w = torch.randn(50, 64), torch.randn(50, 16), torch.randn(64, 16)
+    for need_x, need_w in ((True, True), (False, True), (True, False)):
+        got = backend.project_backward(grad, x, w, need_x, need_w)
+        want = FusedBackend.project_backward(backend, grad, x, w, need_x, need_w)
+        for g, e in zip(got, want, strict=True):
+            assert (g is None) == (e is None) and (g is None or torch.allclose(g, e, atol=1e-5))

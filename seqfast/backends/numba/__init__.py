@@ -218,6 +218,32 @@ def _launch(module, kernel: str, plan: _Plan, small: bool, args: tuple, sums: tu
               plan.ranges, blas=not small)
 
 
+# Below this many multiply-adds a torch GEMM (the input projection, its gradients, d_W_hh) runs on one MKL thread
+# (MKL_Set_Num_Threads_Local, on the calling thread only), so it never waits for torch's OpenMP worker to get a
+# core. With another process keeping one of the two cores busy, a T100 B1 H32 LSTM training step (three 0.41M-MAC
+# GEMMs) took 782 us with them on two threads and 486 us on one, inference 195 and 99 us (2026-11-26; torch.nn
+# 1136 and 541). With both cores free one thread costs ~2 us a GEMM at that size (11.1 against 9.2 us alone) and
+# 7 us at 0.82M (20.5 against 13.3), hence the low threshold: on the grid, the B1 H32 point only.
+SMALL_TORCH_GEMM = 1 << 19
+_local_threads: list = []  # [MKL_Set_Num_Threads_Local, or None], once looked up (importing _blas imports numba)
+
+
+def _mm(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
+    """torch.mm(a, b), on one MKL thread when it is small (SMALL_TORCH_GEMM)."""
+    if not _local_threads:
+        from ._blas import _set_local_threads
+
+        _local_threads.append(_set_local_threads)
+    set_local = _local_threads[0]
+    if set_local is None or a.shape[0] * a.shape[1] * b.shape[1] >= SMALL_TORCH_GEMM:
+        return torch.mm(a, b, out=out)
+    previous = set_local(1)
+    try:
+        return torch.mm(a, b, out=out)
+    finally:
+        set_local(previous)
+
+
 _linear_op: list = []
 
 
@@ -335,9 +361,13 @@ class NumbaBackend(FusedBackend):
             return linear(x, weight_ih, None, "none", [], "")
         shape = (x.shape[0], weight_ih.shape[0])
         if shape[0] * shape[1] * x.dtype.itemsize < _buffers.MIN_BYTES:
-            return torch.mm(x, weight_ih.t())
+            return _mm(x, weight_ih.t())
         # into a pooled buffer: a fresh one this large would be page-faulted in on every call
-        return torch.mm(x, weight_ih.t(), out=_buffers.empty(shape, x.dtype))
+        return _mm(x, weight_ih.t(), out=_buffers.empty(shape, x.dtype))
+
+    def project_backward(self, grad: Tensor, x: Tensor, weight_ih: Tensor, need_x: bool, need_weight: bool
+                         ) -> tuple[Tensor | None, Tensor | None]:
+        return (_mm(grad, weight_ih) if need_x else None), (_mm(grad.t(), x) if need_weight else None)
 
     def _module(self, cell: CellSpec, dtype: torch.dtype):
         module = self._kernels.get((cell, dtype))
@@ -456,7 +486,7 @@ class NumbaBackend(FusedBackend):
             flat_dhg = hgd.view(steps * batch, width)  # now d_hg
             h_prev = saved_st.select(0, 0).view(steps * batch, hidden)
             if cell.recurrence == "dense":
-                grads[0] = flat_dhg.t().mm(h_prev)
+                grads[0] = _mm(flat_dhg.t(), h_prev)
             else:  # diagonal: d w[g*H + j] = sum over steps of d_hg[., g*H + j] * h_prev[., j]
                 grads[0] = (flat_dhg.view(-1, cell.num_gates, hidden) * h_prev.unsqueeze(1)).sum(0).view(width)
         if len(weights) > 1 and weights[1] is not None:
