@@ -4,6 +4,9 @@
     python benchmarks/numba_breakdown.py native 100,8,64,64        # seqfast on `native` vs torch.nn, in turn
     python benchmarks/numba_breakdown.py threads 200,8,64,64       # a forward scan on one thread vs two
     python benchmarks/numba_breakdown.py gemm 100,64,256,256       # per-step GEMM: numba loop vs MKL
+    python benchmarks/numba_breakdown.py faults 100,8,64,64        # training steps' page faults (getrusage)
+    python benchmarks/numba_breakdown.py faults 100,8,64,64 --pool-from 1048576   # as pooled before session 6
+    python benchmarks/numba_breakdown.py busy 100,1,32,32          # one core kept busy by another process
 
 Shapes are T,B,I,H; the cell is LSTM unless --cell says otherwise. Each figure is the median of --repeats samples,
 a sample being the mean of enough calls to last 20 ms; contenders take their samples in turn.
@@ -14,7 +17,10 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import resource
 import statistics
+import subprocess
+import sys
 import time
 
 
@@ -37,10 +43,12 @@ def _medians_ms(runs: dict, repeats: int) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["parts", "native", "threads", "gemm"])
+    parser.add_argument("what", choices=["parts", "native", "threads", "gemm", "faults", "busy"])
     parser.add_argument("shape", help="T,B,I,H")
     parser.add_argument("--cell", default="lstm", choices=["lstm", "gru", "rnn_tanh"])
     parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--pool-from", type=int, default=None, metavar="BYTES",
+                        help="faults: pool buffers from this size instead of the library's (1048576: as before)")
     args = parser.parse_args()
     T, B, I, H = (int(v) for v in args.shape.split(","))
 
@@ -92,6 +100,58 @@ def main() -> None:
             runs[f"forward scan, {threads} thread(s)"] = run
         nb.MIN_WORK_PER_THREAD = 0  # let two threads split even a small batch
         times = _medians_ms(runs, args.repeats)
+    elif args.what == "faults":
+        # whether glibc hands freed buffers back (and the next step faults them in again) depends on everything the
+        # process allocated before: run it a few times
+        if args.pool_from is not None:
+            nb._buffers.MIN_BYTES = args.pool_from
+        cls = {"lstm": "LSTM", "gru": "GRU", "rnn_tanh": "RNN"}[args.cell]
+        model = getattr(seqfast, cls)(I, H, backend="numba")
+
+        def step() -> None:
+            out, _ = model(x)
+            out.sum().backward()
+
+        times = {}
+        for _ in range(20):
+            step()
+        before, t0, n = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter(), 0
+        while time.perf_counter() - t0 < 2.0:
+            step()
+            n += 1
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        times[f"training step, pool from {nb._buffers.MIN_BYTES} bytes"] = (time.perf_counter() - t0) / n * 1e3
+        print(f"minor page faults per step: {(after.ru_minflt - before.ru_minflt) / n:.1f}, system time per step: "
+              f"{(after.ru_stime - before.ru_stime) / n * 1e6:.0f} us ({n} steps)")
+    elif args.what == "busy":
+        # another process spins on one core; small torch GEMMs on two threads then wait for it (numba._mm)
+        cls = {"lstm": "LSTM", "gru": "GRU", "rnn_tanh": "RNN"}[args.cell]
+        torch.manual_seed(0)
+        ref = getattr(torch.nn, cls)(I, H)
+        model = getattr(seqfast, cls)(I, H, backend="numba")
+        model.load_state_dict(ref.state_dict())
+        small = nb.SMALL_TORCH_GEMM
+        runs = {}
+        for label, threshold in (("numba, small GEMMs on two threads", 0), ("numba (small GEMMs on one)", small)):
+            def train(threshold=threshold) -> None:
+                nb.SMALL_TORCH_GEMM = threshold
+                out, _ = model(x)
+                out.sum().backward()
+
+            def infer(threshold=threshold) -> None:
+                nb.SMALL_TORCH_GEMM = threshold
+                with torch.no_grad():
+                    model(x)
+            runs[f"training, {label}"], runs[f"inference, {label}"] = train, infer
+        runs["training, torch.nn"] = lambda: ref(x)[0].sum().backward()
+        runs["inference, torch.nn"] = lambda: torch.no_grad()(ref)(x)
+        spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        try:
+            time.sleep(0.5)
+            times = _medians_ms(runs, args.repeats)
+        finally:
+            spinner.kill()
+            nb.SMALL_TORCH_GEMM = small
     else:
         real = nb._use_loop_gemm
         runs = {}

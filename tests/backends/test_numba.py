@@ -830,7 +830,7 @@ def test_small_torch_gemms_run_on_one_mkl_thread(monkeypatch) -> None:
         calls.append(n)
         return 7  # the setting before
 
-    monkeypatch.setattr(numba_backend, "_local_threads", [set_local])
+    monkeypatch.setattr(_blas, "_set_local_threads", set_local)
     a, b = torch.randn(100, 32), torch.randn(32, 128)  # 0.41M multiply-adds: small
     assert torch.equal(numba_backend._mm(a, b), torch.mm(a, b)) and calls == [1, 7]
     calls.clear()

@@ -225,23 +225,16 @@ def _launch(module, kernel: str, plan: _Plan, small: bool, args: tuple, sums: tu
 # 1136 and 541). With both cores free one thread costs ~2 us a GEMM at that size (11.1 against 9.2 us alone) and
 # 7 us at 0.82M (20.5 against 13.3), hence the low threshold: on the grid, the B1 H32 point only.
 SMALL_TORCH_GEMM = 1 << 19
-_local_threads: list = []  # [MKL_Set_Num_Threads_Local, or None], once looked up (importing _blas imports numba)
 
 
 def _mm(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
     """torch.mm(a, b), on one MKL thread when it is small (SMALL_TORCH_GEMM)."""
-    if not _local_threads:
-        from ._blas import _set_local_threads
+    if a.shape[0] * a.shape[1] * b.shape[1] >= SMALL_TORCH_GEMM:
+        return torch.mm(a, b, out=out)
+    from ._blas import single_threaded_blas  # here, not at import: _blas imports numba
 
-        _local_threads.append(_set_local_threads)
-    set_local = _local_threads[0]
-    if set_local is None or a.shape[0] * a.shape[1] * b.shape[1] >= SMALL_TORCH_GEMM:
+    with single_threaded_blas():
         return torch.mm(a, b, out=out)
-    previous = set_local(1)
-    try:
-        return torch.mm(a, b, out=out)
-    finally:
-        set_local(previous)
 
 
 _linear_op: list = []
