@@ -4,6 +4,8 @@
     python benchmarks/numba_breakdown.py native 100,8,64,64        # seqfast on `native` vs torch.nn, in turn
     python benchmarks/numba_breakdown.py threads 200,8,64,64       # a forward scan on one thread vs two
     python benchmarks/numba_breakdown.py gemm 100,64,256,256       # per-step GEMM: numba loop vs MKL
+    python benchmarks/numba_breakdown.py kernels 100,64,256,256    # per-step GEMMs, one thread: sgemm_ vs MKL's
+                                                                   # AVX2 / AVX-512 kernels called directly
     python benchmarks/numba_breakdown.py faults 100,8,64,64        # training steps' page faults (getrusage)
     python benchmarks/numba_breakdown.py faults 100,8,64,64 --pool-from 1048576   # as pooled before session 6
     python benchmarks/numba_breakdown.py busy 100,1,32,32          # one core kept busy by another process
@@ -41,9 +43,48 @@ def _medians_ms(runs: dict, repeats: int) -> dict[str, float]:
     return {name: statistics.median(v) * 1e3 for name, v in samples.items()}
 
 
+def _kernel_gflops(T: int, B: int, G: int, H: int, nb, repeats: int) -> dict[str, float]:
+    """GFLOP/s of the scans' per-step products, h W_hh^T (T,N) and d_hg W_hh (N,N), for one row range, through
+    each MKL entry point this torch exports: sgemm_ and the AVX2 / AVX-512 kernels _blas may call directly."""
+    import ctypes
+
+    import numpy as np
+    import torch
+
+    rows = max(hi - lo for lo, hi in nb._plan("float32", T, B, G * H, H).ranges)  # with torch's threads
+    torch.set_num_threads(1)
+    lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+    rng = np.random.default_rng(0)
+    h, w = rng.standard_normal((rows, H), np.float32), rng.standard_normal((G * H, H), np.float32)
+    d_hg = rng.standard_normal((rows, G * H), np.float32)
+    def i64(v):  # integers as 8 bytes, as the kernels pass them (see _blas._fortran_gemm)
+        return ctypes.byref(ctypes.c_int64(v))
+
+    def f32(v):
+        return ctypes.byref(ctypes.c_float(v))
+
+    def ptr(a):
+        return a.ctypes.data_as(ctypes.c_void_p)
+
+    runs, flops = {}, 2 * rows * G * H * H
+    for name in ("sgemm_", "mkl_blas_avx2_xsgemm", "mkl_blas_avx512_xsgemm"):
+        fn = getattr(lib, name, None)
+        if fn is None:
+            continue
+        hg, d_h = np.empty((rows, G * H), np.float32), np.zeros((rows, H), np.float32)
+        forward = (b"T", b"N", i64(G * H), i64(rows), i64(H), f32(1.0), ptr(w), i64(H), ptr(h), i64(H), f32(0.0),
+                   ptr(hg), i64(G * H))
+        backward = (b"N", b"N", i64(H), i64(rows), i64(G * H), f32(1.0), ptr(w), i64(H), ptr(d_hg), i64(G * H),
+                    f32(1.0), ptr(d_h), i64(H))
+        runs[f"forward  h W_hh^T ({rows}x{H} by {G * H}x{H}^T), {name}"] = lambda fn=fn, a=forward: fn(*a)
+        runs[f"backward d_hg W_hh ({rows}x{G * H} by {G * H}x{H}), {name}"] = lambda fn=fn, a=backward: fn(*a)
+    return {name: flops / ms / 1e6 for name, ms in _medians_ms(runs, repeats).items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["parts", "native", "threads", "gemm", "faults", "busy"])
+    parser.add_argument("what", choices=["parts", "native", "threads", "gemm", "kernels", "faults",
+                                                    "busy"])
     parser.add_argument("shape", help="T,B,I,H")
     parser.add_argument("--cell", default="lstm", choices=["lstm", "gru", "rnn_tanh"])
     parser.add_argument("--repeats", type=int, default=9)
@@ -152,6 +193,13 @@ def main() -> None:
         finally:
             spinner.kill()
             nb.SMALL_TORCH_GEMM = small
+    elif args.what == "kernels":
+        times = _kernel_gflops(T, B, G, H, nb, args.repeats)
+        print(f"per-step GEMMs of {args.cell} B{B} H{H} on one thread, one row range of the scan's, GFLOP/s "
+              f"(median of {args.repeats})")
+        for name, gflops in times.items():
+            print(f"  {name:70s} {gflops:7.1f}")
+        return
     else:
         real = nb._use_loop_gemm
         runs = {}

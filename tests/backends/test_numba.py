@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
 import math
@@ -290,13 +291,80 @@ def test_loop_gemm_matches_mkl(monkeypatch, hidden: int) -> None:
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
-def test_forward_and_backward_choose_their_gemm_apart(monkeypatch) -> None:
-    """The backward's per-step GEMM stays a loop up to a larger W_hh than the forward's (LSTM H512: 4 MiB)."""
+def test_gemm_check_tells_a_wrong_routine() -> None:
+    """The exact-product check that admits MKL's kernels accepts sgemm_ and rejects routines that leave C alone or
+    ignore beta (both called like sgemm_, on the check's own float32 buffers)."""
+    if not _blas.SGEMM:
+        pytest.skip("this torch has no MKL")
+    signature = ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * 13)
+    assert _blas._ctypes_gemm_agrees(signature(_blas.SGEMM))
+    assert not _blas._ctypes_gemm_agrees(signature(lambda *args: None))
+    sgemm = signature(_blas.SGEMM)
+    zero = ctypes.c_float(0.0)
+
+    def beta_ignored(*args):
+        sgemm(*args[:10], ctypes.addressof(zero), *args[11:])
+
+    assert not _blas._ctypes_gemm_agrees(signature(beta_ignored))
+
+
+def test_direct_kernels_follow_cpu_and_switch(monkeypatch) -> None:
+    """MKL's kernels are called directly only where the CPU has their instructions, never on Intel (sgemm_'s own
+    dispatch picks them there), and not with SEQFAST_NUMBA_MKL_KERNELS=0."""
+    if not _blas.SGEMM:
+        pytest.skip("this torch has no MKL")
+    avx512 = {"avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl"}
+    monkeypatch.setattr(_blas, "_cpu", lambda: ("AuthenticAMD", avx512))
+    forward, backward = _blas._direct_kernels()
+    if forward == _blas.SGEMM:
+        pytest.skip("this torch's MKL exports no AVX2 kernel")
+    assert backward not in (_blas.SGEMM, forward)  # AVX-512 for the backward
+    monkeypatch.setattr(_blas, "_cpu", lambda: ("AuthenticAMD", {"avx2", "fma"}))
+    assert _blas._direct_kernels() == (forward, forward)
+    monkeypatch.setattr(_blas, "_cpu", lambda: ("AuthenticAMD", {"sse4_2"}))
+    assert _blas._direct_kernels() == (_blas.SGEMM, _blas.SGEMM)
+    monkeypatch.setattr(_blas, "_cpu", lambda: ("GenuineIntel", avx512))
+    assert _blas._direct_kernels() == (_blas.SGEMM, _blas.SGEMM)
+    monkeypatch.setattr(_blas, "_cpu", lambda: ("AuthenticAMD", avx512))
+    monkeypatch.setenv("SEQFAST_NUMBA_MKL_KERNELS", "0")
+    assert _blas._direct_kernels() == (_blas.SGEMM, _blas.SGEMM)
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+def test_float32_scans_on_mkl_match_reference(monkeypatch, reverse: bool) -> None:
+    """float32 LSTM scans whose per-step GEMMs run in MKL, forward and backward (W_hh 296 KiB, past the loop's
+    limit), on two row ranges: the kernels this CPU calls (MKL's own AVX2 / AVX-512 ones where _direct_kernels
+    chose them) and sgemm_ both match the torch reference, with lengths."""
     if not _blas.SGEMM:
         pytest.skip("this torch has no MKL: every GEMM is the loop")
+    cell = seqfast.get_cell("lstm")
+    x, state0, weights, lens = _inputs(cell, 12, 8, 136, torch.float32, seed=21, lengths=True)
+    monkeypatch.setattr(numba_backend, "_plans", {})
+    plan = numba_backend._plan("float32", 12, 8, 4 * 136, 136)
+    assert not plan.loop_forward and not plan.loop_backward
+    assert len(plan.ranges) == min(2, numba_backend.num_threads())
+    _compare(cell, x, state0, weights, lens, reverse, torch.float32)
+    monkeypatch.setattr(_blas, "SGEMM_FORWARD", _blas.SGEMM)
+    monkeypatch.setattr(_blas, "SGEMM_BACKWARD", _blas.SGEMM)
+    monkeypatch.setattr(numba_backend, "_plans", {})
+    _compare(cell, x, state0, weights, lens, reverse, torch.float32)
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct-kernels", "sgemm_"])
+def test_forward_and_backward_choose_their_gemm_apart(monkeypatch, direct: bool) -> None:
+    """Against sgemm_ the backward's per-step GEMM stays a loop up to a larger W_hh than the forward's (LSTM H512:
+    4 MiB); against MKL's AVX-512 kernel, called directly, it switches where the forward's does."""
+    if not _blas.SGEMM:
+        pytest.skip("this torch has no MKL: every GEMM is the loop")
+    if direct and _blas.SGEMM_BACKWARD == _blas.SGEMM:
+        pytest.skip("MKL's kernels are not called directly on this CPU")
+    if not direct:
+        monkeypatch.setattr(_blas, "SGEMM_FORWARD", _blas.SGEMM)
+        monkeypatch.setattr(_blas, "SGEMM_BACKWARD", _blas.SGEMM)
     monkeypatch.setattr(numba_backend, "_plans", {})
     plan = numba_backend._plan("float32", 50, 64, 4 * 512, 512)
-    assert (plan.loop_forward, plan.loop_backward) == (False, True)
+    assert (plan.loop_forward, plan.loop_backward) == (False, not direct)
+    assert (plan.forward_fn, plan.backward_fn) == (_blas.SGEMM_FORWARD, _blas.SGEMM_BACKWARD)
     plan = numba_backend._plan("float32", 50, 64, 4 * 1024, 1024)
     assert (plan.loop_forward, plan.loop_backward) == (False, False)
     plan = numba_backend._plan("float32", 50, 64, 4 * 64, 64)

@@ -90,22 +90,22 @@ def _row_ranges(batch: int, work_per_row: int) -> list[tuple[int, int]]:
     return [(bounds[i], bounds[i + 1]) for i in range(threads)]
 
 
-def _use_loop_gemm(fn: int, ranges: list[tuple[int, int]], width: int, hidden: int, itemsize: int = 4,
-                   max_weight_bytes: int | None = None) -> bool:
-    """Run the per-step GEMMs as the blocked numba loop (the kernels' `small` flag): without MKL, where MKL's call
-    overhead exceeds the work, or where W_hh is small enough for the loop to beat MKL (see _blas)."""
-    from ._blas import LOOP_GEMM_MAX_WEIGHT_BYTES, SMALL_GEMM
+def _use_loop_gemm(fn: int, ranges: list[tuple[int, int]], width: int, hidden: int, itemsize: int,
+                   max_weight_bytes: int) -> bool:
+    """Run a scan's per-step GEMMs as the blocked numba loop (the kernels' `small` flag): without MKL (fn 0), where
+    MKL's call overhead exceeds the work, or where W_hh is at most max_weight_bytes (see _blas)."""
+    from ._blas import SMALL_GEMM
 
-    limit = LOOP_GEMM_MAX_WEIGHT_BYTES if max_weight_bytes is None else max_weight_bytes
     return (fn == 0 or max(hi - lo for lo, hi in ranges) * width * hidden <= SMALL_GEMM
-            or width * hidden * itemsize <= limit)
+            or width * hidden * itemsize <= max_weight_bytes)
 
 
 class _Plan(NamedTuple):
     """Everything about a scan that follows from its shape, worked out once: a small scan's whole kernel takes
     tens of microseconds, and redoing this on each call was a measurable part of it."""
 
-    fn: int  # the BLAS GEMM's address (0: none)
+    forward_fn: int  # the BLAS GEMM's address each scan calls (0: none)
+    backward_fn: int
     ranges: list[tuple[int, int]]  # batch rows per thread
     loop_forward: bool  # the per-step GEMM as the numba loop, in the forward scan
     loop_backward: bool  # and in the backward scan
@@ -122,14 +122,17 @@ _plans: dict[tuple, _Plan] = {}
 
 def _plan(dtype_name: str, steps: int, batch: int, width: int, hidden: int, num_states: int = 1) -> _Plan:
     def make() -> _Plan:
-        from ._blas import LOOP_GEMM_BWD_MAX_WEIGHT_BYTES, gemm_address
+        from ._blas import gemm_address, loop_gemm_max_weight_bytes
 
-        fn = gemm_address(dtype_name)
+        forward_fn, backward_fn = gemm_address(dtype_name, "forward"), gemm_address(dtype_name, "backward")
         ranges = _row_ranges(batch, steps * width * hidden)
         itemsize = 4 if dtype_name == "float32" else 8
         zero = np.zeros((batch, hidden), dtype=dtype_name)
-        return _Plan(fn, ranges, _use_loop_gemm(fn, ranges, width, hidden, itemsize),
-                     _use_loop_gemm(fn, ranges, width, hidden, itemsize, LOOP_GEMM_BWD_MAX_WEIGHT_BYTES), hidden,
+        return _Plan(forward_fn, backward_fn, ranges,
+                     _use_loop_gemm(forward_fn, ranges, width, hidden, itemsize,
+                                    loop_gemm_max_weight_bytes("forward", forward_fn)),
+                     _use_loop_gemm(backward_fn, ranges, width, hidden, itemsize,
+                                    loop_gemm_max_weight_bytes("backward", backward_fn)), hidden,
                      dtype_name, np.full(batch, steps, dtype=np.int64), (zero,) * num_states,
                      np.zeros(width, dtype=dtype_name), np.array(ranges, dtype=np.int64).reshape(-1, 2))
 
@@ -207,14 +210,15 @@ def _launch(module, kernel: str, plan: _Plan, small: bool, args: tuple, sums: tu
     """Run `kernel` ("forward" or "backward") over the plan's row ranges: on torch's OpenMP team through the
     kernel's launcher (Python-free, see _team.py), else on the thread pool. sums: per-range accumulators
     [ranges, n], each range writing its own row."""
+    fn = plan.forward_fn if kernel == "forward" else plan.backward_fn
     team = _team_addresses()
     if team is not None:
         gomp, thread_num, mkl_local = team
         getattr(module, kernel + "_launch")(gomp, entry_address(module, kernel), thread_num, mkl_local,
-                                            plan.range_array, plan.fn, small, *args, *sums)
+                                            plan.range_array, fn, small, *args, *sums)
         return
     body, rows = getattr(module, kernel), {r: i for i, r in enumerate(plan.ranges)}
-    _run_rows(lambda lo, hi: body(plan.fn, small, lo, hi, *args, *(part[rows[(lo, hi)]] for part in sums)),
+    _run_rows(lambda lo, hi: body(fn, small, lo, hi, *args, *(part[rows[(lo, hi)]] for part in sums)),
               plan.ranges, blas=not small)
 
 
@@ -242,7 +246,7 @@ _linear_op: list = []
 
 def _onednn_linear():
     """torch's oneDNN fp32 linear (the op inductor's CPU fusions call), or None where this torch lacks it. oneDNN
-    has AVX-512 kernels where MKL takes its AVX2 path on this AMD CPU: an input projection of B64 H256 or H512
+    has AVX-512 kernels where MKL's sgemm_ takes a generic path on this AMD CPU: an input projection of B64 H256 or H512
     ran at 191-223 GFLOP/s against MKL's 177-183, a training step 3-4% faster (2026-11-26)."""
     if not _linear_op:
         op = None

@@ -1,4 +1,7 @@
-"""GEMM inside numba kernels: MKL's Fortran sgemm_/dgemm_ (exported by libtorch_cpu.so), else a numba loop.
+"""GEMM inside numba kernels: MKL (exported by libtorch_cpu.so), else a numba loop.
+
+MKL is its Fortran sgemm_/dgemm_ or, for float32 on a non-Intel CPU with AVX2 / AVX-512, MKL's own kernels for
+those instruction sets called directly (_direct_kernels), which sgemm_'s dispatch skips on such a CPU.
 
 All matrices are row-major numba arrays; a row-major [R, C] matrix is a column-major C x R one, so
     C[M, N] = A[M, K] @ B[N, K]^T   is Fortran   C^T(N x M) = op_T(B (K x N)) @ A^T (K x M)
@@ -39,6 +42,74 @@ def _blas_addresses() -> tuple[int, int]:
 SGEMM, DGEMM = _blas_addresses()
 
 
+def _cpu() -> tuple[str, set[str]]:
+    """(vendor_id, flags) of this CPU from /proc/cpuinfo; ("", set()) where there is none."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read(1 << 16)
+    except OSError:
+        return "", set()
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    return fields.get("vendor_id", ""), set(fields.get("flags", "").split())
+
+
+def _ctypes_gemm_agrees(fn) -> bool:
+    """fn, called like Fortran sgemm_, gives exact products (small integers) for both kinds the kernels use
+    (T,N with beta 0; N,N with beta 1), with leading dimensions past the matrix edges."""
+    m, n, k, ld = 5, 7, 9, 11
+    i64, f32 = ctypes.c_int64, ctypes.c_float  # 64-bit integers, as the kernels pass them (see _fortran_gemm)
+    a = (f32 * (ld * k))(*[float((3 * i) % 7 - 3) for i in range(ld * k)])
+    b = (f32 * (ld * n))(*[float((5 * i) % 9 - 4) for i in range(ld * n)])
+    for trans_a, beta in ((b"T", 0.0), (b"N", 1.0)):
+        c = (f32 * (ld * n))(*[1.0] * (ld * n))
+        # col-major C (m x n) = op(A) (m x k) @ B (k x n)
+        fn(ctypes.c_char_p(trans_a), ctypes.c_char_p(b"N"), ctypes.byref(i64(m)), ctypes.byref(i64(n)),
+           ctypes.byref(i64(k)), ctypes.byref(f32(1.0)), a, ctypes.byref(i64(ld)), b, ctypes.byref(i64(ld)),
+           ctypes.byref(f32(beta)), c, ctypes.byref(i64(ld)))
+        # op(A)[i, p]: A^T of a (k x m, ld) for T, else A of a (m x k, ld)
+        step_i, step_p = (ld, 1) if trans_a == b"T" else (1, ld)
+        for j in range(n):
+            for i in range(ld):
+                want = (beta + sum(a[i * step_i + p * step_p] * b[j * ld + p] for p in range(k))) if i < m else 1.0
+                if c[j * ld + i] != want:
+                    return False
+    return True
+
+
+def _direct_kernels() -> tuple[int, int]:
+    """(forward, backward) float32 GEMM addresses: MKL's own AVX2 / AVX-512 sgemm kernels, called directly.
+
+    MKL's sgemm_ sends a non-Intel CPU down a generic path. On this AMD Zen 4 the direct kernels ran the scans'
+    per-step products faster, one thread, GFLOP/s (2026-11-26, `benchmarks/numba_breakdown.py kernels T,B,I,H`,
+    LSTM at B64 H512 / B64 H256 / B32 H128, one row range of two):
+    - forward, hg = h W_hh^T (T,N): sgemm_ 83 / 87 / 80, AVX2 92 / 97 / 88, AVX-512 70 / 88 / 86;
+    - backward, d_h += d_hg W_hh (N,N): sgemm_ 79 / 91 / 81, AVX2 92 / 100 / 108, AVX-512 110 / 111 / 111.
+    Both are sequential (no threads of their own), safe to call from several threads at once, and read their
+    integers as 8 bytes (which _fortran_gemm passes to every routine). They are MKL's
+    internal entry points, so each is used only where the CPU has its instructions and it passes an exact
+    product check (_ctypes_gemm_agrees); SEQFAST_NUMBA_MKL_KERNELS=0 turns them off. An Intel CPU keeps sgemm_,
+    whose own dispatch already picks them there."""
+    if not SGEMM or os.environ.get("SEQFAST_NUMBA_MKL_KERNELS", "").strip() == "0":
+        return SGEMM, SGEMM
+    vendor, flags = _cpu()
+    if vendor == "GenuineIntel":
+        return SGEMM, SGEMM
+    import torch
+
+    lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+    found = {}
+    for isa, needs in (("avx2", {"avx2", "fma"}), ("avx512", {"avx512f", "avx512bw", "avx512dq", "avx512vl"})):
+        fn = getattr(lib, f"mkl_blas_{isa}_xsgemm", None)
+        if fn is not None and needs <= flags and _ctypes_gemm_agrees(fn):
+            found[isa] = ctypes.cast(fn, ctypes.c_void_p).value
+    forward = found.get("avx2", SGEMM)
+    return forward, found.get("avx512", forward)
+
+
+SGEMM_FORWARD, SGEMM_BACKWARD = _direct_kernels()
+
+
 def _mkl_local_threads():
     try:
         import torch
@@ -67,8 +138,11 @@ def single_threaded_blas() -> Iterator[None]:
         _set_local_threads(previous)
 
 
-def gemm_address(dtype_name: str) -> int:
-    return SGEMM if dtype_name == "float32" else DGEMM
+def gemm_address(dtype_name: str, kernel: str = "forward") -> int:
+    """The GEMM the `kernel` ("forward": c = a b^T, or "backward": c += a b) calls; 0 where there is no MKL."""
+    if dtype_name != "float32":
+        return DGEMM
+    return SGEMM_FORWARD if kernel == "forward" else SGEMM_BACKWARD
 
 
 @intrinsic
@@ -89,8 +163,8 @@ def _fortran_gemm(typingctx, fn, transa, transb, m, n, k, alpha, a, lda, b, ldb,
                 lty, val = ir.IntType(8), builder.trunc(val, ir.IntType(8))
             elif idx in (5, 10):  # alpha, beta in the matrix dtype
                 lty = context.get_value_type(ty)
-            else:  # Fortran INTEGER (LP64)
-                lty, val = ir.IntType(32), builder.trunc(val, ir.IntType(32))
+            else:  # INTEGER: 8 bytes, read whole by MKL's 64-bit-integer kernels and as its low half by sgemm_ (LP64)
+                lty, val = ir.IntType(64), context.cast(builder, val, ty, types.int64)
             slot = cgutils.alloca_once(builder, lty)
             builder.store(val, slot)
             refs.append(builder.bitcast(slot, i8p))
@@ -110,10 +184,21 @@ SMALL_GEMM = 65536
 # 34 us per step. At H = 256 (W 1 MiB) the two were even and at H = 512 MKL won, so MKL keeps those.
 LOOP_GEMM_MAX_WEIGHT_BYTES = 256 * 1024
 # The backward's d_h += d_hg W_hh (K = G*H summed, N = H wide) keeps its rows of c and b short, and there the loop
-# held on longer (2026-11-26, B64, whole backward scans): LSTM H256 (W 1 MiB) 46.6 ms either way, LSTM H512
-# (4 MiB) 84 vs 91-93 ms and, in benchmarks/numba_breakdown.py gemm, 80 vs 81; GRU H512 (3 MiB) 62-68 vs 66-69;
-# LSTM H1024 (16 MiB) 154 vs 146, MKL's.
+# held on longer against sgemm_'s generic path (2026-11-26, B64, whole backward scans): LSTM H256 (W 1 MiB)
+# 46.6 ms either way, LSTM H512 (4 MiB) 84 vs 91-93 ms and, in benchmarks/numba_breakdown.py gemm, 80 vs 81; GRU
+# H512 (3 MiB) 62-68 vs 66-69; LSTM H1024 (16 MiB) 154 vs 146, MKL's. MKL's AVX-512 kernel called directly
+# (_direct_kernels) beats the loop from where the forward's does: see loop_gemm_max_weight_bytes.
 LOOP_GEMM_BWD_MAX_WEIGHT_BYTES = 4 * 1024 * 1024
+
+
+def loop_gemm_max_weight_bytes(kernel: str, fn: int) -> int:
+    """The largest W_hh (bytes) whose per-step GEMM in `kernel` ("forward" / "backward") runs as the numba loop
+    rather than the MKL routine at `fn`. Whole LSTM training steps, B64, in turn in one process (2026-11-26):
+    with the backward on the AVX-512 kernel instead of the loop, H512 took 0.87-0.92x the time, H256 0.95-0.98x,
+    and H128 (W 256 KiB) the same."""
+    if kernel == "backward" and fn in (SGEMM, DGEMM):
+        return LOOP_GEMM_BWD_MAX_WEIGHT_BYTES
+    return LOOP_GEMM_MAX_WEIGHT_BYTES
 
 
 @njit(inline="always")
@@ -186,5 +271,6 @@ def loop_nn_acc(a, b, c):
                 c[i, j] += av * b[p, j]
 
 
-__all__ = ["SGEMM", "DGEMM", "SMALL_GEMM", "LOOP_GEMM_MAX_WEIGHT_BYTES", "LOOP_GEMM_BWD_MAX_WEIGHT_BYTES",
-           "gemm_address", "gemm_nt", "gemm_nn_acc", "loop_nn_acc", "single_threaded_blas"]
+__all__ = ["SGEMM", "DGEMM", "SGEMM_FORWARD", "SGEMM_BACKWARD", "SMALL_GEMM", "LOOP_GEMM_MAX_WEIGHT_BYTES",
+           "LOOP_GEMM_BWD_MAX_WEIGHT_BYTES", "loop_gemm_max_weight_bytes", "gemm_address", "gemm_nt", "gemm_nn_acc",
+           "loop_nn_acc", "single_threaded_blas"]
