@@ -580,7 +580,11 @@ def test_auto_takes_numba_only_where_it_measured_faster() -> None:
     assert pick("gru", batch_size=1, hidden_size=32, seq_len=100, requires_grad=True) == "numba"
     assert pick("rnn_tanh", batch_size=64, hidden_size=512, seq_len=50) == "numba"
     assert pick("gru", batch_size=64, hidden_size=512, seq_len=50, requires_grad=True) == "numba"
-    assert pick("lstm", batch_size=64, hidden_size=512, seq_len=50, requires_grad=True) == "native"
+    assert pick("lstm", batch_size=64, hidden_size=512, seq_len=50, requires_grad=True) == "numba"
+    assert pick("lstm", batch_size=128, hidden_size=256, seq_len=100, requires_grad=True) == "numba"
+    assert pick("lstm", batch_size=64, hidden_size=1024, seq_len=50, requires_grad=True) == "native"  # unmeasured
+    assert pick("lstm", batch_size=256, hidden_size=512, seq_len=50, requires_grad=True) == "native"
+    assert pick("lstm", batch_size=64, hidden_size=512, seq_len=50) == "native"
     assert pick("lstm", batch_size=8, hidden_size=64, seq_len=100, requires_grad=True) == "numba"
     assert pick("lstm", batch_size=1, hidden_size=32, seq_len=100, requires_grad=True) == "numba"
     assert pick("lstm", batch_size=32, hidden_size=128, seq_len=200, requires_grad=True) == "numba"

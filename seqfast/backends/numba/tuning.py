@@ -15,7 +15,12 @@ H128 inference: 0.44 ms in one run, 0.86 ms in another; B16 H32: 0.51 vs 1.10 ms
 figures there are soft. `auto` takes numba for LSTM only where it won every run: inference up to B8 and H64;
 training at hidden <= 64 with batch * hidden <= 128, at B8 H64, and from B32 H128 to B64 H256. A third full run
 (01:53 UTC, torch.nn in its slow level at small batch) agreed: B8 H64 1.33x / 1.15x. Native elsewhere,
-unmeasured shapes included, since torch.nn's own kernels are never slower than themselves. Session 4's seven
+unmeasured shapes included, since torch.nn's own kernels are never slower than themselves. Session 7 (MKL's
+AVX-512 kernel in the backward, see _blas._direct_kernels) moved LSTM training at B64 H512 to 1.15-1.21x in four
+full runs (and 1.06x in a fifth, which a busy host slowed throughout), so a fourth box takes numba from
+B * H = 64 * 256 to 128 * 512, for batches up to 128 and hidden sizes up to 512; by
+`numba_compare.py --cells lstm --modes train --shape ...`: B32 H512 1.06x, B128 H256 1.34x, B128 H512 1.23x
+(B16 H512, inside the third box, 0.99x). Session 4's seven
 full runs (thread team from compiled code, oneDNN input projection, saved pre-activation) kept these boxes:
 LSTM training B1 H32 1.26-1.56x, B8 H64 1.09-1.35x, B32 H128 1.24-1.40x, B64 H256 0.96-1.23x, and B64 H512
 0.96-1.12x, still native; inference B8 H64 0.99-1.37x, from B32 H128 up 0.70-0.88x.
@@ -34,7 +39,8 @@ INFERENCE_RANGES: dict[str, tuple[tuple[float, float, float, float], ...]] = {
     "gru": _ALL, "rnn_tanh": _ALL, "rnn_relu": _ALL, "lstm": ((8, 64, 0, math.inf),)}
 TRAINING_RANGES: dict[str, tuple[tuple[float, float, float, float], ...]] = {
     "gru": _ALL, "rnn_tanh": _ALL, "rnn_relu": _ALL,
-    "lstm": ((math.inf, 64, 0, 128), (8, 64, 512, 512), (math.inf, math.inf, 32 * 128, 64 * 256))}
+    "lstm": ((math.inf, 64, 0, 128), (8, 64, 512, 512), (math.inf, math.inf, 32 * 128, 64 * 256),
+             (128, 512, 64 * 256, 128 * 512))}
 
 
 def prefer_numba(query: Query) -> bool:
