@@ -353,7 +353,7 @@ def test_float32_scans_on_mkl_match_reference(monkeypatch, reverse: bool) -> Non
 @pytest.mark.parametrize("direct", [True, False], ids=["direct-kernels", "sgemm_"])
 def test_forward_and_backward_choose_their_gemm_apart(monkeypatch, direct: bool) -> None:
     """Against sgemm_ the backward's per-step GEMM stays a loop up to a larger W_hh than the forward's (LSTM H512:
-    4 MiB); against MKL's AVX-512 kernel, called directly, it switches where the forward's does."""
+    4 MiB); against MKL's AVX-512 kernel, called directly, it runs in MKL from two rows a range up."""
     if not _blas.SGEMM:
         pytest.skip("this torch has no MKL: every GEMM is the loop")
     if direct and _blas.SGEMM_BACKWARD == _blas.SGEMM:
@@ -362,13 +362,16 @@ def test_forward_and_backward_choose_their_gemm_apart(monkeypatch, direct: bool)
         monkeypatch.setattr(_blas, "SGEMM_FORWARD", _blas.SGEMM)
         monkeypatch.setattr(_blas, "SGEMM_BACKWARD", _blas.SGEMM)
     monkeypatch.setattr(numba_backend, "_plans", {})
-    plan = numba_backend._plan("float32", 50, 64, 4 * 512, 512)
-    assert (plan.loop_forward, plan.loop_backward) == (False, not direct)
-    assert (plan.forward_fn, plan.backward_fn) == (_blas.SGEMM_FORWARD, _blas.SGEMM_BACKWARD)
-    plan = numba_backend._plan("float32", 50, 64, 4 * 1024, 1024)
-    assert (plan.loop_forward, plan.loop_backward) == (False, False)
-    plan = numba_backend._plan("float32", 50, 64, 4 * 64, 64)
-    assert (plan.loop_forward, plan.loop_backward) == (True, True)
+
+    def loops(batch: int, hidden: int) -> tuple[bool, bool]:
+        plan = numba_backend._plan("float32", 50, batch, 4 * hidden, hidden)
+        assert (plan.forward_fn, plan.backward_fn) == (_blas.SGEMM_FORWARD, _blas.SGEMM_BACKWARD)
+        return plan.loop_forward, plan.loop_backward
+
+    assert loops(64, 512) == (False, not direct)
+    assert loops(64, 1024) == (False, False)
+    assert loops(64, 64) == (True, not direct)
+    assert loops(1, 128) == (True, True)  # one row: a matrix-vector product, where the loop wins
 
 
 @numba.njit

@@ -90,14 +90,12 @@ def _row_ranges(batch: int, work_per_row: int) -> list[tuple[int, int]]:
     return [(bounds[i], bounds[i + 1]) for i in range(threads)]
 
 
-def _use_loop_gemm(fn: int, ranges: list[tuple[int, int]], width: int, hidden: int, itemsize: int,
-                   max_weight_bytes: int) -> bool:
-    """Run a scan's per-step GEMMs as the blocked numba loop (the kernels' `small` flag): without MKL (fn 0), where
-    MKL's call overhead exceeds the work, or where W_hh is at most max_weight_bytes (see _blas)."""
-    from ._blas import SMALL_GEMM
+def _use_loop_gemm(kernel: str, fn: int, ranges: list[tuple[int, int]], width: int, hidden: int,
+                   itemsize: int) -> bool:
+    """Run a scan's per-step GEMMs as the blocked numba loop (the kernels' `small` flag): see _blas.loop_gemm."""
+    from ._blas import loop_gemm
 
-    return (fn == 0 or max(hi - lo for lo, hi in ranges) * width * hidden <= SMALL_GEMM
-            or width * hidden * itemsize <= max_weight_bytes)
+    return loop_gemm(kernel, fn, max(hi - lo for lo, hi in ranges), width, hidden, itemsize)
 
 
 class _Plan(NamedTuple):
@@ -122,17 +120,15 @@ _plans: dict[tuple, _Plan] = {}
 
 def _plan(dtype_name: str, steps: int, batch: int, width: int, hidden: int, num_states: int = 1) -> _Plan:
     def make() -> _Plan:
-        from ._blas import gemm_address, loop_gemm_max_weight_bytes
+        from ._blas import gemm_address
 
         forward_fn, backward_fn = gemm_address(dtype_name, "forward"), gemm_address(dtype_name, "backward")
         ranges = _row_ranges(batch, steps * width * hidden)
         itemsize = 4 if dtype_name == "float32" else 8
         zero = np.zeros((batch, hidden), dtype=dtype_name)
         return _Plan(forward_fn, backward_fn, ranges,
-                     _use_loop_gemm(forward_fn, ranges, width, hidden, itemsize,
-                                    loop_gemm_max_weight_bytes("forward", forward_fn)),
-                     _use_loop_gemm(backward_fn, ranges, width, hidden, itemsize,
-                                    loop_gemm_max_weight_bytes("backward", backward_fn)), hidden,
+                     _use_loop_gemm("forward", forward_fn, ranges, width, hidden, itemsize),
+                     _use_loop_gemm("backward", backward_fn, ranges, width, hidden, itemsize), hidden,
                      dtype_name, np.full(batch, steps, dtype=np.int64), (zero,) * num_states,
                      np.zeros(width, dtype=dtype_name), np.array(ranges, dtype=np.int64).reshape(-1, 2))
 

@@ -191,14 +191,21 @@ LOOP_GEMM_MAX_WEIGHT_BYTES = 256 * 1024
 LOOP_GEMM_BWD_MAX_WEIGHT_BYTES = 4 * 1024 * 1024
 
 
-def loop_gemm_max_weight_bytes(kernel: str, fn: int) -> int:
-    """The largest W_hh (bytes) whose per-step GEMM in `kernel` ("forward" / "backward") runs as the numba loop
-    rather than the MKL routine at `fn`. Whole LSTM training steps, B64, in turn in one process (2026-11-26):
-    with the backward on the AVX-512 kernel instead of the loop, H512 took 0.87-0.92x the time, H256 0.95-0.98x,
-    and H128 (W 256 KiB) the same."""
-    if kernel == "backward" and fn in (SGEMM, DGEMM):
-        return LOOP_GEMM_BWD_MAX_WEIGHT_BYTES
-    return LOOP_GEMM_MAX_WEIGHT_BYTES
+def loop_gemm(kernel: str, fn: int, rows: int, width: int, hidden: int, itemsize: int) -> bool:
+    """Whether `kernel`'s ("forward" / "backward") per-step GEMM, over `rows` rows of a width x hidden W_hh, runs
+    as the numba loop rather than the MKL routine at `fn` (0: there is none)."""
+    if fn == 0:
+        return True
+    if kernel == "backward" and fn not in (SGEMM, DGEMM):
+        # MKL's own kernel, called directly, beats the loop from two rows up; on one row (a matrix-vector product)
+        # its call costs more than the loop saves (B1 H64 / H128 backward scans: 0.31 / 0.70 against 0.28 / 0.62
+        # ms). Whole training steps against the old rule (loop up to SMALL_GEMM or a 256 KiB W_hh), in turn in
+        # one process, 2026-11-26: LSTM B4 H32 0.94x the time, B8 H64 0.96x, B32 H128 0.98x, B8 H128 0.96x;
+        # GRU B8 H64 / B32 H128 0.97x / 0.96x, RNN 0.98x / 0.99x; and against a 4 MiB limit, LSTM B64 H512
+        # 0.87-0.92x, H256 0.95-0.98x
+        return rows == 1
+    limit = LOOP_GEMM_BWD_MAX_WEIGHT_BYTES if kernel == "backward" else LOOP_GEMM_MAX_WEIGHT_BYTES
+    return rows * width * hidden <= SMALL_GEMM or width * hidden * itemsize <= limit
 
 
 @njit(inline="always")
@@ -272,5 +279,5 @@ def loop_nn_acc(a, b, c):
 
 
 __all__ = ["SGEMM", "DGEMM", "SGEMM_FORWARD", "SGEMM_BACKWARD", "SMALL_GEMM", "LOOP_GEMM_MAX_WEIGHT_BYTES",
-           "LOOP_GEMM_BWD_MAX_WEIGHT_BYTES", "loop_gemm_max_weight_bytes", "gemm_address", "gemm_nt", "gemm_nn_acc",
+           "LOOP_GEMM_BWD_MAX_WEIGHT_BYTES", "loop_gemm", "gemm_address", "gemm_nt", "gemm_nn_acc",
            "loop_nn_acc", "single_threaded_blas"]
