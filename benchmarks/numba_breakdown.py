@@ -44,7 +44,8 @@ def _medians_ms(runs: dict, repeats: int) -> dict[str, float]:
 
 
 def _kernel_gflops(T: int, B: int, G: int, H: int, nb, repeats: int) -> dict[str, float]:
-    """GFLOP/s of the scans' per-step products, h W_hh^T (T,N) and d_hg W_hh (N,N), for one row range, through
+    """GFLOP/s of the scans' per-step products for one row range: h W_hh^T as N,N over a transposed W_hh (what
+    the forward kernel calls) and as T,N over W_hh (what it called before 2026-11-26), and d_hg W_hh (N,N), through
     each MKL entry point this torch exports: sgemm_ and the AVX2 / AVX-512 kernels _blas may call directly."""
     import ctypes
 
@@ -56,6 +57,7 @@ def _kernel_gflops(T: int, B: int, G: int, H: int, nb, repeats: int) -> dict[str
     lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
     rng = np.random.default_rng(0)
     h, w = rng.standard_normal((rows, H), np.float32), rng.standard_normal((G * H, H), np.float32)
+    wt = np.ascontiguousarray(w.T)
     d_hg = rng.standard_normal((rows, G * H), np.float32)
     def i64(v):  # integers as 8 bytes, as the kernels pass them (see _blas._fortran_gemm)
         return ctypes.byref(ctypes.c_int64(v))
@@ -76,7 +78,10 @@ def _kernel_gflops(T: int, B: int, G: int, H: int, nb, repeats: int) -> dict[str
                    ptr(hg), i64(G * H))
         backward = (b"N", b"N", i64(H), i64(rows), i64(G * H), f32(1.0), ptr(w), i64(H), ptr(d_hg), i64(G * H),
                     f32(1.0), ptr(d_h), i64(H))
-        runs[f"forward  h W_hh^T ({rows}x{H} by {G * H}x{H}^T), {name}"] = lambda fn=fn, a=forward: fn(*a)
+        forward_nn = (b"N", b"N", i64(G * H), i64(rows), i64(H), f32(1.0), ptr(wt), i64(G * H), ptr(h), i64(H),
+                      f32(0.0), ptr(hg), i64(G * H))
+        runs[f"forward  h W_hh^T as N,N ({rows}x{H} by {H}x{G * H}), {name}"] = lambda fn=fn, a=forward_nn: fn(*a)
+        runs[f"forward  h W_hh^T as T,N ({rows}x{H} by {G * H}x{H}^T), {name}"] = lambda fn=fn, a=forward: fn(*a)
         runs[f"backward d_hg W_hh ({rows}x{G * H} by {G * H}x{H}), {name}"] = lambda fn=fn, a=backward: fn(*a)
     return {name: flops / ms / 1e6 for name, ms in _medians_ms(runs, repeats).items()}
 
@@ -198,7 +203,7 @@ def main() -> None:
         print(f"per-step GEMMs of {args.cell} B{B} H{H} on one thread, one row range of the scan's, GFLOP/s "
               f"(median of {args.repeats})")
         for name, gflops in times.items():
-            print(f"  {name:70s} {gflops:7.1f}")
+            print(f"  {name:72s} {gflops:7.1f}")
         return
     else:
         real = nb._use_loop_gemm

@@ -309,68 +309,71 @@ def test_gemm_check_tells_a_wrong_routine() -> None:
 
 
 def test_direct_kernels_follow_cpu_and_switch(monkeypatch) -> None:
-    """MKL's kernels are called directly only where the CPU has their instructions, never on Intel (sgemm_'s own
-    dispatch picks them there), and not with SEQFAST_NUMBA_MKL_KERNELS=0."""
+    """MKL's AVX-512 and AVX2 kernels are called directly only where the CPU has their instructions, never on
+    Intel (sgemm_'s own dispatch picks them there), and not with SEQFAST_NUMBA_MKL_KERNELS=0."""
     if not _blas.SGEMM:
         pytest.skip("this torch has no MKL")
     avx512 = {"avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl"}
     monkeypatch.setattr(_blas, "_cpu", lambda: ("AuthenticAMD", avx512))
-    forward, backward = _blas._direct_kernels()
-    if forward == _blas.SGEMM:
-        pytest.skip("this torch's MKL exports no AVX2 kernel")
-    assert backward not in (_blas.SGEMM, forward)  # AVX-512 for the backward
+    found = _blas._direct_kernels()
+    if set(found) != {"avx512", "avx2"}:
+        pytest.skip("this torch's MKL exports no AVX2 / AVX-512 kernel")
+    assert found["avx512"] != found["avx2"] and _blas.SGEMM not in found.values()
     monkeypatch.setattr(_blas, "_cpu", lambda: ("AuthenticAMD", {"avx2", "fma"}))
-    assert _blas._direct_kernels() == (forward, forward)
+    assert _blas._direct_kernels() == {"avx2": found["avx2"]}
     monkeypatch.setattr(_blas, "_cpu", lambda: ("AuthenticAMD", {"sse4_2"}))
-    assert _blas._direct_kernels() == (_blas.SGEMM, _blas.SGEMM)
+    assert _blas._direct_kernels() == {}
     monkeypatch.setattr(_blas, "_cpu", lambda: ("GenuineIntel", avx512))
-    assert _blas._direct_kernels() == (_blas.SGEMM, _blas.SGEMM)
+    assert _blas._direct_kernels() == {}
     monkeypatch.setattr(_blas, "_cpu", lambda: ("AuthenticAMD", avx512))
     monkeypatch.setenv("SEQFAST_NUMBA_MKL_KERNELS", "0")
-    assert _blas._direct_kernels() == (_blas.SGEMM, _blas.SGEMM)
+    assert _blas._direct_kernels() == {}
+
+
+def _blas_kernels() -> list[int]:
+    """The float32 GEMMs a scan may call here: sgemm_ and MKL's kernels that _direct_kernels admitted."""
+    return [_blas.SGEMM, *_blas._DIRECT.values()]
 
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
 def test_float32_scans_on_mkl_match_reference(monkeypatch, reverse: bool) -> None:
-    """float32 LSTM scans whose per-step GEMMs run in MKL, forward and backward (W_hh 296 KiB, past the loop's
-    limit), on two row ranges: the kernels this CPU calls (MKL's own AVX2 / AVX-512 ones where _direct_kernels
-    chose them) and sgemm_ both match the torch reference, with lengths."""
+    """float32 LSTM scans whose per-step GEMMs run in MKL on two row ranges match the torch reference, with
+    lengths, through each GEMM they may call: MKL's AVX-512 kernel (N,N forward and backward), its AVX2 kernel
+    and sgemm_ (T,N forward: W_hh 296 KiB, past the loop's limit against them)."""
     if not _blas.SGEMM:
         pytest.skip("this torch has no MKL: every GEMM is the loop")
     cell = seqfast.get_cell("lstm")
     x, state0, weights, lens = _inputs(cell, 12, 8, 136, torch.float32, seed=21, lengths=True)
-    monkeypatch.setattr(numba_backend, "_plans", {})
-    plan = numba_backend._plan("float32", 12, 8, 4 * 136, 136)
-    assert not plan.loop_forward and not plan.loop_backward
-    assert len(plan.ranges) == min(2, numba_backend.num_threads())
-    _compare(cell, x, state0, weights, lens, reverse, torch.float32)
-    monkeypatch.setattr(_blas, "SGEMM_FORWARD", _blas.SGEMM)
-    monkeypatch.setattr(_blas, "SGEMM_BACKWARD", _blas.SGEMM)
-    monkeypatch.setattr(numba_backend, "_plans", {})
-    _compare(cell, x, state0, weights, lens, reverse, torch.float32)
+    for kernel in _blas_kernels():
+        monkeypatch.setattr(_blas, "SGEMM_KERNEL", kernel)
+        monkeypatch.setattr(numba_backend, "_plans", {})
+        plan = numba_backend._plan("float32", 12, 8, 4 * 136, 136)
+        nn = kernel == _blas._DIRECT.get("avx512")
+        assert (plan.fn, plan.forward_nn, plan.loop_forward, plan.loop_backward) == (kernel, nn, False, not nn)
+        assert len(plan.ranges) == min(2, numba_backend.num_threads())
+        _compare(cell, x, state0, weights, lens, reverse, torch.float32)
 
 
-@pytest.mark.parametrize("direct", [True, False], ids=["direct-kernels", "sgemm_"])
-def test_forward_and_backward_choose_their_gemm_apart(monkeypatch, direct: bool) -> None:
-    """Against sgemm_ the backward's per-step GEMM stays a loop up to a larger W_hh than the forward's (LSTM H512:
-    4 MiB); against MKL's AVX-512 kernel, called directly, it runs in MKL from two rows a range up."""
+@pytest.mark.parametrize("direct", [True, False], ids=["avx512-kernel", "sgemm_"])
+def test_loop_gemm_choices(monkeypatch, direct: bool) -> None:
+    """Against sgemm_ the per-step GEMMs run as the loop up to a 256 KiB W_hh in the forward and 4 MiB in the
+    backward (LSTM H512); against MKL's AVX-512 kernel, called directly, both run in MKL from two rows a range
+    up."""
     if not _blas.SGEMM:
         pytest.skip("this torch has no MKL: every GEMM is the loop")
-    if direct and _blas.SGEMM_BACKWARD == _blas.SGEMM:
-        pytest.skip("MKL's kernels are not called directly on this CPU")
-    if not direct:
-        monkeypatch.setattr(_blas, "SGEMM_FORWARD", _blas.SGEMM)
-        monkeypatch.setattr(_blas, "SGEMM_BACKWARD", _blas.SGEMM)
+    if direct and "avx512" not in _blas._DIRECT:
+        pytest.skip("MKL's AVX-512 kernel is not called directly on this CPU")
+    monkeypatch.setattr(_blas, "SGEMM_KERNEL", _blas._DIRECT["avx512"] if direct else _blas.SGEMM)
     monkeypatch.setattr(numba_backend, "_plans", {})
 
     def loops(batch: int, hidden: int) -> tuple[bool, bool]:
         plan = numba_backend._plan("float32", 50, batch, 4 * hidden, hidden)
-        assert (plan.forward_fn, plan.backward_fn) == (_blas.SGEMM_FORWARD, _blas.SGEMM_BACKWARD)
+        assert (plan.fn, plan.forward_nn) == (_blas.SGEMM_KERNEL, direct)
         return plan.loop_forward, plan.loop_backward
 
     assert loops(64, 512) == (False, not direct)
     assert loops(64, 1024) == (False, False)
-    assert loops(64, 64) == (True, not direct)
+    assert loops(64, 64) == (not direct, not direct)
     assert loops(1, 128) == (True, True)  # one row: a matrix-vector product, where the loop wins
 
 

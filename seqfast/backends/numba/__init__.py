@@ -102,11 +102,11 @@ class _Plan(NamedTuple):
     """Everything about a scan that follows from its shape, worked out once: a small scan's whole kernel takes
     tens of microseconds, and redoing this on each call was a measurable part of it."""
 
-    forward_fn: int  # the BLAS GEMM's address each scan calls (0: none)
-    backward_fn: int
+    fn: int  # the BLAS GEMM's address (0: none)
     ranges: list[tuple[int, int]]  # batch rows per thread
     loop_forward: bool  # the per-step GEMM as the numba loop, in the forward scan
     loop_backward: bool  # and in the backward scan
+    forward_nn: bool  # the forward's MKL call takes W_hh transposed (N,N), see _blas.forward_as_nn
     hidden: int
     dtype_name: str
     full_lengths: np.ndarray  # lengths of a batch without them (read-only)
@@ -120,15 +120,14 @@ _plans: dict[tuple, _Plan] = {}
 
 def _plan(dtype_name: str, steps: int, batch: int, width: int, hidden: int, num_states: int = 1) -> _Plan:
     def make() -> _Plan:
-        from ._blas import gemm_address
+        from ._blas import forward_as_nn, gemm_address
 
-        forward_fn, backward_fn = gemm_address(dtype_name, "forward"), gemm_address(dtype_name, "backward")
+        fn = gemm_address(dtype_name)
         ranges = _row_ranges(batch, steps * width * hidden)
         itemsize = 4 if dtype_name == "float32" else 8
         zero = np.zeros((batch, hidden), dtype=dtype_name)
-        return _Plan(forward_fn, backward_fn, ranges,
-                     _use_loop_gemm("forward", forward_fn, ranges, width, hidden, itemsize),
-                     _use_loop_gemm("backward", backward_fn, ranges, width, hidden, itemsize), hidden,
+        return _Plan(fn, ranges, _use_loop_gemm("forward", fn, ranges, width, hidden, itemsize),
+                     _use_loop_gemm("backward", fn, ranges, width, hidden, itemsize), forward_as_nn(fn), hidden,
                      dtype_name, np.full(batch, steps, dtype=np.int64), (zero,) * num_states,
                      np.zeros(width, dtype=dtype_name), np.array(ranges, dtype=np.int64).reshape(-1, 2))
 
@@ -206,15 +205,14 @@ def _launch(module, kernel: str, plan: _Plan, small: bool, args: tuple, sums: tu
     """Run `kernel` ("forward" or "backward") over the plan's row ranges: on torch's OpenMP team through the
     kernel's launcher (Python-free, see _team.py), else on the thread pool. sums: per-range accumulators
     [ranges, n], each range writing its own row."""
-    fn = plan.forward_fn if kernel == "forward" else plan.backward_fn
     team = _team_addresses()
     if team is not None:
         gomp, thread_num, mkl_local = team
         getattr(module, kernel + "_launch")(gomp, entry_address(module, kernel), thread_num, mkl_local,
-                                            plan.range_array, fn, small, *args, *sums)
+                                            plan.range_array, plan.fn, small, *args, *sums)
         return
     body, rows = getattr(module, kernel), {r: i for i, r in enumerate(plan.ranges)}
-    _run_rows(lambda lo, hi: body(fn, small, lo, hi, *args, *(part[rows[(lo, hi)]] for part in sums)),
+    _run_rows(lambda lo, hi: body(plan.fn, small, lo, hi, *args, *(part[rows[(lo, hi)]] for part in sums)),
               plan.ranges, blas=not small)
 
 
@@ -429,7 +427,7 @@ class NumbaBackend(FusedBackend):
             hg = saved[1][1] if len(saved) > 1 else _new((1, batch, width), dtype, shared)[1]
             args = (x_np, *arrays, *init, *(s[1] for s in states), lens, bool(reverse), out[1], hg,
                     saved[0][1] if saved else _NO_SAVED[plan.dtype_name], bool(need_saved),
-                    bool(need_saved) and preactivation_only(cell))
+                    bool(need_saved) and preactivation_only(cell), plan.forward_nn)
             _launch(module, "forward", plan, plan.loop_forward, args)
         return out[0], [s[0] for s in states], [s[0] for s in saved]
 

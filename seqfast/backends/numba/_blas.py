@@ -77,37 +77,48 @@ def _ctypes_gemm_agrees(fn) -> bool:
     return True
 
 
-def _direct_kernels() -> tuple[int, int]:
-    """(forward, backward) float32 GEMM addresses: MKL's own AVX2 / AVX-512 sgemm kernels, called directly.
+def _direct_kernels() -> dict[str, int]:
+    """{"avx512": address, "avx2": address}: MKL's own sgemm kernels for those instruction sets that the kernels may
+    call directly, where sgemm_ would take a generic path (empty where none may).
 
     MKL's sgemm_ sends a non-Intel CPU down a generic path. On this AMD Zen 4 the direct kernels ran the scans'
     per-step products faster, one thread, GFLOP/s (2026-11-26, `benchmarks/numba_breakdown.py kernels T,B,I,H`,
     LSTM at B64 H512 / B64 H256 / B32 H128, one row range of two):
-    - forward, hg = h W_hh^T (T,N): sgemm_ 83 / 87 / 80, AVX2 92 / 97 / 88, AVX-512 70 / 88 / 86;
-    - backward, d_h += d_hg W_hh (N,N): sgemm_ 79 / 91 / 81, AVX2 92 / 100 / 108, AVX-512 110 / 111 / 111.
-    Both are sequential (no threads of their own), safe to call from several threads at once, and read their
-    integers as 8 bytes (which _fortran_gemm passes to every routine). They are MKL's
-    internal entry points, so each is used only where the CPU has its instructions and it passes an exact
-    product check (_ctypes_gemm_agrees); SEQFAST_NUMBA_MKL_KERNELS=0 turns them off. An Intel CPU keeps sgemm_,
-    whose own dispatch already picks them there."""
+    - forward, hg = h @ W_hh^T as T,N over W_hh: sgemm_ 81-84 / 78-87 / 80-84, AVX2 87-93 / 86-97 / 87-96,
+      AVX-512 69-71 / 83-88 / 86-94; as N,N over a transposed W_hh: AVX-512 90-97 / 99-100 / 105-111, sgemm_ 63 /
+      70 / 63, AVX2 32-85;
+    - backward, d_h += d_hg @ W_hh (N,N): sgemm_ 79-84 / 86-91 / 81-82, AVX2 68-92 / 100-104 / 108, AVX-512
+      110-111 / 111 / 111.
+    So the forward runs N,N on the AVX-512 kernel (forward_as_nn) and T,N on the others. Both kernels are
+    sequential (no threads of their own), safe to call from several threads at once, and read their integers as
+    8 bytes (which _fortran_gemm passes to every routine). They are MKL's internal entry points, so one is used
+    only where the CPU has its instructions and it passes an exact product check (_ctypes_gemm_agrees);
+    SEQFAST_NUMBA_MKL_KERNELS=0 turns them off. An Intel CPU keeps sgemm_, whose own dispatch already picks them
+    there."""
     if not SGEMM or os.environ.get("SEQFAST_NUMBA_MKL_KERNELS", "").strip() == "0":
-        return SGEMM, SGEMM
+        return {}
     vendor, flags = _cpu()
     if vendor == "GenuineIntel":
-        return SGEMM, SGEMM
+        return {}
     import torch
 
     lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
     found = {}
-    for isa, needs in (("avx2", {"avx2", "fma"}), ("avx512", {"avx512f", "avx512bw", "avx512dq", "avx512vl"})):
+    for isa, needs in (("avx512", {"avx512f", "avx512bw", "avx512dq", "avx512vl"}), ("avx2", {"avx2", "fma"})):
         fn = getattr(lib, f"mkl_blas_{isa}_xsgemm", None)
         if fn is not None and needs <= flags and _ctypes_gemm_agrees(fn):
             found[isa] = ctypes.cast(fn, ctypes.c_void_p).value
-    forward = found.get("avx2", SGEMM)
-    return forward, found.get("avx512", forward)
+    return found
 
 
-SGEMM_FORWARD, SGEMM_BACKWARD = _direct_kernels()
+_DIRECT = _direct_kernels()
+SGEMM_KERNEL = _DIRECT.get("avx512") or _DIRECT.get("avx2") or SGEMM  # what float32 scans call
+
+
+def forward_as_nn(fn: int) -> bool:
+    """Whether the forward forms h @ W_hh^T as an N,N product over a transposed W_hh with the GEMM at fn (MKL's
+    AVX-512 kernel), rather than T,N over W_hh itself (see _direct_kernels)."""
+    return fn != 0 and fn == _DIRECT.get("avx512")
 
 
 def _mkl_local_threads():
@@ -138,11 +149,9 @@ def single_threaded_blas() -> Iterator[None]:
         _set_local_threads(previous)
 
 
-def gemm_address(dtype_name: str, kernel: str = "forward") -> int:
-    """The GEMM the `kernel` ("forward": c = a b^T, or "backward": c += a b) calls; 0 where there is no MKL."""
-    if dtype_name != "float32":
-        return DGEMM
-    return SGEMM_FORWARD if kernel == "forward" else SGEMM_BACKWARD
+def gemm_address(dtype_name: str) -> int:
+    """The GEMM the kernels call for this dtype; 0 where there is no MKL."""
+    return SGEMM_KERNEL if dtype_name == "float32" else DGEMM
 
 
 @intrinsic
@@ -176,9 +185,9 @@ def _fortran_gemm(typingctx, fn, transa, transb, m, n, k, alpha, a, lda, b, ldb,
 
 _N, _T = ord("N"), ord("T")
 
-# When a per-step GEMM runs as the numba loop below instead of MKL (measured in the forward kernel, one thread,
-# 2026-11-25): always up to this many multiply-adds, where MKL's fixed cost dominates (B1 H32 LSTM: 0.27-0.32 vs
-# 0.64-0.70 us per step; B4 H64: 2.2 vs 3.4 us) ...
+# Against sgemm_ (or dgemm_; see loop_gemm for MKL's own kernels), a per-step GEMM runs as the numba loop below
+# instead (measured in the forward kernel, one thread, 2026-11-25): always up to this many multiply-adds, where
+# MKL's fixed cost dominates (B1 H32 LSTM: 0.27-0.32 vs 0.64-0.70 us per step; B4 H64: 2.2 vs 3.4 us) ...
 SMALL_GEMM = 65536
 # ... and at any size while W_hh stays in this core's 1 MiB L2 with room to spare: B16 H128 LSTM, W 256 KiB, 29 vs
 # 34 us per step. At H = 256 (W 1 MiB) the two were even and at H = 512 MKL won, so MKL keeps those.
@@ -186,8 +195,7 @@ LOOP_GEMM_MAX_WEIGHT_BYTES = 256 * 1024
 # The backward's d_h += d_hg W_hh (K = G*H summed, N = H wide) keeps its rows of c and b short, and there the loop
 # held on longer against sgemm_'s generic path (2026-11-26, B64, whole backward scans): LSTM H256 (W 1 MiB)
 # 46.6 ms either way, LSTM H512 (4 MiB) 84 vs 91-93 ms and, in benchmarks/numba_breakdown.py gemm, 80 vs 81; GRU
-# H512 (3 MiB) 62-68 vs 66-69; LSTM H1024 (16 MiB) 154 vs 146, MKL's. MKL's AVX-512 kernel called directly
-# (_direct_kernels) beats the loop from where the forward's does: see loop_gemm_max_weight_bytes.
+# H512 (3 MiB) 62-68 vs 66-69; LSTM H1024 (16 MiB) 154 vs 146, MKL's.
 LOOP_GEMM_BWD_MAX_WEIGHT_BYTES = 4 * 1024 * 1024
 
 
@@ -196,14 +204,19 @@ def loop_gemm(kernel: str, fn: int, rows: int, width: int, hidden: int, itemsize
     as the numba loop rather than the MKL routine at `fn` (0: there is none)."""
     if fn == 0:
         return True
-    if kernel == "backward" and fn not in (SGEMM, DGEMM):
-        # MKL's own kernel, called directly, beats the loop from two rows up; on one row (a matrix-vector product)
+    if forward_as_nn(fn):
+        # MKL's AVX-512 kernel, called directly, beats the loop from two rows up; on one row (a matrix-vector product)
         # its call costs more than the loop saves (B1 H64 / H128 backward scans: 0.31 / 0.70 against 0.28 / 0.62
-        # ms). Whole training steps against the old rule (loop up to SMALL_GEMM or a 256 KiB W_hh), in turn in
-        # one process, 2026-11-26: LSTM B4 H32 0.94x the time, B8 H64 0.96x, B32 H128 0.98x, B8 H128 0.96x;
-        # GRU B8 H64 / B32 H128 0.97x / 0.96x, RNN 0.98x / 0.99x; and against a 4 MiB limit, LSTM B64 H512
-        # 0.87-0.92x, H256 0.95-0.98x
+        # ms). Whole training steps against the rules below, in turn in one process, 2026-11-26 (the backward
+        # first, then the forward too):
+        # - backward: LSTM B4 H32 0.94x the time, B8 H64 0.96x, B32 H128 0.98x, B8 H128 0.96x; GRU B8 H64 /
+        #   B32 H128 0.97x / 0.96x, RNN 0.98x / 0.99x; against its 4 MiB limit, LSTM B64 H512 0.87-0.92x,
+        #   H256 0.95-0.98x;
+        # - forward: LSTM B32 H128 inference 0.86x, training 0.99x; B16 H128 0.95x both; B8 H64 0.96x /
+        #   0.98x; GRU B32 H128 0.93x / 0.97x.
         return rows == 1
+    # sgemm_ and dgemm_, measured with the forward's product as T,N over W_hh (the AVX2 kernel, unmeasured against
+    # the loop, keeps their rules)
     limit = LOOP_GEMM_BWD_MAX_WEIGHT_BYTES if kernel == "backward" else LOOP_GEMM_MAX_WEIGHT_BYTES
     return rows * width * hidden <= SMALL_GEMM or width * hidden * itemsize <= limit
 
@@ -214,6 +227,14 @@ def gemm_nt(fn, a, b, c, one, zero):
     m, k = a.shape
     n = b.shape[0]
     _fortran_gemm(fn, _T, _N, n, m, k, one, b.ctypes.data, k, a.ctypes.data, k, zero, c.ctypes.data, n)
+
+
+@njit(inline="always")
+def gemm_nn(fn, a, b, c, one, zero):
+    """MKL: c[M, N] = a[M, K] @ b[K, N]. a, b, c C-contiguous 2-D; one/zero: 1 and 0 in the matrix dtype."""
+    m, k = a.shape
+    n = b.shape[1]
+    _fortran_gemm(fn, _N, _N, n, m, k, one, b.ctypes.data, n, a.ctypes.data, k, zero, c.ctypes.data, n)
 
 
 @njit(inline="always")
@@ -278,6 +299,6 @@ def loop_nn_acc(a, b, c):
                 c[i, j] += av * b[p, j]
 
 
-__all__ = ["SGEMM", "DGEMM", "SGEMM_FORWARD", "SGEMM_BACKWARD", "SMALL_GEMM", "LOOP_GEMM_MAX_WEIGHT_BYTES",
-           "LOOP_GEMM_BWD_MAX_WEIGHT_BYTES", "loop_gemm", "gemm_address", "gemm_nt", "gemm_nn_acc",
+__all__ = ["SGEMM", "DGEMM", "SGEMM_KERNEL", "forward_as_nn", "SMALL_GEMM", "LOOP_GEMM_MAX_WEIGHT_BYTES",
+           "LOOP_GEMM_BWD_MAX_WEIGHT_BYTES", "loop_gemm", "gemm_address", "gemm_nt", "gemm_nn", "gemm_nn_acc",
            "loop_nn_acc", "single_threaded_blas"]

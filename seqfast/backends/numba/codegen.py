@@ -151,6 +151,7 @@ from seqfast.backends.numba._team import gomp_parallel as _gomp_parallel
 from seqfast.backends.numba._team import pointer_to as _pointer_to
 
 from seqfast.backends.numba._blas import gemm_nn_acc as _gemm_nn_acc
+from seqfast.backends.numba._blas import gemm_nn as _gemm_nn
 from seqfast.backends.numba._blas import gemm_nt as _gemm_nt
 from seqfast.backends.numba._blas import loop_nn_acc as _loop_nn_acc
 {math_imports}
@@ -261,7 +262,7 @@ def _common_params(lay: _Layout) -> list[tuple[str, str]]:
 def _forward_params(lay: _Layout) -> list[tuple[str, str]]:
     return (_common_params(lay) + [(f"init{i}", "F2") for i in range(lay.S)] + [(f"s{i}", "F2") for i in range(lay.S)]
             + [("lengths", "I1"), ("reverse", "b"), ("out", "F3"), ("hg", "F3"), ("saved_st", "F4"),
-               ("need_saved", "b"), ("save_preact", "b")])
+               ("need_saved", "b"), ("save_preact", "b"), ("gemm_nn", "b")])
 
 
 def _backward_params(lay: _Layout) -> list[tuple[str, str]]:
@@ -364,7 +365,7 @@ def _forward_kernel(lay: _Layout) -> str:
     a(f"def forward({', '.join(n for n, _ in _forward_params(lay))}):")
     a('    """Rows b_lo..b_hi of the forward scan (threads take disjoint row ranges; rows never interact).')
     a('    s<i> start as a copy of init<i> (left unchanged) and end as the final states.')
-    a('    small: the recurrent GEMM runs as a numba loop over wt = W_hh^T instead of calling MKL."""')
+    a('    small: the recurrent GEMM runs as a numba loop instead of calling MKL; gemm_nn: MKL takes it as N,N."""')
     a("    T = x.shape[0]")
     a("    H = s0.shape[1]")
     a("    one = _F(1.0)")
@@ -377,18 +378,20 @@ def _forward_kernel(lay: _Layout) -> str:
         a(f"            s{i}[b, j] = init{i}[b, j]")
     if lay.recurrence == "dense":
         a("    h_rows = s0[b_lo:b_hi]")
-        # the loop GEMM wants the summed index outermost; transposed here, once per call and thread (with MKL the
-        # loop is only used while W_hh <= 256 KiB, without it at any size): cheaper than a numpy call from Python,
-        # and never cached across calls (weights change in place, even behind autograd's back)
-        a("    wt = np.empty((w.shape[1], w.shape[0]) if small else (0, 0), dtype=_F)")
+        # hg = h @ W_hh^T as an N,N product over wt = W_hh^T, for the loop GEMM (the summed index outermost) and
+        # for MKL's AVX-512 kernel (gemm_nn: faster N,N than T,N, see _blas._direct_kernels); other BLAS take W_hh
+        # as it is (T,N). Transposed here, once per call and thread: cheaper than a numpy call from Python, and
+        # never cached across calls (weights change in place, even behind autograd's back)
+        a("    transposed = small or gemm_nn")
+        a("    wt = np.empty((w.shape[1], w.shape[0]) if transposed else (0, 0), dtype=_F)")
         # rows of wt written in order, w read down its columns, in bands of 16 rows of w once w outgrows the L2
         # cache (each band's lines stay cached while its columns are read): H = 64 / 128 / 256 took 10 / 39 /
         # 200 us where writing down wt's columns, each write a new cache line, took 16 / 173 / 1,800
-        a("    if small and w.shape[0] * w.shape[1] <= 65536:")
+        a("    if transposed and w.shape[0] * w.shape[1] <= 65536:")
         a("        for q in range(w.shape[1]):")
         a("            for n in range(w.shape[0]):")
         a("                wt[q, n] = w[n, q]")
-        a("    elif small:")
+        a("    elif transposed:")
         a("        for n0 in range(0, w.shape[0], 16):")
         a("            for q in range(w.shape[1]):")
         a("                for n in range(n0, min(n0 + 16, w.shape[0])):")
@@ -400,6 +403,8 @@ def _forward_kernel(lay: _Layout) -> str:
         a("        if small:  # hg = h @ W_hh^T for these rows")
         a("            hg_rows[:, :] = zero")
         a("            _loop_nn_acc(h_rows, wt, hg_rows)")
+        a("        elif gemm_nn:")
+        a("            _gemm_nn(gemm_fn, h_rows, wt, hg_rows, one, zero)")
         a("        else:")
         a("            _gemm_nt(gemm_fn, h_rows, w, hg_rows, one, zero)")
     a("        for b in range(b_lo, b_hi):")
