@@ -354,6 +354,39 @@ def test_float32_scans_on_mkl_match_reference(monkeypatch, reverse: bool) -> Non
         _compare(cell, x, state0, weights, lens, reverse, torch.float32)
 
 
+def test_weight_gradient_on_the_team_matches_mm(monkeypatch) -> None:
+    """a^T @ x split by rows of the result over the thread team (MKL's own kernel) matches torch's mm, with row
+    counts that are not a multiple of the split's 16, and the module's weight gradients (d_W_ih through
+    project_backward, d_W_hh through the backward) match torch.nn's where it is taken."""
+    if _blas.SGEMM_KERNEL == _blas.SGEMM or numba_backend.num_threads() < 2:
+        pytest.skip("needs MKL's own kernel and two threads")
+    module = numba_backend.kernels(seqfast.get_cell("lstm"), "float32")
+    taken = []
+    real = numba_backend._launch_ranges
+    monkeypatch.setattr(numba_backend, "_launch_ranges",
+                        lambda m, kernel, *a: (taken.append(kernel), real(m, kernel, *a))[1])
+    gen = torch.Generator().manual_seed(5)
+    for k, m, n in [(700, 520, 64), (96, 33, 300), (4096, 256, 40)]:
+        a, x = torch.randn(k, m, generator=gen), torch.randn(k, n, generator=gen)
+        got = numba_backend._weight_gradient(module, a, x)
+        torch.testing.assert_close(got, a.double().t().mm(x.double()).float(), rtol=1e-4, atol=1e-4)
+    assert taken == ["weight_grad"] * 3
+    taken.clear()
+    ref = torch.nn.LSTM(48, 64)
+    ours = seqfast.LSTM(48, 64, backend="numba")
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(16, 8, 48, generator=gen)
+    for model in (ref, ours):
+        out, _ = model(x)
+        (out * torch.linspace(-1, 1, 64)).sum().backward()
+    assert taken.count("weight_grad") == 2  # d_W_hh and d_W_ih
+    for (name, p), q in zip(ref.named_parameters(), ours.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+    small = torch.randn(10, 8), torch.randn(10, 4)  # below SMALL_TORCH_GEMM: torch's mm, on one MKL thread
+    torch.testing.assert_close(numba_backend._weight_gradient(module, *small), small[0].t().mm(small[1]))
+    assert taken.count("weight_grad") == 2
+
+
 @pytest.mark.parametrize("direct", [True, False], ids=["avx512-kernel", "sgemm_"])
 def test_loop_gemm_choices(monkeypatch, direct: bool) -> None:
     """Against sgemm_ the per-step GEMMs run as the loop up to a 256 KiB W_hh in the forward and 4 MiB in the

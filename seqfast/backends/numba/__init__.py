@@ -205,15 +205,48 @@ def _launch(module, kernel: str, plan: _Plan, small: bool, args: tuple, sums: tu
     """Run `kernel` ("forward" or "backward") over the plan's row ranges: on torch's OpenMP team through the
     kernel's launcher (Python-free, see _team.py), else on the thread pool. sums: per-range accumulators
     [ranges, n], each range writing its own row."""
+    _launch_ranges(module, kernel, plan.fn, plan.ranges, plan.range_array, small, args, sums)
+
+
+def _launch_ranges(module, kernel: str, fn: int, ranges: list[tuple[int, int]], range_array: np.ndarray,
+                   small: bool, args: tuple, sums: tuple = ()) -> None:
     team = _team_addresses()
     if team is not None:
         gomp, thread_num, mkl_local = team
         getattr(module, kernel + "_launch")(gomp, entry_address(module, kernel), thread_num, mkl_local,
-                                            plan.range_array, plan.fn, small, *args, *sums)
+                                            range_array, fn, small, *args, *sums)
         return
-    body, rows = getattr(module, kernel), {r: i for i, r in enumerate(plan.ranges)}
-    _run_rows(lambda lo, hi: body(plan.fn, small, lo, hi, *args, *(part[rows[(lo, hi)]] for part in sums)),
-              plan.ranges, blas=not small)
+    body, rows = getattr(module, kernel), {r: i for i, r in enumerate(ranges)}
+    _run_rows(lambda lo, hi: body(fn, small, lo, hi, *args, *(part[rows[(lo, hi)]] for part in sums)),
+              ranges, blas=not small)
+
+
+_output_ranges: dict[tuple, tuple] = {}
+
+
+def _weight_gradient(module, a: Tensor, x: Tensor) -> Tensor:
+    """a^T @ x for a [K, M], x [K, N]: a weight gradient over all steps (module: any kernel module of their dtype).
+
+    With MKL's own kernel (_blas.SGEMM_KERNEL, float32) the rows of the result are split over the scans' thread
+    team, each thread calling the kernel on its rows; torch's mm would take sgemm_'s generic path on this CPU.
+    Otherwise, and for small products or one thread, _mm."""
+    from ._blas import SGEMM, SGEMM_KERNEL
+
+    rows, threads = a.shape[1], num_threads()
+    if (a.dtype != torch.float32 or SGEMM_KERNEL == SGEMM or threads < 2 or rows < 32
+            or a.shape[0] * rows * x.shape[1] < SMALL_TORCH_GEMM or not (a.is_contiguous() and x.is_contiguous())):
+        return _mm(a.t(), x)
+
+    def make() -> tuple:
+        bounds = [round(i * rows / threads / 16) * 16 for i in range(threads)] + [rows]  # 64-byte-aligned rows
+        ranges = [(bounds[i], bounds[i + 1]) for i in range(threads)]
+        return ranges, np.array(ranges, dtype=np.int64).reshape(-1, 2)
+
+    ranges, range_array = memo(_output_ranges, (rows, threads), make)
+    out = torch.empty(rows, x.shape[1], dtype=a.dtype)
+    _launch_ranges(module, "weight_grad", SGEMM_KERNEL, ranges, range_array, False,
+                   (a.detach().numpy(), x.detach().numpy(), out.numpy()))
+    return out
 
 
 # Below this many multiply-adds a torch GEMM (the input projection, its gradients, d_W_hh) runs on one MKL thread
@@ -312,6 +345,7 @@ class NumbaBackend(FusedBackend):
     def __init__(self) -> None:
         super().__init__()
         self._kernels: dict[tuple[CellSpec, torch.dtype], object] = {}  # the per-call fast path of _module
+        self._any_module: dict[torch.dtype, object] = {}  # a kernel module with weight_grad, per dtype
 
     # --- support ---------------------------------------------------------------------------------------------
     def unavailable_reason(self) -> str | None:
@@ -358,7 +392,10 @@ class NumbaBackend(FusedBackend):
 
     def project_backward(self, grad: Tensor, x: Tensor, weight_ih: Tensor, need_x: bool, need_weight: bool
                          ) -> tuple[Tensor | None, Tensor | None]:
-        return (_mm(grad, weight_ih) if need_x else None), (_mm(grad.t(), x) if need_weight else None)
+        module = self._any_module.get(grad.dtype)
+        if module is None or not need_weight:
+            return (_mm(grad, weight_ih) if need_x else None), (_mm(grad.t(), x) if need_weight else None)
+        return (_mm(grad, weight_ih) if need_x else None), _weight_gradient(module, grad, x)
 
     def _module(self, cell: CellSpec, dtype: torch.dtype):
         module = self._kernels.get((cell, dtype))
@@ -370,6 +407,8 @@ class NumbaBackend(FusedBackend):
         if why:
             raise RuntimeError(f"numba backend: {why}")
         module = self._kernels[(cell, dtype)] = kernels(cell, _DTYPES[dtype])
+        if module.__dict__.get("weight_grad") is not None:
+            self._any_module.setdefault(dtype, module)  # its weight_grad serves every cell (project_backward)
         return module
 
     def _call(self, cell: CellSpec, x_proj: Tensor | None, weights: list[Tensor | None], lengths: Tensor | None,
@@ -477,7 +516,7 @@ class NumbaBackend(FusedBackend):
             flat_dhg = hgd.view(steps * batch, width)  # now d_hg
             h_prev = saved_st.select(0, 0).view(steps * batch, hidden)
             if cell.recurrence == "dense":
-                grads[0] = _mm(flat_dhg.t(), h_prev)
+                grads[0] = _weight_gradient(module, flat_dhg, h_prev)
             else:  # diagonal: d w[g*H + j] = sum over steps of d_hg[., g*H + j] * h_prev[., j]
                 grads[0] = (flat_dhg.view(-1, cell.num_gates, hidden) * h_prev.unsqueeze(1)).sum(0).view(width)
         if len(weights) > 1 and weights[1] is not None:

@@ -238,6 +238,15 @@ def gemm_nn(fn, a, b, c, one, zero):
 
 
 @njit(inline="always")
+def gemm_tn_rows(fn, a, x, c, lo, hi, one, zero):
+    """MKL: rows lo..hi of c[M, N] = a[K, M]^T @ x[K, N]. a, x, c C-contiguous 2-D; one/zero in the matrix dtype."""
+    k, m = a.shape
+    n = x.shape[1]
+    _fortran_gemm(fn, _N, _T, n, hi - lo, k, one, x.ctypes.data, n, a.ctypes.data + lo * a.itemsize, m, zero,
+                  c.ctypes.data + lo * n * c.itemsize, n)
+
+
+@njit(inline="always")
 def gemm_nn_acc(fn, a, b, c, one):
     """MKL: c[M, N] += a[M, K] @ b[K, N]. a, b, c C-contiguous 2-D; one: 1 in the matrix dtype."""
     m, k = a.shape
@@ -301,4 +310,4 @@ def loop_nn_acc(a, b, c):
 
 __all__ = ["SGEMM", "DGEMM", "SGEMM_KERNEL", "forward_as_nn", "SMALL_GEMM", "LOOP_GEMM_MAX_WEIGHT_BYTES",
            "LOOP_GEMM_BWD_MAX_WEIGHT_BYTES", "loop_gemm", "gemm_address", "gemm_nt", "gemm_nn", "gemm_nn_acc",
-           "loop_nn_acc", "single_threaded_blas"]
+           "gemm_tn_rows", "loop_nn_acc", "single_threaded_blas"]

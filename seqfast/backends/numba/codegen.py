@@ -45,7 +45,7 @@ from types import ModuleType
 from ...registry import CellSpec
 from ..pointwise_source import MATH_NAMES, parse_pointwise, per_unit_rows
 
-TEMPLATE_VERSION = "19"
+TEMPLATE_VERSION = "20"
 _SAFE_BUILTINS = {"abs", "min", "max", "range", "len", "float", "int", "bool", "True", "False", "None"}
 _HERE = Path(__file__).resolve().parent
 
@@ -153,6 +153,7 @@ from seqfast.backends.numba._team import pointer_to as _pointer_to
 from seqfast.backends.numba._blas import gemm_nn_acc as _gemm_nn_acc
 from seqfast.backends.numba._blas import gemm_nn as _gemm_nn
 from seqfast.backends.numba._blas import gemm_nt as _gemm_nt
+from seqfast.backends.numba._blas import gemm_tn_rows as _gemm_tn_rows
 from seqfast.backends.numba._blas import loop_nn_acc as _loop_nn_acc
 {math_imports}
 
@@ -172,6 +173,16 @@ _BACKWARD_PW = '''
 @njit(inline="always")
 {backward_src}
 '''
+
+# The weight gradients' GEMM, d_W = a^T @ x over all steps, split by rows of d_W over the team (as the scans
+# split their batch rows): see seqfast/backends/numba/__init__.py, _weight_gradient.
+_WEIGHT_GRAD = '''\
+@njit(cache=_CACHE, nogil=True, fastmath=_FM, error_model='numpy')
+def weight_grad(gemm_fn, small, b_lo, b_hi, a, x, c):
+    """Rows b_lo..b_hi of c = a^T @ x: a [K, M], x [K, N], c [M, N], all C-contiguous (small: unused)."""
+    _gemm_tn_rows(gemm_fn, a, x, c, b_lo, b_hi, _F(1.0), _F(0.0))'''
+_WEIGHT_GRAD_PARAMS = [("gemm_fn", "i"), ("small", "b"), ("b_lo", "lo"), ("b_hi", "hi"), ("a", "F2"), ("x", "F2"),
+                       ("c", "F2")]
 
 
 def _tup(items: list[str]) -> str:
@@ -604,6 +615,7 @@ def generate_source(cell: CellSpec, dtype: str) -> str:
     kernels = [("forward", _forward_kernel(lay), _forward_params(lay))]
     if pw.backward is not None:
         kernels.append(("backward", _backward_kernel(lay), _backward_params(lay)))
+        kernels.append(("weight_grad", _WEIGHT_GRAD, _WEIGHT_GRAD_PARAMS))
     for name, kernel, params in kernels:
         src += "\n\n" + kernel + "\n\n\n" + _team_kernels(name, params, _body(kernel)) + "\n"
     return src
