@@ -57,7 +57,8 @@ class FusedBackend(Backend):
 
         saved_mode: "keep": leave the saved tensors unchanged (the custom op, whose inputs must not change, and
         a graph retained for another backward); "consume": they are read for the last time, so the backward may
-        use them as scratch."""
+        use them as scratch. fuses_input_bias backends also take x_proj_mode=: "consume" where x_proj is layer()'s
+        own projection, read for the last time (its d_x_proj may then be written over it), else "keep"."""
         raise NotImplementedError
 
     def backward_reads_x_proj(self, cell: CellSpec) -> bool:
@@ -179,7 +180,7 @@ class _EagerLayer(torch.autograd.Function):
         gx_proj, gstate, gweights = ctx.backend.backward(
             ctx.cell, x_proj, list(state0) or None, list(weights), lengths, ctx.reverse, outputs, list(final),
             list(saved), None if grad_out is None else grad_out.contiguous(), list(grad_final),
-            saved_mode=saved_mode, x_bias=bias_ih)
+            saved_mode=saved_mode, x_bias=bias_ih, x_proj_mode=saved_mode)  # x_proj is this node's own
         g_bias_ih = gweights.pop() if bias_ih is not None else None
         flat = gx_proj.view(-1, gx_proj.shape[2])  # x_proj itself may not have been kept
         needs = ctx.needs_input_grad

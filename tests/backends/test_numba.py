@@ -440,6 +440,41 @@ def test_inference_fast_path_matches_op() -> None:
     torch.testing.assert_close(direct[0], via_op[0].detach(), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+def test_layer_projection_takes_its_gradient_only_when_the_graph_is_freed(monkeypatch, bidirectional: bool) -> None:
+    """In a module's layer (FusedBackend.layer) d_x_proj is written over the layer's own x_proj once the graph is
+    freed (GRU reads x_proj in its backward), never while it is retained: every pass gives torch.nn's gradients."""
+    seen: list[tuple[str, bool]] = []
+    real = numba_backend.NumbaBackend.backward
+
+    def spy(self, cell, x_proj, *args, **kwargs):
+        result = real(self, cell, x_proj, *args, **kwargs)
+        seen.append((kwargs.get("x_proj_mode", "keep"), result[0].data_ptr() == x_proj.data_ptr()))
+        return result
+
+    monkeypatch.setattr(numba_backend.NumbaBackend, "backward", spy)
+    torch.manual_seed(0)
+    ref = torch.nn.GRU(5, 7, num_layers=2, bidirectional=bidirectional)
+    ours = seqfast.GRU(5, 7, num_layers=2, bidirectional=bidirectional, backend="numba")
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(6, 3, 5, requires_grad=True)
+    weight = torch.linspace(-1, 1, 6 * 3 * 7 * (2 if bidirectional else 1))
+
+    def grads(model, passes):
+        out, _ = model(x)
+        loss = (out.flatten() * weight).sum()
+        return [torch.autograd.grad(loss, [x, *model.parameters()], retain_graph=i < passes - 1)
+                for i in range(passes)]
+
+    first, second, last = grads(ours, 3)
+    layers = 2 * (2 if bidirectional else 1)
+    assert seen == [("keep", False)] * 2 * layers + [("consume", True)] * layers
+    expected = grads(ref, 1)[0]
+    for a, b, c, e in zip(first, second, last, expected, strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c)
+        torch.testing.assert_close(a, e, **TOL[torch.float32])
+
+
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
 def test_saved_products_are_scratch_only_when_the_graph_is_freed(monkeypatch, reverse: bool) -> None:
     """The backward reuses the forward's saved h W_hh^T as its gradient buffer, except when the graph is retained
