@@ -16,8 +16,8 @@ figures there are soft. `auto` takes numba for LSTM only where it won every run:
 training at hidden <= 64 with batch * hidden <= 128, at B8 H64, and from B32 H128 to B64 H256. A third full run
 (01:53 UTC, torch.nn in its slow level at small batch) agreed: B8 H64 1.33x / 1.15x. Native elsewhere,
 unmeasured shapes included, since torch.nn's own kernels are never slower than themselves. Session 7 (MKL's
-AVX-512 kernel in the backward, see _blas._direct_kernels) moved LSTM training at B64 H512 to 1.15-1.21x in four
-full runs (and 1.06x in a fifth, which a busy host slowed throughout), so a fourth box takes numba from
+AVX-512 kernel, see _blas._direct_kernels) moved LSTM training at B64 H512 to 1.15-1.29x in thirteen full runs
+(and 1.06x in one more, which a busy host slowed throughout), so a fourth box takes numba from
 B * H = 64 * 256 to 128 * 512, for batches up to 128 and hidden sizes up to 512; by
 `numba_compare.py --cells lstm --modes train --shape ...`: B32 H512 1.06x, B128 H256 1.34x, B128 H512 1.23x
 (B16 H512, inside the third box, 0.99x). Session 4's seven
