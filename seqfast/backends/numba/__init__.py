@@ -106,7 +106,7 @@ class _Plan(NamedTuple):
     ranges: list[tuple[int, int]]  # batch rows per thread
     loop_forward: bool  # the per-step GEMM as the numba loop, in the forward scan
     loop_backward: bool  # and in the backward scan
-    forward_nn: bool  # the forward's MKL call takes W_hh transposed (N,N), see _blas.forward_as_nn
+    forward_nn: bool  # the forward's MKL call takes W_hh transposed (N,N), see _blas.is_avx512_kernel
     hidden: int
     dtype_name: str
     full_lengths: np.ndarray  # lengths of a batch without them (read-only)
@@ -120,14 +120,14 @@ _plans: dict[tuple, _Plan] = {}
 
 def _plan(dtype_name: str, steps: int, batch: int, width: int, hidden: int, num_states: int = 1) -> _Plan:
     def make() -> _Plan:
-        from ._blas import forward_as_nn, gemm_address
+        from ._blas import gemm_address, is_avx512_kernel
 
         fn = gemm_address(dtype_name)
         ranges = _row_ranges(batch, steps * width * hidden)
         itemsize = 4 if dtype_name == "float32" else 8
         zero = np.zeros((batch, hidden), dtype=dtype_name)
         return _Plan(fn, ranges, _use_loop_gemm("forward", fn, ranges, width, hidden, itemsize),
-                     _use_loop_gemm("backward", fn, ranges, width, hidden, itemsize), forward_as_nn(fn), hidden,
+                     _use_loop_gemm("backward", fn, ranges, width, hidden, itemsize), is_avx512_kernel(fn), hidden,
                      dtype_name, np.full(batch, steps, dtype=np.int64), (zero,) * num_states,
                      np.zeros(width, dtype=dtype_name), np.array(ranges, dtype=np.int64).reshape(-1, 2))
 

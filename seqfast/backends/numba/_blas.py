@@ -55,23 +55,23 @@ def _cpu() -> tuple[str, set[str]]:
 
 
 def _ctypes_gemm_agrees(fn) -> bool:
-    """fn, called like Fortran sgemm_, gives exact products (small integers) for both kinds the kernels use
-    (T,N with beta 0; N,N with beta 1), with leading dimensions past the matrix edges."""
+    """fn, called like Fortran sgemm_, gives exact products (small integers) for the three kinds the kernels use
+    (T,N with beta 0; N,N with beta 1; N,T with beta 0), with leading dimensions past the matrix edges."""
     m, n, k, ld = 5, 7, 9, 11
     i64, f32 = ctypes.c_int64, ctypes.c_float  # 64-bit integers, as the kernels pass them (see _fortran_gemm)
-    a = (f32 * (ld * k))(*[float((3 * i) % 7 - 3) for i in range(ld * k)])
-    b = (f32 * (ld * n))(*[float((5 * i) % 9 - 4) for i in range(ld * n)])
-    for trans_a, beta in ((b"T", 0.0), (b"N", 1.0)):
+    a = (f32 * (ld * ld))(*[float((3 * i) % 7 - 3) for i in range(ld * ld)])
+    b = (f32 * (ld * ld))(*[float((5 * i) % 9 - 4) for i in range(ld * ld)])
+    for trans_a, trans_b, beta in ((b"T", b"N", 0.0), (b"N", b"N", 1.0), (b"N", b"T", 0.0)):
         c = (f32 * (ld * n))(*[1.0] * (ld * n))
-        # col-major C (m x n) = op(A) (m x k) @ B (k x n)
-        fn(ctypes.c_char_p(trans_a), ctypes.c_char_p(b"N"), ctypes.byref(i64(m)), ctypes.byref(i64(n)),
+        # col-major C (m x n) = op(A) (m x k) @ op(B) (k x n); op(X)[r, s] = X[r, s], or X^T[r, s] = X[s, r]
+        fn(ctypes.c_char_p(trans_a), ctypes.c_char_p(trans_b), ctypes.byref(i64(m)), ctypes.byref(i64(n)),
            ctypes.byref(i64(k)), ctypes.byref(f32(1.0)), a, ctypes.byref(i64(ld)), b, ctypes.byref(i64(ld)),
            ctypes.byref(f32(beta)), c, ctypes.byref(i64(ld)))
-        # op(A)[i, p]: A^T of a (k x m, ld) for T, else A of a (m x k, ld)
-        step_i, step_p = (ld, 1) if trans_a == b"T" else (1, ld)
+        ai, ap = (ld, 1) if trans_a == b"T" else (1, ld)  # strides of op(A)'s row and column in a
+        bp, bj = (ld, 1) if trans_b == b"T" else (1, ld)
         for j in range(n):
             for i in range(ld):
-                want = (beta + sum(a[i * step_i + p * step_p] * b[j * ld + p] for p in range(k))) if i < m else 1.0
+                want = (beta + sum(a[i * ai + p * ap] * b[p * bp + j * bj] for p in range(k))) if i < m else 1.0
                 if c[j * ld + i] != want:
                     return False
     return True
@@ -89,7 +89,7 @@ def _direct_kernels() -> dict[str, int]:
       70 / 63, AVX2 32-85;
     - backward, d_h += d_hg @ W_hh (N,N): sgemm_ 79-84 / 86-91 / 81-82, AVX2 68-92 / 100-104 / 108, AVX-512
       110-111 / 111 / 111.
-    So the forward runs N,N on the AVX-512 kernel (forward_as_nn) and T,N on the others. Both kernels are
+    So the forward runs N,N on the AVX-512 kernel (is_avx512_kernel) and T,N on the others. Both kernels are
     sequential (no threads of their own), safe to call from several threads at once, and read their integers as
     8 bytes (which _fortran_gemm passes to every routine). They are MKL's internal entry points, so one is used
     only where the CPU has its instructions and it passes an exact product check (_ctypes_gemm_agrees);
@@ -115,9 +115,10 @@ _DIRECT = _direct_kernels()
 SGEMM_KERNEL = _DIRECT.get("avx512") or _DIRECT.get("avx2") or SGEMM  # what float32 scans call
 
 
-def forward_as_nn(fn: int) -> bool:
-    """Whether the forward forms h @ W_hh^T as an N,N product over a transposed W_hh with the GEMM at fn (MKL's
-    AVX-512 kernel), rather than T,N over W_hh itself (see _direct_kernels)."""
+def is_avx512_kernel(fn: int) -> bool:
+    """Whether the GEMM at fn is MKL's AVX-512 kernel, called directly: then the forward forms h @ W_hh^T as an
+    N,N product over a transposed W_hh (not T,N over W_hh itself), and both scans leave the loop from two rows up
+    (see _direct_kernels, loop_gemm)."""
     return fn != 0 and fn == _DIRECT.get("avx512")
 
 
@@ -204,7 +205,7 @@ def loop_gemm(kernel: str, fn: int, rows: int, width: int, hidden: int, itemsize
     as the numba loop rather than the MKL routine at `fn` (0: there is none)."""
     if fn == 0:
         return True
-    if forward_as_nn(fn):
+    if is_avx512_kernel(fn):
         # MKL's AVX-512 kernel, called directly, beats the loop from two rows up; on one row (a matrix-vector product)
         # its call costs more than the loop saves (B1 H64 / H128 backward scans: 0.31 / 0.70 against 0.28 / 0.62
         # ms). Whole training steps against the rules below, in turn in one process, 2026-11-26 (the backward
@@ -308,6 +309,6 @@ def loop_nn_acc(a, b, c):
                 c[i, j] += av * b[p, j]
 
 
-__all__ = ["SGEMM", "DGEMM", "SGEMM_KERNEL", "forward_as_nn", "SMALL_GEMM", "LOOP_GEMM_MAX_WEIGHT_BYTES",
+__all__ = ["SGEMM", "DGEMM", "SGEMM_KERNEL", "is_avx512_kernel", "SMALL_GEMM", "LOOP_GEMM_MAX_WEIGHT_BYTES",
            "LOOP_GEMM_BWD_MAX_WEIGHT_BYTES", "loop_gemm", "gemm_address", "gemm_nt", "gemm_nn", "gemm_nn_acc",
            "gemm_tn_rows", "loop_nn_acc", "single_threaded_blas"]
