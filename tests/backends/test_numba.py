@@ -371,6 +371,15 @@ def test_weight_gradient_on_the_team_matches_mm(monkeypatch) -> None:
         got = numba_backend._weight_gradient(module, a, x)
         torch.testing.assert_close(got, a.double().t().mm(x.double()).float(), rtol=1e-4, atol=1e-4)
     assert taken == ["weight_grad"] * 3
+    monkeypatch.setattr(numba_backend, "num_threads", lambda: 4)  # 40 rows: two ranges of 16+, never an empty one
+    for k, m, n in [(9000, 40, 64), (700, 520, 64)]:
+        a, x = torch.randn(k, m, generator=gen), torch.randn(k, n, generator=gen)
+        got = numba_backend._weight_gradient(module, a, x)
+        torch.testing.assert_close(got, a.double().t().mm(x.double()).float(), rtol=1e-4, atol=1e-4)
+    assert numba_backend._output_ranges[(40, 4)][0] == [(0, 16), (16, 40)]
+    monkeypatch.undo()
+    monkeypatch.setattr(numba_backend, "_launch_ranges",
+                        lambda m, kernel, *a: (taken.append(kernel), real(m, kernel, *a))[1])
     taken.clear()
     ref = torch.nn.LSTM(48, 64)
     ours = seqfast.LSTM(48, 64, backend="numba")

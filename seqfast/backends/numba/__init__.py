@@ -238,8 +238,9 @@ def _weight_gradient(module, a: Tensor, x: Tensor) -> Tensor:
         return _mm(a.t(), x)
 
     def make() -> tuple:
-        bounds = [round(i * rows / threads / 16) * 16 for i in range(threads)] + [rows]  # 64-byte-aligned rows
-        ranges = [(bounds[i], bounds[i + 1]) for i in range(threads)]
+        parts = min(threads, rows // 16)  # ranges of at least 16 rows, starting on 64-byte boundaries
+        bounds = [round(i * rows / parts / 16) * 16 for i in range(parts)] + [rows]
+        ranges = [(bounds[i], bounds[i + 1]) for i in range(parts)]
         return ranges, np.array(ranges, dtype=np.int64).reshape(-1, 2)
 
     ranges, range_array = memo(_output_ranges, (rows, threads), make)
