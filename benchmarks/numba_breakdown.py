@@ -59,6 +59,7 @@ def _kernel_gflops(T: int, B: int, G: int, H: int, nb, repeats: int) -> dict[str
     h, w = rng.standard_normal((rows, H), np.float32), rng.standard_normal((G * H, H), np.float32)
     wt = np.ascontiguousarray(w.T)
     d_hg = rng.standard_normal((rows, G * H), np.float32)
+
     def i64(v):  # integers as 8 bytes, as the kernels pass them (see _blas._fortran_gemm)
         return ctypes.byref(ctypes.c_int64(v))
 
@@ -88,8 +89,7 @@ def _kernel_gflops(T: int, B: int, G: int, H: int, nb, repeats: int) -> dict[str
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["parts", "native", "threads", "gemm", "kernels", "faults",
-                                                    "busy"])
+    parser.add_argument("what", choices=["parts", "native", "threads", "gemm", "kernels", "faults", "busy"])
     parser.add_argument("shape", help="T,B,I,H")
     parser.add_argument("--cell", default="lstm", choices=["lstm", "gru", "rnn_tanh"])
     parser.add_argument("--repeats", type=int, default=9)
