@@ -355,12 +355,11 @@ def test_float32_scans_on_mkl_match_reference(monkeypatch, reverse: bool) -> Non
 
 
 def test_weight_gradient_on_the_team_matches_mm(monkeypatch) -> None:
-    """a^T @ x split by rows of the result over the thread team (MKL's own kernel) matches torch's mm, with row
-    counts that are not a multiple of the split's 16, and the module's weight gradients (d_W_ih through
-    project_backward, d_W_hh through the backward) match torch.nn's where it is taken."""
+    """a^T @ x split by rows of the result over the thread team (MKL's own kernel, one weight_grad module per
+    dtype) matches torch's mm, with row counts that are not a multiple of the split's 16, and the module's weight
+    gradients (d_W_ih through project_backward, d_W_hh through the backward) match torch.nn's where it is taken."""
     if _blas.SGEMM_KERNEL == _blas.SGEMM or numba_backend.num_threads() < 2:
         pytest.skip("needs MKL's own kernel and two threads")
-    module = numba_backend.kernels(seqfast.get_cell("lstm"), "float32")
     taken = []
     real = numba_backend._launch_ranges
     monkeypatch.setattr(numba_backend, "_launch_ranges",
@@ -368,13 +367,13 @@ def test_weight_gradient_on_the_team_matches_mm(monkeypatch) -> None:
     gen = torch.Generator().manual_seed(5)
     for k, m, n in [(700, 520, 64), (96, 33, 300), (4096, 256, 40)]:
         a, x = torch.randn(k, m, generator=gen), torch.randn(k, n, generator=gen)
-        got = numba_backend._weight_gradient(module, a, x)
+        got = numba_backend._weight_gradient(a, x)
         torch.testing.assert_close(got, a.double().t().mm(x.double()).float(), rtol=1e-4, atol=1e-4)
     assert taken == ["weight_grad"] * 3
     monkeypatch.setattr(numba_backend, "num_threads", lambda: 4)  # 40 rows: two ranges of 16+, never an empty one
     for k, m, n in [(9000, 40, 64), (700, 520, 64)]:
         a, x = torch.randn(k, m, generator=gen), torch.randn(k, n, generator=gen)
-        got = numba_backend._weight_gradient(module, a, x)
+        got = numba_backend._weight_gradient(a, x)
         torch.testing.assert_close(got, a.double().t().mm(x.double()).float(), rtol=1e-4, atol=1e-4)
     assert numba_backend._output_ranges[(40, 4)][0] == [(0, 16), (16, 40)]
     monkeypatch.undo()
@@ -389,10 +388,12 @@ def test_weight_gradient_on_the_team_matches_mm(monkeypatch) -> None:
         out, _ = model(x)
         (out * torch.linspace(-1, 1, 64)).sum().backward()
     assert taken.count("weight_grad") == 2  # d_W_hh and d_W_ih
+    # one weight_grad module per dtype, not a copy in every cell's module
+    assert not hasattr(numba_backend.kernels(seqfast.get_cell("lstm"), "float32"), "weight_grad")
     for (name, p), q in zip(ref.named_parameters(), ours.parameters(), strict=True):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
     small = torch.randn(10, 8), torch.randn(10, 4)  # below SMALL_TORCH_GEMM: torch's mm, on one MKL thread
-    torch.testing.assert_close(numba_backend._weight_gradient(module, *small), small[0].t().mm(small[1]))
+    torch.testing.assert_close(numba_backend._weight_gradient(*small), small[0].t().mm(small[1]))
     assert taken.count("weight_grad") == 2
 
 

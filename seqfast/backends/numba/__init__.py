@@ -37,7 +37,16 @@ from ...config import getenv
 from ...registry import CellSpec, Query
 from ..fused import FusedBackend
 from . import _buffers
-from .codegen import CodegenError, check_cell, dx_is_dhg, entry_address, kernels, per_unit_width, preactivation_only
+from .codegen import (
+    CodegenError,
+    check_cell,
+    dx_is_dhg,
+    entry_address,
+    kernels,
+    per_unit_width,
+    preactivation_only,
+    weight_grad_kernels,
+)
 
 MIN_NUMBA = (0, 60)
 
@@ -224,8 +233,8 @@ def _launch_ranges(module, kernel: str, fn: int, ranges: list[tuple[int, int]], 
 _output_ranges: dict[tuple, tuple] = {}
 
 
-def _weight_gradient(module, a: Tensor, x: Tensor) -> Tensor:
-    """a^T @ x for a [K, M], x [K, N]: a weight gradient over all steps (module: any kernel module of their dtype).
+def _weight_gradient(a: Tensor, x: Tensor) -> Tensor:
+    """a^T @ x for a [K, M], x [K, N]: a weight gradient over all steps.
 
     With MKL's own kernel (_blas.SGEMM_KERNEL, float32) the rows of the result are split over the scans' thread
     team, each thread calling the kernel on its rows; torch's mm would take sgemm_'s generic path on this CPU.
@@ -245,7 +254,7 @@ def _weight_gradient(module, a: Tensor, x: Tensor) -> Tensor:
 
     ranges, range_array = memo(_output_ranges, (rows, threads), make)
     out = torch.empty(rows, x.shape[1], dtype=a.dtype)
-    _launch_ranges(module, "weight_grad", SGEMM_KERNEL, ranges, range_array, False,
+    _launch_ranges(weight_grad_kernels("float32"), "weight_grad", SGEMM_KERNEL, ranges, range_array, False,
                    (a.detach().numpy(), x.detach().numpy(), out.numpy()))
     return out
 
@@ -346,7 +355,6 @@ class NumbaBackend(FusedBackend):
     def __init__(self) -> None:
         super().__init__()
         self._kernels: dict[tuple[CellSpec, torch.dtype], object] = {}  # the per-call fast path of _module
-        self._any_module: dict[torch.dtype, object] = {}  # a kernel module with weight_grad, per dtype
 
     # --- support ---------------------------------------------------------------------------------------------
     def unavailable_reason(self) -> str | None:
@@ -393,10 +401,7 @@ class NumbaBackend(FusedBackend):
 
     def project_backward(self, grad: Tensor, x: Tensor, weight_ih: Tensor, need_x: bool, need_weight: bool
                          ) -> tuple[Tensor | None, Tensor | None]:
-        module = self._any_module.get(grad.dtype)
-        if module is None or not need_weight:
-            return (_mm(grad, weight_ih) if need_x else None), (_mm(grad.t(), x) if need_weight else None)
-        return (_mm(grad, weight_ih) if need_x else None), _weight_gradient(module, grad, x)
+        return (_mm(grad, weight_ih) if need_x else None), (_weight_gradient(grad, x) if need_weight else None)
 
     def _module(self, cell: CellSpec, dtype: torch.dtype):
         module = self._kernels.get((cell, dtype))
@@ -408,8 +413,6 @@ class NumbaBackend(FusedBackend):
         if why:
             raise RuntimeError(f"numba backend: {why}")
         module = self._kernels[(cell, dtype)] = kernels(cell, _DTYPES[dtype])
-        if module.__dict__.get("weight_grad") is not None:
-            self._any_module.setdefault(dtype, module)  # its weight_grad serves every cell (project_backward)
         return module
 
     def _call(self, cell: CellSpec, x_proj: Tensor | None, weights: list[Tensor | None], lengths: Tensor | None,
@@ -527,7 +530,7 @@ class NumbaBackend(FusedBackend):
             flat_dhg = hgd.view(steps * batch, width)  # now d_hg
             h_prev = saved_st.select(0, 0).view(steps * batch, hidden)
             if cell.recurrence == "dense":
-                grads[0] = _weight_gradient(module, flat_dhg, h_prev)
+                grads[0] = _weight_gradient(flat_dhg, h_prev)
             else:  # diagonal: d w[g*H + j] = sum over steps of d_hg[., g*H + j] * h_prev[., j]
                 grads[0] = (flat_dhg.view(-1, cell.num_gates, hidden) * h_prev.unsqueeze(1)).sum(0).view(width)
         if len(weights) > 1 and weights[1] is not None:
