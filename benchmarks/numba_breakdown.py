@@ -7,7 +7,7 @@
     python benchmarks/numba_breakdown.py kernels 100,64,256,256    # per-step GEMMs, one thread: sgemm_ vs MKL's
                                                                    # AVX2 / AVX-512 kernels called directly
     python benchmarks/numba_breakdown.py faults 100,8,64,64        # training steps' page faults (getrusage)
-    python benchmarks/numba_breakdown.py faults 100,8,64,64 --pool-from 1048576   # as pooled before session 6
+    python benchmarks/numba_breakdown.py faults 100,8,64,64 --pool-from 1048576   # pooled only from 1 MiB
     python benchmarks/numba_breakdown.py busy 100,1,32,32          # one core kept busy by another process
 
 Shapes are T,B,I,H; the cell is LSTM unless --cell says otherwise. Each figure is the median of --repeats samples,

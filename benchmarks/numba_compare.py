@@ -16,7 +16,7 @@ with backend="auto" (what a user gets by default).
 The `2nd core` columns say how much of its second core this VM gave while a point was timed: a fixed GEMM is timed
 on one thread and on all of torch's threads among the samples (here, and in the torch.nn-alone child), and the
 ratio printed (about 1.9 with two cores, 1.0 when the second gave nothing). On the 2-vCPU benchmark VM it swings
-between the two over tens of seconds (2026-11-26), which moves every multi-threaded time; see RESULTS.md.
+between the two over tens of seconds, which moves every multi-threaded time; see RESULTS.md.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 Per step, one kernel call does the recurrent product (MKL ?gemm_ from libtorch, called from inside the numba loop;
 no Python round trip) and the cell's pointwise math fused over every (row, unit). The input projection stays one
-big torch GEMM over all steps (in FusedBackend.layer, without its bias, which the kernels add); the backward forms
-dW_hh as one torch GEMM over all steps after the loop. Kernels are generated per cell from one template
+big GEMM over all steps (in FusedBackend.layer, without its bias, which the kernels add); the backward forms
+dW_hh as one GEMM over all steps after the loop (_weight_gradient). Kernels are generated per cell from one template
 (codegen.py) and cached on disk across processes.
 
 Threads (one pool for everything): the numba kernels are single-threaded (no parallel=True, so numba's threading

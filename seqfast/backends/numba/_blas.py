@@ -206,15 +206,9 @@ def loop_gemm(kernel: str, fn: int, rows: int, width: int, hidden: int, itemsize
     if fn == 0:
         return True
     if is_avx512_kernel(fn):
-        # MKL's AVX-512 kernel, called directly, beats the loop from two rows up; on one row (a matrix-vector product)
-        # its call costs more than the loop saves (B1 H64 / H128 backward scans: 0.31 / 0.70 against 0.28 / 0.62
-        # ms). Whole training steps against the rules below, in turn in one process, 2026-11-26 (the backward
-        # first, then the forward too):
-        # - backward: LSTM B4 H32 0.94x the time, B8 H64 0.96x, B32 H128 0.98x, B8 H128 0.96x; GRU B8 H64 /
-        #   B32 H128 0.97x / 0.96x, RNN 0.98x / 0.99x; against its 4 MiB limit, LSTM B64 H512 0.87-0.92x,
-        #   H256 0.95-0.98x;
-        # - forward: LSTM B32 H128 inference 0.86x, training 0.99x; B16 H128 0.95x both; B8 H64 0.96x /
-        #   0.98x; GRU B32 H128 0.93x / 0.97x.
+        # MKL's AVX-512 kernel, called directly, beats the loop from two rows up, in whole training and inference
+        # steps as well as alone; on one row (a matrix-vector product) its call costs more than the loop saves
+        # (B1 H64 / H128 backward scans: 0.31 / 0.70 against 0.28 / 0.62 ms)
         return rows == 1
     # sgemm_ and dgemm_, measured with the forward's product as T,N over W_hh (the AVX2 kernel, unmeasured against
     # the loop, keeps their rules)

@@ -1,9 +1,9 @@
 """Running a scan's row ranges on torch's OpenMP threads without Python in the loop.
 
-A scan with several row ranges (see seqfast/backends/numba/__init__.py) used to enter torch's `GOMP_parallel`
-through a ctypes callback, so every team thread ran Python to start its kernel. That needs the GIL: the second
-thread went to sleep on it while the first started, and waking it cost 60-130 us per scan on this 2-vCPU VM.
-Now the generated module's `<kernel>_launch` (njit, GIL released) writes the kernel's arguments into an int64
+A scan with several row ranges (see seqfast/backends/numba/__init__.py) runs them on torch's `GOMP_parallel`
+team, and no team thread may need Python to start its kernel: a thread that did would wait for the GIL while
+another started (a ctypes callback per thread cost 60-130 us per scan, benchmarks/RESULTS.md). So the generated
+module's `<kernel>_launch` (njit, GIL released) writes the kernel's arguments into an int64
 block (addresses and shapes) and calls `GOMP_parallel` with `<kernel>_entry`, the kernel itself compiled as a
 numba cfunc: each team thread rebuilds the arrays from the block and runs the scan over its row range. No thread
 touches Python. The launcher reaches the entry only through its address: numba re-generates machine code for

