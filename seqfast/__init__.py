@@ -5,6 +5,7 @@ from . import cells as _cells  # noqa: F401  (registers the built-in cells)
 from .config import use_backend
 from .functional import (
     BackendNotSupportedError,
+    InputError,
     available_backends,
     current_backend,
     explain,
@@ -44,6 +45,7 @@ __all__ = [
     "explain",
     "select_backend",
     "BackendNotSupportedError",
+    "InputError",
     "Backend",
     "CellSpec",
     "ParamSpec",

@@ -26,6 +26,7 @@ from .registry import Backend, CellSpec, Query, Weights, get_cell, registry
 
 __all__ = [
     "BackendNotSupportedError",
+    "InputError",
     "scan",
     "select_backend",
     "explain",
@@ -50,6 +51,12 @@ class BackendNotSupportedError(RuntimeError):
             lines.append(f"backends that can run it: {able}")
         lines.extend(f"  {name}: {'; '.join(why)}" for name, why in others.items() if why)
         super().__init__("\n".join(lines))
+
+
+class InputError(ValueError, RuntimeError):
+    """An input (or argument) a module cannot take: a wrong shape, dtype or device, no time steps, the wrong number
+    of states. torch.nn raises RuntimeError for most of these and ValueError for some; this is both, so code written
+    against either (or against seqfast's earlier ValueError) catches it."""
 
 
 def explain(cell: str | CellSpec | Query, **query_fields) -> dict[str, list[str]]:
@@ -159,6 +166,8 @@ def check_lengths(lengths: Tensor, batch: int, steps: int, what: str = "lengths"
         raise ValueError(f"{what}: expected a 1-D tensor of {batch} sequence lengths, got shape {tuple(lengths.shape)}")
     if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
         raise TypeError(f"{what}: expected an integer tensor, got dtype {lengths.dtype}")
+    if lengths.numel() == 0:  # an empty batch: nothing to check
+        return lengths.to(torch.int64)
     lo, hi = int(lengths.min()), int(lengths.max())
     if lo < 1:
         raise ValueError(f"{what}: every sequence needs at least one step; got a length of {lo}")

@@ -95,7 +95,7 @@ class FusedBackend(Backend):
                                        *(state0 or ()), *wlist)
             return result[0], tuple(result[1:])
         steps, batch, _ = x.shape
-        x_proj = self.project(x.reshape(steps * batch, -1), weight_ih).view(steps, batch, -1)
+        x_proj = self.project(x.flatten(0, 1), weight_ih).unflatten(0, (steps, batch))
         out, final, _ = self.forward(cell, x_proj, None if state0 is None else list(state0), wlist, lengths,
                                      reverse, False, x_bias=bias_ih)
         return out, tuple(final)
@@ -161,7 +161,7 @@ class _EagerLayer(torch.autograd.Function):
         ctx.set_materialize_grads(False)  # unused outputs (usually the final states) get no zero tensors
         state0, weights = list(tensors[:n_state]), list(tensors[n_state:])
         steps, batch, _ = x.shape
-        x_proj = backend.project(x.reshape(steps * batch, -1), weight_ih).view(steps, batch, -1)
+        x_proj = backend.project(x.flatten(0, 1), weight_ih).unflatten(0, (steps, batch))
         out, final, saved = backend.forward(cell, x_proj, state0 or None, weights, lengths, reverse, True,
                                             x_bias=bias_ih)
         ctx.backend, ctx.cell, ctx.reverse, ctx.counts = backend, cell, reverse, (n_state, len(weights))
@@ -184,7 +184,7 @@ class _EagerLayer(torch.autograd.Function):
         g_bias_ih = gweights.pop() if bias_ih is not None else None
         flat = gx_proj.view(-1, gx_proj.shape[2])  # x_proj itself may not have been kept
         needs = ctx.needs_input_grad
-        g_x, g_weight_ih = ctx.backend.project_backward(flat, x.reshape(flat.shape[0], -1), weight_ih, needs[5],
+        g_x, g_weight_ih = ctx.backend.project_backward(flat, x.flatten(0, 1), weight_ih, needs[5],
                                                         needs[6])
         if g_x is not None:
             g_x = g_x.view(x.shape)

@@ -16,20 +16,24 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from .._memo import memo
-from ..functional import check_lengths, select_backend
+from ..functional import InputError, check_lengths, select_backend
 from ..registry import CellSpec, Query, Weights, get_cell
 
 __all__ = ["Recurrent", "RNN", "LSTM", "GRU", "RecurrentCell", "RNNCell", "LSTMCell", "GRUCell"]
 
 
-def _check_sizes(owner: str, input_size: int, hidden_size: int, proj_size: int = 0) -> None:
-    for name, value, low in (("input_size", input_size, 0), ("hidden_size", hidden_size, 1)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise ValueError(f"{owner}: {name} must be an int >= {low}, got {value!r}")
-    if not isinstance(proj_size, int) or proj_size < 0:
-        raise ValueError(f"{owner}: proj_size must be an int >= 0, got {proj_size!r}")
-    if proj_size >= hidden_size:
-        raise ValueError(f"{owner}: proj_size has to be smaller than hidden_size, got {proj_size} >= {hidden_size}")
+def _check_int(owner: str, name: str, value, low: int, error: type[Exception] = ValueError) -> None:
+    """torch.nn's exception types: TypeError for a size that is no int, ValueError (the cells: RuntimeError, from
+    creating a negative-sized weight) for one out of range."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{owner}: {name} must be an int, got {type(value).__name__} {value!r}")
+    if value < low:
+        raise error(f"{owner}: {name} must be an int >= {low}, got {value!r}")
+
+
+def _check_bool(owner: str, name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{owner}: {name} must be a bool, got {type(value).__name__} {value!r}")
 
 
 class _ParamFactory:
@@ -84,9 +88,13 @@ class Recurrent(nn.Module):
         super().__init__()
         self.cell = get_cell(cell)
         owner = type(self).__name__
-        _check_sizes(owner, input_size, hidden_size, proj_size)
-        if not isinstance(num_layers, int) or isinstance(num_layers, bool) or num_layers < 1:
-            raise ValueError(f"{owner}: num_layers must be an int >= 1, got {num_layers!r}")
+        for name, value, low in (("input_size", input_size, 1), ("hidden_size", hidden_size, 1),
+                                 ("num_layers", num_layers, 1), ("proj_size", proj_size, 0)):
+            _check_int(owner, name, value, low)
+        if proj_size >= hidden_size:
+            raise ValueError(f"{owner}: proj_size has to be smaller than hidden_size, got {proj_size} >= {hidden_size}")
+        _check_bool(owner, "bias", bias)
+        _check_bool(owner, "batch_first", batch_first)
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout <= 1:
             raise ValueError(f"{owner}: dropout must be a number in [0, 1] (probability of zeroing), got {dropout!r}")
         if proj_size and not self.cell.supports_proj:
@@ -138,13 +146,16 @@ class Recurrent(nn.Module):
     def all_weights(self) -> list[list[nn.Parameter]]:
         return [[getattr(self, name) for name in names] for names in self._all_weights]
 
+    # torch.nn's repr (LSTM(3, 5, num_layers=2)); the generic module also names its cell
+    _repr_cell = True
+
     def extra_repr(self) -> str:
-        s = f"{self.cell.name!r}, {self.input_size}, {self.hidden_size}"
+        s = (f"{self.cell.name!r}, " if self._repr_cell else "") + f"{self.input_size}, {self.hidden_size}"
         for key, default in (("proj_size", 0), ("num_layers", 1), ("bias", True), ("batch_first", False),
-                             ("dropout", 0.0), ("bidirectional", False), ("backend", None)):
+                             ("dropout", 0.0), ("bidirectional", False)):
             if getattr(self, key) != default:
-                s += f", {key}={getattr(self, key)!r}"
-        return s
+                s += f", {key}={getattr(self, key)}"
+        return s + ("" if self.backend is None else f", backend={self.backend!r}")
 
     # --- forward --------------------------------------------------------------------------------------------
     def _state_sizes(self) -> list[int]:
@@ -160,15 +171,15 @@ class Recurrent(nn.Module):
         states = (hx,) if isinstance(hx, Tensor) else tuple(hx)
         if len(states) != len(names) or not all(isinstance(s, Tensor) for s in states):
             want = "a tensor" if len(names) == 1 else f"a tuple of {len(names)} tensors {names}"
-            raise ValueError(f"hx: expected {want}, got {type(hx).__name__} of length {len(states)}")
+            raise InputError(f"hx: expected {want}, got {type(hx).__name__} of length {len(states)}")
         out = []
         for name, size, s in zip(names, sizes, states, strict=True):
             expected = (layers, batch, size) if batched else (layers, size)
             if tuple(s.shape) != expected:
-                raise ValueError(f"hx: expected {name} of shape {expected}, got {tuple(s.shape)}"
+                raise InputError(f"hx: expected {name} of shape {expected}, got {tuple(s.shape)}"
                                  + ("" if batched else " (unbatched input takes unbatched hx)"))
             if s.dtype != ref.dtype or s.device != ref.device:
-                raise ValueError(f"hx: expected {name} as {ref.dtype} on {ref.device}, got {s.dtype} on {s.device}")
+                raise InputError(f"hx: expected {name} as {ref.dtype} on {ref.device}, got {s.dtype} on {s.device}")
             out.append(s if batched else s.unsqueeze(1))
         return tuple(out)
 
@@ -185,7 +196,7 @@ class Recurrent(nn.Module):
             if not isinstance(input, Tensor):
                 raise TypeError(f"{owner}: input must be a Tensor or PackedSequence, got {type(input).__name__}")
             if input.dim() not in (2, 3):
-                raise ValueError(f"{owner}: expected input to be 2-D (unbatched [T, I]) or 3-D "
+                raise InputError(f"{owner}: expected input to be 2-D (unbatched [T, I]) or 3-D "
                                  f"({'[B, T, I]' if self.batch_first else '[T, B, I]'}), got {input.dim()}-D "
                                  f"of shape {tuple(input.shape)}")
             batched = input.dim() == 3
@@ -195,17 +206,19 @@ class Recurrent(nn.Module):
             if not batched and lengths is not None:
                 raise ValueError(f"{owner}: lengths= needs a batched input")
         if x.shape[-1] != self.input_size:
-            raise ValueError(f"{owner}: input.size(-1) must be equal to input_size. "
+            raise InputError(f"{owner}: input.size(-1) must be equal to input_size. "
                              f"Expected {self.input_size}, got {x.shape[-1]}")
         weight = getattr(self, self._flat_weights_names[0])
         if x.dtype != weight.dtype:
-            raise ValueError(f"{owner}: input must have the type {weight.dtype}, got type {x.dtype}")
+            raise InputError(f"{owner}: input must have the type {weight.dtype}, got type {x.dtype}")
         if x.device != weight.device:
-            raise ValueError(f"{owner}: input is on {x.device} but the parameters are on {weight.device}")
+            raise InputError(f"{owner}: input is on {x.device} but the parameters are on {weight.device}")
         if x.shape[0] == 0:
-            raise ValueError(f"{owner}: input has no time steps (sequence length 0); expected at least one")
+            raise InputError(f"{owner}: input has no time steps (sequence length 0); expected at least one")
         if lengths is not None:
             lengths = check_lengths(lengths, x.shape[1], x.shape[0])
+            if x.shape[1] == 0:  # no sequences, nothing for lengths to say (and nothing to pack)
+                lengths = None
         return x, lengths, batched, packed
 
     def forward(self, input, hx=None, *, lengths: Tensor | None = None):
@@ -320,6 +333,8 @@ def _packed_index(packed: PackedSequence) -> tuple[Tensor, Tensor]:
 class RNN(Recurrent):
     """Drop-in torch.nn.RNN: RNN(input_size, hidden_size, num_layers=1, nonlinearity='tanh', bias=True, ...)."""
 
+    _repr_cell = False
+
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, nonlinearity: str = "tanh",
                  bias: bool = True, batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
                  device=None, dtype=None, *, backend: str | None = None) -> None:
@@ -333,6 +348,8 @@ class RNN(Recurrent):
 class LSTM(Recurrent):
     """Drop-in torch.nn.LSTM, proj_size included."""
 
+    _repr_cell = False
+
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, proj_size: int = 0,
                  device=None, dtype=None, *, backend: str | None = None) -> None:
@@ -342,6 +359,8 @@ class LSTM(Recurrent):
 
 class GRU(Recurrent):
     """Drop-in torch.nn.GRU."""
+
+    _repr_cell = False
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
@@ -361,7 +380,8 @@ class RecurrentCell(nn.Module):
                  dtype=None, *, backend: str | None = None) -> None:
         super().__init__()
         self.cell = get_cell(cell)
-        _check_sizes(type(self).__name__, input_size, hidden_size)
+        _check_int(type(self).__name__, "input_size", input_size, 0, InputError)
+        _check_int(type(self).__name__, "hidden_size", hidden_size, 1, InputError)
         self.input_size, self.hidden_size, self.bias, self.backend = input_size, hidden_size, bias, backend
         self._names = []
         self._inits: dict[str, object] = {}
@@ -373,33 +393,45 @@ class RecurrentCell(nn.Module):
 
     reset_parameters = Recurrent.reset_parameters
 
+    _repr_cell = True  # as Recurrent's
+
     def extra_repr(self) -> str:
-        return f"{self.cell.name!r}, {self.input_size}, {self.hidden_size}" + ("" if self.bias else ", bias=False")
+        s = (f"{self.cell.name!r}, " if self._repr_cell else "") + f"{self.input_size}, {self.hidden_size}"
+        if self.bias is not True:
+            s += f", bias={self.bias}"
+        if getattr(self, "nonlinearity", "tanh") != "tanh":
+            s += f", nonlinearity={self.nonlinearity}"
+        return s + ("" if self.backend is None else f", backend={self.backend!r}")
 
     def forward(self, input: Tensor, hx=None):
         owner = type(self).__name__
         if not isinstance(input, Tensor) or input.dim() not in (1, 2):
             got = f"{input.dim()}-D" if isinstance(input, Tensor) else type(input).__name__
-            raise ValueError(f"{owner}: Expected input to be 1-D or 2-D, got {got}")
+            raise InputError(f"{owner}: Expected input to be 1-D or 2-D, got {got}")
         batched = input.dim() == 2
         x = input if batched else input.unsqueeze(0)
         if x.shape[-1] != self.input_size:
-            raise ValueError(f"{owner}: input.size(-1) must be equal to input_size. "
+            raise InputError(f"{owner}: input.size(-1) must be equal to input_size. "
                              f"Expected {self.input_size}, got {x.shape[-1]}")
         if x.dtype != self.weight_ih.dtype:
-            raise ValueError(f"{owner}: input must have the type {self.weight_ih.dtype}, got type {x.dtype}")
+            raise InputError(f"{owner}: input must have the type {self.weight_ih.dtype}, got type {x.dtype}")
+        if x.device != self.weight_ih.device:
+            raise InputError(f"{owner}: input is on {x.device} but the parameters are on {self.weight_ih.device}")
         if hx is None:
             state = tuple(x.new_zeros(x.shape[0], self.hidden_size) for _ in self.cell.state_names)
         else:
             states = (hx,) if isinstance(hx, Tensor) else tuple(hx)
-            if len(states) != self.cell.num_states:
-                raise ValueError(f"{owner}: hx: expected {self.cell.num_states} state tensor(s) "
-                                 f"{self.cell.state_names}, got {len(states)}")
+            if len(states) != self.cell.num_states or not all(isinstance(s, Tensor) for s in states):
+                raise InputError(f"{owner}: hx: expected {self.cell.num_states} state tensor(s) "
+                                 f"{self.cell.state_names}, got {type(hx).__name__} of length {len(states)}")
             state = []
             for name, s in zip(self.cell.state_names, states, strict=True):
                 want = (x.shape[0], self.hidden_size) if batched else (self.hidden_size,)
                 if tuple(s.shape) != want:
-                    raise ValueError(f"{owner}: hx: expected {name} of shape {want}, got {tuple(s.shape)}")
+                    raise InputError(f"{owner}: hx: expected {name} of shape {want}, got {tuple(s.shape)}")
+                if s.dtype != x.dtype or s.device != x.device:
+                    raise InputError(f"{owner}: hx: expected {name} as {x.dtype} on {x.device} like the input, "
+                                     f"got {s.dtype} on {s.device}")
                 state.append(s if batched else s.unsqueeze(0))
             state = tuple(state)
         final = self._step(x.unsqueeze(0), state)
@@ -430,6 +462,8 @@ class RecurrentCell(nn.Module):
 class RNNCell(RecurrentCell):
     """Drop-in torch.nn.RNNCell."""
 
+    _repr_cell = False
+
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, nonlinearity: str = "tanh",
                  device=None, dtype=None, *, backend: str | None = None) -> None:
         if nonlinearity not in ("tanh", "relu"):
@@ -441,6 +475,8 @@ class RNNCell(RecurrentCell):
 class LSTMCell(RecurrentCell):
     """Drop-in torch.nn.LSTMCell."""
 
+    _repr_cell = False
+
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None, *,
                  backend: str | None = None) -> None:
         super().__init__("lstm", input_size, hidden_size, bias, device, dtype, backend=backend)
@@ -448,6 +484,8 @@ class LSTMCell(RecurrentCell):
 
 class GRUCell(RecurrentCell):
     """Drop-in torch.nn.GRUCell."""
+
+    _repr_cell = False
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None, *,
                  backend: str | None = None) -> None:

@@ -300,7 +300,8 @@ _NO_X = {name: np.zeros((1, 1, 1), dtype=name) for name in ("float32", "float64"
 _NO_SAVED = {name: np.empty((0, 0, 0, 0), dtype=name) for name in ("float32", "float64")}  # inference's saved_st
 
 # numpy views of weight tensors, by id(tensor): the same memory, so in-place updates (optimizer steps, .data
-# writes) show through; a weight that moved or changed shape misses, and one that dies takes its entry with it
+# writes) show through; a weight whose layout changed (moved, or a .data assignment giving the same memory another
+# shape, strides or dtype, e.g. a transpose of a square weight) misses, and one that dies takes its entry with it
 # (the view would otherwise keep its memory alive). A view costs ~1 us to make, a hit 0.2.
 _views: dict[int, tuple] = {}
 
@@ -309,16 +310,21 @@ def _forget(key: int):
     return lambda _ref: _views.pop(key, None)
 
 
+def _layout(t: Tensor) -> tuple:
+    """What decides how a view reads t's memory: data_ptr (storage and offset), shape, strides and dtype."""
+    return t.data_ptr(), t.shape, t.stride(), t.dtype
+
+
 def _host(t: Tensor) -> np.ndarray:
     """A numpy array of t's data (a view when t is contiguous)."""
     hit = _views.get(id(t))
-    if hit is not None and hit[0]() is t and hit[1] == t.data_ptr() and hit[2] == t.shape:
-        return hit[3]
+    if hit is not None and hit[0]() is t and hit[1] == _layout(t):
+        return hit[2]
     array = t.detach().contiguous().numpy()
     if t.is_contiguous() and not t.is_inference():  # a copy would go stale; inference tensors allow no weakref
         if len(_views) > 1024:
             _views.clear()
-        _views[id(t)] = (weakref.ref(t, _forget(id(t))), t.data_ptr(), t.shape, array)
+        _views[id(t)] = (weakref.ref(t, _forget(id(t))), _layout(t), array)
     return array
 
 
