@@ -8,6 +8,7 @@ Parameter names, shapes, order and initialisation are torch.nn's, so state_dicts
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import torch
@@ -17,7 +18,7 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from .._memo import memo
 from ..functional import InputError, check_lengths, select_backend
-from ..registry import CellSpec, Query, Weights, get_cell
+from ..registry import CellSpec, Query, Weights, get_cell, registry
 
 __all__ = ["Recurrent", "RNN", "LSTM", "GRU", "RecurrentCell", "RNNCell", "LSTMCell", "GRUCell"]
 
@@ -60,7 +61,52 @@ class _ParamFactory:
         return out
 
 
-class Recurrent(nn.Module):
+class _PicklesCellByName:
+    """Pickles (torch.save, copy.deepcopy, pickle) hold the cell by its registered name, not the CellSpec and
+    its functions, so `torch.load(weights_only=True)` needs only the module classes allow-listed. Per-call
+    caches and the parameters' init functions are derived from the cell and rebuilt on load."""
+
+    _DERIVED = ("_queries", "_scan_names_cache", "_inits")
+
+    def __getstate__(self):
+        state = dict(super().__getstate__())
+        for key in self._DERIVED:
+            state.pop(key, None)
+        cell = state.pop("cell")
+        if registry.cells.get(cell.name) is cell:
+            state["_cell_name"] = cell.name
+            state["_cell_origin"] = registry.cell_origin.get(cell.name, "seqfast")
+        else:  # an unregistered CellSpec: only a plain pickle can carry it
+            state["cell"] = cell
+        return state
+
+    def __setstate__(self, state):
+        state = dict(state)
+        name = state.pop("_cell_name", None)
+        origin = state.pop("_cell_origin", "seqfast")
+        if name is not None:
+            if name not in registry.cells:
+                plugin = "" if origin == "seqfast" else f" It came from the plugin {origin!r} (distribution:entry " \
+                    f"point): install that distribution so its entry point registers the cell."
+                raise RuntimeError(f"{type(self).__name__}: cannot load a module of cell {name!r}, which is not "
+                                   f"registered in this process (registered cells: {sorted(registry.cells)}).{plugin}")
+            state["cell"] = registry.cells[name]
+        super().__setstate__(state)
+        self._inits = _param_inits(self.cell, [name for name, _ in self.named_parameters()])
+
+
+def _param_inits(cell: CellSpec, names: list[str]) -> dict[str, object]:
+    """Each parameter's initialiser: its ParamSpec's for the cell's extra parameters, None (torch.nn's uniform)
+    for the rest."""
+    inits = {p.name: p.init for p in cell.extra_params}
+    out = {}
+    for name in names:
+        base = re.sub(r"_l\d+(_reverse)?$", "", name)
+        out[name] = inits.get(base)
+    return out
+
+
+class Recurrent(_PicklesCellByName, nn.Module):
     """A multi-layer recurrent network of any registered cell, with torch.nn.LSTM's arguments and outputs.
 
     `Recurrent("lstm", 32, 64, num_layers=2, bidirectional=True)` behaves like torch.nn.LSTM(32, 64, 2, ...);
@@ -252,13 +298,6 @@ class Recurrent(nn.Module):
                      input_size=x.shape[-1], batch_size=x.shape[1], seq_len=x.shape[0], proj_size=self.proj_size,
                      requires_grad=requires_grad, level=level)
 
-    def __getstate__(self):
-        # per-call caches (derived, and holding the cell's functions) stay out of pickles and copies
-        state = dict(super().__getstate__())
-        state.pop("_queries", None)
-        state.pop("_scan_names_cache", None)
-        return state
-
     def _param(self, name: str) -> Tensor:
         # _parameters first (a dict lookup); getattr for a parametrized weight (torch.nn.utils.parametrize),
         # which is a property and absent from _parameters
@@ -369,7 +408,7 @@ class GRU(Recurrent):
                          0, device, dtype, backend=backend)
 
 
-class RecurrentCell(nn.Module):
+class RecurrentCell(_PicklesCellByName, nn.Module):
     """One step of any registered cell, with torch.nn.LSTMCell's arguments, parameter names and outputs.
 
     forward(input [B, I] or [I], hx=None) returns the new state: a tensor for one-state cells (h), else a tuple.
