@@ -18,9 +18,9 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from ..registry import Backend, CellSpec, Weights, get_cell
+from .reference import TorchBackend
 
 
 class FusedBackend(Backend):
@@ -91,9 +91,10 @@ class FusedBackend(Backend):
         wlist = [weights.get(n) for n in names]
         tensors = [x, weight_ih, bias_ih, *(state0 or ()), *wlist]
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-            result = _EagerLayer.apply(self, cell, lengths, bool(reverse), len(state0 or ()), x, weight_ih, bias_ih,
-                                       *(state0 or ()), *wlist)
-            return result[0], tuple(result[1:])
+            function = _EagerLayer if _transforms_active() else _EagerLayerPlain
+            result = function.apply(self, cell, lengths, bool(reverse), len(state0 or ()), x, weight_ih, bias_ih,
+                                    *(state0 or ()), *wlist)
+            return result[0], tuple(result[1:-1])
         steps, batch, _ = x.shape
         x_proj = self.project(x.flatten(0, 1), weight_ih).unflatten(0, (steps, batch))
         out, final, _ = self.forward(cell, x_proj, None if state0 is None else list(state0), wlist, lengths,
@@ -117,30 +118,47 @@ class FusedBackend(Backend):
                 return out, tuple(final)
             # eager training: the same forward/backward through a plain autograd.Function, which costs a few
             # hundred microseconds less per call than the custom op's Python dispatch and pytree handling
-            result = _EagerScan.apply(self, cell, lengths, bool(reverse), len(state0), x_proj, *state0, *wlist)
-            return result[0], tuple(result[1:])
+            function = _EagerScan if _transforms_active() else _EagerScanPlain
+            result = function.apply(self, cell, lengths, bool(reverse), len(state0), x_proj, *state0, *wlist)
+            return result[0], tuple(result[1:-1])
         wlist = [x_proj.new_empty(0) if w is None else w for w in wlist]
         result = _ops_for(self)[0](cell.name, x_proj, list(state0), wlist, lengths, bool(reverse), need_saved)
         return result[0], tuple(result[1 : 1 + cell.num_states])
 
 
 class _EagerScan(torch.autograd.Function):
-    """Eager-mode autograd around FusedBackend.forward/backward (torch.compile uses the custom ops instead)."""
+    """Eager-mode autograd around FusedBackend.forward/backward (torch.compile uses the custom ops instead).
+
+    Written in the setup_context form, so that torch.func transforms (grad, vjp, jacrev) can run it; outside
+    them scan() applies its ctx-form twin (_with_ctx), which spares apply()'s signature binding. forward's last
+    output is the list of tensors the kernels saved (a non-tensor output to autograd, which passes it through).
+
+    A backward that must itself be differentiable (create_graph=True, torch.func) recomputes the layer-direction
+    on the torch reference scan and differentiates that; a plain backward runs the fused kernels."""
 
     @staticmethod
-    def forward(ctx, backend, cell, lengths, reverse, n_state, x_proj, *tensors):
+    def forward(backend, cell, lengths, reverse, n_state, x_proj, *tensors):
         state0, weights = list(tensors[:n_state]), list(tensors[n_state:])
         out, final, saved = backend.forward(cell, x_proj, state0, weights, lengths, reverse, True)
-        ctx.backend, ctx.cell, ctx.reverse, ctx.counts = backend, cell, reverse, (n_state, len(weights))
-        ctx.save_for_backward(x_proj, lengths, *state0, *weights, out, *final, *saved)
-        return (out, *final)
+        return (out, *final, saved)
 
     @staticmethod
-    @once_differentiable
+    def setup_context(ctx, inputs, output):
+        backend, cell, lengths, reverse, n_state, x_proj, *tensors = inputs
+        ctx.backend, ctx.cell, ctx.reverse, ctx.counts = backend, cell, reverse, (n_state, len(tensors) - n_state)
+        ctx.save_for_backward(x_proj, lengths, *tensors, *output[:-1], *output[-1])
+
+    @staticmethod
     def backward(ctx, grad_out, *grad_final):
+        grad_final = grad_final[:-1]  # the last is the saved list's (always None)
         n_state, n_weights = ctx.counts
         x_proj, lengths, *rest = ctx.saved_tensors
         state0, weights, rest = rest[:n_state], rest[n_state : n_state + n_weights], rest[n_state + n_weights :]
+        if _differentiable_backward():
+            grads = _grads_by_recomputing(
+                lambda x_proj, *t: _reference_scan(ctx.cell, x_proj, t[:n_state], t[n_state:], lengths, ctx.reverse),
+                [x_proj, *state0, *weights], ctx.needs_input_grad[5:], [grad_out, *grad_final])
+            return None, None, None, None, None, *grads
         outputs, final, saved = rest[0], rest[1 : 1 + n_state], rest[1 + n_state :]
         # the saved tensors may serve as scratch unless the graph is retained for another backward
         saved_mode = "keep" if _graph_retained() else "consume"
@@ -154,27 +172,43 @@ class _EagerLayer(torch.autograd.Function):
     """Eager training of one layer-direction, input projection included (FusedBackend.layer, for backends with
     fuses_input_bias): x_proj = x W_ih^T is formed without its bias, which the kernels add as they read it and
     whose gradient they sum, so a step spends no pass over x_proj on the bias either way, and autograd sees one
-    node per layer-direction. The backward forms d_W_ih (and d_x, when x needs it) from the kernels' d_x_proj."""
+    node per layer-direction. The backward forms d_W_ih (and d_x, when x needs it) from the kernels' d_x_proj.
+    The setup_context form and the twin outside torch.func transforms are as for _EagerScan."""
 
     @staticmethod
-    def forward(ctx, backend, cell, lengths, reverse, n_state, x, weight_ih, bias_ih, *tensors):
-        ctx.set_materialize_grads(False)  # unused outputs (usually the final states) get no zero tensors
+    def forward(backend, cell, lengths, reverse, n_state, x, weight_ih, bias_ih, *tensors):
         state0, weights = list(tensors[:n_state]), list(tensors[n_state:])
         steps, batch, _ = x.shape
         x_proj = backend.project(x.flatten(0, 1), weight_ih).unflatten(0, (steps, batch))
         out, final, saved = backend.forward(cell, x_proj, state0 or None, weights, lengths, reverse, True,
                                             x_bias=bias_ih)
-        ctx.backend, ctx.cell, ctx.reverse, ctx.counts = backend, cell, reverse, (n_state, len(weights))
-        keep = x_proj if backend.backward_reads_x_proj(cell) else None
-        ctx.save_for_backward(x, weight_ih, bias_ih, keep, lengths, *state0, *weights, out, *final, *saved)
-        return (out, *final)
+        # x_proj travels to setup_context with the saved list; it is None where the backward does not read it
+        return (out, *final, [x_proj if backend.backward_reads_x_proj(cell) else None, *saved])
 
     @staticmethod
-    @once_differentiable
+    def setup_context(ctx, inputs, output):
+        backend, cell, lengths, reverse, n_state, x, weight_ih, bias_ih, *tensors = inputs
+        ctx.set_materialize_grads(False)  # unused outputs (usually the final states) get no zero tensors
+        ctx.backend, ctx.cell, ctx.reverse, ctx.counts = backend, cell, reverse, (n_state, len(tensors) - n_state)
+        keep, *saved = output[-1]
+        ctx.save_for_backward(x, weight_ih, bias_ih, keep, lengths, *tensors, *output[:-1], *saved)
+
+    @staticmethod
     def backward(ctx, grad_out, *grad_final):
+        grad_final = grad_final[:-1]  # the last is the saved list's (always None)
         n_state, n_weights = ctx.counts
         x, weight_ih, bias_ih, x_proj, lengths, *rest = ctx.saved_tensors
         state0, weights, rest = rest[:n_state], rest[n_state : n_state + n_weights], rest[n_state + n_weights :]
+        if _differentiable_backward():
+            def layer(x, weight_ih, bias_ih, *t):
+                x_proj = torch.nn.functional.linear(x, weight_ih, bias_ih)
+                hidden = x_proj.shape[2] // ctx.cell.num_gates
+                state0 = t[:n_state] or tuple(x.new_zeros(x.shape[1], hidden) for _ in ctx.cell.state_names)
+                return _reference_scan(ctx.cell, x_proj, state0, t[n_state:], lengths, ctx.reverse)
+
+            grads = _grads_by_recomputing(layer, [x, weight_ih, bias_ih, *state0, *weights],
+                                          ctx.needs_input_grad[5:], [grad_out, *grad_final])
+            return None, None, None, None, None, *grads
         outputs, final, saved = rest[0], rest[1 : 1 + len(grad_final)], rest[1 + len(grad_final) :]
         saved_mode = "keep" if _graph_retained() else "consume"
         gx_proj, gstate, gweights = ctx.backend.backward(
@@ -190,6 +224,69 @@ class _EagerLayer(torch.autograd.Function):
             g_x = g_x.view(x.shape)
         return (None, None, None, None, None, g_x, g_weight_ih, g_bias_ih,
                 *(gstate if n_state else ()), *gweights)
+
+
+def _with_ctx(function: type[torch.autograd.Function]) -> type[torch.autograd.Function]:
+    """The ctx-form twin of a setup_context-form autograd.Function: the same forward, setup and backward, without
+    the signature binding that apply() does for the setup_context form (~20 us a call). It cannot run under
+    torch.func transforms; callers pick `function` itself there."""
+
+    def forward(ctx, *args):
+        output = function.forward(*args)
+        function.setup_context(ctx, args, output)
+        return output
+
+    return type(function.__name__ + "Plain", (torch.autograd.Function,),
+                {"forward": staticmethod(forward), "backward": staticmethod(function.backward),
+                 "__doc__": f"{function.__name__} outside torch.func transforms."})
+
+
+_EagerScanPlain = _with_ctx(_EagerScan)
+_EagerLayerPlain = _with_ctx(_EagerLayer)
+_transforms_active = torch._C._are_functorch_transforms_active
+_REFERENCE = TorchBackend()
+
+
+def _differentiable_backward() -> bool:
+    """Whether a backward must itself be differentiable or run on batched tensors: create_graph=True (grad mode
+    on during the backward; torch.func's grad and vjp ask for it too) or a torch.func transform such as jacrev's
+    vmap. The fused kernels' backward is neither, so those take the torch reference scan instead."""
+    return torch.is_grad_enabled() or _transforms_active()
+
+
+def _reference_scan(cell: CellSpec, x_proj: Tensor, state0: tuple[Tensor, ...], weights: tuple[Tensor | None, ...],
+                    lengths: Tensor | None, reverse: bool) -> list[Tensor]:
+    """The `torch` backend's scan of the same inputs (weights in recurrent_param_names order) as a flat list
+    [outputs, *final states]."""
+    names = cell.recurrent_param_names(proj=len(weights) > len(cell.recurrent_param_names(proj=False)))
+    out, final = _REFERENCE.scan(cell, x_proj, tuple(state0), Weights(zip(names, weights, strict=True)), lengths,
+                                 reverse)
+    return [out, *final]
+
+
+def _grads_by_recomputing(run, inputs: list, needs, grads: list) -> list:
+    """The gradients of `inputs` (None where needs says not needed, or the input is None) given `grads` for the
+    outputs of run(*inputs), recomputed on torch operations: a differentiable graph (second derivatives flow
+    through it) that also runs on torch.func's batched tensors. Slower than the fused backward, which serves
+    every plain backward. torch.func.vjp rather than torch.autograd.grad: it differentiates at its own level, so
+    it also holds inside torch.func transforms (jacrev's vmap over this backward)."""
+    wanted = [i for i, (t, need) in enumerate(zip(inputs, needs, strict=True)) if need and t is not None]
+    result: list = [None] * len(inputs)
+    if not wanted or all(g is None for g in grads):
+        return result
+
+    def run_wanted(*tensors):
+        given = list(inputs)
+        for i, t in zip(wanted, tensors, strict=True):
+            given[i] = t
+        return tuple(run(*given))
+
+    with torch.enable_grad():
+        outputs, vjp = torch.func.vjp(run_wanted, *(inputs[i] for i in wanted))
+        got = vjp(tuple(torch.zeros_like(o) if g is None else g for o, g in zip(outputs, grads, strict=True)))
+    for i, g in zip(wanted, got, strict=True):
+        result[i] = g
+    return result
 
 
 def _graph_retained() -> bool:

@@ -775,16 +775,6 @@ def test_module_partial_gradients_match_torch_nn(bias: bool) -> None:
             torch.testing.assert_close(grads[1][n], g, rtol=1e-9, atol=1e-10, msg=n)
 
 
-def test_second_derivatives_raise_a_clear_error() -> None:
-    """The fused backward is not itself differentiable: asking for a second derivative says so."""
-    mod = seqfast.LSTM(3, 4, backend="numba")
-    x = torch.randn(5, 2, 3, requires_grad=True)
-    out, _ = mod(x)
-    (g,) = torch.autograd.grad(out.pow(2).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable"):
-        g.sum().backward()
-
-
 def test_module_float32_dropout_batch_first_trains() -> None:
     torch.manual_seed(1)
     ref = torch.nn.LSTM(6, 8, num_layers=2, batch_first=True)
