@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ParamSpec",
+    "Stage",
     "Pointwise",
     "CellSpec",
     "Query",
@@ -66,6 +67,24 @@ class ParamSpec:
 
 
 @dataclass(frozen=True)
+class Stage:
+    """One intermediate vector of a staged cell: computed per unit from the gates before it, it takes the place of
+    h in the recurrent product of the gates after it (e.g. the reset-before GRU's r * h, MGU's f * h).
+
+    gates: how many leading gates this stage reads; the gates from here up to the next stage's `gates` (or to the
+        last gate) take their recurrent product with this stage's vector: hg[g] = (W_hh[g rows] v + b_hh)[g].
+    forward(m, xg, hg, state, params) -> v
+        xg, hg: the first `gates` gates only (their products already formed); state, params as in Pointwise.
+    backward(m, xg, hg, state, params, d_v) -> (d_xg, d_hg, d_state, d_params)
+        the local derivative of v, tuples as in Pointwise.backward but over the first `gates` gates.
+    """
+
+    gates: int
+    forward: Callable[..., Any]
+    backward: Callable[..., tuple] | None = None
+
+
+@dataclass(frozen=True)
 class Pointwise:
     """The math of one hidden unit, written once against a math namespace `m` (exp, tanh, sigmoid, relu, ...).
 
@@ -84,11 +103,23 @@ class Pointwise:
         Backends sum d_params over batch and time.
     The math namespace m offers exp, log, tanh, sigmoid, relu, sqrt, abs, maximum, minimum, where(c, a, b).
     Fused backends compile these into their generic time loops; with backward=None they decline to train.
+
+    stages (dense recurrence only): cells gated before the product. Gates [0, stages[0].gates) take their product
+    with h; each Stage's vector v, computed from the gates before it, is what the next group of gates multiply
+    instead (see Stage). forward and backward still see every gate, hg[g] being the product of g's own group;
+    backward's d_hg of a later group reaches h through the stages (the scan chains d_v = d_hg[group] W_hh[group]
+    into Stage.backward). Without stages every gate's product is with h.
     """
 
     forward: Callable[..., tuple]
     backward: Callable[..., tuple] | None = None
     params: tuple[str, ...] = ()  # names of the recurrent extra_params read per unit, see `params` above
+    stages: tuple[Stage, ...] = ()
+
+    def gate_groups(self, num_gates: int) -> tuple[tuple[int, int], ...]:
+        """(first, end) gate of each recurrent product: one group without stages, one more per stage."""
+        bounds = (0, *(s.gates for s in self.stages), num_gates)
+        return tuple(zip(bounds[:-1], bounds[1:], strict=True))
 
 
 @dataclass(frozen=True)
@@ -133,6 +164,19 @@ class CellSpec:
             problems.append(f"recurrence must be one of {RECURRENCE_KINDS}, got {self.recurrence!r}")
         if not callable(self.reference_step):
             problems.append("reference_step must be callable")
+        stages = self.pointwise.stages if isinstance(self.pointwise, Pointwise) else ()
+        if stages:
+            if self.recurrence != "dense":
+                problems.append(f"Pointwise.stages need a dense recurrence, got {self.recurrence!r}")
+            bounds = [s.gates if isinstance(s, Stage) else None for s in stages]
+            if not all(isinstance(b, int) for b in bounds) or bounds != sorted(set(bounds)) \
+                    or not 0 < bounds[0] <= bounds[-1] < self.num_gates:
+                problems.append("Pointwise.stages must be Stage records whose gates increase strictly within "
+                                f"1..num_gates-1 ({self.num_gates - 1}), got gates {bounds}")
+            missing = [i for i, s in enumerate(stages) if self.pointwise.backward is not None
+                       and isinstance(s, Stage) and s.backward is None]
+            if missing:
+                problems.append(f"Pointwise has a backward but stages {missing} have none")
         if problems:
             raise ValueError(f"invalid cell {self.name!r}: " + "; ".join(problems))
         object.__setattr__(self, "env_name", re.sub(r"[^A-Za-z0-9]", "_", self.name).upper())
@@ -437,7 +481,7 @@ def _validate_reference(spec: CellSpec) -> None:
 
 def _validate_pointwise(spec: CellSpec, x, state, weights: Weights, expected: tuple) -> None:
     """The pointwise forward, evaluated with torch, must reproduce the reference step it claims to fuse."""
-    from .cells.common import TORCH_MATH, recurrent_term  # cells build on this module; import at use
+    from .cells.common import TORCH_MATH, pointwise_recurrent_term  # cells build on this module; import at use
 
     extras = {p.name for p in spec.extra_params if p.recurrent}
     unknown = [n for n in spec.pointwise.params if n not in extras]
@@ -445,11 +489,14 @@ def _validate_pointwise(spec: CellSpec, x, state, weights: Weights, expected: tu
         raise ValueError(f"cell {spec.name!r}: Pointwise.params {unknown} are not recurrent extra_params "
                          f"(those are {sorted(extras)})")
     g, hidden = spec.num_gates, state[0].shape[1]
-    hg = recurrent_term(state[0], weights, g, spec.recurrence)
     params = []
     for name in spec.pointwise.params:
         vec = weights[name]
         params += [vec[r * hidden : (r + 1) * hidden] for r in range(vec.numel() // hidden)]
+    try:
+        hg = pointwise_recurrent_term(spec, x, state, weights, tuple(params), TORCH_MATH)
+    except Exception as exc:
+        raise ValueError(f"cell {spec.name!r}: a Pointwise stage failed: {type(exc).__name__}: {exc}") from exc
     try:
         got = spec.pointwise.forward(TORCH_MATH, x.chunk(g, 1), hg.chunk(g, 1), state, tuple(params))
     except Exception as exc:

@@ -162,13 +162,14 @@ class Case:
         w = Weights({k: (v.double() if v is not None else None) for k, v in w.items()})
         expected = spec.reference_step(x, state, w)
         g, hidden = spec.num_gates, self.hidden
-        from .cells import recurrent_term
+        from .cells.common import pointwise_recurrent_term
 
-        hg = recurrent_term(state[0], w, g, spec.recurrence) if spec.recurrence != "none" else None
         params = []
         for name in spec.pointwise.params:
             vec = w[name]
             params += [vec[r * hidden : (r + 1) * hidden] for r in range(vec.numel() // hidden)]
+        hg = (pointwise_recurrent_term(spec, x, state, w, tuple(params), TORCH_MATH)
+              if spec.recurrence != "none" else None)
         xg = tuple(t.clone().requires_grad_() for t in x.chunk(g, 1))
         hgs = tuple(t.clone().requires_grad_() for t in (hg.chunk(g, 1) if hg is not None
                                                            else [torch.zeros_like(state[0])] * g))
@@ -179,6 +180,20 @@ class Case:
         if spec.pointwise.backward is None:
             return
         gen = torch.Generator().manual_seed(self.seed + 1)
+        for s, stage in enumerate(spec.pointwise.stages):  # each stage's backward against autograd of its forward
+            n = stage.gates
+            v = stage.forward(TORCH_MATH, xg[:n], hgs[:n], st, ps)
+            d_v = torch.randn(v.shape, generator=gen, dtype=torch.float64)
+            leaves = [*xg[:n], *hgs[:n], *st, *ps]
+            auto = torch.autograd.grad(v, leaves, d_v, allow_unused=True)
+            d_xg, d_hg, d_state, d_params = stage.backward(TORCH_MATH, xg[:n], hgs[:n], st, ps, d_v)
+            names = ([f"d_xg[{i}]" for i in range(n)] + [f"d_hg[{i}]" for i in range(n)]
+                     + [f"d_state[{m}]" for m in spec.state_names] + [f"d_params[{i}]" for i in range(len(ps))])
+            for name, mine, ref, leaf in zip(names, [*d_xg, *d_hg, *d_state, *d_params], auto, leaves, strict=True):
+                ref = torch.zeros_like(leaf) if ref is None else ref
+                mine = mine if isinstance(mine, Tensor) else torch.full_like(leaf, float(mine))
+                _close(mine.detach(), ref, f"{spec.name}: Stage {s} backward {name} vs autograd of its forward",
+                       torch.float64)
         d_new = tuple(torch.randn(s.shape, generator=gen, dtype=torch.float64) for s in got)
         leaves = [*xg, *hgs, *st, *ps]
         auto = torch.autograd.grad(got, leaves, d_new, allow_unused=True)

@@ -23,6 +23,11 @@ class PointwiseTorchBackend(FusedBackend):
     supports_proj = False
     priority = -100
 
+    def extra_reasons(self, query):
+        if query.cell.pointwise is not None and query.cell.pointwise.stages:
+            return ["staged cells (Pointwise.stages) are not modelled by this test double"]
+        return []
+
     def _mask(self, lengths, steps, device):
         if lengths is None:
             return None

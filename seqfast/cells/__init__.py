@@ -3,11 +3,13 @@
 from ..registry import register_cell
 from .common import TORCH_MATH, recurrent_term
 from .gru import GRU
+from .gru_reset_before import GRU_RESET_BEFORE, keras_gru_weights
 from .lstm import LSTM
 from .rnn import RNN_RELU, RNN_TANH
 
-BUILTIN_CELLS = (RNN_TANH, RNN_RELU, LSTM, GRU)
+BUILTIN_CELLS = (RNN_TANH, RNN_RELU, LSTM, GRU, GRU_RESET_BEFORE)
 for _spec in BUILTIN_CELLS:
     register_cell(_spec)
 
-__all__ = ["BUILTIN_CELLS", "TORCH_MATH", "recurrent_term", "RNN_TANH", "RNN_RELU", "LSTM", "GRU"]
+__all__ = ["BUILTIN_CELLS", "TORCH_MATH", "recurrent_term", "RNN_TANH", "RNN_RELU", "LSTM", "GRU", "GRU_RESET_BEFORE",
+           "keras_gru_weights"]

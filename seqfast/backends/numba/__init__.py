@@ -388,6 +388,8 @@ class NumbaBackend(FusedBackend):
         shapes = [(cell.num_states, steps, batch, hidden)]
         if cell.recurrence == "dense":
             shapes.append((steps, batch, cell.num_gates * hidden))
+        if cell.pointwise is not None and cell.pointwise.stages:  # each stage's vector: its group's weight gradient
+            shapes.append((len(cell.pointwise.stages), steps, batch, hidden))
         return shapes
 
     def backward_reads_x_proj(self, cell: CellSpec) -> bool:
@@ -477,6 +479,9 @@ class NumbaBackend(FusedBackend):
             args = (x_np, *arrays, *init, *(s[1] for s in states), lens, bool(reverse), out[1], hg,
                     saved[0][1] if saved else _NO_SAVED[plan.dtype_name], bool(need_saved),
                     bool(need_saved) and preactivation_only(cell), plan.forward_nn)
+            stages = len(cell.pointwise.stages)
+            if stages:  # the stages' vectors: saved, or one reused step (like hg)
+                args += (saved[2][1] if saved else _new((stages, 1, batch, plan.hidden), dtype, shared)[1],)
             _launch(module, "forward", plan, plan.loop_forward, args)
         return out[0], [s[0] for s in states], [s[0] for s in saved]
 
@@ -535,7 +540,11 @@ class NumbaBackend(FusedBackend):
             # the recurrent-weight gradient: one GEMM over every step (padding rows of d_hg are zero)
             flat_dhg = hgd.view(steps * batch, width)  # now d_hg
             h_prev = saved_st.select(0, 0).view(steps * batch, hidden)
-            if cell.recurrence == "dense":
+            if cell.pointwise.stages:  # each group of rows: its d_hg columns times what its product took
+                inputs = [h_prev, *saved[2].detach().view(-1, steps * batch, hidden)]
+                grads[0] = torch.cat([_mm(flat_dhg[:, first * hidden:end * hidden].t(), v) for (first, end), v
+                                      in zip(cell.pointwise.gate_groups(cell.num_gates), inputs, strict=True)])
+            elif cell.recurrence == "dense":
                 grads[0] = _weight_gradient(flat_dhg, h_prev)
             else:  # diagonal: d w[g*H + j] = sum over steps of d_hg[., g*H + j] * h_prev[., j]
                 grads[0] = (flat_dhg.view(-1, cell.num_gates, hidden) * h_prev.unsqueeze(1)).sum(0).view(width)

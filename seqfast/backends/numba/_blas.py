@@ -250,6 +250,26 @@ def gemm_nn_acc(fn, a, b, c, one):
 
 
 @njit(inline="always")
+def gemm_nt_cols(fn, a, b, c, c0, one, zero):
+    """MKL: c[:, c0:c0+N] = a[M, K] @ b[N, K]^T, a column block of c. a, b, c C-contiguous 2-D (b may be a block of
+    rows); one/zero: 1 and 0 in the matrix dtype."""
+    m, k = a.shape
+    n = b.shape[0]
+    _fortran_gemm(fn, _T, _N, n, m, k, one, b.ctypes.data, k, a.ctypes.data, k, zero,
+                  c.ctypes.data + c0 * c.itemsize, c.shape[1])
+
+
+@njit(inline="always")
+def gemm_nn_acc_cols(fn, a, a0, b, c, one):
+    """MKL: c[M, N] += a[:, a0:a0+K] @ b[K, N], a column block of a. a, b, c C-contiguous 2-D (b may be a block of
+    rows); one: 1 in the matrix dtype."""
+    m = a.shape[0]
+    k, n = b.shape
+    _fortran_gemm(fn, _N, _N, n, m, k, one, b.ctypes.data, n, a.ctypes.data + a0 * a.itemsize, a.shape[1], one,
+                  c.ctypes.data, n)
+
+
+@njit(inline="always")
 def _row_block_nn_acc(a, b, c, i, p):
     """c[i:i+4, :] += a[i:i+4, p:p+8] @ b[p:p+8, :]: 32 multiply-adds per loaded vector of b's rows."""
     n = b.shape[1]
@@ -305,4 +325,5 @@ def loop_nn_acc(a, b, c):
 
 __all__ = ["SGEMM", "DGEMM", "SGEMM_KERNEL", "is_avx512_kernel", "SMALL_GEMM", "LOOP_GEMM_MAX_WEIGHT_BYTES",
            "LOOP_GEMM_BWD_MAX_WEIGHT_BYTES", "loop_gemm", "gemm_address", "gemm_nt", "gemm_nn", "gemm_nn_acc",
+           "gemm_nt_cols", "gemm_nn_acc_cols",
            "gemm_tn_rows", "loop_nn_acc", "single_threaded_blas"]

@@ -126,6 +126,10 @@ def _check_cell(cell: CellSpec) -> None:
     _function_source(pw.forward, "forward", cell, 5)
     if pw.backward is not None:
         _function_source(pw.backward, "backward", cell, 6)
+    for s, stage in enumerate(pw.stages):
+        _function_source(stage.forward, f"stage{s}", cell, 5)
+        if stage.backward is not None:
+            _function_source(stage.backward, f"stage{s}_backward", cell, 6)
 
 
 # --- the kernel template ------------------------------------------------------------------------------------------
@@ -178,6 +182,19 @@ _BACKWARD_PW = '''
 {backward_src}
 '''
 
+# A staged cell (Pointwise.stages): each stage's vector, computed per unit, is what the next group of gates takes
+# its recurrent product with; these are the products of column blocks.
+_STAGED_IMPORTS = '''
+from seqfast.backends.numba._blas import gemm_nn_acc_cols as _gemm_nn_acc_cols
+from seqfast.backends.numba._blas import gemm_nt_cols as _gemm_nt_cols
+'''
+
+_STAGE_PW = '''
+
+@njit(inline="always")
+{src}
+'''
+
 # The weight gradients' GEMM, d_W = a^T @ x over all steps, split by rows of d_W over the team (as the scans
 # split their batch rows): one module per dtype, whatever the cell (see weight_grad_kernels, and
 # seqfast/backends/numba/__init__.py, _weight_gradient).
@@ -210,6 +227,11 @@ class _Layout:
     S: int
     widths: tuple[int, ...]  # per-unit params: k of each
     recurrence: str
+    groups: tuple[tuple[int, int], ...] = ()  # (first, end) gate of each recurrent product of a staged cell
+
+    @property
+    def staged(self) -> bool:
+        return len(self.groups) > 1
 
     @property
     def P(self) -> int:
@@ -278,7 +300,8 @@ def _common_params(lay: _Layout) -> list[tuple[str, str]]:
 def _forward_params(lay: _Layout) -> list[tuple[str, str]]:
     return (_common_params(lay) + [(f"init{i}", "F2") for i in range(lay.S)] + [(f"s{i}", "F2") for i in range(lay.S)]
             + [("lengths", "I1"), ("reverse", "b"), ("out", "F3"), ("hg", "F3"), ("saved_st", "F4"),
-               ("need_saved", "b"), ("save_preact", "b"), ("gemm_nn", "b")])
+               ("need_saved", "b"), ("save_preact", "b"), ("gemm_nn", "b")]
+            + ([("vs", "F4")] if lay.staged else []))
 
 
 def _backward_params(lay: _Layout) -> list[tuple[str, str]]:
@@ -413,7 +436,14 @@ def _forward_kernel(lay: _Layout) -> str:
         a("                for n in range(n0, min(n0 + 16, w.shape[0])):")
         a("                    wt[q, n] = w[n, q]")
     a("    for k in range(T):")
-    if lay.recurrence == "dense":
+    if lay.staged:
+        a("        kk = k if hg.shape[0] == T else 0  # saved for backward, or one reused buffer")
+        a("        hg_rows = hg[kk, b_lo:b_hi]")
+        for s, (first, end) in enumerate(lay.groups):
+            L.extend(_staged_product_forward("h_rows" if s == 0 else f"vs[{s - 1}, kk, b_lo:b_hi]", first, end))
+            if s + 1 < len(lay.groups):
+                L.extend(_stage_pass_forward(lay, s))
+    elif lay.recurrence == "dense":
         a("        kk = k if hg.shape[0] == T else 0  # saved for backward, or one reused buffer")
         a("        hg_rows = hg[kk, b_lo:b_hi]")
         a("        if small:  # hg = h @ W_hh^T for these rows")
@@ -456,6 +486,44 @@ def _forward_kernel(lay: _Layout) -> str:
     return "\n".join(L)
 
 
+def _staged_product_forward(rows: str, first: int, end: int) -> list[str]:
+    """hg's columns of gates first..end-1 = rows @ W_hh[those rows]^T (a staged cell's product of one group)."""
+    c0, c1 = f"{first} * H", f"{end} * H"
+    return [f"        if small:  # hg[:, gates {first}..{end - 1}] = {rows.split('[')[0]} @ W_hh[their rows]^T",
+            "            for r in range(hg_rows.shape[0]):",
+            f"                for q in range({c0}, {c1}):",
+            "                    hg_rows[r, q] = zero",
+            f"            _loop_nn_acc({rows}, wt[:, {c0}:{c1}], hg_rows[:, {c0}:{c1}])",
+            "        else:",
+            f"            _gemm_nt_cols(gemm_fn, {rows}, w[{c0}:{c1}], hg_rows, {c0}, one, zero)"]
+
+
+def _stage_pass_forward(lay: _Layout, s: int) -> list[str]:
+    """Stage s of a staged cell's forward step: its vector vs[s] from the gates before it (0 at padding steps)."""
+    n = lay.groups[s][1]
+    XG, HG, ST, PR = 0, lay.G, 2 * lay.G, 2 * lay.G + lay.S
+    NS = PR + lay.P
+    ind = "                "
+    L = ["        for b in range(b_lo, b_hi):",
+         "            L = lengths[b]",
+         "            if k >= L:",
+         "                for j in range(H):",
+         f"                    vs[{s}, kk, b, j] = zero",
+         "                continue"]
+    L += _chunk_prologue(lay, lay.G, ind)
+    L += _loop(ind, [f"buf[{g}, c] = x[t, b, og{g} + c] + xbias[og{g} + c]" for g in range(n)])
+    L += _loop(ind, [f"buf[{HG + g}, c] = hg[kk, b, og{g} + c] + bias[og{g} + c]" for g in range(n)])
+    L += _loop(ind, [f"buf[{ST + i}, c] = s{i}[b, u0 + c]" for i in range(lay.S)])
+    L += _copy_in_params(lay, PR, ind)
+    xg = _tup([f"buf[{XG + g}, c]" for g in range(n)])
+    hgv = _tup([f"buf[{HG + g}, c]" for g in range(n)])
+    st = _tup([f"buf[{ST + i}, c]" for i in range(lay.S)])
+    L += [f"{ind}for c in range(cn):",
+          f"{ind}    buf[{NS}, c] = _pw_stage{s}({xg}, {hgv}, {st}, {lay.params_tuple(PR)})"]
+    L += _loop(ind, [f"vs[{s}, kk, b, u0 + c] = buf[{NS}, c]"])
+    return L
+
+
 def _backward_kernel(lay: _Layout) -> str:
     G, S, P = lay.G, lay.S, lay.P
     XG, HG, ST, DN, PR = 0, G, 2 * G, 2 * G + S, 2 * G + 2 * S
@@ -483,12 +551,18 @@ def _backward_kernel(lay: _Layout) -> str:
         a(f"            d{i}[b, j] = dfinal{i}[b, j]")
     if lay.recurrence == "dense":
         a("    d_rows = d0[b_lo:b_hi]")
+    if lay.staged:  # a step's gradients of x and hg, complete once every stage's backward has added its part
+        a("    dxs = np.zeros((b_hi - b_lo, hgd.shape[2]), dtype=_F)")
+        a("    dhs = np.zeros((b_hi - b_lo, hgd.shape[2]), dtype=_F)")
+        a("    dv = np.zeros((b_hi - b_lo, H), dtype=_F)  # the gradient of a stage's vector")
     a("    for k in range(T - 1, -1, -1):")
     a("        for b in range(b_lo, b_hi):")
     a("            L = lengths[b]")
     a("            if k >= L:  # padding: gradients 0, the state gradient passes through")
     a("                dx[k, b, :] = zero")
     a("                hgd[k, b, :] = zero")
+    if lay.staged:
+        a("                dhs[b - b_lo, :] = zero")
     a("                continue")
     ind = "                "
     L.extend(_chunk_prologue(lay, G, ind))
@@ -515,6 +589,15 @@ def _backward_kernel(lay: _Layout) -> str:
         a(f"{ind}    buf[{DS + i}, c] = res[2][{i}]")
     for q, (row, _, _) in enumerate(lay.param_rows(DP)):
         a(f"{ind}    buf[{row}, c] = res[3][{q}]")
+    if lay.staged:
+        L.extend(_loop(ind, [f"dxs[b - b_lo, og{g} + c] = buf[{DX + g}, c]" for g in range(G)]))
+        L.extend(_loop(ind, [f"dhs[b - b_lo, og{g} + c] = buf[{DH + g}, c]" for g in range(G)]))
+        L.extend(_loop(ind, [f"d{i}[b, u0 + c] = buf[{DS + i}, c]" for i in range(S)]))
+        L.extend(_loop(ind, [f"dp{i}[op{i}_{r} + c] += buf[{row}, c]" for row, i, r in lay.param_rows(DP)]))
+        for s in range(len(lay.groups) - 2, -1, -1):
+            L.extend(_stage_pass_backward(lay, s))
+        L.extend(_staged_gradients_out(lay))
+        return "\n".join(L)
     a(f"{ind}if write_dx:")
     L.extend(_loop(ind + "    ", [f"dx[t, b, og{g} + c] = buf[{DX + g}, c]" for g in range(G)]))
     L.extend(_loop(ind + "    ", [f"dxbias[og{g} + c] += buf[{DX + g}, c]" for g in range(G)]))
@@ -536,6 +619,77 @@ def _backward_kernel(lay: _Layout) -> str:
     return "\n".join(L)
 
 
+def _stage_pass_backward(lay: _Layout, s: int) -> list[str]:
+    """Stage s of a staged cell's backward step: d_v = d_hg[next group] @ W_hh[its rows], then the stage's local
+    derivative added to the step's gradients (dxs, dhs, the state's, the parameters')."""
+    G, S, P = lay.G, lay.S, lay.P
+    XG, HG, ST, DN, PR = 0, G, 2 * G, 2 * G + S, 2 * G + 2 * S
+    DX = PR + P
+    DH = DX + G
+    DS = DH + G
+    DP = DS + S
+    n = lay.groups[s][1]
+    first, end = lay.groups[s + 1]
+    c0, c1 = f"{first} * H", f"{end} * H"
+    ind = "                "
+    L = [f"        for r in range(b_hi - b_lo):  # d_v of stage {s}: d_hg[gates {first}..{end - 1}] @ their rows",
+         "            for j in range(H):",
+         "                dv[r, j] = zero",
+         "        if small:",
+         f"            _loop_nn_acc(dhs[:, {c0}:{c1}], w[{c0}:{c1}], dv)",
+         "        else:",
+         f"            _gemm_nn_acc_cols(gemm_fn, dhs, {c0}, w[{c0}:{c1}], dv, one)",
+         "        for b in range(b_lo, b_hi):",
+         "            L = lengths[b]",
+         "            if k >= L:",
+         "                continue"]
+    L += _chunk_prologue(lay, G, ind)
+    L += _loop(ind, [f"buf[{g}, c] = x[t, b, og{g} + c] + xbias[og{g} + c]" for g in range(n)])
+    L += _loop(ind, [f"buf[{HG + g}, c] = hgd[k, b, og{g} + c] + bias[og{g} + c]" for g in range(n)])
+    L += _loop(ind, [f"buf[{ST + i}, c] = saved_st[{i}, k, b, u0 + c]" for i in range(S)])
+    L += _loop(ind, [f"buf[{DN}, c] = dv[b - b_lo, u0 + c]"])
+    L += _copy_in_params(lay, PR, ind)
+    xg = _tup([f"buf[{XG + g}, c]" for g in range(n)])
+    hgv = _tup([f"buf[{HG + g}, c]" for g in range(n)])
+    st = _tup([f"buf[{ST + i}, c]" for i in range(S)])
+    L += [f"{ind}for c in range(cn):",
+          f"{ind}    res = _pw_stage{s}_backward({xg}, {hgv}, {st}, {lay.params_tuple(PR)}, buf[{DN}, c])"]
+    for g in range(n):
+        L += [f"{ind}    buf[{DX + g}, c] = res[0][{g}]", f"{ind}    buf[{DH + g}, c] = res[1][{g}]"]
+    L += [f"{ind}    buf[{DS + i}, c] = res[2][{i}]" for i in range(S)]
+    L += [f"{ind}    buf[{row}, c] = res[3][{q}]" for q, (row, _, _) in enumerate(lay.param_rows(DP))]
+    L += _loop(ind, [f"dxs[b - b_lo, og{g} + c] += buf[{DX + g}, c]" for g in range(n)])
+    L += _loop(ind, [f"dhs[b - b_lo, og{g} + c] += buf[{DH + g}, c]" for g in range(n)])
+    L += _loop(ind, [f"d{i}[b, u0 + c] += buf[{DS + i}, c]" for i in range(S)])
+    L += _loop(ind, [f"dp{i}[op{i}_{r} + c] += buf[{row}, c]" for row, i, r in lay.param_rows(DP)])
+    return L
+
+
+def _staged_gradients_out(lay: _Layout) -> list[str]:
+    """The end of a staged cell's backward step: d_x and d_hg written (d_hg over the saved products, as for every
+    cell), the bias sums, and d_h += d_hg[first group] @ W_hh[its rows]."""
+    G = lay.G
+    ind = "                "
+    L = ["        for b in range(b_lo, b_hi):",
+         "            L = lengths[b]",
+         "            if k >= L:",
+         "                continue",
+         "            t = L - 1 - k if reverse else k",
+         "            for j0 in range(0, H, " + str(CHUNK) + "):",
+         f"                n = min({CHUNK}, H - j0)"]
+    L += _offsets(lay, ind)
+    L += _loop(ind, [f"dx[t, b, og{g} + c] = dxs[b - b_lo, og{g} + c]" for g in range(G)])
+    L += _loop(ind, [f"dxbias[og{g} + c] += dxs[b - b_lo, og{g} + c]" for g in range(G)])
+    L += _loop(ind, [f"hgd[k, b, og{g} + c] = dhs[b - b_lo, og{g} + c]" for g in range(G)])
+    L += _loop(ind, [f"dbias[og{g} + c] += dhs[b - b_lo, og{g} + c]" for g in range(G)])
+    c1 = f"{lay.groups[0][1]} * H"
+    L += ["        if small:  # d_h += d_hg[first group] @ W_hh[its rows]",
+          f"            _loop_nn_acc(dhs[:, :{c1}], w[:{c1}], d_rows)",
+          "        else:",
+          f"            _gemm_nn_acc_cols(gemm_fn, dhs, 0, w[:{c1}], d_rows, one)"]
+    return L
+
+
 _same_gradient: dict[CellSpec, bool] = {}
 
 
@@ -547,7 +701,7 @@ def dx_is_dhg(cell: CellSpec) -> bool:
     if cell not in _same_gradient:
         pw = cell.pointwise
         same = False
-        if pw is not None and pw.backward is not None:
+        if pw is not None and pw.backward is not None and not pw.stages:  # stages add to d_x, d_hg apart
             node, _ = parse_pointwise(pw.backward, where=cell.name, nargs=6, new_name="_", prefix="_m_",
                                       error=CodegenError, allowed_names=_SAFE_BUILTINS)
             returns = [n for n in ast.walk(node) if isinstance(n, ast.Return)]
@@ -568,7 +722,8 @@ def preactivation_only(cell: CellSpec) -> bool:
     and to stream through. Decided from the source of both functions."""
     if cell not in _sum_only:
         pw = cell.pointwise
-        ok = pw is not None and pw.backward is not None and cell.recurrence == "dense"
+        # a staged cell's backward reads its saved products, which stages' vectors made (not x + hg sums of h)
+        ok = pw is not None and pw.backward is not None and cell.recurrence == "dense" and not pw.stages
         for fn, nargs in (((pw.forward, 5), (pw.backward, 6)) if ok else ()):
             node, _ = parse_pointwise(fn, where=cell.name, nargs=nargs, new_name="_", prefix="_m_",
                                       error=CodegenError, allowed_names=_SAFE_BUILTINS)
@@ -606,8 +761,9 @@ def generate_source(cell: CellSpec, dtype: str) -> str:
     check_cell(cell)
     pw = cell.pointwise
     assert pw is not None
+    groups = pw.gate_groups(cell.num_gates) if pw.stages else ()
     lay = _Layout(cell.num_gates, cell.num_states, tuple(per_unit_width(cell, n) for n in pw.params),
-                  cell.recurrence)
+                  cell.recurrence, groups)
     suffix = "_f32" if dtype == "float32" else "_f64"
     alias = {"tanh": "tanh" + suffix, "sigmoid": "sigmoid" + suffix, "relu": "relu" + suffix, "abs": "fabs"}
     math_imports = "\n".join(
@@ -617,6 +773,12 @@ def generate_source(cell: CellSpec, dtype: str) -> str:
                          forward_src=_function_source(pw.forward, "forward", cell, 5))
     if pw.backward is not None:
         src += _BACKWARD_PW.format(backward_src=_function_source(pw.backward, "backward", cell, 6))
+    if pw.stages:
+        src += _STAGED_IMPORTS
+    for s, stage in enumerate(pw.stages):
+        src += _STAGE_PW.format(src=_function_source(stage.forward, f"stage{s}", cell, 5))
+        if stage.backward is not None:
+            src += _STAGE_PW.format(src=_function_source(stage.backward, f"stage{s}_backward", cell, 6))
     kernels = [("forward", _forward_kernel(lay), _forward_params(lay))]
     if pw.backward is not None:
         kernels.append(("backward", _backward_kernel(lay), _backward_params(lay)))

@@ -125,6 +125,9 @@ class TritonBackend(FusedBackend):
         cell = query.cell
         if cell.pointwise is None:
             return []  # the base class already says so
+        if cell.pointwise.stages:
+            return [f"cell {cell.name!r} is staged (Pointwise.stages: a second recurrent product within a step), "
+                    "which the triton kernels do not run yet; numba and torch do"]
         if cell not in self._codegen_reasons:
             try:
                 generate_source(cell)
