@@ -32,6 +32,13 @@ def _check_sizes(owner: str, input_size: int, hidden_size: int, proj_size: int =
         raise ValueError(f"{owner}: proj_size has to be smaller than hidden_size, got {proj_size} >= {hidden_size}")
 
 
+def _weight(module: nn.Module, name: str) -> Tensor:
+    """A module's weight by name: from _parameters (a dict lookup, the common case), else through getattr, which
+    computes a parametrized weight (torch.nn.utils.parametrize, weight_norm): those are absent from _parameters."""
+    p = module._parameters.get(name)
+    return getattr(module, name) if p is None else p
+
+
 class _ParamFactory:
     """Creates a layer-direction's parameters in torch.nn's order: w_ih, w_hh, b_ih, b_hh, extras, w_hr."""
 
@@ -227,7 +234,7 @@ class Recurrent(nn.Module):
     def _query(self, x: Tensor, state0: tuple[Tensor, ...] | None, level: str) -> Query:
         requires_grad = torch.is_grad_enabled() and (
             x.requires_grad or (state0 is not None and any(s.requires_grad for s in state0))
-            or any(p.requires_grad for p in self._parameters.values()))
+            or any(p.requires_grad for p in (self.parameters() if self._modules else self._parameters.values())))
         if torch.compiler.is_compiling():  # no module state changes inside a traced graph
             return self._new_query(x, requires_grad, level)
         # one Query per input shape, kept: building the frozen dataclass costs more than the lookup
@@ -246,11 +253,7 @@ class Recurrent(nn.Module):
         state.pop("_scan_names_cache", None)
         return state
 
-    def _param(self, name: str) -> Tensor:
-        # _parameters first (a dict lookup); getattr for a parametrized weight (torch.nn.utils.parametrize),
-        # which is a property and absent from _parameters
-        p = self._parameters.get(name)
-        return getattr(self, name) if p is None else p
+    _param = _weight
 
     def _run(self, x: Tensor, lengths: Tensor | None, state0: tuple[Tensor, ...] | None):
         backend, _ = select_backend(self._query(x, state0, "module"), self.backend)
@@ -258,7 +261,7 @@ class Recurrent(nn.Module):
             if state0 is None:
                 layers = self.num_layers * (2 if self.bidirectional else 1)
                 state0 = tuple(x.new_zeros(layers, x.shape[1], size) for size in self._state_sizes())
-            params = [[self._parameters[n] for n in names] for names in self._all_weights]
+            params = [[self._param(n) for n in names] for names in self._all_weights]
             return backend.run_stack(self.cell, x, lengths, state0, params, num_layers=self.num_layers,
                                      bidirectional=self.bidirectional, dropout=self.dropout,
                                      training=self.training, proj_size=self.proj_size)
@@ -408,7 +411,7 @@ class RecurrentCell(nn.Module):
         return final[0] if self.cell.num_states == 1 else final
 
     def _step(self, x: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-        params = {n: getattr(self, n) for n in self._names}
+        params = {n: _weight(self, n) for n in self._names}
         requires_grad = torch.is_grad_enabled() and (x.requires_grad or any(s.requires_grad for s in state)
                                                      or any(p.requires_grad for p in params.values()))
         query = Query(cell=self.cell, device=x.device.type, dtype=x.dtype, hidden_size=self.hidden_size,

@@ -1,0 +1,90 @@
+"""seqfast modules in the rest of torch's runtime: parametrized weights, autocast, torch.compile with lengths, and
+forked DataLoader workers. Every check compares against torch.nn (or eager mode) on tiny shapes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+from conftest import backend_param
+from torch.nn.utils import parametrizations
+
+import seqfast
+
+BACKENDS = [backend_param(name) for name in ("torch", "native", "numba", "triton")]
+
+
+def _python(code: str, env: dict[str, str] | None = None, timeout: float = 180) -> str:
+    """Run code in a fresh interpreter (a hang fails the test through the timeout instead of blocking it)."""
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                            env={**os.environ, **(env or {})}, timeout=timeout)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+# --- parametrized weights ------------------------------------------------------------------------------------------
+def _legacy_weight_norm(module: torch.nn.Module, name: str) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # deprecated in favour of parametrizations.weight_norm
+        torch.nn.utils.weight_norm(module, name)
+
+
+PARAMETRIZATIONS = {
+    "weight_norm": parametrizations.weight_norm,
+    "orthogonal": parametrizations.orthogonal,
+    "spectral_norm": parametrizations.spectral_norm,
+    "legacy_weight_norm": _legacy_weight_norm,
+}
+
+
+@pytest.mark.parametrize("how", list(PARAMETRIZATIONS))
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["LSTM", "GRUCell"])
+def test_parametrized_weights_match_torch_nn(backend, kind, how):
+    torch.manual_seed(0)
+    cell = kind.endswith("Cell")
+    weight = "weight_hh" if cell else "weight_hh_l0"
+    ref = getattr(torch.nn, kind)(3, 4)
+    ours = getattr(seqfast, kind)(3, 4, backend=backend)
+    for module in (ref, ours):
+        PARAMETRIZATIONS[how](module, weight)
+    ours.load_state_dict(ref.state_dict())  # the parametrization's own state (originals, power-iteration vectors)
+    x = torch.randn(3, 4, 3) if not cell else torch.randn(2, 3)
+    grads = []
+    for module in (ref, ours):
+        out = module(x)
+        out = out[0] if isinstance(out, tuple) else out
+        loss = out.pow(2).sum()
+        grads.append((out, torch.autograd.grad(loss, list(module.parameters()))))
+    (want, want_grads), (got, got_grads) = grads
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+    names = [n for n, _ in ours.named_parameters()]
+    assert names == [n for n, _ in ref.named_parameters()]
+    for name, a, b in zip(names, got_grads, want_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5, msg=lambda m, name=name: f"grad of {name}: {m}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_only_a_parametrized_weight_trains(backend):
+    """The module must see that training is needed when the only trainable tensor is a parametrization's."""
+    torch.manual_seed(0)
+    ref, ours = torch.nn.GRU(3, 4), seqfast.GRU(3, 4, backend=backend)
+    for module in (ref, ours):
+        parametrizations.weight_norm(module, "weight_hh_l0")
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 2, 3)
+    grads = []
+    for module in (ref, ours):
+        for name, p in module.named_parameters():
+            p.requires_grad_(name.startswith("parametrizations."))
+        trained = [p for p in module.parameters() if p.requires_grad]
+        if module is ours:  # what selection is told: a backend that cannot train must not be picked
+            assert ours._query(x, None, "module").requires_grad
+        grads.append(torch.autograd.grad(module(x)[0].sum(), trained))
+    for a, b in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
