@@ -159,6 +159,11 @@ def check_lengths(lengths: Tensor, batch: int, steps: int, what: str = "lengths"
         raise ValueError(f"{what}: expected a 1-D tensor of {batch} sequence lengths, got shape {tuple(lengths.shape)}")
     if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
         raise TypeError(f"{what}: expected an integer tensor, got dtype {lengths.dtype}")
+    if torch.compiler.is_compiling():
+        # a length's value is not known while tracing: the graph checks it when it runs
+        torch._assert_async((lengths >= 1).all() & (lengths <= steps).all(),
+                            f"{what}: every length must be in [1, {steps}] (the input's time steps)")
+        return lengths.to(torch.int64)
     lo, hi = int(lengths.min()), int(lengths.max())
     if lo < 1:
         raise ValueError(f"{what}: every sequence needs at least one step; got a length of {lo}")

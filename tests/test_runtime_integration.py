@@ -88,3 +88,30 @@ def test_only_a_parametrized_weight_trains(backend):
         grads.append(torch.autograd.grad(module(x)[0].sum(), trained))
     for a, b in zip(grads[1], grads[0], strict=True):
         torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
+
+
+# --- torch.compile with lengths ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", [backend_param("torch"), backend_param("numba")])
+def test_compile_fullgraph_with_lengths_matches_eager(backend):
+    torch.manual_seed(0)
+    module = seqfast.LSTM(3, 4, backend=backend).double()
+
+    def loss(x, lengths):
+        out, (h, c) = module(x, lengths=lengths)
+        return out.pow(2).sum() + h.sum() + c.sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    for steps, lengths in ((5, [5, 2, 3]), (4, [1, 4, 2])):  # the second shape may recompile with dynamic shapes
+        x = torch.randn(steps, 3, 3, dtype=torch.float64)
+        lengths = torch.tensor(lengths)
+        want = loss(x, lengths)
+        want_grads = torch.autograd.grad(want, list(module.parameters()))
+        got = compiled(x, lengths)
+        got_grads = torch.autograd.grad(got, list(module.parameters()))
+        torch.testing.assert_close(got, want)
+        for a, b in zip(got_grads, want_grads, strict=True):
+            torch.testing.assert_close(a, b)
+    # lengths are still checked, when the graph runs
+    with pytest.raises(RuntimeError, match=r"lengths: every length must be in \[1, 4\]"):
+        compiled(torch.randn(4, 3, 3, dtype=torch.float64), torch.tensor([1, 5, 2]))
