@@ -21,8 +21,10 @@ BACKENDS = [backend_param(name) for name in ("torch", "native", "numba", "triton
 
 def _python(code: str, env: dict[str, str] | None = None, timeout: float = 180) -> str:
     """Run code in a fresh interpreter (a hang fails the test through the timeout instead of blocking it)."""
+    root = os.path.dirname(os.path.dirname(seqfast.__file__))  # the seqfast under test, not another install
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
     result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                            env={**os.environ, **(env or {})}, timeout=timeout)
+                            env={**os.environ, "PYTHONPATH": path, **(env or {})}, timeout=timeout)
     assert result.returncode == 0, result.stderr
     return result.stdout
 
@@ -115,3 +117,39 @@ def test_compile_fullgraph_with_lengths_matches_eager(backend):
     # lengths are still checked, when the graph runs
     with pytest.raises(RuntimeError, match=r"lengths: every length must be in \[1, 4\]"):
         compiled(torch.randn(4, 3, 3, dtype=torch.float64), torch.tensor([1, 5, 2]))
+
+
+# --- forked DataLoader workers ---------------------------------------------------------------------------------------
+_FORKED_WORKERS = """
+import torch, seqfast
+from seqfast.backends.numba import _row_ranges, num_threads
+
+torch.manual_seed(0)
+module = seqfast.LSTM(16, 64, backend="numba").eval()
+xs = torch.randn(4, 50, 8, 16)
+assert num_threads() == 2 and len(_row_ranges(8, 50 * 4 * 64 * 64)) == 2  # the scans below use two threads
+
+
+class Data(torch.utils.data.Dataset):
+    def __len__(self):
+        return len(xs)
+
+    def __getitem__(self, i):
+        with torch.no_grad():
+            return module(xs[i])[0], num_threads()
+
+
+with torch.no_grad():
+    want = [module(x)[0] for x in xs]  # starts the OpenMP team in the parent
+loader = torch.utils.data.DataLoader(Data(), batch_size=None, num_workers=2, multiprocessing_context="fork")
+got = list(loader)
+for (out, threads), expected in zip(got, want, strict=True):
+    torch.testing.assert_close(out, expected)
+    assert threads == 1
+print("ok", len(got))
+"""
+
+
+def test_forked_dataloader_workers_run_numba_scans():
+    out = _python(_FORKED_WORKERS, {"SEQFAST_NUMBA_THREADS": "2"}, timeout=60)
+    assert out.strip().splitlines()[-1] == "ok 4"
