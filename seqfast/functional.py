@@ -49,7 +49,16 @@ class BackendNotSupportedError(RuntimeError):
         if able:
             lines.append(f"backends that can run it: {able}")
         lines.extend(f"  {name}: {'; '.join(why)}" for name, why in others.items() if why)
+        if _autocast_enabled(query.device):
+            lines.append(f"(dtype {str(query.dtype).replace('torch.', '')} is torch.autocast's, which runs "
+                         f"recurrences in its dtype: choose a backend that supports it, or run outside autocast)")
         super().__init__("\n".join(lines))
+
+
+def _autocast_enabled(device: str) -> bool:
+    from torch.amp.autocast_mode import is_autocast_available
+
+    return is_autocast_available(device) and torch.is_autocast_enabled(device)
 
 
 def explain(cell: str | CellSpec | Query, **query_fields) -> dict[str, list[str]]:

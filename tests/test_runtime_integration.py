@@ -153,3 +153,50 @@ print("ok", len(got))
 def test_forked_dataloader_workers_run_numba_scans():
     out = _python(_FORKED_WORKERS, {"SEQFAST_NUMBA_THREADS": "2"}, timeout=60)
     assert out.strip().splitlines()[-1] == "ok 4"
+
+
+# --- autocast ------------------------------------------------------------------------------------------------------
+def _autocast_run(module, x, dtype):
+    """(every output tensor, every parameter's gradient) of module(x) under CPU autocast to dtype."""
+    with torch.autocast("cpu", dtype=dtype):
+        result = module(x)
+    if x.dim() == 3:  # a sequence module: (output, h) or (output, (h, c))
+        result = (result[0], *(result[1] if isinstance(result[1], tuple) else (result[1],)))
+    outs = list(result) if isinstance(result, tuple) else [result]
+    loss = sum(o.float().pow(2).sum() for o in outs)
+    return outs, torch.autograd.grad(loss, list(module.parameters()))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("backend", [None, *BACKENDS[:2], BACKENDS[3]])
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell"])
+def test_autocast_matches_torch_nn(kind, backend, dtype):
+    """Output dtypes (torch.nn's, which differ by module) and values, and float32 gradients, under CPU autocast."""
+    torch.manual_seed(0)
+    ref = getattr(torch.nn, kind)(3, 4)
+    ours = getattr(seqfast, kind)(3, 4, backend=backend)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3) if kind.endswith("Cell") else torch.randn(3, 2, 3)
+    try:
+        want, want_grads = _autocast_run(ref, x, dtype)
+    except RuntimeError as exc:  # torch.nn.LSTM's oneDNN kernel has no float16 on some CPUs: ours still runs
+        assert kind == "LSTM" and dtype == torch.float16, exc
+        got, _ = _autocast_run(ours, x, dtype)
+        assert [o.dtype for o in got] == [dtype] * 3
+        return
+    got, got_grads = _autocast_run(ours, x, dtype)
+    assert [o.dtype for o in got] == [o.dtype for o in want]
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a.float(), b.float(), rtol=0.05, atol=0.05)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        assert a.dtype == b.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=0.1, atol=0.1)
+
+
+def test_autocast_numba_declines_with_a_reason():
+    module = seqfast.LSTM(3, 4, backend="numba")
+    with torch.autocast("cpu", dtype=torch.bfloat16), \
+            pytest.raises(seqfast.BackendNotSupportedError, match=r"(?s)dtype bfloat16 not supported.*torch\.autocast"):
+        module(torch.randn(3, 2, 3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert seqfast.current_backend("lstm", dtype=torch.bfloat16) != "numba"
