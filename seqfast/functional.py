@@ -50,6 +50,9 @@ class BackendNotSupportedError(RuntimeError):
         if able:
             lines.append(f"backends that can run it: {able}")
         lines.extend(f"  {name}: {'; '.join(why)}" for name, why in others.items() if why)
+        if _autocast_enabled(query.device):
+            lines.append(f"(dtype {str(query.dtype).replace('torch.', '')} is torch.autocast's, which runs "
+                         f"recurrences in its dtype: choose a backend that supports it, or run outside autocast)")
         super().__init__("\n".join(lines))
 
 
@@ -57,6 +60,12 @@ class InputError(ValueError, RuntimeError):
     """An input (or argument) a module cannot take: a wrong shape, dtype or device, no time steps, the wrong number
     of states. torch.nn raises RuntimeError for most of these and ValueError for some; this is both, so code written
     against either (or against seqfast's earlier ValueError) catches it."""
+
+
+def _autocast_enabled(device: str) -> bool:
+    from torch.amp.autocast_mode import is_autocast_available
+
+    return is_autocast_available(device) and torch.is_autocast_enabled(device)
 
 
 def explain(cell: str | CellSpec | Query, **query_fields) -> dict[str, list[str]]:
@@ -167,6 +176,11 @@ def check_lengths(lengths: Tensor, batch: int, steps: int, what: str = "lengths"
     if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
         raise TypeError(f"{what}: expected an integer tensor, got dtype {lengths.dtype}")
     if lengths.numel() == 0:  # an empty batch: nothing to check
+        return lengths.to(torch.int64)
+    if torch.compiler.is_compiling():
+        # a length's value is not known while tracing: the graph checks it when it runs
+        torch._assert_async((lengths >= 1).all() & (lengths <= steps).all(),
+                            f"{what}: every length must be in [1, {steps}] (the input's time steps)")
         return lengths.to(torch.int64)
     lo, hi = int(lengths.min()), int(lengths.max())
     if lo < 1:

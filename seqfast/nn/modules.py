@@ -37,6 +37,75 @@ def _check_bool(owner: str, name: str, value) -> None:
         raise TypeError(f"{owner}: {name} must be a bool, got {type(value).__name__} {value!r}")
 
 
+def _weight(module: nn.Module, name: str) -> Tensor:
+    """A module's weight by name: from _parameters (a dict lookup, the common case), else through getattr, which
+    computes a parametrized weight (torch.nn.utils.parametrize, weight_norm): those are absent from _parameters."""
+    p = module._parameters.get(name)
+    return getattr(module, name) if p is None else p
+
+
+_autocast_devices: dict[str, bool] = {}  # device type -> whether torch.autocast exists for it
+
+
+def _autocast_dtype(x: Tensor) -> torch.dtype | None:
+    """The dtype torch.autocast runs a recurrence on x in, or None outside autocast. As for torch's own ops, only
+    floating inputs other than float64 are cast."""
+    device = x.device.type
+    available = _autocast_devices.get(device)
+    if available is None:
+        from torch.amp.autocast_mode import is_autocast_available
+
+        available = _autocast_devices[device] = is_autocast_available(device)
+    if not available or not torch.is_autocast_enabled(device) or not x.dtype.is_floating_point \
+            or x.dtype == torch.float64:
+        return None
+    return torch.get_autocast_dtype(device)
+
+
+_composite_dtypes: dict[tuple, tuple[torch.dtype, ...]] = {}
+
+
+def _torch_nn_autocast_dtypes(cell: CellSpec, device: str, dtype: torch.dtype, autocast: torch.dtype, proj: bool,
+                              kind: str) -> tuple[torch.dtype, ...]:
+    """The dtypes of the states torch.nn returns under autocast, for inputs and parameters of `dtype`; kind is
+    "cell" (torch.nn's *Cell), "padded" (a sequence module on a padded input) or "packed" (lengths= or a
+    PackedSequence, which torch.nn runs as a PackedSequence).
+
+    torch.nn's fused kernels run in the autocast dtype: cuDNN's RNNs and the fused cells on CUDA, and on CPU
+    oneDNN's LSTM (mkldnn_rnn_layer is on autocast's lower-precision list; torch.nn takes it for an LSTM without
+    proj_size on a padded input). Everything else runs torch.nn's composite step: its matrix products in the
+    autocast dtype, its pointwise math promoting them with the states, so a state that mixes in its previous
+    value (LSTM's c, GRU's h) stays in `dtype`. Those dtypes are found by running the cell's reference step, the
+    same composite, on tiny tensors."""
+    if device == "cuda" or (device == "cpu" and cell.native_mode == "LSTM" and not proj and kind == "padded"
+                            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+        return (autocast,) * cell.num_states
+
+    def composite() -> tuple[torch.dtype, ...]:
+        hidden, g = 2, cell.num_gates
+        weights = Weights(weight_hh=None, bias_hh=None)
+        if cell.recurrence != "none":
+            shape = (g * hidden, 1 if proj else hidden) if cell.recurrence == "dense" else (g * hidden,)
+            weights.update(weight_hh=torch.zeros(shape, dtype=dtype), bias_hh=torch.zeros(g * hidden, dtype=dtype))
+        for p in cell.extra_params:
+            if p.recurrent:
+                weights[p.name] = torch.zeros(p.shape(hidden, int(proj)), dtype=dtype)
+        if proj:
+            weights["weight_hr"] = torch.zeros(1, hidden, dtype=dtype)
+        x_t = torch.zeros(1, g * hidden, dtype=autocast)  # the input projection, a matrix product
+        state = tuple(torch.zeros(1, 1 if (proj and i == 0) else hidden, dtype=dtype)
+                      for i in range(cell.num_states))
+        with torch.no_grad(), torch.autocast("cpu", dtype=autocast):
+            new = cell.reference_step(x_t, state, weights)
+            for _ in range(0 if kind == "cell" else 3):  # a sequence: step on until the dtypes settle
+                if all(a.dtype == b.dtype for a, b in zip(new, state, strict=True)):
+                    break
+                state, new = new, cell.reference_step(x_t, new, weights)
+        return tuple(s.dtype for s in new)
+
+    return memo(_composite_dtypes, (cell, dtype, autocast, proj, kind == "cell"), composite)
+
+
 class _ParamFactory:
     """Creates a layer-direction's parameters in torch.nn's order: w_ih, w_hh, b_ih, b_hh, extras, w_hr."""
 
@@ -283,34 +352,48 @@ class Recurrent(_PicklesCellByName, nn.Module):
             output = output.transpose(0, 1)
         return output, (final[0] if self.cell.num_states == 1 else final)
 
-    def _query(self, x: Tensor, state0: tuple[Tensor, ...] | None, level: str) -> Query:
+    def _query(self, x: Tensor, state0: tuple[Tensor, ...] | None, level: str, dtype: torch.dtype | None = None
+               ) -> Query:
+        """dtype: the one the recurrence runs in where it is not x's (torch.autocast's)."""
+        dtype = dtype or x.dtype
         requires_grad = torch.is_grad_enabled() and (
             x.requires_grad or (state0 is not None and any(s.requires_grad for s in state0))
-            or any(p.requires_grad for p in self._parameters.values()))
+            or any(p.requires_grad for p in (self.parameters() if self._modules else self._parameters.values())))
         if torch.compiler.is_compiling():  # no module state changes inside a traced graph
-            return self._new_query(x, requires_grad, level)
+            return self._new_query(x, requires_grad, level, dtype)
         # one Query per input shape, kept: building the frozen dataclass costs more than the lookup
-        return memo(self.__dict__.setdefault("_queries", {}), (x.shape, x.dtype, x.device.type, requires_grad, level),
-                    lambda: self._new_query(x, requires_grad, level), limit=64)
+        return memo(self.__dict__.setdefault("_queries", {}), (x.shape, dtype, x.device.type, requires_grad, level),
+                    lambda: self._new_query(x, requires_grad, level, dtype), limit=64)
 
-    def _new_query(self, x: Tensor, requires_grad: bool, level: str) -> Query:
-        return Query(cell=self.cell, device=x.device.type, dtype=x.dtype, hidden_size=self.hidden_size,
+    def _new_query(self, x: Tensor, requires_grad: bool, level: str, dtype: torch.dtype) -> Query:
+        return Query(cell=self.cell, device=x.device.type, dtype=dtype, hidden_size=self.hidden_size,
                      input_size=x.shape[-1], batch_size=x.shape[1], seq_len=x.shape[0], proj_size=self.proj_size,
                      requires_grad=requires_grad, level=level)
 
-    def _param(self, name: str) -> Tensor:
-        # _parameters first (a dict lookup); getattr for a parametrized weight (torch.nn.utils.parametrize),
-        # which is a property and absent from _parameters
-        p = self._parameters.get(name)
-        return getattr(self, name) if p is None else p
+    _param = _weight
 
     def _run(self, x: Tensor, lengths: Tensor | None, state0: tuple[Tensor, ...] | None):
-        backend, _ = select_backend(self._query(x, state0, "module"), self.backend)
+        autocast = _autocast_dtype(x)
+        backend, _ = select_backend(self._query(x, state0, "module", autocast), self.backend)
+        if autocast is None:
+            return self._run_on(backend, x, lengths, state0, self._param)
+        # as torch.nn does under autocast: the recurrence in the autocast dtype (inputs, states and weights cast;
+        # autograd casts their gradients back), the results in the dtypes torch.nn returns
+        with torch.autocast(x.device.type, enabled=False):
+            out, final = self._run_on(backend, x.to(autocast), lengths,
+                                      None if state0 is None else tuple(s.to(autocast) for s in state0),
+                                      lambda name: self._param(name).to(autocast))
+        dtypes = _torch_nn_autocast_dtypes(self.cell, x.device.type, x.dtype, autocast, bool(self.proj_size),
+                                           "padded" if lengths is None else "packed")
+        return out.to(dtypes[0]), tuple(s.to(d) for s, d in zip(final, dtypes, strict=True))
+
+    def _run_on(self, backend, x: Tensor, lengths: Tensor | None, state0: tuple[Tensor, ...] | None, param):
+        """The layers on `backend`, their weights read by param(name)."""
         if backend.has_stack():
             if state0 is None:
                 layers = self.num_layers * (2 if self.bidirectional else 1)
                 state0 = tuple(x.new_zeros(layers, x.shape[1], size) for size in self._state_sizes())
-            params = [[self._parameters[n] for n in names] for names in self._all_weights]
+            params = [[param(n) for n in names] for names in self._all_weights]
             return backend.run_stack(self.cell, x, lengths, state0, params, num_layers=self.num_layers,
                                      bidirectional=self.bidirectional, dropout=self.dropout,
                                      training=self.training, proj_size=self.proj_size)
@@ -322,14 +405,14 @@ class Recurrent(_PicklesCellByName, nn.Module):
             for direction in range(directions):
                 index = layer * directions + direction
                 w_ih, b_ih, recurrent = self._scan_names()[index]
-                weights = Weights({base: (self._param(name) if name else None) for base, name in recurrent})
+                weights = Weights({base: (param(name) if name else None) for base, name in recurrent})
                 if state0 is None:  # zero states: made by the backend if it can, else here
                     init = None if backend.accepts_zero_state else tuple(
                         x.new_zeros(x.shape[1], size) for size in self._state_sizes())
                 else:
                     init = tuple(s[index] for s in state0)
-                out, final = backend.layer(self.cell, layer_input, self._param(w_ih),
-                                           self._param(b_ih) if b_ih else None, init, weights, lengths,
+                out, final = backend.layer(self.cell, layer_input, param(w_ih), param(b_ih) if b_ih else None,
+                                           init, weights, lengths,
                                            direction == 1)
                 outputs.append(out)
                 for store, s in zip(finals, final, strict=True):
@@ -479,13 +562,24 @@ class RecurrentCell(_PicklesCellByName, nn.Module):
         return final[0] if self.cell.num_states == 1 else final
 
     def _step(self, x: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-        params = {n: getattr(self, n) for n in self._names}
+        params = {n: _weight(self, n) for n in self._names}
         requires_grad = torch.is_grad_enabled() and (x.requires_grad or any(s.requires_grad for s in state)
                                                      or any(p.requires_grad for p in params.values()))
-        query = Query(cell=self.cell, device=x.device.type, dtype=x.dtype, hidden_size=self.hidden_size,
+        autocast = _autocast_dtype(x)
+        query = Query(cell=self.cell, device=x.device.type, dtype=autocast or x.dtype, hidden_size=self.hidden_size,
                       input_size=self.input_size, batch_size=x.shape[1], seq_len=1, requires_grad=requires_grad,
                       level="module")
         backend, _ = select_backend(query, self.backend)
+        if autocast is None:
+            return self._step_on(backend, x, state, params)
+        with torch.autocast(x.device.type, enabled=False):  # as in Recurrent._run
+            final = self._step_on(backend, x.to(autocast), tuple(s.to(autocast) for s in state),
+                                  {n: p.to(autocast) for n, p in params.items()})
+        dtypes = _torch_nn_autocast_dtypes(self.cell, x.device.type, x.dtype, autocast, False, "cell")
+        return tuple(s.to(d) for s, d in zip(final, dtypes, strict=True))
+
+    def _step_on(self, backend, x: Tensor, state: tuple[Tensor, ...], params: dict[str, Tensor]
+                 ) -> tuple[Tensor, ...]:
         if backend.has_stack():
             _, final = backend.run_stack(self.cell, x, None, tuple(s.unsqueeze(0) for s in state),
                                          [list(params.values())], num_layers=1, bidirectional=False, dropout=0.0,

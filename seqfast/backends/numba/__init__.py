@@ -81,8 +81,24 @@ MIN_WORK_PER_THREAD = 2_000_000
 MIN_ROWS_PER_THREAD = 2
 
 
+_in_forked_child = False
+
+
+def _after_fork_in_child() -> None:
+    global _in_forked_child, _pool
+    _in_forked_child = True
+    _pool, _pool_size[0] = None, 0  # the parent's pool threads do not exist here
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def num_threads() -> int:
-    """Threads a scan may use: SEQFAST_NUMBA_THREADS, else torch's intra-op thread count."""
+    """Threads a scan may use: SEQFAST_NUMBA_THREADS, else torch's intra-op thread count; one in a forked child
+    (a DataLoader worker), whatever is set: libgomp is not fork-safe, and a team started in a child whose parent
+    had started one hangs."""
+    if _in_forked_child:
+        return 1
     env = getenv("SEQFAST_NUMBA_THREADS")
     if env:
         try:
