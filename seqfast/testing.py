@@ -15,7 +15,10 @@ independent loop, so the `torch` backend is checked too). Checks:
   gradcheck  float64 torch.autograd.gradcheck of the scan (where the backend runs float64)
   nan        a NaN inside one sequence spreads exactly as it does in the reference; other sequences stay finite
   bad_input  malformed scan arguments raise a ValueError naming the argument
-A backend that declares it cannot run a case is skipped with its reasons (unittest.SkipTest, which pytest shows).
+A backend that declares it cannot run a case is skipped with its reasons (unittest.SkipTest, which pytest shows),
+except that a fused backend (numba, triton) that cannot compile the cell's pointwise code fails the case: the code
+is outside the contract every fused backend compiles (README, "Writing a cell"), or the backend has a bug.
+check_cell reports every failing case, whatever it raised.
 Cases run on CPU where the backend runs there, else on its device: on a GPU machine with TRITON_INTERPRET unset,
 `triton` cases run the compiled kernels on CUDA (float32 dots at float32 accuracy, not TF32).
 """
@@ -122,6 +125,12 @@ class Case:
     def _skip_unless_supported(self, level: str, requires_grad: bool = True) -> None:
         if self.backend not in registry.backends:
             raise unittest.SkipTest(f"backend {self.backend!r} is not registered")
+        backend, spec = registry.backends[self.backend], self._spec()
+        if backend.available():
+            uncompiled = backend.pointwise_reasons(spec)  # a failure of the cell (or the backend), not a skip
+            if uncompiled:
+                raise AssertionError(f"{self}: backend {self.backend!r} compiles pointwise code but cannot compile "
+                                     f"cell {spec.name!r}'s: {'; '.join(uncompiled)}")
         query = Query(self._spec(), device=self.device, dtype=self.dtype, hidden_size=self.hidden,
                       batch_size=self.batch, seq_len=self.steps, requires_grad=requires_grad, level=level)
         reasons = registry.backends[self.backend].not_supported_reasons(query)
@@ -356,6 +365,9 @@ def check_cell(cell: str | CellSpec, backends: list[str] | None = None, *, seed:
         except AssertionError as exc:
             report[str(case)] = "failed"
             failures.append(f"{case}: {exc}")
+        except Exception as exc:  # reported with the rest: one broken case must not hide the others
+            report[str(case)] = "failed"
+            failures.append(f"{case}: {type(exc).__name__}: {exc}")
         else:
             report[str(case)] = "passed"
     if failures:

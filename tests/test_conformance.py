@@ -38,7 +38,7 @@ def cell_with_wrong_backward():
 
     spec = seqfast.CellSpec("gru_wrong", 3, ("h",), good.reference_step,
                             pointwise=seqfast.Pointwise(good.pointwise.forward, wrong_backward))
-    seqfast.register_cell(spec)
+    registry.cells[spec.name] = spec  # past registration, which rejects it: the kit must catch it on its own
     yield spec
     del registry.cells[spec.name]
 

@@ -40,21 +40,43 @@ def pointwise_recurrent_term(cell: CellSpec, x: Tensor, state: tuple[Tensor, ...
     return torch.cat(parts, 1)
 
 
+def _tensors(*args) -> tuple[Tensor, ...]:
+    """Numbers become tensors as torch broadcasts them: the dtype and device of the first floating tensor
+    argument (float64 when there is none, so constants stay exact)."""
+    like = next((a for a in args if isinstance(a, Tensor) and a.is_floating_point()), None)
+    dtype = like.dtype if like is not None else torch.float64
+    device = like.device if like is not None else None
+    return tuple(a if isinstance(a, Tensor) else torch.as_tensor(a, dtype=dtype, device=device) for a in args)
+
+
+def _numbers_as_tensors(fn):
+    def wrapped(*args):
+        return fn(*_tensors(*args))
+
+    wrapped.__name__ = wrapped.__qualname__ = fn.__name__
+    return wrapped
+
+
+def _clamp(x, low, high):
+    # min(max(x, low), high), as torch.clamp: NaN propagates, and low > high gives high
+    return torch.minimum(torch.maximum(x, low), high)
+
+
 def _where(cond, a, b):
-    return torch.where(cond, torch.as_tensor(a), torch.as_tensor(b))
+    return torch.where(cond, *_tensors(a, b))
 
 
-# The math namespace `m` that pointwise code is written against, evaluated with torch tensors.
-# Fused backends provide the same names (numba scalar functions, triton tl functions).
-TORCH_MATH = SimpleNamespace(
-    exp=torch.exp,
-    log=torch.log,
-    tanh=torch.tanh,
-    sigmoid=torch.sigmoid,
-    relu=torch.relu,
-    sqrt=torch.sqrt,
-    abs=torch.abs,
-    maximum=torch.maximum,
-    minimum=torch.minimum,
+class _MathNamespace(SimpleNamespace):
+    def __getattr__(self, name: str):  # only for a name it lacks
+        raise AttributeError(f"the math namespace m has no {name!r}; it provides {', '.join(vars(self))}")
+
+
+# The math namespace `m` that pointwise code is written against, evaluated with torch tensors: the semantics every
+# backend's version of a name follows (seqfast.backends.pointwise_source.MATH_FUNCTIONS lists the names). Every
+# argument may be a number where torch would broadcast one.
+TORCH_MATH = _MathNamespace(
+    **{fn.__name__.lstrip("_"): _numbers_as_tensors(fn) for fn in (
+        torch.exp, torch.log, torch.log1p, torch.expm1, torch.sqrt, torch.abs, torch.sin, torch.cos,
+        torch.tanh, torch.sigmoid, torch.relu, F.softplus, torch.pow, torch.maximum, torch.minimum, _clamp)},
     where=_where,
 )

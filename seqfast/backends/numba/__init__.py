@@ -383,10 +383,13 @@ class NumbaBackend(FusedBackend):
         return _numba_missing()
 
     def extra_reasons(self, query: Query) -> list[str]:
-        if query.cell.pointwise is None:
+        return self.pointwise_reasons(query.cell)
+
+    def pointwise_reasons(self, cell: CellSpec) -> list[str]:
+        if cell.pointwise is None:
             return []  # already reported by needs_pointwise
         try:
-            check_cell(query.cell)
+            check_cell(cell)
         except CodegenError as exc:
             return [f"cannot compile the cell's pointwise code: {exc}"]
         return []

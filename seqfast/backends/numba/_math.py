@@ -114,3 +114,42 @@ def minimum(a, b):
 @njit(inline="always")
 def where(cond, a, b):
     return a if cond else b
+
+
+# --- the rest of the namespace: generic over float32 / float64 (the argument's type is kept) -------------------
+@njit(inline="always")
+def log1p(a):
+    return np.log1p(a)
+
+
+@njit(inline="always")
+def expm1(a):
+    return np.expm1(a)
+
+
+@njit(inline="always")
+def sin(a):
+    return np.sin(a)
+
+
+@njit(inline="always")
+def cos(a):
+    return np.cos(a)
+
+
+# torch.nn.functional.softplus with its defaults (beta=1, threshold=20): linear above the threshold; NaN falls
+# through the comparison into log1p(exp(NaN)) = NaN
+@njit(inline="always")
+def softplus(a):
+    return a if a > 20 else np.log1p(np.exp(a))
+
+
+@njit(inline="always")
+def power(a, b):
+    return a ** b
+
+
+# as torch.clamp: NaN propagates (through maximum / minimum), and low > high gives high
+@njit(inline="always")
+def clamp(a, low, high):
+    return minimum(maximum(a, low), high)

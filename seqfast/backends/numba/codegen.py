@@ -765,7 +765,8 @@ def generate_source(cell: CellSpec, dtype: str) -> str:
     lay = _Layout(cell.num_gates, cell.num_states, tuple(per_unit_width(cell, n) for n in pw.params),
                   cell.recurrence, groups)
     suffix = "_f32" if dtype == "float32" else "_f64"
-    alias = {"tanh": "tanh" + suffix, "sigmoid": "sigmoid" + suffix, "relu": "relu" + suffix, "abs": "fabs"}
+    alias = {"tanh": "tanh" + suffix, "sigmoid": "sigmoid" + suffix, "relu": "relu" + suffix, "abs": "fabs",
+             "pow": "power"}
     math_imports = "\n".join(
         f"from seqfast.backends.numba._math import {alias.get(n, n)} as _m_{n}" for n in MATH_NAMES
     )

@@ -122,7 +122,9 @@ class TritonBackend(FusedBackend):
         return None
 
     def extra_reasons(self, query: Query) -> list[str]:
-        cell = query.cell
+        return self.pointwise_reasons(query.cell)
+
+    def pointwise_reasons(self, cell: CellSpec) -> list[str]:
         if cell.pointwise is None:
             return []  # the base class already says so
         if cell.pointwise.stages:

@@ -1,9 +1,10 @@
 """Turns a CellSpec into a Python module of Triton kernels: the cell's pointwise code inlined into the templates.
 
 How: the source of `Pointwise.forward` / `.backward` is parsed (ast), its first parameter (the math namespace `m`)
-is dropped and every `m.name` becomes a call of the generated `_sf_name` jit function; number constants it reads
-(module globals or closure variables) are copied in as constexpr globals. Anything else it reads (a helper
-function, an object) is a CodegenError, which the backend reports as its reason for not running the cell.
+is dropped and every `m.name` (and %, //, **, abs) becomes a call of a `_sf_name` jit function of the math prelude
+(kernels.py); number constants it reads (module globals or closure variables) are copied in as constexpr globals.
+Anything else it reads (a helper function, an object) or any construct outside the pointwise contract is a
+CodegenError, which the backend reports as its reason for not running the cell.
 The tuples xg, hg, state, params (and d_new_state) stay tuples: the kernels build them from block variables and
 Triton passes tuples to jit functions, so the cell's code runs as written. The kernel templates (kernels.py) are
 expanded for the cell's number of gates, states and per-unit parameter values, and the whole module is written
@@ -28,11 +29,14 @@ from types import ModuleType
 
 from ...registry import CellSpec
 from ..pointwise_source import parse_pointwise, per_unit_rows
-from .kernels import BACKWARD_TEMPLATE, FORWARD_TEMPLATE, MATH_PRELUDE
+from .kernels import BACKWARD_TEMPLATE, FORWARD_TEMPLATE, MATH_EXTENSIONS, MATH_PRELUDE
 
 __all__ = ["CodegenError", "param_layout", "generate_source", "load_kernels", "cache_dir"]
 
 _MATH_PREFIX = "_sf_"
+# Triton's % is C's fmod, its // rejects floats and ** is missing: these become the prelude's functions, which
+# follow Python's (and torch's) floor semantics
+_OPERATOR_FUNCTIONS = {ast.Mod: "mod", ast.FloorDiv: "floordiv", ast.Pow: "pow"}
 
 
 class CodegenError(ValueError):
@@ -56,7 +60,8 @@ def pointwise_source(fn: Callable, new_name: str, cell: str) -> tuple[str, dict[
     role = "backward" if new_name.endswith("backward") else "forward"
     where = f"cell {cell!r}: pointwise {role} ({getattr(fn, '__qualname__', fn)!s})"
     fdef, constants = parse_pointwise(fn, where=where, nargs=6 if role == "backward" else 5, new_name=new_name,
-                                      prefix=_MATH_PREFIX, error=CodegenError, allowed_names=dir(builtins))
+                                      prefix=_MATH_PREFIX, error=CodegenError, allowed_names=dir(builtins),
+                                      operators=_OPERATOR_FUNCTIONS, float_numbers=True)
     return ast.unparse(ast.fix_missing_locations(fdef)), constants
 
 
@@ -117,6 +122,7 @@ def generate_source(cell: CellSpec) -> str:
         "    return value if _SF_INTERPRET else tl.constexpr(value)",
         "",
         MATH_PRELUDE,
+        MATH_EXTENSIONS,
     ]
     bwd_src = None
     if pw.backward is not None:

@@ -349,3 +349,80 @@ def scan_backward(
                     tl.store(WS + woff, tl.where(active[:, None], c0 + rec, c0), mask=m2)
                 tl.debug_barrier()
 '''
+
+# The rest of the math namespace, and the operators whose Python (and torch) semantics Triton lacks: % is C's
+# fmod there and // and ** are missing (codegen rewrites `a % b` to _sf_mod(a, b), and so on). tl has no log1p,
+# expm1 or pow, and the interpreter has no libdevice, so they are built from exp and log with the classic
+# corrections for rounding.
+MATH_EXTENSIONS = '''
+@triton.jit
+def _sf_sin(x):
+    return tl.sin(x)
+
+
+@triton.jit
+def _sf_cos(x):
+    return tl.cos(x)
+
+
+@triton.jit
+def _sf_log1p(x):
+    # log(w) * x / (w - 1) with w = 1 + x as rounded (Goldberg): accurate for small x, where log(1 + x) is not
+    w = 1.0 + x
+    ratio = tl.where(x == w, 1.0, x / (w - 1.0))  # x == w: x is inf (or so large that 1 + x rounds to x)
+    return tl.where(w == 1.0, x, tl.log(w) * ratio)
+
+
+@triton.jit
+def _sf_expm1(x):
+    # (u - 1) * x / log(u) with u = exp(x) as rounded (Kahan): accurate for small x, where exp(x) - 1 is not
+    u = tl.exp(x)
+    um1 = u - 1.0
+    r = tl.where((um1 == u) | (u == 0.0), um1, um1 * (x / tl.log(u)))  # u - 1 exact: large x, or x -> -inf
+    return tl.where(u == 1.0, x, r)
+
+
+@triton.jit
+def _sf_softplus(x):
+    # torch.nn.functional.softplus with its defaults (beta=1, threshold=20): linear above the threshold
+    return tl.where(x > 20.0, x, _sf_log1p(tl.exp(x)))
+
+
+@triton.jit
+def _sf_clamp(x, low, high):
+    # as torch.clamp: NaN propagates, and low > high gives high
+    return _sf_minimum(_sf_maximum(x, low), high)
+
+
+@triton.jit
+def _sf_pow(a, b):
+    # torch.pow: |a|^b by exp and log, negative for a negative base and an odd integer exponent, NaN (log of a
+    # negative number) for a negative base and a non-integer one; x^0 = 1^y = 1 even for NaN; squares exact
+    b = tl.where(a == a, b, b)  # a number b as a tensor (of a's shape), for floor and &
+    a = a + tl.zeros_like(b)  # a number a as a tensor of b's type, so that its log is taken at that precision
+    integral = tl.floor(b) == b
+    odd = integral & (tl.floor(b * 0.5) * 2.0 != b)
+    base = tl.where((a < 0.0) & integral, -a, a)
+    mag = tl.exp(b * tl.log(base))
+    r = tl.where((a < 0.0) & odd, -mag, mag)
+    r = tl.where(b == 2.0, a * a, r)
+    return tl.where((b == 0.0) | (a == 1.0), 1.0, r)
+
+
+@triton.jit
+def _sf_mod(a, b):
+    # Python's and torch's remainder takes the divisor's sign; fmod's (Triton's %) takes the dividend's
+    r = a % b
+    return tl.where((r != 0.0) & ((r < 0.0) != (b < 0.0)), r + b, r)
+
+
+@triton.jit
+def _sf_floordiv(a, b):
+    # torch's (and CPython's) floor division: from fmod, so that it is exact where floor(a / b) is not
+    r = a % b
+    q = (a - r) / b
+    q = tl.where((r != 0.0) & ((r < 0.0) != (b < 0.0)), q - 1.0, q)
+    f = tl.floor(q)
+    f = tl.where(q - f > 0.5, f + 1.0, f)
+    return tl.where(b == 0.0, a / b, tl.where(q == 0.0, 0.0 * (a / b), f))
+'''
