@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -222,6 +223,9 @@ def test_staged_kernels_compile_for_sm90():
     configs = {"gru_reset_before:64:float32": True, "gru_reset_before:128:float32": True,
                "gru_reset_before:33:bfloat16:16": False}
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # the seqfast under test, wherever the working directory is (the tests run in a temporary one)
+    root = str(Path(seqfast.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
     proc = subprocess.run([sys.executable, "-m", "seqfast.backends.triton.aot", *configs], env=env,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
