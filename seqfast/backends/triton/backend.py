@@ -59,6 +59,10 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def _num_stages(cell: CellSpec) -> int:
+    return len(cell.pointwise.stages) if cell.pointwise is not None else 0
+
+
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -127,9 +131,6 @@ class TritonBackend(FusedBackend):
     def pointwise_reasons(self, cell: CellSpec) -> list[str]:
         if cell.pointwise is None:
             return []  # the base class already says so
-        if cell.pointwise.stages:
-            return [f"cell {cell.name!r} is staged (Pointwise.stages: a second recurrent product within a step), "
-                    "which the triton kernels do not run yet; numba and torch do"]
         if cell not in self._codegen_reasons:
             try:
                 generate_source(cell)
@@ -195,7 +196,10 @@ class TritonBackend(FusedBackend):
     # --- FusedBackend -----------------------------------------------------------------------------------------
     def saved_shapes(self, cell: CellSpec, steps: int, batch: int, hidden: int) -> list[tuple[int, ...]]:
         # recurrent pre-activations of every step, and every state before every step (state 0 also feeds dW_hh)
-        return [(steps, batch, cell.num_gates * hidden), (cell.num_states, steps, batch, hidden)]
+        shapes = [(steps, batch, cell.num_gates * hidden), (cell.num_states, steps, batch, hidden)]
+        if _num_stages(cell):  # each stage's vector: the operand of its gate group's share of dW_hh
+            shapes.append((_num_stages(cell), steps, batch, hidden))
+        return shapes
 
     def _common(self, cell: CellSpec, x_proj: Tensor, weights: list[Tensor | None], lengths: Tensor | None):
         steps, batch, width = x_proj.shape
@@ -243,25 +247,33 @@ class TritonBackend(FusedBackend):
         out = torch.empty(steps, batch, hidden, dtype=x.dtype, device=x.device)
         finals = [torch.empty_like(s) for s in states]
         saved: list[Tensor] = []
-        hg_save, sv = dummy, [dummy] * cell.num_states
+        stages = _num_stages(cell)
+        hg_save, sv, vs = dummy, [dummy] * cell.num_states, [dummy] * stages
         if need_saved:
             shapes = self.saved_shapes(cell, steps, batch, hidden)
             saved = [torch.empty(shape, dtype=x.dtype, device=x.device) for shape in shapes]
             hg_save, sv = saved[0], list(saved[1].unbind(0))
-        ws = dummy
+            if stages:
+                vs = list(saved[2].unbind(0))
+        ws = state_ws = dummy
         if not plan.on_chip:
-            ws = torch.empty(2, cell.num_states, batch, hidden, dtype=torch.float32, device=x.device)
-            ws[0].copy_(torch.stack(states))
+            # the states [2, S, B, H] (ping-pong by step parity); a staged cell's stage vectors [stages, B, H]
+            # and one step's hg [G, B, H] after them (see kernels.py)
+            size = 2 * cell.num_states * batch * hidden
+            extra = (stages * batch * hidden + batch * x.shape[2]) if stages else 0
+            ws = torch.empty(size + extra, dtype=torch.float32, device=x.device)
+            state_ws = ws[:size].view(2, cell.num_states, batch, hidden)
+            state_ws[0].copy_(torch.stack(states))
         kernels.scan_forward[grid](
             x, dummy if w_hh is None else w_hh.contiguous(), dummy if b_hh is None else b_hh.contiguous(),
             dummy if lengths is None else lengths, out, hg_save, ws,
-            *params, *states, *finals, *sv,
+            *params, *states, *finals, *sv, *vs,
             steps, batch, hidden,
             REVERSE=bool(reverse), HAS_BIAS=b_hh is not None, SAVE=need_saved, ROUND_HG=x.dtype != torch.float32,
             **consts,
         )
         if not plan.on_chip:
-            for final, value in zip(finals, ws[steps % 2].unbind(0), strict=True):
+            for final, value in zip(finals, state_ws[steps % 2].unbind(0), strict=True):
                 final.copy_(value)
         return out, finals, saved
 
@@ -278,7 +290,7 @@ class TritonBackend(FusedBackend):
         if batch == 0:
             return torch.zeros_like(x), [torch.zeros_like(s) for s in state0], [
                 None if w is None else torch.zeros_like(w) for w in weights]
-        hg_save, sv_all = saved
+        hg_save, sv_all, *stage_vectors = saved
         w_hh = by_name["weight_hh"]
         go = outputs.new_zeros(outputs.shape) if grad_outputs is None else grad_outputs.contiguous()
         gf = [torch.zeros_like(s) if g is None else g.contiguous() for g, s in zip(grad_final, state0, strict=True)]
@@ -305,8 +317,14 @@ class TritonBackend(FusedBackend):
         grads: dict[str, Tensor | None] = {}
         h_prev = sv_all[0]
         if cell.recurrence == "dense":
-            # the recurrent-weight gradient as one GEMM over every step and row: dW = dHG^T @ H_prev
-            grads["weight_hh"] = dhg.reshape(-1, dhg.shape[-1]).t().mm(h_prev.reshape(-1, hidden))
+            # the recurrent-weight gradient as one GEMM over every step and row: dW = dHG^T @ H_prev; a staged
+            # cell's gate groups each take their own operand (h_prev, then each stage's vector)
+            operands = [h_prev, *(v for vs in stage_vectors for v in vs.unbind(0))]
+            groups = cell.pointwise.gate_groups(cell.num_gates) if stage_vectors else ((0, cell.num_gates),)
+            flat = dhg.reshape(-1, dhg.shape[-1])
+            parts = [flat[:, first * hidden:end * hidden].t().mm(v.reshape(-1, hidden))
+                     for (first, end), v in zip(groups, operands, strict=True)]
+            grads["weight_hh"] = parts[0] if len(parts) == 1 else torch.cat(parts)
         elif cell.recurrence == "diagonal":
             prod = dhg.view(steps, batch, cell.num_gates, hidden).float() * h_prev.unsqueeze(2).float()
             grads["weight_hh"] = prod.sum((0, 1)).reshape(-1).to(x.dtype)

@@ -6,12 +6,18 @@ Math (one layer, one direction; G gates, S states, H hidden units, cell pointwis
     backward  d_x_t, d_hg_t, d_state_pw, d_params = pw.backward(x_t, hg_t, state_{t-1}, params, d_state_t)
               d_state_{t-1} = d_state_pw + [d_hg_t @ W_hh on state 0];  d_W_hh = sum_t d_hg_t^T h_{t-1} is one GEMM
               after the loop (on the host), d_b_hh = sum_t d_hg_t.
+    staged cells (Pointwise.stages, dense only): the gates split into groups at the stages; group 0's product
+    takes h, stage k's vector v_k = pw.stage_k(x_t, hg_t of the gates before it, state_{t-1}, params) is the
+    operand of group k+1's product. Backward, stages in reverse: d_v_k = d_hg_t[group k+1] @ W_hh[its rows],
+    then stage_k's derivative adds to d_x_t, d_hg_t, d_state, d_params; only group 0's d_hg reaches h directly.
+    The forward saves VS_k [T, B, H] = v_k (0 past a row's length): group k+1's rows of d_W_hh take it as operand.
 Memory layout (all contiguous, row = t * B + b for the per-row time t of batch row b):
     X [T, B, G*H] (gate g of unit j at g*H + j), OUT / GO [T, B, H], W_hh [G*H, H] or [G*H] (the backward takes
     each gate's block transposed, [G, H, H]: a dot's weight operand should be contiguous along the reduction),
     states [B, H],
     saved: HG [T, B, G*H] (recurrent pre-activations), SV_s [T, B, H] (state s *before* the step at t),
-    tiled-path workspaces (fp32): forward WS [2, S, B, H] (ping-pong by step parity), backward WS [S, B, H].
+    tiled-path workspaces (fp32): forward WS [2, S, B, H] (ping-pong by step parity; for a staged cell
+    followed by its stage vectors [stages, B, H] and one step's hg [G, B, H]), backward WS [S, B, H].
 Grid: one program per BLOCK_B batch rows; each program walks all T steps (a persistent kernel). ON_CHIP loads
 W_hh once, before the loop (Triton stages a dot's weight operand in shared memory), and keeps the state in
 registers; otherwise the hidden dimension is tiled (BLOCK_H output units x BLOCK_K reduction), W_hh streams from
@@ -22,8 +28,14 @@ The state is fp32 throughout; half-precision inputs feed tl.dot as half with fp3
 recurrent pre-activations hg are rounded to the input type (they are saved in it) before the gate math.
 
 The templates below are expanded by codegen.py: a line holding `@g` is repeated for every gate, `@s` for every
-state, `@p` for every per-unit parameter value; `$NAME` tokens are substituted (lists end with a comma so a
-single element is still a tuple). `pw_forward` / `pw_backward` are the cell's own pointwise functions.
+state, `@p` for every per-unit parameter value, `@f` / `@l` for the gates of the first / last group, `@e` for the
+gates before the last group, `@k` for every stage (a line holding several markers is repeated for each
+combination). `for @k in STAGES:` (or `reversed(STAGES)`) is unrolled at generation, its body once per stage,
+where `@i` are the gates the stage reads, `@c` the group ending at it, `@b` the gates before that group, `@n` the
+group after it, `@op` the workspace row of `@c`'s operand and `@xs` / `@hs` the tuples of the stage's inputs.
+Without stages there is one group and those loops vanish. `$NAME` tokens are substituted (lists end with a comma
+so a single element is still a tuple). `pw_forward` / `pw_backward` / `pw_stage<k>[_backward]` are the cell's own
+pointwise functions.
 """
 
 from __future__ import annotations
@@ -95,6 +107,7 @@ def scan_forward(
     $S0_ARGS
     $SF_ARGS
     $SV_ARGS
+    VS_@k,
     T, B, H,
     HAS_LEN: tl.constexpr, REVERSE: tl.constexpr, RECURRENCE: tl.constexpr, HAS_BIAS: tl.constexpr,
     SAVE: tl.constexpr, ON_CHIP: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -141,15 +154,27 @@ def scan_forward(
                 hd = st0.to(W.dtype.element_ty)
                 if DOT_F32:
                     hd = hd.to(tl.float32)
-                hg@g = tl.dot(hd, wt@g, input_precision=PRECISION, out_dtype=tl.float32)
+                hg@f = tl.dot(hd, wt@f, input_precision=PRECISION, out_dtype=tl.float32)
             if RECURRENCE == 1:
                 hg@g = st0 * wd@g[None, :]
             if RECURRENCE == 2:
                 hg@g = zero
             if HAS_BIAS:
-                hg@g = hg@g + bh@g[None, :]
+                hg@f = hg@f + bh@f[None, :]
             if ROUND_HG:
-                hg@g = hg@g.to(X.dtype.element_ty).to(tl.float32)
+                hg@f = hg@f.to(X.dtype.element_ty).to(tl.float32)
+            for @k in STAGES:  # stage @k's vector takes h's place in the product of the gates after it
+                v = pw_stage@k((@xs), (@hs), ($ST), ($PV)) + zero
+                if SAVE:  # the operand of those gates' weight gradient (0 past the end: no contribution)
+                    tl.store(VS_@k + hoff, tl.where(active[:, None], v, 0.0).to(VS_@k.dtype.element_ty), mask=m2)
+                vd = v.to(W.dtype.element_ty)
+                if DOT_F32:
+                    vd = vd.to(tl.float32)
+                hg@n = tl.dot(vd, wt@n, input_precision=PRECISION, out_dtype=tl.float32)
+                if HAS_BIAS:
+                    hg@n = hg@n + bh@n[None, :]
+                if ROUND_HG:
+                    hg@n = hg@n.to(X.dtype.element_ty).to(tl.float32)
             if SAVE:
                 tl.store(HG + xoff + @g * H, hg@g.to(HG.dtype.element_ty), mask=m2)
                 tl.store(SV_@s + hoff, st@s.to(SV_@s.dtype.element_ty), mask=m2)
@@ -169,6 +194,42 @@ def scan_forward(
             row = t.to(tl.int64) * B + rb
             src = (step % 2) * $S
             dst = $S - src
+            for @k in STAGES:  # every unit of stage @k's vector before the next group's product reads it
+                for j0 in range(0, H, BLOCK_H):
+                    rj = j0 + tl.arange(0, BLOCK_H)
+                    mj = rj < H
+                    m2 = mb[:, None] & mj[None, :]
+                    xoff = row[:, None] * GH + rj[None, :]
+                    hoff = row[:, None] * H + rj[None, :]
+                    woff = rb[:, None] * H + rj[None, :]
+                    acc@c = zero
+                    for k0 in range(0, H, BLOCK_K):
+                        rk = k0 + tl.arange(0, BLOCK_K)
+                        mk = rk < H
+                        wmask = mk[:, None] & mj[None, :]
+                        vk = tl.load(WS + @op * BH + rb[:, None] * H + rk[None, :], mask=mb[:, None] & mk[None, :],
+                                     other=0.0, cache_modifier=".cg").to(W.dtype.element_ty)
+                        if DOT_F32:
+                            vk = vk.to(tl.float32)
+                        w@c = tl.load(W + (@c * H + rj[None, :]) * H + rk[:, None], mask=wmask, other=0.0)
+                        if DOT_F32:
+                            w@c = w@c.to(tl.float32)
+                        acc@c += tl.dot(vk, w@c, input_precision=PRECISION, out_dtype=tl.float32)
+                    hg@c = acc@c
+                    if HAS_BIAS:
+                        hg@c = hg@c + tl.load(BHH + @c * H + rj, mask=mj, other=0.0).to(tl.float32)[None, :]
+                    if ROUND_HG:
+                        hg@c = hg@c.to(X.dtype.element_ty).to(tl.float32)
+                    tl.store(WS + ($HG_ROW + @c) * BH + woff, hg@c, mask=m2)
+                    hg@b = tl.load(WS + ($HG_ROW + @b) * BH + woff, mask=m2, other=0.0, cache_modifier=".cg")
+                    xg@i = tl.load(X + xoff + @i * H, mask=m2, other=0.0).to(tl.float32)
+                    st@s = tl.load(WS + (src + @s) * BH + woff, mask=m2, other=0.0, cache_modifier=".cg")
+                    pv@p = tl.load(@pptr + @prow * H + rj, mask=mj, other=0.0).to(tl.float32)[None, :]
+                    v = tl.where(active[:, None], pw_stage@k((@xs), (@hs), ($ST), ($PV)) + zero, 0.0)
+                    tl.store(WS + ($V_ROW + @k) * BH + woff, v, mask=m2)
+                    if SAVE:
+                        tl.store(VS_@k + hoff, v.to(VS_@k.dtype.element_ty), mask=m2)
+                tl.debug_barrier()
             for j0 in range(0, H, BLOCK_H):
                 rj = j0 + tl.arange(0, BLOCK_H)
                 mj = rj < H
@@ -177,29 +238,30 @@ def scan_forward(
                 hoff = row[:, None] * H + rj[None, :]
                 woff = rb[:, None] * H + rj[None, :]
                 if RECURRENCE == 0:
-                    acc@g = zero
+                    acc@l = zero
                     for k0 in range(0, H, BLOCK_K):
                         rk = k0 + tl.arange(0, BLOCK_K)
                         mk = rk < H
                         wmask = mk[:, None] & mj[None, :]
-                        hk = tl.load(WS + src * BH + rb[:, None] * H + rk[None, :], mask=mb[:, None] & mk[None, :],
+                        hk = tl.load(WS + $HK_ROW * BH + rb[:, None] * H + rk[None, :], mask=mb[:, None] & mk[None, :],
                                      other=0.0, cache_modifier=".cg").to(W.dtype.element_ty)
                         if DOT_F32:
                             hk = hk.to(tl.float32)
-                        w@g = tl.load(W + (@g * H + rj[None, :]) * H + rk[:, None], mask=wmask, other=0.0)
+                        w@l = tl.load(W + (@l * H + rj[None, :]) * H + rk[:, None], mask=wmask, other=0.0)
                         if DOT_F32:
-                            w@g = w@g.to(tl.float32)
-                        acc@g += tl.dot(hk, w@g, input_precision=PRECISION, out_dtype=tl.float32)
-                    hg@g = acc@g
+                            w@l = w@l.to(tl.float32)
+                        acc@l += tl.dot(hk, w@l, input_precision=PRECISION, out_dtype=tl.float32)
+                    hg@l = acc@l
                 if RECURRENCE == 1:
                     hprev = tl.load(WS + src * BH + woff, mask=m2, other=0.0, cache_modifier=".cg")
                     hg@g = hprev * tl.load(W + @g * H + rj, mask=mj, other=0.0).to(tl.float32)[None, :]
                 if RECURRENCE == 2:
                     hg@g = zero
                 if HAS_BIAS:
-                    hg@g = hg@g + tl.load(BHH + @g * H + rj, mask=mj, other=0.0).to(tl.float32)[None, :]
+                    hg@l = hg@l + tl.load(BHH + @l * H + rj, mask=mj, other=0.0).to(tl.float32)[None, :]
                 if ROUND_HG:
-                    hg@g = hg@g.to(X.dtype.element_ty).to(tl.float32)
+                    hg@l = hg@l.to(X.dtype.element_ty).to(tl.float32)
+                hg@e = tl.load(WS + ($HG_ROW + @e) * BH + woff, mask=m2, other=0.0, cache_modifier=".cg")
                 pv@p = tl.load(@pptr + @prow * H + rj, mask=mj, other=0.0).to(tl.float32)[None, :]
                 st@s = tl.load(WS + (src + @s) * BH + woff, mask=m2, other=0.0, cache_modifier=".cg")
                 xg@g = tl.load(X + xoff + @g * H, mask=m2, other=0.0).to(tl.float32)
@@ -273,15 +335,23 @@ def scan_backward(
             keep = active[:, None] & mh[None, :]
             dxg@g = tl.where(keep, d[0][@g] + zero, 0.0)
             dhg@g = tl.where(keep, d[1][@g] + zero, 0.0)
+            for @k in reversed(STAGES):  # d_v = d_hg[gates after stage @k] @ W_hh[their rows], then v's derivative
+                dv = zero
+                dv += tl.dot(dhg@n.to(WT).to(w@n.dtype), w@n, input_precision=PRECISION, out_dtype=tl.float32)
+                ds@k = pw_stage@k_backward((@xs), (@hs), ($ST), ($PV), dv)
+                dxg@i = dxg@i + tl.where(keep, ds@k[0][@i] + zero, 0.0)
+                dhg@i = dhg@i + tl.where(keep, ds@k[1][@i] + zero, 0.0)
+                dpacc@p += tl.where(keep, ds@k[3][@p] + zero, 0.0)
             tl.store(DX + xoff + @g * H, dxg@g.to(DX.dtype.element_ty), mask=m2)
             tl.store(DHG + xoff + @g * H, dhg@g.to(DHG.dtype.element_ty), mask=m2)
             dpacc@p += tl.where(keep, d[3][@p] + zero, 0.0)
             rec = zero
             if RECURRENCE == 0:
-                rec += tl.dot(dhg@g.to(WT).to(w@g.dtype), w@g, input_precision=PRECISION, out_dtype=tl.float32)
+                rec += tl.dot(dhg@f.to(WT).to(w@f.dtype), w@f, input_precision=PRECISION, out_dtype=tl.float32)
             if RECURRENCE == 1:
                 rec += dhg@g * wd@g[None, :]
             nd@s = d[2][@s] + zero
+            nd@s = nd@s + ds@k[2][@s]
             nd0 = nd0 + rec
             c@s = tl.where(keep, nd@s, c@s)
         tl.store(DS0_@s + rb[:, None] * H + rh[None, :], c@s.to(DS0_@s.dtype.element_ty), mask=m2)
@@ -319,6 +389,45 @@ def scan_backward(
                 tl.store(DP_@p + woff, dp@p + tl.where(keep, d[3][@p] + zero, 0.0), mask=m2)
                 tl.store(WS + @s * BH + woff, tl.where(keep, d[2][@s] + zero, c@s), mask=m2)
             tl.debug_barrier()
+            for @k in reversed(STAGES):  # d_v = d_hg[gates after stage @k] @ W_hh[their rows], then v's derivative
+                for j0 in range(0, H, BLOCK_H):
+                    rj = j0 + tl.arange(0, BLOCK_H)
+                    mj = rj < H
+                    m2 = mb[:, None] & mj[None, :]
+                    xoff = row[:, None] * GH + rj[None, :]
+                    hoff = row[:, None] * H + rj[None, :]
+                    woff = rb[:, None] * H + rj[None, :]
+                    doff = row[:, None] * GH
+                    dv = zero
+                    for k0 in range(0, H, BLOCK_K):
+                        rk = k0 + tl.arange(0, BLOCK_K)
+                        mk = rk < H
+                        dmask = mb[:, None] & mk[None, :]
+                        wmask = mk[:, None] & mj[None, :]
+                        dk@n = tl.load(DHG + doff + @n * H + rk[None, :], mask=dmask, other=0.0, cache_modifier=CG)
+                        dk@n = dk@n.to(WT)
+                        w@n = tl.load(W + @n * H * H + rj[None, :] * H + rk[:, None], mask=wmask, other=0.0)
+                        if DOT_F32:
+                            dk@n = dk@n.to(tl.float32)
+                            w@n = w@n.to(tl.float32)
+                        dv += tl.dot(dk@n, w@n, input_precision=PRECISION, out_dtype=tl.float32)
+                    pv@p = tl.load(@pptr + @prow * H + rj, mask=mj, other=0.0).to(tl.float32)[None, :]
+                    xg@i = tl.load(X + xoff + @i * H, mask=m2, other=0.0).to(tl.float32)
+                    hg@i = tl.load(HG + xoff + @i * H, mask=m2, other=0.0).to(tl.float32)
+                    st@s = tl.load(SV_@s + hoff, mask=m2, other=0.0).to(tl.float32)
+                    ds = pw_stage@k_backward((@xs), (@hs), ($ST), ($PV), dv)
+                    keep = active[:, None] & mj[None, :]
+                    dxg@i = tl.load(DX + xoff + @i * H, mask=m2, other=0.0, cache_modifier=CG).to(tl.float32)
+                    dxg@i += tl.where(keep, ds[0][@i] + zero, 0.0)
+                    tl.store(DX + xoff + @i * H, dxg@i.to(DX.dtype.element_ty), mask=m2)
+                    dhg@i = tl.load(DHG + xoff + @i * H, mask=m2, other=0.0, cache_modifier=CG).to(tl.float32)
+                    dhg@i += tl.where(keep, ds[1][@i] + zero, 0.0)
+                    tl.store(DHG + xoff + @i * H, dhg@i.to(DHG.dtype.element_ty), mask=m2)
+                    dp@p = tl.load(DP_@p + woff, mask=m2, other=0.0)
+                    tl.store(DP_@p + woff, dp@p + tl.where(keep, ds[3][@p] + zero, 0.0), mask=m2)
+                    c@s = tl.load(WS + @s * BH + woff, mask=m2, other=0.0, cache_modifier=".cg")
+                    tl.store(WS + @s * BH + woff, c@s + tl.where(keep, ds[2][@s] + zero, 0.0), mask=m2)
+                tl.debug_barrier()
             # phase 2: d_h_prev += d_hg @ W_hh, which needs every tile of this step's d_hg
             if RECURRENCE != 2:
                 for j0 in range(0, H, BLOCK_H):
@@ -334,13 +443,13 @@ def scan_backward(
                             mk = rk < H
                             dmask = mb[:, None] & mk[None, :]
                             wmask = mk[:, None] & mj[None, :]
-                            dk@g = tl.load(DHG + doff + @g * H + rk[None, :], mask=dmask, other=0.0, cache_modifier=CG)
-                            dk@g = dk@g.to(WT)
-                            w@g = tl.load(W + @g * H * H + rj[None, :] * H + rk[:, None], mask=wmask, other=0.0)
+                            dk@f = tl.load(DHG + doff + @f * H + rk[None, :], mask=dmask, other=0.0, cache_modifier=CG)
+                            dk@f = dk@f.to(WT)
+                            w@f = tl.load(W + @f * H * H + rj[None, :] * H + rk[:, None], mask=wmask, other=0.0)
                             if DOT_F32:
-                                dk@g = dk@g.to(tl.float32)
-                                w@g = w@g.to(tl.float32)
-                            rec += tl.dot(dk@g, w@g, input_precision=PRECISION, out_dtype=tl.float32)
+                                dk@f = dk@f.to(tl.float32)
+                                w@f = w@f.to(tl.float32)
+                            rec += tl.dot(dk@f, w@f, input_precision=PRECISION, out_dtype=tl.float32)
                     if RECURRENCE == 1:
                         dk@g = tl.load(DHG + doff + @g * H + rj[None, :], mask=m2, other=0.0, cache_modifier=CG)
                         wd@g = tl.load(W + @g * H + rj, mask=mj, other=0.0).to(tl.float32)
