@@ -56,20 +56,24 @@ def _numba_apply(which: str, x: np.ndarray) -> np.ndarray:
     return out
 
 
+_triton_fn = None  # the jit function _triton_apply runs: a global, since Triton resolves names as globals
+
+
 def _triton_apply(which: str, x: np.ndarray) -> np.ndarray:
     import triton
     import triton.language as tl
 
     from seqfast.backends.triton.codegen import load_kernels
 
+    global _triton_fn
     module = load_kernels(registry.cells["lstm"])  # every generated module holds the math namespace
-    fn = module._sf_tanh if which == "tanh" else module._sf_sigmoid
+    _triton_fn = module._sf_tanh if which == "tanh" else module._sf_sigmoid
 
     @triton.jit
     def apply(X, Y, N, BLOCK: tl.constexpr):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < N
-        tl.store(Y + offs, fn(tl.load(X + offs, mask=mask)), mask=mask)
+        tl.store(Y + offs, _triton_fn(tl.load(X + offs, mask=mask)), mask=mask)
 
     xt = torch.from_numpy(x).to(TRITON_DEVICE)
     out = torch.empty_like(xt)
