@@ -33,7 +33,8 @@ def relu_forward(m, xg, hg, state, params):
 
 
 def relu_backward(m, xg, hg, state, params, d_new):
-    da = m.where(xg[0] + hg[0] > 0.0, d_new[0], 0.0)
+    # as torch's threshold_backward: the gradient is dropped where the input is <= 0, so it passes a NaN input
+    da = m.where(xg[0] + hg[0] <= 0.0, 0.0, d_new[0])
     return (da,), (da,), (0.0,), ()
 
 
