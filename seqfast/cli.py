@@ -1,4 +1,5 @@
-"""The `seqfast` command: `seqfast info` (what can run here, and why not) and `seqfast bench`."""
+"""The `seqfast` command: `seqfast info` (what can run here, and why not), `seqfast tune` (calibrate `auto` for a
+grid of shapes) and `seqfast bench`."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ from importlib import metadata
 
 import torch
 
-from . import __version__
-from .config import config_file_settings, context_choices, resolve_choice
+from . import __version__, calibration
+from .config import calibration_setting, config_file_settings, context_choices, resolve_choice
 from .functional import select_backend
 from .registry import Query, registry
 
@@ -59,7 +60,11 @@ def collect_info() -> dict:
     env = {k: v for k, v in os.environ.items()
            if k.startswith("SEQFAST_") or k in ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                                                  "TRITON_INTERPRET")}
+    enabled, source = calibration_setting()
+    calibration_file, decisions = calibration.table()
     return {
+        "calibration": {"enabled": enabled, "source": source, "file": str(calibration_file),
+                        "key": calibration.machine_key(), "decisions": decisions},
         "versions": versions,
         "device": device,
         "torch_threads": torch.get_num_threads(),
@@ -120,6 +125,87 @@ def _print_info(info: dict) -> None:
           + (f"  backends={cfg['backends']}" if cfg["backends"] else ""))
     for key, value in cfg["environment"].items():
         print(f"  {key}={value}")
+    cal = info["calibration"]
+    state = "on" if cal["enabled"] else "off: the static rule decides"
+    print(f"\nauto's calibration: {state} ({cal['source']})\n  file: {cal['file']}")
+    _print_decisions(cal["decisions"], "  ")
+
+
+def _print_decisions(decisions: dict, indent: str = "") -> None:
+    """The calibration table: per bucket, the winner and every candidate's best time."""
+    if not decisions:
+        print(indent + "(no shapes calibrated yet: `seqfast tune` fills a grid, `auto` adds shapes as they run)")
+        return
+    width = max(len(label) for label in decisions) + 2
+    print(indent + f"{'bucket':<{width}}{'winner':<9}time of one run per backend (timed at T, B, I, H, P)")
+    for label in sorted(decisions):
+        entry = decisions[label]
+        times = "  ".join(f"{name} {seconds * 1e3:.3g} ms" for name, seconds in
+                          sorted(entry["seconds"].items(), key=lambda item: item[1]))
+        shape = entry.get("shape")
+        print(indent + f"{label:<{width}}{entry['backend']:<9}{times}" + (f"  (at {shape})" if shape else ""))
+
+
+def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cells", nargs="+", default=["lstm", "gru", "rnn_tanh", "rnn_relu"], metavar="CELL")
+    parser.add_argument("--steps", nargs="+", type=int, default=[64], metavar="T")
+    parser.add_argument("--batch", nargs="+", type=int, default=[1, 4, 16, 64], metavar="B")
+    parser.add_argument("--hidden", nargs="+", type=int, default=[32, 64, 128, 256, 512], metavar="H")
+    parser.add_argument("--input", nargs="+", type=int, default=None, metavar="I",
+                        help="input sizes (default: each hidden size)")
+    parser.add_argument("--mode", nargs="+", choices=["train", "infer"], default=["train", "infer"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--force", action="store_true", help="time again buckets that are already stored")
+
+
+def tune(args: argparse.Namespace) -> int:
+    """Calibrate every bucket of the grid (compiling kernels as needed), then print the table."""
+    dtype, device = getattr(torch, args.dtype), torch.device(args.device).type
+    queries: dict[str, Query] = {}
+    for cell in args.cells:
+        spec = registry.get_cell(cell)
+        for mode in args.mode:
+            for steps in args.steps:
+                for batch in args.batch:
+                    for hidden in args.hidden:
+                        for size in args.input or [hidden]:
+                            query = Query(spec, device, dtype, hidden, size, batch, steps,
+                                          requires_grad=mode == "train")
+                            bucket = calibration.bucket_of(query)
+                            if bucket is None:
+                                raise SystemExit(f"seqfast tune: sizes must be at least 1, got {query.describe()}")
+                            queries.setdefault(bucket.label, query)
+    skipped: list[str] = []
+    results: dict[str, dict] = {}
+
+    def step(label: str, query: Query) -> None:
+        backends = calibration.candidates(query)
+        if len(backends) < 2:
+            skipped.append(f"{label} ({', '.join(b.name for b in backends) or 'no backend'} only)")
+        else:
+            results[label] = calibration.calibrate(query, backends, force=args.force)
+
+    try:
+        from rich.progress import Progress
+    except ImportError:  # rich comes with the bench extra
+        for i, (label, query) in enumerate(queries.items(), 1):
+            print(f"[{i}/{len(queries)}] {label}", file=sys.stderr)
+            step(label, query)
+    else:
+        with Progress(transient=False) as progress:
+            task = progress.add_task("calibrating", total=len(queries))
+            for label, query in queries.items():
+                progress.update(task, description=label)
+                step(label, query)
+                progress.advance(task)
+    enabled, source = calibration_setting()
+    print(f"calibration file: {calibration.table_path()}" + ("" if enabled else
+          f"  (auto's calibration is off, {source}: auto uses the static rule until it is on)"))
+    _print_decisions(results)
+    for line in skipped:
+        print(f"  not calibrated, one candidate: {line}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="versions, which backend can run which cell here, plugins, configuration")
     info.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    tune_parser = sub.add_parser("tune", help="calibrate auto: time the candidate backends for a grid of shapes")
+    add_tune_arguments(tune_parser)
     bench = sub.add_parser("bench", help="time every available backend against torch.nn")
     from . import bench as bench_module
 
@@ -140,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             _print_info(data)
         return 0
+    if args.command == "tune":
+        return tune(args)
     return bench_module.run(args)
 
 

@@ -7,6 +7,7 @@ The config file is the one SEQFAST_CONFIG names, else ./seqfast.toml, else [tool
     backend = "numba"            # every cell
     [backends]                   # ([tool.seqfast.backends] in pyproject.toml) per cell, beats `backend`
     gru = "native"
+    calibrate = false            # auto: the static rule instead of timing (SEQFAST_CALIBRATE=0 beats the file)
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["Choice", "use_backend", "resolve_choice", "config_file_settings", "getenv"]
+__all__ = ["Choice", "use_backend", "resolve_choice", "config_file_settings", "getenv", "config_file_option",
+           "calibration_setting", "cache_root"]
 
 # Every module call resolves its backend, which reads several environment variables; os.environ.get encodes the
 # name and decodes the value each time (~0.7 us). On POSIX CPython os.environ keeps its bytes dict in `_data`, kept
@@ -180,3 +182,53 @@ def resolve_choice(cell_name: str, env_suffix: str, argument: str | None = None)
 
 
 _DEFAULT_CHOICE = Choice("auto", "default")
+
+
+_option_cache: dict[tuple, tuple[Path | None, dict]] = {}
+
+
+def config_file_option(key: str) -> tuple[Path | None, object]:
+    """(path, value) of a top-level key of the config file in force (None where absent); read only when the file
+    changes. For settings read when a decision is made, not on every call."""
+    found = _config_file()
+    if found is None:
+        return None, None
+    name, st, named = found
+    cache_key = (named, st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+    if cache_key not in _option_cache:
+        path = Path(name).absolute()
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"seqfast config file {str(path)!r} is not valid TOML: {exc}") from exc
+        if path.name == "pyproject.toml" and not named:
+            data = data.get("tool", {}).get("seqfast", {})
+        _option_cache.clear()  # one file is in force at a time
+        _option_cache[cache_key] = (path, data)
+    path, data = _option_cache[cache_key]
+    return (path, data[key]) if key in data else (None, None)
+
+
+_TRUE, _FALSE = ("1", "true", "on", "yes"), ("0", "false", "off", "no")
+
+
+def calibration_setting() -> tuple[bool, str]:
+    """(whether `auto` times the candidate backends, where that comes from): SEQFAST_CALIBRATE, else `calibrate`
+    in the config file, else on."""
+    env = getenv("SEQFAST_CALIBRATE").lower()
+    if env:
+        if env not in _TRUE + _FALSE:
+            raise ValueError(f"SEQFAST_CALIBRATE: expected one of {', '.join(_TRUE + _FALSE)}, got {env!r}")
+        return env in _TRUE, "environment variable SEQFAST_CALIBRATE"
+    path, value = config_file_option("calibrate")
+    if path is not None:
+        if not isinstance(value, bool):
+            raise ValueError(f"seqfast config {str(path)!r}: 'calibrate' must be true or false, got {value!r}")
+        return value, f"config file {path} calibrate"
+    return True, "default"
+
+
+def cache_root() -> Path:
+    """seqfast's cache directory: SEQFAST_CACHE_DIR, else $XDG_CACHE_HOME/seqfast, else ~/.cache/seqfast."""
+    env = os.environ.get("SEQFAST_CACHE_DIR")
+    return Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "seqfast"

@@ -21,6 +21,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from . import calibration
 from .config import Choice, resolve_choice
 from .registry import Backend, CellSpec, Query, Weights, get_cell, registry
 
@@ -78,7 +79,13 @@ def explain(cell: str | CellSpec | Query, **query_fields) -> dict[str, list[str]
 
 
 def _best(query: Query) -> Backend | None:
+    """`auto`'s choice: the fastest backend measured on this machine for the query's shape bucket
+    (seqfast/calibration.py), else the static rule: the highest auto_rank."""
     able = [b for b in registry.backends.values() if not b.not_supported_reasons(query)]
+    if len(able) > 1:
+        measured = calibration.choose(query, able)
+        if measured is not None:
+            return measured
     return max(able, key=lambda b: b.auto_rank(query), default=None)
 
 
@@ -103,7 +110,8 @@ def _select_while_compiling(cell: str, device: str, dtype: str, hidden: int, inp
                             requested: str | None) -> str:
     query = Query(get_cell(cell), device, getattr(torch, dtype), hidden, input_size, batch, steps, proj,
                   requires_grad, level)
-    backend, choice = _select(query, requested)
+    with calibration.stored_only():  # nothing is timed while tracing
+        backend, choice = _select(query, requested)
     return f"{backend.name}\0{choice.source}"  # a str: constants must be plain Python values
 
 

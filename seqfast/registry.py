@@ -314,8 +314,14 @@ class Backend:
         return None
 
     def auto_rank(self, query: Query) -> float:
-        """Higher is preferred by `auto` among backends with no reasons. Override to rank by shape."""
+        """Higher is preferred by `auto` among backends with no reasons, where it does not time them
+        (seqfast/calibration.py). Override to rank by shape; below zero: never `auto`'s choice for this query."""
         return float(self.priority)
+
+    def needs_compile(self, query: Query) -> bool:
+        """Whether running `query` would first compile code that no cache holds (a JIT compile taking seconds).
+        `auto` does not time such a backend for its calibration; `seqfast tune` does, after compiling."""
+        return False
 
     # --- execution ------------------------------------------------------------------------------------------
     def has_scan(self) -> bool:

@@ -22,10 +22,13 @@ from seqfast.registry import registry  # noqa: E402
 
 @pytest.fixture(autouse=True)
 def _clean_selection_env(monkeypatch, tmp_path):
-    """Tests start with no backend chosen by the environment or a config file in the working directory."""
+    """Tests start with no backend chosen by the environment or a config file in the working directory, and with
+    auto's calibration off: tests that expect a backend get the static rule, whatever this machine measures, and
+    none spends time timing backends. tests/test_calibration.py turns it on where it tests it."""
     for key in list(os.environ):
         if key.startswith("SEQFAST_BACKEND") or key == "SEQFAST_CONFIG":
             monkeypatch.delenv(key)
+    monkeypatch.setenv("SEQFAST_CALIBRATE", "0")
     monkeypatch.chdir(tmp_path)
 
 

@@ -399,6 +399,12 @@ class NumbaBackend(FusedBackend):
 
         return auto_rank(query, native_priority=10.0, own_priority=float(self.priority))
 
+    def needs_compile(self, query: Query) -> bool:
+        from .codegen import is_compiled
+
+        kernel_names = ("forward", "backward") if query.requires_grad else ("forward",)
+        return not is_compiled(query.cell, _DTYPES[query.dtype], kernel_names)
+
     # --- the fused scan --------------------------------------------------------------------------------------
     def saved_shapes(self, cell: CellSpec, steps: int, batch: int, hidden: int) -> list[tuple[int, ...]]:
         # every state before each step and, for a dense recurrence, h W_hh^T of each step, both by loop step. The

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
+from ...config import cache_root
 from ...registry import CellSpec
 from ..pointwise_source import MATH_NAMES, parse_pointwise, per_unit_rows
 
@@ -818,9 +819,7 @@ def cache_dir() -> Path:
     """Where generated kernel modules (and numba's cache of their machine code) live."""
     global _cache_dir, cache_note
     if _cache_dir is None:
-        env = os.environ.get("SEQFAST_CACHE_DIR")
-        base = Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "seqfast"
-        chosen = base / "numba"
+        chosen = cache_root() / "numba"
         if not _writable(chosen):
             cache_note = (f"{chosen} is not writable: numba kernels are compiled in a temporary directory and not "
                           "reused by later processes (set SEQFAST_CACHE_DIR to a writable directory)")
@@ -892,6 +891,19 @@ def _generated(key: tuple, prefix: str, source_of) -> ModuleType:
             module = _load(path, name, False)
         _modules[key] = module
         return module
+
+
+def is_compiled(cell: CellSpec, dtype: str, kernel_names: tuple[str, ...]) -> bool:
+    """Whether the named kernels ("forward", "backward") of a cell can run without a JIT compile: compiled in this
+    process, or held by numba's disk cache (loading from it takes a fraction of a second, compiling seconds)."""
+    module = _modules.get((cell, dtype))
+    if module is not None and all((id(module), k) in _entries for k in kernel_names):
+        return True
+    stem = f"{cell.name}_{dtype}_{_fingerprint(generate_source(cell, dtype))}"
+    index = cache_dir() / "__pycache__"
+    tag = f"py{sys.version_info[0]}{sys.version_info[1]}"
+    return (cache_dir() / f"{stem}.py").exists() and all(
+        any(index.glob(f"{stem}.{k}_{part}-*.{tag}.nbi")) for k in kernel_names for part in ("entry", "launch"))
 
 
 _entries: dict[tuple[int, str], int] = {}

@@ -144,6 +144,11 @@ class TritonBackend(FusedBackend):
         # the interpreter exists for tests: auto never prefers it on CPU
         return float(self.priority) if query.device == "cuda" else -100.0
 
+    def needs_compile(self, query: Query) -> bool:
+        # kernels compile per cell, dtype and block sizes on first launch, and whether triton's own cache holds
+        # them cannot be told cheaply: assume so, so that only `seqfast tune` times this backend
+        return not interpreting()
+
     # --- path selection ---------------------------------------------------------------------------------------
     def _tile(self) -> int | None:
         tile = self.tile_hidden

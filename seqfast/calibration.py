@@ -1,0 +1,414 @@
+"""`auto`'s calibration: which backend is fastest for a shape, measured on this machine and remembered.
+
+The first `auto` decision in a shape bucket (see `bucket_of`) times the backends that can run the query on random
+inputs of the bucket's representative shape, a few short runs each (about a tenth of a second in all; the first
+run of each, which JIT-compiles and fills caches, is neither timed nor counted), the way
+torch.backends.cudnn.benchmark picks convolution algorithms. The winner is kept per bucket and written to
+`calibration-<key>.json` in seqfast's cache directory, under a key of the CPU model, its core count, torch's thread
+count and the versions of torch, numba and seqfast; a file for another key is never read. Once a bucket is decided,
+selection remembers the decision per query (functional._select): a module call costs one dict lookup, as before.
+
+Rules:
+- Only which backend runs changes. Every candidate computes the same math, and the timing runs draw their inputs
+  from a private generator, so the program's random stream is untouched.
+- Nothing is timed while torch.compile traces, inside torch.func transforms, or from inside a timing run: the
+  stored decision applies there, else the static rule (each backend's auto_rank).
+- No compiling just to calibrate. A candidate whose kernels would first be JIT-compiled (Backend.needs_compile:
+  numba without the cell's kernels in this process or in its disk cache) leaves the bucket to the static rule,
+  undecided, until a process finds the kernels compiled (they are once any program runs them, and numba keeps them
+  on disk). A compile costs seconds, more than a better choice could win back in a short program; `seqfast tune`
+  compiles what it needs (once per machine) and calibrates a grid.
+- SEQFAST_CALIBRATE=0, or `calibrate = false` in the config file: the static rule only. The setting is read when a
+  query is first decided in a process.
+- Thread-safe: one lock around timing and the table; a bucket is timed once, other threads wait for its decision.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import platform
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from importlib import metadata
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from .config import cache_root, calibration_setting
+from .registry import Backend, Query, Weights, registry
+
+__all__ = ["Bucket", "bucket_of", "choose", "calibrate", "candidates", "table", "table_path", "machine_key",
+           "forget"]
+
+FORMAT = 1
+BUDGET_SECONDS = 0.1  # timed runs per bucket, all candidates together (at least one run each)
+MIN_ROUNDS, MAX_ROUNDS = 2, 5  # two runs at least: one run can be preempted on a busy machine
+SLOW_FACTOR = 2.0  # a candidate this much slower than the best after MIN_ROUNDS is settled: not run again
+MAX_STEPS = 64
+# Multiply-adds of one timed run's forward (projection and recurrence); fewer steps are run where each step is
+# large, since the per-step cost sets the ratio once a few steps amortize the fixed costs.
+WORK_PER_RUN = 1 << 24
+MIN_STEPS = 4
+
+_clock: Callable[[], float] = time.perf_counter
+
+
+class Bucket(NamedTuple):
+    """Shapes that share one decision, and the representative shape that is timed for them."""
+
+    cell: str
+    device: str  # device type, with the GPU's name for CUDA
+    dtype: str
+    requires_grad: bool
+    level: str
+    steps: int
+    batch: int
+    input_size: int | None  # None: a scan, which takes x_proj
+    hidden_size: int
+    proj_size: int
+
+    @property
+    def label(self) -> str:
+        parts = [self.cell, self.device, self.dtype, "train" if self.requires_grad else "infer", self.level,
+                 f"T{self.steps}", f"B{self.batch}"]
+        parts += [] if self.input_size is None else [f"I{self.input_size}"]
+        parts += [f"H{self.hidden_size}"] + ([f"P{self.proj_size}"] if self.proj_size else [])
+        return "/".join(parts)
+
+
+# Nearby shapes share a decision: the backends' relative speed changes slowly with size (GEMM efficiency, per-step
+# overhead against per-step work), so batch, input, hidden and projection sizes round to the nearest power of two
+# (a bucket spans a factor of two). Steps only amortize fixed costs, so they round to the nearest power of four,
+# and every sequence from 32 steps up shares one bucket: per-step costs dominate every backend there.
+def _pow2(n: int) -> int:
+    return 1 << max(0, round(math.log2(n)))
+
+
+def _steps_bucket(steps: int) -> int:
+    return min(4 ** max(0, round(math.log(steps, 4))), MAX_STEPS)
+
+
+_device_names: dict[str, str] = {}
+
+
+def _device_label(device: str) -> str:
+    if device != "cuda":
+        return device
+    if device not in _device_names:
+        _device_names[device] = f"cuda:{torch.cuda.get_device_name()}"
+    return _device_names[device]
+
+
+def bucket_of(query: Query) -> Bucket | None:
+    """The bucket of a query; None for a query without its full shape (nothing to time) or an empty one."""
+    shape = (query.seq_len, query.batch_size, query.hidden_size)
+    if any(n is None or n < 1 for n in shape) or (query.level == "module" and not query.input_size):
+        return None
+    hidden = _pow2(query.hidden_size)
+    proj = 0 if not query.proj_size else min(_pow2(query.proj_size), hidden // 2)
+    if query.proj_size and not proj:
+        return None
+    return Bucket(query.cell.name, _device_label(query.device), str(query.dtype).replace("torch.", ""),
+                  query.requires_grad, query.level, _steps_bucket(query.seq_len), _pow2(query.batch_size),
+                  None if query.level == "scan" else _pow2(query.input_size), hidden, proj)
+
+
+# --- the table, in memory and on disk -----------------------------------------------------------------------------
+
+_lock = threading.RLock()
+_local = threading.local()  # .stored_only: a depth; set while tracing and while timing
+_tables: dict[Path, dict[str, dict]] = {}  # file -> {bucket label: entry}
+_unwritable: set[Path] = set()
+_cpu: list[str] = []
+
+
+def _cpu_model() -> str:
+    if not _cpu:
+        model = ""
+        try:
+            with open("/proc/cpuinfo") as f:
+                for line in f:
+                    if line.startswith("model name"):
+                        model = line.split(":", 1)[1].strip()
+                        break
+        except OSError:
+            pass
+        _cpu.append(model or platform.processor() or platform.machine() or "unknown")
+    return _cpu[0]
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def machine_key() -> dict:
+    """What a calibration holds for: the CPU, its cores, torch's threads, the library versions."""
+    from . import __version__
+
+    return {"cpu": _cpu_model(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "numba": _version("numba"), "seqfast": __version__}
+
+
+def table_path(key: dict | None = None) -> Path:
+    key = machine_key() if key is None else key
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_root() / f"calibration-{digest}.json"
+
+
+def _valid_entry(entry: object) -> bool:
+    return (isinstance(entry, dict) and isinstance(entry.get("backend"), str)
+            and isinstance(entry.get("seconds"), dict)
+            and all(isinstance(v, (int, float)) for v in entry["seconds"].values()))
+
+
+def _read(path: Path, key: dict, warn: bool) -> dict[str, dict]:
+    """The decisions a file holds for `key`; {} (with a warning naming the file) for one that cannot be used."""
+    def ignore(why: str) -> dict:
+        if warn:
+            warnings.warn(f"seqfast: ignoring the calibration file {path}: {why}; auto measures again and "
+                          "rewrites it", RuntimeWarning, stacklevel=4)
+        return {}
+
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        return ignore(f"it cannot be read ({exc})")
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        return ignore(f"it is not valid JSON ({exc})")
+    if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("key"), dict) \
+            or not isinstance(data.get("decisions"), dict) or not all(map(_valid_entry, data["decisions"].values())):
+        return ignore(f"it is not a calibration table of format {FORMAT}")
+    if data["key"] != key:
+        changed = ", ".join(f"{k} {data['key'].get(k)!r} (here {v!r})" for k, v in key.items()
+                            if data["key"].get(k) != v)
+        return ignore(f"it was written for another machine or other versions: {changed}")
+    return data["decisions"]
+
+
+def _current() -> tuple[Path, dict, dict[str, dict]]:
+    """(file, key, decisions) for this machine now (the thread count can change at run time)."""
+    key = machine_key()
+    path = table_path(key)
+    decisions = _tables.get(path)
+    if decisions is None:
+        with _lock:
+            decisions = _tables.get(path)
+            if decisions is None:
+                decisions = _tables[path] = _read(path, key, warn=True)
+    return path, key, decisions
+
+
+def _write(path: Path, key: dict, decisions: dict[str, dict]) -> None:
+    """Merge into the file (another process may have added buckets) and replace it atomically."""
+    merged = {**_read(path, key, warn=False), **decisions}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}.{threading.get_ident()}")
+        tmp.write_text(json.dumps({"format": FORMAT, "key": key, "decisions": merged}, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError as exc:
+        if path not in _unwritable:
+            _unwritable.add(path)
+            warnings.warn(f"seqfast: cannot write the calibration file {path} ({exc}); decisions are kept in this "
+                          "process only (set SEQFAST_CACHE_DIR to a writable directory)", RuntimeWarning,
+                          stacklevel=4)
+
+
+def table() -> tuple[Path, dict[str, dict]]:
+    """(the calibration file for this machine, its decisions {bucket label: entry}): what `seqfast info` shows."""
+    path, _, decisions = _current()
+    return path, dict(decisions)
+
+
+def forget() -> None:
+    """Drop the tables held in memory (the files stay): the next decision reads its file again."""
+    with _lock:
+        _tables.clear()
+
+
+# --- deciding -----------------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def stored_only() -> Iterator[None]:
+    """Inside: no timing; stored decisions apply, else the static rule (torch.compile's tracing uses this)."""
+    _local.stored_only = getattr(_local, "stored_only", 0) + 1
+    try:
+        yield
+    finally:
+        _local.stored_only -= 1
+
+
+def _may_time() -> bool:
+    return not (getattr(_local, "stored_only", 0) or torch.compiler.is_compiling()
+                or torch._C._functorch.peek_interpreter_stack() is not None)
+
+
+def candidates(query: Query) -> list[Backend]:
+    """The backends `auto` times for a query: those with no reasons that do not decline `auto` (auto_rank < 0)."""
+    return [b for b in registry.backends.values() if not b.not_supported_reasons(query) and b.auto_rank(query) >= 0]
+
+
+def _stored(decisions: dict[str, dict], bucket: Bucket, names: set[str]) -> str | None:
+    """The stored winner, if the same candidates were timed (a new or removed backend means timing again)."""
+    entry = decisions.get(bucket.label)
+    if entry is not None and set(entry["seconds"]) == names and entry["backend"] in names:
+        return entry["backend"]
+    return None
+
+
+def choose(query: Query, able: list[Backend]) -> Backend | None:
+    """`auto`'s calibrated choice among `able` (backends with no reasons), timing them on a bucket's first use;
+    None where the static rule decides (calibration off, a query without its shape, fewer than two candidates,
+    no timing allowed here, or a candidate that would first need a JIT compile)."""
+    enabled, _ = calibration_setting()
+    bucket = bucket_of(query) if enabled else None
+    if bucket is None:
+        return None
+    ranked = [b for b in able if b.auto_rank(query) >= 0]
+    if len(ranked) < 2:
+        return None
+    by_name = {b.name: b for b in ranked}
+    _, _, decisions = _current()
+    name = _stored(decisions, bucket, set(by_name))
+    if name is None:
+        if not _may_time() or any(b.needs_compile(query) for b in ranked):
+            return None
+        name = calibrate(query, ranked)["backend"]
+    return by_name[name]
+
+
+def calibrate(query: Query, backends: list[Backend] | None = None, *, force: bool = False) -> dict:
+    """Time `backends` (default: candidates(query)) on the query's bucket, store and persist the winner, and return
+    the bucket's entry {"backend", "seconds": {name: best run}, "shape": [T, B, I, H, P]}. A stored entry for the
+    same candidates is returned as it is unless `force`. Compiles kernels as needed (in untimed warm-up runs)."""
+    bucket = bucket_of(query)
+    if bucket is None:
+        raise ValueError(f"calibrate: the query needs seq_len, batch_size, hidden_size (and input_size for a "
+                         f"module) of at least 1, got {query.describe()}")
+    backends = candidates(query) if backends is None else backends
+    if not backends:
+        raise ValueError(f"calibrate: no backend can run {query.describe()}")
+    with _lock:
+        path, key, decisions = _current()
+        names = {b.name for b in backends}
+        if not force and _stored(decisions, bucket, names) is not None:
+            return decisions[bucket.label]
+        steps = _timed_steps(bucket, query.cell.num_gates)
+        with stored_only():  # a backend that selects inside its own run gets the static rule
+            seconds = _time_candidates({b.name: _runner(b, query, bucket, steps) for b in backends})
+        rank = {b.name: b.auto_rank(query) for b in backends}
+        best = min(seconds, key=lambda n: (seconds[n], -rank[n], n))  # ties: the static rule's order
+        entry = {"backend": best, "seconds": seconds,
+                 "shape": [steps, bucket.batch, bucket.input_size, bucket.hidden_size, bucket.proj_size]}
+        decisions[bucket.label] = entry
+        _write(path, key, {bucket.label: entry})
+        return entry
+
+
+def _timed_steps(bucket: Bucket, gates: int) -> int:
+    width = gates * bucket.hidden_size
+    per_step = bucket.batch * width * (bucket.hidden_size + (bucket.input_size or 0))
+    return min(bucket.steps, max(MIN_STEPS, WORK_PER_RUN // max(1, per_step)))
+
+
+def _time_candidates(runs: dict[str, Callable[[], None]]) -> dict[str, float]:
+    """The best time of each run: one untimed warm-up each (JIT compiles, first-call caches), then interleaved
+    rounds, alternating the order, until the budget is spent; a candidate clearly slower than the best is
+    settled after MIN_ROUNDS."""
+    for run in runs.values():
+        run()
+    best = dict.fromkeys(runs, math.inf)
+    active, spent = list(runs), 0.0
+    for round_ in range(MAX_ROUNDS):
+        for name in (active if round_ % 2 == 0 else active[::-1]):
+            start = _clock()
+            runs[name]()
+            elapsed = _clock() - start
+            best[name] = min(best[name], elapsed)
+            spent += elapsed
+        if round_ + 1 < MIN_ROUNDS:
+            continue
+        fastest = min(best.values())
+        active = [n for n in active if best[n] <= SLOW_FACTOR * fastest]
+        if spent >= BUDGET_SECONDS or len(active) < 2:
+            break
+    return best
+
+
+def _runner(backend: Backend, query: Query, bucket: Bucket, steps: int) -> Callable[[], None]:
+    """One call of `backend` on random inputs of the bucket's shape, run the way modules (or scan) run it: one
+    layer in one direction, forward, and backward when the query trains."""
+    cell, device, dtype = query.cell, torch.device(query.device), query.dtype
+    batch, hidden, proj, gates = bucket.batch, bucket.hidden_size, bucket.proj_size, cell.num_gates
+    gen = torch.Generator(device=device).manual_seed(0)
+    train = bucket.requires_grad
+    bound = 1.0 / math.sqrt(hidden)
+
+    def rand(*shape: int, scale: float = bound) -> torch.Tensor:
+        t = torch.rand(shape, generator=gen, device=device).mul_(2 * scale).sub_(scale).to(dtype)
+        return t.requires_grad_(train)
+
+    weights = Weights(weight_hh=None, bias_hh=None)
+    if cell.recurrence == "dense":
+        weights["weight_hh"] = rand(gates * hidden, proj or hidden)
+    elif cell.recurrence == "diagonal":
+        weights["weight_hh"] = rand(gates * hidden)
+    if cell.recurrence != "none":
+        weights["bias_hh"] = rand(gates * hidden)
+    for p in cell.extra_params:
+        if p.recurrent:
+            weights[p.name] = rand(*p.shape(hidden, proj))
+    if proj:
+        weights["weight_hr"] = rand(proj, hidden)
+    sizes = [proj or hidden] + [hidden] * (cell.num_states - 1)
+    leaves = [w for w in weights.values() if w is not None]
+
+    if query.level == "scan":
+        x_proj = rand(steps, batch, gates * hidden, scale=1.0)
+        leaves.append(x_proj)
+        state0 = tuple(torch.zeros(batch, s, device=device, dtype=dtype) for s in sizes)
+        call = lambda: backend.scan(cell, x_proj, state0, weights, None, False)  # noqa: E731
+    else:
+        x = rand(steps, batch, bucket.input_size, scale=1.0).detach()
+        weight_ih, bias_ih = rand(gates * hidden, bucket.input_size), rand(gates * hidden)
+        leaves += [weight_ih, bias_ih]
+        if backend.has_stack():  # torch.nn's parameter order: w_ih, w_hh, b_ih, b_hh, extras, w_hr
+            params = [weight_ih, *[w for w in (weights["weight_hh"],) if w is not None], bias_ih,
+                      *[w for n, w in weights.items() if n not in ("weight_hh", "weight_hr") and w is not None],
+                      *([weights["weight_hr"]] if proj else [])]
+            stacked = tuple(torch.zeros(1, batch, s, device=device, dtype=dtype) for s in sizes)
+            call = lambda: backend.run_stack(cell, x, None, stacked, [params], num_layers=1,  # noqa: E731
+                                             bidirectional=False, dropout=0.0, training=train, proj_size=proj)
+        else:
+            init = None if backend.accepts_zero_state else tuple(
+                torch.zeros(batch, s, device=device, dtype=dtype) for s in sizes)
+            call = lambda: backend.layer(cell, x, weight_ih, bias_ih, init, weights, None, False)  # noqa: E731
+
+    def run() -> None:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.enable_grad() if train else torch.no_grad())
+            if device.type in ("cpu", "cuda"):
+                stack.enter_context(torch.autocast(device.type, enabled=False))
+            out = call()[0]
+            if train:
+                out.sum().backward()
+                for t in leaves:
+                    t.grad = None
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    return run

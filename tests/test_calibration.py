@@ -1,0 +1,276 @@
+"""auto's calibration (seqfast/calibration.py): buckets, the table on disk, the rules on when it times, `seqfast tune`.
+
+Timing is never asserted: a fake clock advances only while a deliberately slow fake backend runs.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+import torch
+
+import seqfast
+from seqfast import calibration, functional
+from seqfast.backends.reference import TorchBackend
+from seqfast.cli import main
+from seqfast.registry import CellSpec, Query, registry
+
+CELL = "calib_tanh"  # no pointwise math: the only real candidate is `torch`, so nothing JIT-compiles
+
+
+if CELL not in registry.cells:
+    seqfast.register_cell(CellSpec(name=CELL, num_gates=1, state_names=("h",),
+                                   reference_step=lambda x, s, w: (torch.tanh(x + s[0] @ w.weight_hh.t()
+                                                                              + w.bias_hh),)))
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Slow(TorchBackend):
+    """The reference scan, made slow on the fake clock; ranked first by the static rule."""
+
+    name = "slowpoke"
+    priority = 50
+    cells = frozenset({CELL})
+    clock: FakeClock | None = None
+    compiled = True
+
+    def scan(self, *args, **kwargs):
+        if self.clock is not None:
+            self.clock.now += 1.0
+        return super().scan(*args, **kwargs)
+
+    def needs_compile(self, query: Query) -> bool:
+        return not self.compiled
+
+
+@pytest.fixture
+def calibrated(monkeypatch, tmp_path):
+    """Calibration on, its files in a temporary cache directory, a fake clock and a fake slow backend."""
+    monkeypatch.setenv("SEQFAST_CALIBRATE", "1")
+    monkeypatch.setattr(calibration, "cache_root", lambda: tmp_path / "cache")
+    clock = FakeClock()
+    monkeypatch.setattr(calibration, "_clock", clock)
+    slow = Slow()
+    slow.clock = clock
+    seqfast.register_backend(slow)
+    calibration.forget()
+    functional._decisions.clear()
+    yield slow
+    del registry.backends["slowpoke"]
+    registry.generation += 1
+    calibration.forget()
+    functional._decisions.clear()
+
+
+def query(batch: int = 3, hidden: int = 5, steps: int = 4, requires_grad: bool = False, **kw) -> Query:
+    return Query(seqfast.get_cell(kw.pop("cell", CELL)), hidden_size=hidden, input_size=kw.pop("input_size", 2),
+                 batch_size=batch, seq_len=steps, requires_grad=requires_grad, **kw)
+
+
+def pick(q: Query) -> str:
+    functional._decisions.clear()
+    return seqfast.select_backend(q)[0].name
+
+
+def count_timings(monkeypatch) -> list:
+    calls = []
+    real = calibration._time_candidates
+
+    def counted(runs):
+        calls.append(sorted(runs))
+        return real(runs)
+
+    monkeypatch.setattr(calibration, "_time_candidates", counted)
+    return calls
+
+
+def test_nearby_shapes_share_a_bucket() -> None:
+    label = lambda **kw: calibration.bucket_of(query(**kw)).label  # noqa: E731
+    assert label(batch=4) == label(batch=5) != label(batch=6) == label(batch=8)
+    assert label(hidden=80) == label(hidden=64) != label(hidden=100)
+    assert label(steps=40) == label(steps=500) == label(steps=64) != label(steps=20)
+    assert label(requires_grad=True) != label()
+    assert calibration.bucket_of(Query(seqfast.get_cell("lstm"), hidden_size=8)) is None  # no shape: static
+    assert calibration.bucket_of(query(batch=0)) is None
+
+
+def test_calibration_picks_the_faster_backend(calibrated, monkeypatch) -> None:
+    calls = count_timings(monkeypatch)
+    assert pick(query()) == "torch"  # slowpoke, the static rule's pick, lost on the clock
+    assert calls == [["slowpoke", "torch"]]
+    path, decisions = calibration.table()
+    entry = decisions[calibration.bucket_of(query()).label]
+    assert entry["backend"] == "torch" and entry["seconds"]["slowpoke"] >= 1.0
+    assert pick(query(batch=4)) == "torch" and len(calls) == 1  # same bucket: decided, not timed again
+
+
+def test_calibration_off_gives_the_static_rule(calibrated, monkeypatch, tmp_path) -> None:
+    calls = count_timings(monkeypatch)
+    monkeypatch.setenv("SEQFAST_CALIBRATE", "0")
+    assert pick(query()) == "slowpoke"
+    monkeypatch.delenv("SEQFAST_CALIBRATE")
+    (tmp_path / "seqfast.toml").write_text("calibrate = false\n")
+    assert pick(query()) == "slowpoke"
+    (tmp_path / "seqfast.toml").write_text("calibrate = true\n")
+    assert pick(query()) == "torch"
+    monkeypatch.setenv("SEQFAST_CALIBRATE", "0")
+    assert pick(query()) == "slowpoke"  # the stored decision is not used either
+    assert len(calls) == 1
+    monkeypatch.setenv("SEQFAST_CALIBRATE", "maybe")
+    with pytest.raises(ValueError, match="SEQFAST_CALIBRATE: expected one of .* got 'maybe'"):
+        pick(query())
+    monkeypatch.delenv("SEQFAST_CALIBRATE")
+    (tmp_path / "seqfast.toml").write_text('calibrate = "no"\n')
+    with pytest.raises(ValueError, match="'calibrate' must be true or false, got 'no'"):
+        pick(query())
+
+
+def test_table_round_trips_through_its_file(calibrated, monkeypatch) -> None:
+    assert pick(query()) == "torch"
+    assert pick(query(requires_grad=True)) == "torch"
+    path, before = calibration.table()
+    assert path.name.startswith("calibration-") and path.suffix == ".json"
+    on_disk = json.loads(path.read_text())
+    assert on_disk["key"] == calibration.machine_key() and on_disk["decisions"] == before
+    calibration.forget()  # a new process: nothing in memory
+    calls = count_timings(monkeypatch)
+    assert calibration.table() == (path, before)
+    assert pick(query()) == "torch" and pick(query(requires_grad=True)) == "torch"
+    assert calls == []  # read back, not timed again
+
+
+@pytest.mark.parametrize("content", ["{not json", json.dumps({"format": 1, "key": {}, "decisions": []})])
+def test_corrupt_file_is_ignored_with_a_warning(calibrated, content) -> None:
+    path = calibration.table_path()
+    path.parent.mkdir(parents=True)
+    path.write_text(content)
+    with pytest.warns(RuntimeWarning, match=f"ignoring the calibration file {path}"):
+        assert pick(query()) == "torch"
+    assert json.loads(path.read_text())["decisions"][calibration.bucket_of(query()).label]["backend"] == "torch"
+
+
+def test_stale_key_is_ignored_with_a_warning(calibrated, monkeypatch) -> None:
+    path = calibration.table_path()
+    path.parent.mkdir(parents=True)
+    label = calibration.bucket_of(query()).label
+    stale = {**calibration.machine_key(), "cpu": "Another CPU", "torch": "0.0"}
+    path.write_text(json.dumps({"format": 1, "key": stale, "decisions": {
+        label: {"backend": "slowpoke", "seconds": {"slowpoke": 0.0, "torch": 1.0}}}}))
+    with pytest.warns(RuntimeWarning, match=rf"ignoring the calibration file {path}: .*other versions: "
+                                            r"cpu 'Another CPU' \(here .*torch '0.0'"):
+        assert pick(query()) == "torch"  # the stale decision for slowpoke was not taken
+    assert json.loads(path.read_text())["key"] == calibration.machine_key()
+
+
+def test_a_new_candidate_is_timed_again(calibrated, monkeypatch) -> None:
+    calls = count_timings(monkeypatch)
+    assert pick(query()) == "torch"
+
+    class Other(TorchBackend):
+        name = "other"
+
+    seqfast.register_backend(Other())
+    try:
+        pick(query())
+    finally:
+        del registry.backends["other"]
+        registry.generation += 1
+    assert calls == [["slowpoke", "torch"], ["other", "slowpoke", "torch"]]
+
+
+def test_no_timing_while_compiling_or_when_a_candidate_would_compile(calibrated, monkeypatch) -> None:
+    calls = count_timings(monkeypatch)
+    calibrated.compiled = False
+    assert pick(query()) == "slowpoke"  # the static rule; nothing compiled, timed or stored just to calibrate
+    assert calibration.table()[1] == {}
+    calibrated.compiled = True
+    with calibration.stored_only():  # what select_backend uses while torch.compile traces
+        assert pick(query()) == "slowpoke"
+    with monkeypatch.context() as m:
+        m.setattr(torch.compiler, "is_compiling", lambda: True)
+        assert pick(query()) == "slowpoke"
+    assert calls == []
+    assert pick(query()) == "torch"
+    with calibration.stored_only():
+        assert pick(query()) == "torch"  # a stored decision applies
+
+
+def test_compiled_module_uses_the_stored_decision(calibrated, monkeypatch) -> None:
+    module = seqfast.Recurrent(CELL, 2, 5)
+    x = torch.randn(4, 3, 2)
+    eager = module(x)[0]
+    label = calibration.bucket_of(query(steps=4, batch=3, hidden=5, requires_grad=True)).label
+    decided = calibration.table()[1][label]["backend"]
+    calls = count_timings(monkeypatch)
+    functional._decisions.clear()
+    compiled = torch.compile(module, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x)[0], eager)
+    assert decided == "torch" and calls == []
+
+
+@pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
+def test_results_under_calibrated_auto_equal_the_chosen_backend(calibrated, monkeypatch) -> None:
+    monkeypatch.setattr(calibration, "_clock", calibration.time.perf_counter)  # real timing: native or torch wins
+    torch.manual_seed(0)
+    module = seqfast.LSTM(3, 6, proj_size=2)  # numba declines proj_size: native and torch, nothing to compile
+    x = torch.randn(5, 2, 3)
+    rng = torch.get_rng_state()
+    out, (h, c) = module(x)
+    assert torch.equal(torch.get_rng_state(), rng)  # timing drew from its own generator
+    q = Query(seqfast.get_cell("lstm"), hidden_size=6, input_size=3, batch_size=2, seq_len=5, proj_size=2,
+              requires_grad=True)
+    entry = calibration.table()[1][calibration.bucket_of(q).label]
+    assert set(entry["seconds"]) == {"native", "torch"}
+    (out.sum() + c.sum()).backward()
+    grads = [p.grad.clone() for p in module.parameters()]
+    module.zero_grad()
+    forced = seqfast.LSTM(3, 6, proj_size=2, backend=entry["backend"])
+    forced.load_state_dict(module.state_dict())
+    out2, (h2, c2) = forced(x)
+    (out2.sum() + c2.sum()).backward()
+    assert torch.equal(out, out2) and torch.equal(h, h2) and torch.equal(c, c2)
+    for a, p in zip(grads, forced.parameters(), strict=True):
+        assert torch.equal(a, p.grad)
+
+
+def test_threads_time_a_bucket_once(calibrated, monkeypatch) -> None:
+    calls = count_timings(monkeypatch)
+    chosen, errors = [], []
+    start = threading.Barrier(4)
+
+    def work() -> None:
+        try:
+            start.wait()
+            chosen.append(seqfast.select_backend(query(batch=16))[0].name)
+        except Exception as exc:  # reported below: an exception in a thread would otherwise be lost
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and chosen == ["torch"] * 4 and len(calls) == 1
+
+
+def test_tune_fills_the_table_and_info_shows_it(calibrated, capsys) -> None:
+    assert main(["tune", "--cells", CELL, "--steps", "4", "--batch", "1", "3", "--hidden", "4", "--mode", "infer",
+                 "train"]) == 0
+    out = capsys.readouterr().out
+    path, decisions = calibration.table()
+    assert str(path) in out and len(decisions) == 4
+    for label, entry in decisions.items():
+        assert entry["backend"] == "torch" and label in out
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "auto's calibration: on (environment variable SEQFAST_CALIBRATE)" in out
+    assert all(label in out for label in decisions)
