@@ -20,10 +20,16 @@ from seqfast.registry import CellSpec, Query, registry
 CELL = "calib_tanh"  # no pointwise math: the only real candidate is `torch`, so nothing JIT-compiles
 
 
-if CELL not in registry.cells:
+@pytest.fixture(autouse=True, scope="module")
+def _calibration_cell():
+    """The test cell, registered for this module only: other test modules enumerate the registry's cells."""
     seqfast.register_cell(CellSpec(name=CELL, num_gates=1, state_names=("h",),
                                    reference_step=lambda x, s, w: (torch.tanh(x + s[0] @ w.weight_hh.t()
-                                                                              + w.bias_hh),)))
+                                                                              + w.bias_hh),)), replace=True)
+    yield
+    del registry.cells[CELL]
+    registry.cell_origin.pop(CELL, None)
+    registry.generation += 1
 
 
 class FakeClock:
