@@ -77,9 +77,14 @@ def new_model(backend: str = "numba", **options) -> Seq2Seq:
 HELD_OUT = 200
 
 
+# copying is learned faster when each memory position also sees the string's end (bidirectional encoder)
+TASK_OPTIONS = {"reverse": {}, "copy": {"bidirectional_encoder": True}}
+
+
 def train(task: str, max_steps: int = 1500) -> tuple[Seq2Seq, dict]:
+    """A model trained on the numba backend until greedy decoding gets 99% of the held-out strings exactly."""
     torch.manual_seed(0)
-    model = new_model("numba")
+    model = new_model("numba", **TASK_OPTIONS[task])
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     data = torch.Generator().manual_seed(1)
     held_src, held_len = digit_strings(HELD_OUT, torch.Generator().manual_seed(2), held_out=True)
@@ -99,7 +104,7 @@ def train(task: str, max_steps: int = 1500) -> tuple[Seq2Seq, dict]:
             if exact_match(tokens, held_out) >= 0.99:
                 break
     model.eval()
-    return model, {"src": held_src, "lengths": held_len, "tgt_out": held_out, "steps": step}
+    return model, {"src": held_src, "lengths": held_len, "tgt_out": held_out, "steps": step, "task": task}
 
 
 @pytest.fixture(scope="module")
@@ -129,16 +134,16 @@ def test_learns_the_task_greedy_and_beam(trained):
 def test_torch_backend_runs_the_trained_weights_alike(trained):
     """The numba-trained model's weights on the torch backend: the same tokens, the same scores."""
     model, held = trained
-    reference = new_model("torch")
+    reference = new_model("torch", **TASK_OPTIONS[held["task"]])
     reference.load_state_dict(model.state_dict())
     reference.eval()
-    src, lengths = held["src"][:48], held["lengths"][:48]
+    src, lengths = held["src"], held["lengths"]
     for beam_size in (1, 4):
         tokens, scores = model.generate(src, lengths, max_len=MAX_LEN + 2, beam_size=beam_size)
         ref_tokens, ref_scores = reference.generate(src, lengths, max_len=MAX_LEN + 2, beam_size=beam_size)
         assert torch.equal(tokens, ref_tokens)
         torch.testing.assert_close(scores, ref_scores, atol=1e-4, rtol=1e-4)
-    assert exact_match(ref_tokens, held["tgt_out"][:48]) >= 0.98
+    assert exact_match(ref_tokens, held["tgt_out"]) >= 0.98
 
 
 # --- search -----------------------------------------------------------------------------------------------------
