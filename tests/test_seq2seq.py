@@ -347,9 +347,10 @@ def test_scheduled_sampling_schedules():
         ExponentialSchedule(1.5)
 
 
+@pytest.mark.parametrize("attention", ["bahdanau", "luong_general"])
 @pytest.mark.parametrize("backend", ["numba", "torch"])
-def test_inference_mode(backend):
-    model = _random_model(backend=backend, attention="bahdanau")
+def test_inference_mode(backend, attention):
+    model = _random_model(backend=backend, attention=attention)
     src, lengths = _source(3)
     expected = model.generate(src, lengths, max_len=5, beam_size=2)
     with torch.inference_mode():
