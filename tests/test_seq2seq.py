@@ -263,7 +263,7 @@ def test_mask_is_an_alternative_to_lengths():
 
 
 # --- modules: every attention and cell, forward and backward ----------------------------------------------------
-@pytest.mark.parametrize("backend", ["numba", "torch"])
+@pytest.mark.parametrize("backend", ["numba", "torch", "native"])
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 @pytest.mark.parametrize("variant", [
     {"attention": "bahdanau"},
@@ -285,6 +285,21 @@ def test_forward_backward(backend, cell, variant):
     logits.logsumexp(-1).sum().backward()
     missing = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not missing, f"parameters without gradient: {missing}"
+
+
+@pytest.mark.parametrize("cell", ["rnn_tanh", "gru_reset_before", "indrnn", "peephole_lstm", "mingru"])
+@pytest.mark.parametrize("attention", ["bahdanau", "luong_general"])
+def test_any_registered_cell(cell, attention):
+    if cell not in seqfast.registry.cells:
+        pytest.skip(f"cell {cell!r} is not registered here (its plugin is not installed)")
+    torch.manual_seed(0)
+    model = Seq2Seq(VOCAB, VOCAB, 8, 8, cell=cell, attention=attention, backend="torch")
+    src, lengths = _source(3)
+    logits = model(src, lengths, torch.randint(3, VOCAB, (3, 4)))
+    logits.logsumexp(-1).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    tokens, scores = model.generate(src, lengths, max_len=4, beam_size=2)
+    assert tokens.shape[0] == 3 and torch.isfinite(scores).all()
 
 
 def test_scan_path_equals_stepping_the_cells():
@@ -382,7 +397,9 @@ def test_errors_name_the_argument():
         (lambda: model.generate(src, lengths, beam_size=VOCAB + 1), "beam_size"),
         (lambda: model.generate(src, lengths, length_penalty=-1.0), "length_penalty"),
         (lambda: Seq2Seq(VOCAB, VOCAB, 8, 8, attention="luong"), "attention"),
-        (lambda: Seq2Seq(VOCAB, VOCAB, 8, 8, cell="lstmm"), "lstmm"),
+        (lambda: Seq2Seq(VOCAB, VOCAB, 8, 8, cell="lstmm"), "cell"),
+        (lambda: Seq2Seq(VOCAB, VOCAB, 8, 8, backend="numbaa"), "backend"),
+        (lambda: Encoder(4, 8, cell="lstmm"), "cell"),
         (lambda: Seq2Seq(VOCAB, VOCAB, 8, 8, attention="luong_dot", bidirectional_encoder=True), "luong_dot"),
         (lambda: Seq2Seq(VOCAB, VOCAB, 8, 8, bridge="mean"), "bridge"),
         (lambda: Seq2Seq(VOCAB, VOCAB, 8, 8, eos_id=VOCAB), "eos_id"),

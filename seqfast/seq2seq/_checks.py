@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from ..functional import InputError, check_lengths
+from ..registry import CellSpec, registry
 
 
 def check_tokens(name: str, tokens, vocab_size: int, batch: int | None = None) -> Tensor:
@@ -59,3 +60,19 @@ def padding_mask(lengths: Tensor, steps: int) -> Tensor:
 def check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"{name}: expected one of {sorted(choices)}, got {value!r}")
+
+
+def check_cell(cell) -> CellSpec:
+    """A registered cell name (or a CellSpec) -> its CellSpec."""
+    if isinstance(cell, CellSpec):
+        return cell
+    if cell not in registry.cells:
+        raise ValueError(f"cell: unknown cell {cell!r}; registered cells: {sorted(registry.cells)}")
+    return registry.cells[cell]
+
+
+def check_backend(backend) -> None:
+    """None, "auto" or a registered backend's name."""
+    if backend is not None and backend != "auto" and backend not in registry.backends:
+        raise ValueError(f"backend: unknown backend {backend!r}; known backends: "
+                         f"{['auto', *sorted(registry.backends)]}")

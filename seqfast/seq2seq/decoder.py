@@ -18,8 +18,8 @@ from torch import Tensor, nn
 
 from ..functional import BackendNotSupportedError, scan, select_backend
 from ..nn import RecurrentCell
-from ..registry import CellSpec, Query, Weights, get_cell
-from ._checks import check_tokens
+from ..registry import CellSpec, Query, Weights
+from ._checks import check_backend, check_cell, check_tokens
 from .attention import make_attention
 
 
@@ -51,7 +51,8 @@ class Decoder(nn.Module):
                  input_feeding: bool = False, dropout: float = 0.0, pad_id: int = 0,
                  backend: str | None = None) -> None:
         super().__init__()
-        self.cell = get_cell(cell)
+        self.cell = check_cell(cell)
+        check_backend(backend)
         self.vocab_size, self.hidden_size, self.num_layers = vocab_size, hidden_size, num_layers
         self.attention_kind, self.input_feeding, self.dropout = attention, input_feeding, float(dropout)
         self.attention = make_attention(attention, hidden_size, memory_size)

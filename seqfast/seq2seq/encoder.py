@@ -9,8 +9,8 @@ from torch import Tensor, nn
 
 from ..functional import InputError
 from ..nn import Recurrent
-from ..registry import CellSpec, get_cell
-from ._checks import check_choice, check_tokens, padding_mask, resolve_lengths
+from ..registry import CellSpec
+from ._checks import check_backend, check_cell, check_choice, check_tokens, padding_mask, resolve_lengths
 
 BRIDGES = ("sum", "concat")
 
@@ -60,7 +60,8 @@ class Encoder(nn.Module):
             raise TypeError(f"Encoder: token inputs need both vocab_size and embedding_dim, got "
                             f"vocab_size={vocab_size}, embedding_dim={embedding_dim}")
         check_choice("bridge", bridge, BRIDGES)
-        self.cell = get_cell(cell)
+        self.cell = check_cell(cell)
+        check_backend(backend)
         self.hidden_size, self.num_layers, self.bidirectional = hidden_size, num_layers, bidirectional
         self.decoder_hidden_size = hidden_size if decoder_hidden_size is None else decoder_hidden_size
         self.bridge, self.pad_id, self.vocab_size = bridge, pad_id, vocab_size

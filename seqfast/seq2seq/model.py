@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..registry import CellSpec, get_cell
-from ._checks import check_choice, check_tokens
+from ..registry import CellSpec
+from ._checks import check_backend, check_cell, check_choice, check_tokens
 from .attention import ATTENTIONS
 from .decoder import Decoder
 from .encoder import BRIDGES, Encoder, EncoderOutput
@@ -42,7 +42,8 @@ class Seq2Seq(nn.Module):
         super().__init__()
         check_choice("attention", attention, ATTENTIONS)
         check_choice("bridge", bridge, BRIDGES)
-        get_cell(cell)  # unknown names fail here, naming the registered cells
+        check_cell(cell)
+        check_backend(backend)
         for name, value in (("src_vocab_size", src_vocab_size), ("tgt_vocab_size", tgt_vocab_size),
                             ("embedding_dim", embedding_dim), ("hidden_size", hidden_size),
                             ("num_layers", num_layers)):
