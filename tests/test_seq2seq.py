@@ -403,6 +403,7 @@ def test_errors_name_the_argument():
         (lambda: Seq2Seq(VOCAB, VOCAB, 8, 8, attention="luong_dot", bidirectional_encoder=True), "luong_dot"),
         (lambda: Seq2Seq(VOCAB, VOCAB, 8, 8, bridge="mean"), "bridge"),
         (lambda: Seq2Seq(VOCAB, VOCAB, 8, 8, eos_id=VOCAB), "eos_id"),
+        (lambda: Seq2Seq(3, VOCAB, 8, 8, pad_id=5), "pad_id"),
     ]
     for call, name in cases:
         with pytest.raises((ValueError, TypeError)) as info:

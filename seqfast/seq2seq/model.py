@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from ..registry import CellSpec
-from ._checks import check_backend, check_cell, check_choice, check_tokens
+from ._checks import check_backend, check_cell, check_choice
 from .attention import ATTENTIONS
 from .decoder import Decoder
 from .encoder import BRIDGES, Encoder, EncoderOutput
@@ -52,6 +52,9 @@ class Seq2Seq(nn.Module):
         for name, value in (("pad_id", pad_id), ("bos_id", bos_id), ("eos_id", eos_id)):
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < tgt_vocab_size:
                 raise ValueError(f"{name}: expected a token id in [0, {tgt_vocab_size}), got {value!r}")
+        if pad_id >= src_vocab_size:
+            raise ValueError(f"pad_id: the source pads with it too, so it must be below src_vocab_size "
+                             f"({src_vocab_size}), got {pad_id}")
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
             raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
         self.pad_id, self.bos_id, self.eos_id = pad_id, bos_id, eos_id
@@ -72,7 +75,6 @@ class Seq2Seq(nn.Module):
         if tgt_in is None:
             raise TypeError("tgt_in: required, the target shifted right ([B, T], starting with bos_id)")
         encoded = self.encode(src, src_lengths, src_mask=src_mask)
-        check_tokens("tgt_in", tgt_in, self.decoder.vocab_size, batch=src.shape[0])
         logits, attention = self.decoder(tgt_in, self.decoder.init_state(encoded.state), encoded.memory,
                                          encoded.mask, teacher_forcing)
         return (logits, attention) if return_attention else logits
