@@ -146,7 +146,11 @@ def main(argv=None) -> None:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--beam", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=9)
-    run(parser.parse_args(argv))
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own choice)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run(args)
 
 
 if __name__ == "__main__":
