@@ -101,7 +101,9 @@ class Decoder(nn.Module):
             new = (new,) if isinstance(new, Tensor) else tuple(new)
             new_layers.append(new)
             x = self._drop(new[0])
-        cells = tuple(torch.stack(per_name) for per_name in zip(*new_layers, strict=True))
+        # one layer (the common case): unsqueeze is a view, where stack would copy
+        cells = tuple(per_name[0].unsqueeze(0) if len(per_name) == 1 else torch.stack(per_name)
+                      for per_name in zip(*new_layers, strict=True))
         top = new_layers[-1][0]
         if not self.attend_first:
             context, weights = self.attention(top, keys, memory, mask)
