@@ -70,8 +70,8 @@ def train(kind, backend, model_wrap, rows):
     model = model_wrap(net)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     data = [tuple(t[rows] for t in b) for b in batches()]
-    Trainer(model, opt, step, progress=False).fit(data, epochs=1)
-    return net.state_dict()
+    history = Trainer(model, opt, step, patience=1, progress=False).fit(data[:2], epochs=2, val=data[2:])
+    return {"state": net.state_dict(), "history": history}
 
 
 def worker(rank):
@@ -95,7 +95,7 @@ if __name__ == "__main__":
             state = train(kind, backend, lambda net: net, slice(None))
             torch.save(state, os.path.join(OUT, f"single-{backend}-{kind}.pt"))
             torch.manual_seed(0)
-            torch.save(Net(kind, backend).state_dict(), os.path.join(OUT, f"init-{backend}-{kind}.pt"))
+            torch.save({"state": Net(kind, backend).state_dict()}, os.path.join(OUT, f"init-{backend}-{kind}.pt"))
     print("ok")
 '''
 
@@ -132,9 +132,14 @@ def ddp_results(tmp_path_factory):
     pytest.param(b, marks=pytest.mark.skipif(not _runnable(b), reason=str(registry.backends[b].unavailable_reason())))
     for b in BACKENDS])
 def test_ddp_ranks_agree_with_one_process_on_the_whole_batch(ddp_results, backend, kind):
-    """Both ranks end with identical parameters, equal to training one process on the combined batches."""
+    """Both ranks end with identical parameters and metrics, equal to one process trained on the combined batches."""
     rank0, rank1, single, initial = (torch.load(ddp_results / f"{who}-{backend}-{kind}.pt", weights_only=True)
                                      for who in ("rank0", "rank1", "single", "init"))
+    # the epoch metrics are averaged over the ranks: the same on both, the whole batches' own
+    assert rank0["history"] == rank1["history"] and len(rank0["history"]) == len(single["history"])
+    for got, expected in zip(rank0["history"], single["history"], strict=True):
+        assert got == pytest.approx(expected, rel=1e-5), "DDP metrics vs one process"
+    rank0, rank1, single, initial = rank0["state"], rank1["state"], single["state"], initial["state"]
     assert list(rank0) == list(single) and len(rank0) > 4
     assert all(not torch.equal(single[name], initial[name]) for name in single if "weight" in name), "no training"
     for name in rank0:

@@ -237,7 +237,7 @@ def _resumable_run(tmp_path, epochs, seed, resume=False):
     torch.manual_seed(seed)
     model = _Net()
     opt = torch.optim.RMSprop(model.parameters(), lr=1e-2)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.7)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 1 / (1 + epoch))
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(20, 4, 3, generator=g), torch.randn(20, 1, generator=g)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=6, shuffle=True)

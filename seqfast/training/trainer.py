@@ -75,7 +75,8 @@ class Trainer:
     """Fit a model with `step(model, batch)` as its forward and loss.
 
     Args:
-        model: the module (a DistributedDataParallel wrapper too: only rank 0 writes files and progress).
+        model: the module, or a DistributedDataParallel wrapper of it: then each epoch's metrics are averaged
+            over the ranks (all stop early together), and only rank 0 writes files and shows progress.
         optimizer: any `torch.optim.Optimizer`, e.g. `torch.optim.Adam(model.parameters(), 1e-3)` or `RMSprop`.
         step: `step(model, batch) -> loss`, or `-> (loss, {name: value})` for extra metrics. Under validation it
             runs in `model.eval()` and `torch.no_grad()`.
@@ -142,6 +143,7 @@ class Trainer:
             row = {"epoch": self.epoch + 1, **self._train_epoch(train)}
             if val is not None:
                 row.update({f"val_{k}": v for k, v in self.evaluate(val).items()})
+            row = self._mean_over_ranks(row)
             if monitor not in row:
                 raise KeyError(f"Trainer: monitor={monitor!r} is not among the epoch's metrics {list(row)}")
             if self.scheduler is not None:
@@ -160,6 +162,20 @@ class Trainer:
                         torch.save(_unwrap(self.model).state_dict(),
                                    self.checkpoint.with_suffix(".best" + self.checkpoint.suffix))
         return self.history
+
+    @staticmethod
+    def _mean_over_ranks(row: dict[str, Any]) -> dict[str, Any]:
+        """Under torch.distributed, every metric averaged over the ranks, so that all ranks log, schedule and
+        stop early alike (a rank stopping alone would leave the others waiting in their next all-reduce)."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return row
+        cuda = torch.distributed.get_backend() == "nccl"
+        device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+        keys = [k for k in row if k != "epoch"]
+        values = torch.tensor([row[k] for k in keys], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(values)
+        values /= torch.distributed.get_world_size()
+        return {"epoch": row["epoch"], **dict(zip(keys, values.tolist(), strict=True))}
 
     @property
     def stopped(self) -> bool:
