@@ -8,6 +8,7 @@ Parameter names, shapes, order and initialisation are torch.nn's, so state_dicts
 
 from __future__ import annotations
 
+import operator
 import re
 import warnings
 
@@ -21,6 +22,9 @@ from ..functional import InputError, check_lengths, select_backend
 from ..registry import CellSpec, Query, Weights, get_cell, registry
 
 __all__ = ["Recurrent", "RNN", "LSTM", "GRU", "RecurrentCell", "RNNCell", "LSTMCell", "GRUCell"]
+
+
+_requires_grad = operator.attrgetter("requires_grad")
 
 
 def _check_int(owner: str, name: str, value, low: int, error: type[Exception] = ValueError) -> None:
@@ -241,29 +245,31 @@ class Recurrent(_PicklesCellByName, nn.Module):
         else:
             if not isinstance(input, Tensor):
                 raise TypeError(f"{owner}: input must be a Tensor or PackedSequence, got {type(input).__name__}")
-            if input.dim() not in (2, 3):
+            dim = input.dim()
+            if dim not in (2, 3):
                 raise InputError(f"{owner}: expected input to be 2-D (unbatched [T, I]) or 3-D "
-                                 f"({'[B, T, I]' if self.batch_first else '[T, B, I]'}), got {input.dim()}-D "
+                                 f"({'[B, T, I]' if self.batch_first else '[T, B, I]'}), got {dim}-D "
                                  f"of shape {tuple(input.shape)}")
-            batched = input.dim() == 3
+            batched = dim == 3
             x = input if batched else input.unsqueeze(1)
             if batched and self.batch_first:
                 x = x.transpose(0, 1)
             if not batched and lengths is not None:
                 raise ValueError(f"{owner}: lengths= needs a batched input")
-        if x.shape[-1] != self.input_size:
+        shape = x.shape
+        if shape[-1] != self.input_size:
             raise InputError(f"{owner}: input.size(-1) must be equal to input_size. "
-                             f"Expected {self.input_size}, got {x.shape[-1]}")
-        weight = getattr(self, self._flat_weights_names[0])
+                             f"Expected {self.input_size}, got {shape[-1]}")
+        weight = self._param(self._flat_weights_names[0])
         if x.dtype != weight.dtype:
             raise InputError(f"{owner}: input must have the type {weight.dtype}, got type {x.dtype}")
         if x.device != weight.device:
             raise InputError(f"{owner}: input is on {x.device} but the parameters are on {weight.device}")
-        if x.shape[0] == 0:
+        if shape[0] == 0:
             raise InputError(f"{owner}: input has no time steps (sequence length 0); expected at least one")
         if lengths is not None:
-            lengths = check_lengths(lengths, x.shape[1], x.shape[0])
-            if x.shape[1] == 0:  # no sequences, nothing for lengths to say (and nothing to pack)
+            lengths = check_lengths(lengths, shape[1], shape[0])
+            if shape[1] == 0:  # no sequences, nothing for lengths to say (and nothing to pack)
                 lengths = None
         return x, lengths, batched, packed
 
@@ -285,18 +291,34 @@ class Recurrent(_PicklesCellByName, nn.Module):
 
     def _query(self, x: Tensor, state0: tuple[Tensor, ...] | None, level: str) -> Query:
         requires_grad = torch.is_grad_enabled() and (
-            x.requires_grad or (state0 is not None and any(s.requires_grad for s in state0))
-            or any(p.requires_grad for p in self._parameters.values()))
+            x.requires_grad or (state0 is not None and any(map(_requires_grad, state0)))
+            or any(map(_requires_grad, self._parameters.values())))
         if torch.compiler.is_compiling():  # no module state changes inside a traced graph
             return self._new_query(x, requires_grad, level)
-        # one Query per input shape, kept: building the frozen dataclass costs more than the lookup
-        return memo(self.__dict__.setdefault("_queries", {}), (x.shape, x.dtype, x.device.type, requires_grad, level),
-                    lambda: self._new_query(x, requires_grad, level), limit=64)
+        # one Query per input shape, kept: building the frozen dataclass costs more than the lookup (keyed by the
+        # device itself: its .type costs more than the hash)
+        queries = self.__dict__.get("_queries")
+        if queries is None:
+            queries = self.__dict__["_queries"] = {}
+        key = (x.shape, x.dtype, x.device, requires_grad, level)
+        query = queries.get(key)
+        if query is None:
+            query = memo(queries, key, lambda: self._new_query(x, requires_grad, level), limit=64)
+        return query
 
     def _new_query(self, x: Tensor, requires_grad: bool, level: str) -> Query:
         return Query(cell=self.cell, device=x.device.type, dtype=x.dtype, hidden_size=self.hidden_size,
                      input_size=x.shape[-1], batch_size=x.shape[1], seq_len=x.shape[0], proj_size=self.proj_size,
                      requires_grad=requires_grad, level=level)
+
+    def _stack_params(self) -> list[list[Tensor]]:
+        """Each layer-direction's parameters in torch.nn's order, read anew on every call, so a replaced or
+        parametrized parameter is the one that runs."""
+        params = self._parameters
+        try:
+            return [[params[name] for name in names] for names in self._all_weights]
+        except KeyError:  # a parametrized weight: a property, absent from _parameters
+            return [[self._param(name) for name in names] for names in self._all_weights]
 
     def _param(self, name: str) -> Tensor:
         # _parameters first (a dict lookup); getattr for a parametrized weight (torch.nn.utils.parametrize),
@@ -309,9 +331,8 @@ class Recurrent(_PicklesCellByName, nn.Module):
         if backend.has_stack():
             if state0 is None:
                 layers = self.num_layers * (2 if self.bidirectional else 1)
-                state0 = tuple(x.new_zeros(layers, x.shape[1], size) for size in self._state_sizes())
-            params = [[self._parameters[n] for n in names] for names in self._all_weights]
-            return backend.run_stack(self.cell, x, lengths, state0, params, num_layers=self.num_layers,
+                state0 = tuple([x.new_zeros(layers, x.shape[1], size) for size in self._state_sizes()])
+            return backend.run_stack(self.cell, x, lengths, state0, self._stack_params(), num_layers=self.num_layers,
                                      bidirectional=self.bidirectional, dropout=self.dropout,
                                      training=self.training, proj_size=self.proj_size)
         directions = 2 if self.bidirectional else 1
