@@ -8,7 +8,6 @@ Parameter names, shapes, order and initialisation are torch.nn's, so state_dicts
 
 from __future__ import annotations
 
-import operator
 import re
 import warnings
 
@@ -24,7 +23,12 @@ from ..registry import CellSpec, Query, Weights, get_cell, registry
 __all__ = ["Recurrent", "RNN", "LSTM", "GRU", "RecurrentCell", "RNNCell", "LSTMCell", "GRUCell"]
 
 
-_requires_grad = operator.attrgetter("requires_grad")
+def _any_requires_grad(tensors) -> bool:
+    # a loop, not any() over a generator: it runs on every module call (and torch.compile traces it)
+    for t in tensors:
+        if t.requires_grad:
+            return True
+    return False
 
 
 def _check_int(owner: str, name: str, value, low: int, error: type[Exception] = ValueError) -> None:
@@ -291,8 +295,8 @@ class Recurrent(_PicklesCellByName, nn.Module):
 
     def _query(self, x: Tensor, state0: tuple[Tensor, ...] | None, level: str) -> Query:
         requires_grad = torch.is_grad_enabled() and (
-            x.requires_grad or (state0 is not None and any(map(_requires_grad, state0)))
-            or any(map(_requires_grad, self._parameters.values())))
+            x.requires_grad or (state0 is not None and _any_requires_grad(state0))
+            or _any_requires_grad(self._parameters.values()))
         if torch.compiler.is_compiling():  # no module state changes inside a traced graph
             return self._new_query(x, requires_grad, level)
         # one Query per input shape, kept: building the frozen dataclass costs more than the lookup (keyed by the
