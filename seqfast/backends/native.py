@@ -30,13 +30,14 @@ class NativeBackend(Backend):
     def run_stack(self, cell: CellSpec, x: Tensor, lengths: Tensor | None, state0: tuple[Tensor, ...], params: list,
                   *, num_layers: int, bidirectional: bool, dropout: float, training: bool, proj_size: int
                   ) -> tuple[Tensor, tuple[Tensor, ...]]:
-        kernel = _KERNELS[cell.native_mode]
-        flat = [p for layer in params for p in layer]
+        mode = cell.native_mode
+        kernel = _KERNELS[mode]
+        flat = params[0] if len(params) == 1 else [p for layer in params for p in layer]
         has_bias = len(params[0]) - (1 if proj_size else 0) == 4
-        hx = state0 if cell.native_mode == "LSTM" else state0[0]
+        hx = state0 if mode == "LSTM" else state0[0]
         if lengths is None:
             result = kernel(x, hx, flat, has_bias, num_layers, dropout, training, bidirectional, False)
-            return result[0], tuple(result[1:])
+            return result[0], result[1:]
         packed = pack_padded_sequence(x, lengths.cpu(), enforce_sorted=False)
         order, unorder = packed.sorted_indices, packed.unsorted_indices
         hx = tuple(h.index_select(1, order) for h in hx) if isinstance(hx, tuple) else hx.index_select(1, order)

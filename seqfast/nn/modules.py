@@ -23,6 +23,14 @@ from ..registry import CellSpec, Query, Weights, get_cell, registry
 __all__ = ["Recurrent", "RNN", "LSTM", "GRU", "RecurrentCell", "RNNCell", "LSTMCell", "GRUCell"]
 
 
+def _any_requires_grad(tensors) -> bool:
+    # a loop, not any() over a generator: it runs on every module call (and torch.compile traces it)
+    for t in tensors:
+        if t.requires_grad:
+            return True
+    return False
+
+
 def _check_int(owner: str, name: str, value, low: int, error: type[Exception] = ValueError) -> None:
     """torch.nn's exception types: TypeError for a size that is no int, ValueError (the cells: RuntimeError, from
     creating a negative-sized weight) for one out of range."""
@@ -310,29 +318,31 @@ class Recurrent(_PicklesCellByName, nn.Module):
         else:
             if not isinstance(input, Tensor):
                 raise TypeError(f"{owner}: input must be a Tensor or PackedSequence, got {type(input).__name__}")
-            if input.dim() not in (2, 3):
+            dim = input.dim()
+            if dim not in (2, 3):
                 raise InputError(f"{owner}: expected input to be 2-D (unbatched [T, I]) or 3-D "
-                                 f"({'[B, T, I]' if self.batch_first else '[T, B, I]'}), got {input.dim()}-D "
+                                 f"({'[B, T, I]' if self.batch_first else '[T, B, I]'}), got {dim}-D "
                                  f"of shape {tuple(input.shape)}")
-            batched = input.dim() == 3
+            batched = dim == 3
             x = input if batched else input.unsqueeze(1)
             if batched and self.batch_first:
                 x = x.transpose(0, 1)
             if not batched and lengths is not None:
                 raise ValueError(f"{owner}: lengths= needs a batched input")
-        if x.shape[-1] != self.input_size:
+        shape = x.shape
+        if shape[-1] != self.input_size:
             raise InputError(f"{owner}: input.size(-1) must be equal to input_size. "
-                             f"Expected {self.input_size}, got {x.shape[-1]}")
-        weight = getattr(self, self._flat_weights_names[0])
+                             f"Expected {self.input_size}, got {shape[-1]}")
+        weight = self._param(self._flat_weights_names[0])
         if x.dtype != weight.dtype:
             raise InputError(f"{owner}: input must have the type {weight.dtype}, got type {x.dtype}")
         if x.device != weight.device:
             raise InputError(f"{owner}: input is on {x.device} but the parameters are on {weight.device}")
-        if x.shape[0] == 0:
+        if shape[0] == 0:
             raise InputError(f"{owner}: input has no time steps (sequence length 0); expected at least one")
         if lengths is not None:
-            lengths = check_lengths(lengths, x.shape[1], x.shape[0])
-            if x.shape[1] == 0:  # no sequences, nothing for lengths to say (and nothing to pack)
+            lengths = check_lengths(lengths, shape[1], shape[0])
+            if shape[1] == 0:  # no sequences, nothing for lengths to say (and nothing to pack)
                 lengths = None
         return x, lengths, batched, packed
 
@@ -357,18 +367,34 @@ class Recurrent(_PicklesCellByName, nn.Module):
         """dtype: the one the recurrence runs in where it is not x's (torch.autocast's)."""
         dtype = dtype or x.dtype
         requires_grad = torch.is_grad_enabled() and (
-            x.requires_grad or (state0 is not None and any(s.requires_grad for s in state0))
-            or any(p.requires_grad for p in (self.parameters() if self._modules else self._parameters.values())))
+            x.requires_grad or (state0 is not None and _any_requires_grad(state0))
+            or _any_requires_grad(self.parameters() if self._modules else self._parameters.values()))
         if torch.compiler.is_compiling():  # no module state changes inside a traced graph
             return self._new_query(x, requires_grad, level, dtype)
-        # one Query per input shape, kept: building the frozen dataclass costs more than the lookup
-        return memo(self.__dict__.setdefault("_queries", {}), (x.shape, dtype, x.device.type, requires_grad, level),
-                    lambda: self._new_query(x, requires_grad, level, dtype), limit=64)
+        # one Query per input shape, kept: building the frozen dataclass costs more than the lookup (keyed by the
+        # device itself: its .type costs more than the hash)
+        queries = self.__dict__.get("_queries")
+        if queries is None:
+            queries = self.__dict__["_queries"] = {}
+        key = (x.shape, dtype, x.device, requires_grad, level)
+        query = queries.get(key)
+        if query is None:
+            query = memo(queries, key, lambda: self._new_query(x, requires_grad, level, dtype), limit=64)
+        return query
 
     def _new_query(self, x: Tensor, requires_grad: bool, level: str, dtype: torch.dtype) -> Query:
         return Query(cell=self.cell, device=x.device.type, dtype=dtype, hidden_size=self.hidden_size,
                      input_size=x.shape[-1], batch_size=x.shape[1], seq_len=x.shape[0], proj_size=self.proj_size,
                      requires_grad=requires_grad, level=level)
+
+    def _stack_params(self) -> list[list[Tensor]]:
+        """Each layer-direction's parameters in torch.nn's order, read anew on every call, so a replaced or
+        parametrized parameter is the one that runs."""
+        params = self._parameters
+        try:
+            return [[params[name] for name in names] for names in self._all_weights]
+        except KeyError:  # a parametrized weight: a property, absent from _parameters
+            return [[self._param(name) for name in names] for names in self._all_weights]
 
     _param = _weight
 
@@ -376,7 +402,7 @@ class Recurrent(_PicklesCellByName, nn.Module):
         autocast = _autocast_dtype(x)
         backend, _ = select_backend(self._query(x, state0, "module", autocast), self.backend)
         if autocast is None:
-            return self._run_on(backend, x, lengths, state0, self._param)
+            return self._run_on(backend, x, lengths, state0)
         # as torch.nn does under autocast: the recurrence in the autocast dtype (inputs, states and weights cast;
         # autograd casts their gradients back), the results in the dtypes torch.nn returns
         with torch.autocast(x.device.type, enabled=False):
@@ -387,16 +413,19 @@ class Recurrent(_PicklesCellByName, nn.Module):
                                            "padded" if lengths is None else "packed")
         return out.to(dtypes[0]), tuple(s.to(d) for s, d in zip(final, dtypes, strict=True))
 
-    def _run_on(self, backend, x: Tensor, lengths: Tensor | None, state0: tuple[Tensor, ...] | None, param):
-        """The layers on `backend`, their weights read by param(name)."""
+    def _run_on(self, backend, x: Tensor, lengths: Tensor | None, state0: tuple[Tensor, ...] | None, param=None):
+        """The layers on `backend`, their weights read by param(name) (None: as they are)."""
         if backend.has_stack():
             if state0 is None:
                 layers = self.num_layers * (2 if self.bidirectional else 1)
-                state0 = tuple(x.new_zeros(layers, x.shape[1], size) for size in self._state_sizes())
-            params = [[param(n) for n in names] for names in self._all_weights]
+                state0 = tuple([x.new_zeros(layers, x.shape[1], size) for size in self._state_sizes()])
+            params = self._stack_params() if param is None else [[param(n) for n in names]
+                                                                 for names in self._all_weights]
             return backend.run_stack(self.cell, x, lengths, state0, params, num_layers=self.num_layers,
                                      bidirectional=self.bidirectional, dropout=self.dropout,
                                      training=self.training, proj_size=self.proj_size)
+        if param is None:
+            param = self._param
         directions = 2 if self.bidirectional else 1
         finals: list[list[Tensor]] = [[] for _ in self.cell.state_names]
         layer_input = x
