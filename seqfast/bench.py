@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from . import __version__
+from ._version import __version__
 from .functional import BackendNotSupportedError, current_backend, explain
 from .nn import Recurrent
 from .registry import registry

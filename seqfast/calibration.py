@@ -153,7 +153,7 @@ def _version(dist: str) -> str | None:
 
 def machine_key() -> dict:
     """What a calibration holds for: the CPU, its cores, torch's threads, the library versions."""
-    from . import __version__
+    from ._version import __version__
 
     return {"cpu": _cpu_model(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "numba": _version("numba"), "seqfast": __version__}

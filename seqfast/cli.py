@@ -12,7 +12,8 @@ from importlib import metadata
 
 import torch
 
-from . import __version__, calibration
+from . import calibration
+from ._version import __version__
 from .config import calibration_setting, config_file_settings, context_choices, resolve_choice
 from .functional import select_backend
 from .registry import Query, registry
