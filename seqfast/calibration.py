@@ -21,6 +21,7 @@ Rules:
 - SEQFAST_CALIBRATE=0, or `calibrate = false` in the config file: the static rule only. The setting is read when a
   query is first decided in a process.
 - Thread-safe: one lock around timing and the table; a bucket is timed once, other threads wait for its decision.
+Size: measuring, the shape buckets and the cache file are one decision procedure, read top to bottom.
 """
 
 from __future__ import annotations
