@@ -14,7 +14,7 @@ import torch
 
 from . import calibration
 from ._version import __version__
-from .config import calibration_setting, config_file_settings, context_choices, resolve_choice
+from .config import calibration_setting, config_file_settings, context_choices, resolve_choice, setting
 from .functional import select_backend
 from .registry import Query, registry
 
@@ -74,7 +74,7 @@ def collect_info() -> dict:
         "plugins": {
             "loaded": list(registry.plugins_loaded),
             "failed": [vars(f) for f in registry.plugin_failures],
-            "disabled": os.environ.get("SEQFAST_DISABLE_PLUGINS", "").strip() not in ("", "0"),
+            "disabled": setting("disable_plugins"),
         },
         "config": {"file": str(path) if path else None, "backend": default, "backends": per_cell,
                    "use_backend": dict(context_choices()), "environment": env},

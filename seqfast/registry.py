@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextvars
 import copy
 import importlib.metadata
-import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .cells.validation import validate_cell
+from .config import setting
 from .spec import (
     NAME_RE,
     RECURRENCE_KINDS,
@@ -241,7 +241,7 @@ class Registry:
     def load_plugins(self, entry_points: Sequence[Any] | None = None) -> None:
         """Call every `seqfast.plugins` entry point with this registry. A broken plugin becomes a warning."""
         if entry_points is None:
-            if os.environ.get("SEQFAST_DISABLE_PLUGINS", "").strip() not in ("", "0"):
+            if setting("disable_plugins"):
                 return
             entry_points = importlib.metadata.entry_points(group="seqfast.plugins")
         for ep in entry_points:
