@@ -29,7 +29,7 @@ def _version(dist: str) -> str | None:
 def collect_info() -> dict:
     """Everything `seqfast info` shows, as plain data."""
     versions = {"seqfast": __version__, "python": platform.python_version(), "torch": torch.__version__}
-    for dist in ("numpy", "numba", "llvmlite", "scipy", "triton"):
+    for dist in ("numpy", "numba", "llvmlite", "triton"):
         versions[dist] = _version(dist)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     backends = {}
