@@ -1,7 +1,8 @@
 """seqfast: fast sequential models with interchangeable backends behind torch.nn-compatible modules."""
 
 from . import backends as _backends  # noqa: F401  (registers the built-in backends)
-from . import cells as _cells  # noqa: F401  (registers the built-in cells)
+from ._version import __version__
+from .cells import BUILTIN_CELLS as _BUILTIN_CELLS
 from .config import use_backend
 from .functional import (
     BackendNotSupportedError,
@@ -28,7 +29,8 @@ from .registry import (
     registry,
 )
 
-__version__ = "0.1.0"
+for _spec in _BUILTIN_CELLS:  # through the same call a plugin's cells use
+    register_cell(_spec)
 
 __all__ = [
     "RNN",

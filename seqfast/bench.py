@@ -7,6 +7,7 @@ forward + backward of output.sum(). Backends and cells come from the registry, s
 themselves; a combination the registry turns down is listed with its reasons instead of being run.
 
 rich and matplotlib are imported only when the command runs: `seqfast info` imports this module too.
+Size: one command: its options, the interleaved timing, and the report of a run (table, JSON, plot).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any
 
 import torch
 
-from . import __version__
+from ._version import __version__
 from .functional import BackendNotSupportedError, current_backend, explain
 from .nn import Recurrent
 from .registry import registry

@@ -21,6 +21,7 @@ Rules:
 - SEQFAST_CALIBRATE=0, or `calibrate = false` in the config file: the static rule only. The setting is read when a
   query is first decided in a process.
 - Thread-safe: one lock around timing and the table; a bucket is timed once, other threads wait for its decision.
+Size: measuring, the shape buckets and the cache file are one decision procedure, read top to bottom.
 """
 
 from __future__ import annotations
@@ -153,7 +154,7 @@ def _version(dist: str) -> str | None:
 
 def machine_key() -> dict:
     """What a calibration holds for: the CPU, its cores, torch's threads, the library versions."""
-    from . import __version__
+    from ._version import __version__
 
     return {"cpu": _cpu_model(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "numba": _version("numba"), "seqfast": __version__}

@@ -12,8 +12,9 @@ from importlib import metadata
 
 import torch
 
-from . import __version__, calibration
-from .config import calibration_setting, config_file_settings, context_choices, resolve_choice
+from . import calibration
+from ._version import __version__
+from .config import calibration_setting, config_file_settings, context_choices, resolve_choice, setting
 from .functional import select_backend
 from .registry import Query, registry
 
@@ -28,7 +29,7 @@ def _version(dist: str) -> str | None:
 def collect_info() -> dict:
     """Everything `seqfast info` shows, as plain data."""
     versions = {"seqfast": __version__, "python": platform.python_version(), "torch": torch.__version__}
-    for dist in ("numpy", "numba", "llvmlite", "scipy", "triton"):
+    for dist in ("numpy", "numba", "llvmlite", "triton"):
         versions[dist] = _version(dist)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     backends = {}
@@ -73,7 +74,7 @@ def collect_info() -> dict:
         "plugins": {
             "loaded": list(registry.plugins_loaded),
             "failed": [vars(f) for f in registry.plugin_failures],
-            "disabled": os.environ.get("SEQFAST_DISABLE_PLUGINS", "").strip() not in ("", "0"),
+            "disabled": setting("disable_plugins"),
         },
         "config": {"file": str(path) if path else None, "backend": default, "backends": per_cell,
                    "use_backend": dict(context_choices()), "environment": env},

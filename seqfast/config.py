@@ -1,4 +1,4 @@
-"""Where a backend choice comes from.
+"""Where a backend choice comes from, and every setting seqfast reads from the environment or its config file.
 
 Precedence, first match wins:
     backend= argument > use_backend(...) > SEQFAST_BACKEND_<CELL> > SEQFAST_BACKEND > config file > "auto".
@@ -8,6 +8,9 @@ The config file is the one SEQFAST_CONFIG names, else ./seqfast.toml, else [tool
     [backends]                   # ([tool.seqfast.backends] in pyproject.toml) per cell, beats `backend`
     gru = "native"
     calibrate = false            # auto: the static rule instead of timing (SEQFAST_CALIBRATE=0 beats the file)
+
+SETTINGS declares every setting (its variable, config key, type, default, meaning) and `setting` reads one;
+docs/settings.md is the same table for people.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import contextlib
 import contextvars
 import os
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -29,7 +32,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 __all__ = ["Choice", "use_backend", "resolve_choice", "config_file_settings", "getenv", "config_file_option",
-           "calibration_setting", "cache_root"]
+           "calibration_setting", "cache_root", "Setting", "SETTINGS", "setting", "setting_with_source", "reader"]
 
 # Every module call resolves its backend, which reads several environment variables; os.environ.get encodes the
 # name and decodes the value each time (~0.7 us). On POSIX CPython os.environ keeps its bytes dict in `_data`, kept
@@ -228,23 +231,132 @@ def config_file_option(key: str) -> tuple[Path | None, object]:
 _TRUE, _FALSE = ("1", "true", "on", "yes"), ("0", "false", "off", "no")
 
 
+@dataclass(frozen=True)
+class Setting:
+    """One setting: read from its environment variable, else its config file key (where it has one), else the
+    default. kind: "bool" (1/true/on/yes or 0/false/off/no), "int" (at least `minimum`), "str" or "path"."""
+
+    env: str
+    kind: str
+    default: object
+    description: str
+    key: str | None = None  # top-level key of the config file
+    minimum: int | None = None
+
+
+# Every setting but the backend choices, which resolve_choice reads in its own precedence (docs/settings.md lists
+# those too). TRITON_INTERPRET is triton's own variable, read here as triton reads it.
+SETTINGS: Mapping[str, Setting] = MappingProxyType({
+    "calibrate": Setting("SEQFAST_CALIBRATE", "bool", True, "auto times the candidate backends per shape bucket "
+                         "(else the static rule)", key="calibrate"),
+    "cache_dir": Setting("SEQFAST_CACHE_DIR", "path", None, "seqfast's cache directory (default: "
+                         "$XDG_CACHE_HOME/seqfast, else ~/.cache/seqfast)"),
+    "config": Setting("SEQFAST_CONFIG", "path", None, "the config file (default: ./seqfast.toml, else [tool.seqfast] "
+                      "in ./pyproject.toml)"),
+    "disable_plugins": Setting("SEQFAST_DISABLE_PLUGINS", "bool", False, "skip loading seqfast.plugins entry points"),
+    "numba_threads": Setting("SEQFAST_NUMBA_THREADS", "int", None, "threads a numba scan may use (default: "
+                             "torch.get_num_threads())", minimum=1),
+    "numba_no_mkl": Setting("SEQFAST_NUMBA_NO_MKL", "bool", False, "numba GEMMs as numba loops, not torch's MKL"),
+    "numba_mkl_kernels": Setting("SEQFAST_NUMBA_MKL_KERNELS", "bool", True, "numba may call MKL's AVX2/AVX-512 "
+                                 "sgemm kernels directly on non-Intel CPUs"),
+    "triton_tile": Setting("SEQFAST_TRITON_TILE", "int", None, "triton's hidden tile size (a power of two >= 16; "
+                           "default: chosen per shape)", minimum=16),
+    "triton_interpret": Setting("TRITON_INTERPRET", "bool", False, "triton kernels run on CPU tensors through "
+                                "Triton's interpreter (tests)"),
+})
+
+_parsed: dict[tuple[str, str], object] = {}  # (setting, raw text) -> value: a hot-path read is one dict lookup
+
+
+def _parse(spec: Setting, raw: object, where: str, from_file: bool = False) -> object:
+    """raw: an environment variable's text, or (from_file) a config file's TOML value, which must have the type."""
+    if spec.kind == "bool":
+        if isinstance(raw, bool) or from_file:
+            if isinstance(raw, bool):
+                return raw
+            raise ValueError(f"{where} must be true or false, got {raw!r}")
+        text = str(raw).strip().lower()
+        if text in _TRUE or text in _FALSE:
+            return text in _TRUE
+        expected = f"one of {', '.join(_TRUE + _FALSE)}"
+    elif spec.kind == "int":
+        typed = isinstance(raw, int) and not isinstance(raw, bool) if from_file else isinstance(raw, str)
+        try:
+            value = int(raw) if typed else None
+        except ValueError:
+            value = None
+        if value is not None and (spec.minimum is None or value >= spec.minimum):
+            return value
+        expected = "an integer" + ("" if spec.minimum is None else f" >= {spec.minimum}")
+    else:
+        if isinstance(raw, str):
+            return Path(raw) if spec.kind == "path" else raw
+        expected = "a string"
+    raise ValueError(f"{where}: expected {expected}, got {raw!r}")
+
+
+def setting_with_source(name: str) -> tuple[object, str]:
+    """(value, where it comes from) of the setting `name` of SETTINGS: its environment variable, else its config
+    file key, else the default. An unparsable value raises ValueError naming the variable or key and the values
+    expected."""
+    spec = SETTINGS[name]
+    raw = getenv(spec.env)
+    if raw:
+        key = (name, raw)
+        value = _parsed.get(key, _parsed)
+        if value is _parsed:
+            value = _parsed[key] = _parse(spec, raw, spec.env)
+        return value, "environment variable " + spec.env
+    if spec.key is not None:
+        path, value = config_file_option(spec.key)
+        if path is not None:
+            return _parse(spec, value, f"seqfast config {str(path)!r}: {spec.key!r}", True), \
+                f"config file {path} {spec.key}"
+    return spec.default, "default"
+
+
+def setting(name: str) -> object:
+    """The value of the setting `name` of SETTINGS; see setting_with_source. Cheap where it has no config key: one
+    environment read and a dict lookup."""
+    spec = SETTINGS[name]
+    if spec.key is None:
+        raw = getenv(spec.env)
+        if not raw:
+            return spec.default
+        value = _parsed.get((name, raw), _parsed)
+        if value is not _parsed:
+            return value
+    return setting_with_source(name)[0]
+
+
+def reader(name: str) -> Callable[[], object]:
+    """A function reading the setting `name` (one without a config key) as `setting` does, for hot paths: one
+    environment read and, when set, a dict lookup."""
+    spec = SETTINGS[name]
+    if spec.key is not None:
+        raise ValueError(f"reader: setting {name!r} has a config file key; read it with setting()")
+    env, default, parsed = spec.env, spec.default, {}
+
+    def read() -> object:
+        raw = getenv(env)
+        if not raw:
+            return default
+        value = parsed.get(raw, parsed)
+        if value is parsed:
+            value = parsed[raw] = _parse(spec, raw, env)
+        return value
+
+    read.__name__ = read.__qualname__ = f"read_{name}"
+    return read
+
+
 def calibration_setting() -> tuple[bool, str]:
     """(whether `auto` times the candidate backends, where that comes from): SEQFAST_CALIBRATE, else `calibrate`
     in the config file, else on."""
-    env = getenv("SEQFAST_CALIBRATE").lower()
-    if env:
-        if env not in _TRUE + _FALSE:
-            raise ValueError(f"SEQFAST_CALIBRATE: expected one of {', '.join(_TRUE + _FALSE)}, got {env!r}")
-        return env in _TRUE, "environment variable SEQFAST_CALIBRATE"
-    path, value = config_file_option("calibrate")
-    if path is not None:
-        if not isinstance(value, bool):
-            raise ValueError(f"seqfast config {str(path)!r}: 'calibrate' must be true or false, got {value!r}")
-        return value, f"config file {path} calibrate"
-    return True, "default"
+    return setting_with_source("calibrate")  # type: ignore[return-value]
 
 
 def cache_root() -> Path:
     """seqfast's cache directory: SEQFAST_CACHE_DIR, else $XDG_CACHE_HOME/seqfast, else ~/.cache/seqfast."""
-    env = os.environ.get("SEQFAST_CACHE_DIR")
-    return Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "seqfast"
+    root = setting("cache_dir")
+    return root if root else Path(getenv("XDG_CACHE_HOME") or Path.home() / ".cache") / "seqfast"

@@ -1,9 +1,8 @@
 """Cells (the math) and backends (the machinery), and the registry that maps one to the other.
 
-A `CellSpec` describes a recurrent cell once: its gates, its state, its recurrence kind, its torch reference step
-(the executable specification) and, optionally, the pointwise math of one hidden unit that fused backends compile.
-A `Backend` declares what it supports as data; `Backend.not_supported_reasons` turns that into readable reasons.
-Built-in cells and backends are registered exactly the way a plugin registers its own.
+The cell records (CellSpec, Pointwise, Stage, ParamSpec, Weights, Query) live in seqfast.spec and are re-exported
+here. A `Backend` declares what it supports as data; `Backend.not_supported_reasons` turns that into readable
+reasons. Built-in cells and backends are registered exactly the way a plugin registers its own.
 """
 
 from __future__ import annotations
@@ -11,16 +10,27 @@ from __future__ import annotations
 import contextvars
 import copy
 import importlib.metadata
-import math
-import os
-import re
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+
+from .cells.validation import validate_cell
+from .config import setting
+from .spec import (
+    NAME_RE,
+    RECURRENCE_KINDS,
+    CellSpec,
+    ParamSpec,
+    Pointwise,
+    Query,
+    Stage,
+    Weights,
+    uniform_init,
+)
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -31,6 +41,9 @@ __all__ = [
     "Pointwise",
     "CellSpec",
     "Query",
+    "Weights",
+    "uniform_init",
+    "RECURRENCE_KINDS",
     "Backend",
     "Registry",
     "registry",
@@ -40,198 +53,6 @@ __all__ = [
     "get_backend",
     "PluginFailure",
 ]
-
-RECURRENCE_KINDS = ("dense", "diagonal", "none")
-_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
-
-
-def uniform_init(tensor: Tensor, hidden_size: int) -> None:
-    """torch.nn's initialisation of every recurrent parameter: U(-1/sqrt(H), 1/sqrt(H))."""
-    bound = 1.0 / math.sqrt(hidden_size) if hidden_size > 0 else 0.0
-    torch.nn.init.uniform_(tensor, -bound, bound)
-
-
-@dataclass(frozen=True)
-class ParamSpec:
-    """A per-layer, per-direction parameter beyond weight_ih/weight_hh/bias_ih/bias_hh.
-
-    `shape(hidden_size, proj_size)` gives its shape; the module names it `{name}_l{k}[_reverse]`.
-    `recurrent=True` means the scan receives it (after weight_hh and bias_hh, in declaration order).
-    """
-
-    name: str
-    shape: Callable[[int, int], tuple[int, ...]]
-    init: Callable[[Tensor, int], None] = uniform_init
-    recurrent: bool = True
-    bias: bool = False  # created only when the module has bias=True
-
-
-@dataclass(frozen=True)
-class Stage:
-    """One intermediate vector of a staged cell: computed per unit from the gates before it, it takes the place of
-    h in the recurrent product of the gates after it (e.g. the reset-before GRU's r * h, MGU's f * h).
-
-    gates: how many leading gates this stage reads; the gates from here up to the next stage's `gates` (or to the
-        last gate) take their recurrent product with this stage's vector: hg[g] = (W_hh[g rows] v + b_hh)[g].
-    forward(m, xg, hg, state, params) -> v
-        xg, hg: the first `gates` gates only (their products already formed); state, params as in Pointwise.
-    backward(m, xg, hg, state, params, d_v) -> (d_xg, d_hg, d_state, d_params)
-        the local derivative of v, tuples as in Pointwise.backward but over the first `gates` gates.
-    """
-
-    gates: int
-    forward: Callable[..., Any]
-    backward: Callable[..., tuple] | None = None
-
-
-@dataclass(frozen=True)
-class Pointwise:
-    """The math of one hidden unit, written once against a math namespace `m` (exp, tanh, sigmoid, relu, ...).
-
-    forward(m, xg, hg, state, params) -> new_state
-        xg: tuple of num_gates input pre-activations (x W_ih^T + b_ih) of unit j, i.e. x_proj[..., g*H + j];
-        hg: the recurrent ones: (W_hh h + b_hh)[g*H + j] (dense), w_hh[g*H + j] * h_j + b_hh[g*H + j]
-            (diagonal), 0.0 (none);
-        state: this unit's previous state values (one per CellSpec.state_names);
-        params: this unit's values of the per-unit parameters named in Pointwise.params, in that order; a
-            parameter of shape [k*H] (a recurrent extra_param) contributes k values, value r of unit j being
-            p[r*H + j] (e.g. a peephole LSTM's [3*H] cell-to-gate weights give 3 values).
-        new_state[0] is the unit's output.
-    backward(m, xg, hg, state, params, d_new_state) -> (d_xg, d_hg, d_state, d_params)
-        the local derivative: gradients of the same arguments given the gradient of the new state. d_state is
-        the pointwise part only (the scan adds the recurrent part, d_hg @ W_hh); a literal 0.0 is allowed.
-        Backends sum d_params over batch and time.
-    The math namespace m offers exp, log, tanh, sigmoid, relu, sqrt, abs, maximum, minimum, where(c, a, b).
-    Fused backends compile these into their generic time loops; with backward=None they decline to train.
-
-    stages (dense recurrence only): cells gated before the product. Gates [0, stages[0].gates) take their product
-    with h; each Stage's vector v, computed from the gates before it, is what the next group of gates multiply
-    instead (see Stage). forward and backward still see every gate, hg[g] being the product of g's own group;
-    backward's d_hg of a later group reaches h through the stages (the scan chains d_v = d_hg[group] W_hh[group]
-    into Stage.backward). Without stages every gate's product is with h.
-    """
-
-    forward: Callable[..., tuple]
-    backward: Callable[..., tuple] | None = None
-    params: tuple[str, ...] = ()  # names of the recurrent extra_params read per unit, see `params` above
-    stages: tuple[Stage, ...] = ()
-
-    def gate_groups(self, num_gates: int) -> tuple[tuple[int, int], ...]:
-        """(first, end) gate of each recurrent product: one group without stages, one more per stage."""
-        bounds = (0, *(s.gates for s in self.stages), num_gates)
-        return tuple(zip(bounds[:-1], bounds[1:], strict=True))
-
-
-@dataclass(frozen=True)
-class CellSpec:
-    """A recurrent cell, described once.
-
-    reference_step(x_t, state, w) -> new_state is the specification every backend is tested against:
-    x_t is [B, G*H] (input projection incl. bias_ih), state a tuple of [B, *] tensors, w a `Weights` holding
-    weight_hh, bias_hh (None when absent) and every recurrent extra parameter by name.
-    The output of a step is new_state[0].
-    """
-
-    name: str
-    num_gates: int
-    state_names: tuple[str, ...]
-    reference_step: Callable[..., tuple]
-    recurrence: str = "dense"
-    extra_params: tuple[ParamSpec, ...] = ()
-    pointwise: Pointwise | None = None
-    native_mode: str | None = None  # torch.nn's mode ("LSTM", "GRU", "RNN_TANH", "RNN_RELU") for built-ins
-    supports_proj: bool = False  # LSTM's proj_size: h is projected by weight_hr after each step
-    description: str = ""
-
-    # the suffix of this cell's SEQFAST_BACKEND_<CELL> variable; a plain field, computed once, so that
-    # torch.compile can read it without tracing a cached_property's lock
-    env_name: str = field(init=False, repr=False, compare=False)
-    # hashed on every backend selection (as part of a Query key): the generated hash would hash every field,
-    # reference functions and pointwise source included, which cost microseconds per call
-    _hash: int = field(init=False, repr=False, compare=False)
-    _param_names: tuple[tuple[str, ...], tuple[str, ...]] = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        problems = []
-        if not isinstance(self.name, str) or not _NAME_RE.match(self.name):
-            problems.append("name must be lowercase letters, digits and '_', starting with a letter; "
-                            f"got {self.name!r}")
-        if not isinstance(self.num_gates, int) or self.num_gates < 1:
-            problems.append(f"num_gates must be a positive int, got {self.num_gates!r}")
-        if not self.state_names or not all(isinstance(s, str) for s in self.state_names):
-            problems.append(f"state_names must be a non-empty tuple of str, got {self.state_names!r}")
-        if self.recurrence not in RECURRENCE_KINDS:
-            problems.append(f"recurrence must be one of {RECURRENCE_KINDS}, got {self.recurrence!r}")
-        if not callable(self.reference_step):
-            problems.append("reference_step must be callable")
-        stages = self.pointwise.stages if isinstance(self.pointwise, Pointwise) else ()
-        if stages:
-            if self.recurrence != "dense":
-                problems.append(f"Pointwise.stages need a dense recurrence, got {self.recurrence!r}")
-            bounds = [s.gates if isinstance(s, Stage) else None for s in stages]
-            if not all(isinstance(b, int) for b in bounds) or bounds != sorted(set(bounds)) \
-                    or not 0 < bounds[0] <= bounds[-1] < self.num_gates:
-                problems.append("Pointwise.stages must be Stage records whose gates increase strictly within "
-                                f"1..num_gates-1 ({self.num_gates - 1}), got gates {bounds}")
-            missing = [i for i, s in enumerate(stages) if self.pointwise.backward is not None
-                       and isinstance(s, Stage) and s.backward is None]
-            if missing:
-                problems.append(f"Pointwise has a backward but stages {missing} have none")
-        if problems:
-            raise ValueError(f"invalid cell {self.name!r}: " + "; ".join(problems))
-        object.__setattr__(self, "env_name", re.sub(r"[^A-Za-z0-9]", "_", self.name).upper())
-        object.__setattr__(self, "_hash", hash((self.name, self.num_gates, self.state_names, self.recurrence)))
-        names = ("weight_hh", "bias_hh", *(p.name for p in self.extra_params if p.recurrent))
-        object.__setattr__(self, "_param_names", (names, (*names, "weight_hr")))
-
-    def __hash__(self) -> int:  # equal specs share name, gates, states and recurrence, so this agrees with ==
-        return self._hash
-
-    @property
-    def num_states(self) -> int:
-        return len(self.state_names)
-
-
-    def recurrent_param_names(self, proj: bool = False) -> tuple[str, ...]:
-        """Names of the weights the scan receives, in order."""
-        return self._param_names[1 if proj else 0]  # not [bool]: torch.compile rejects bool indices
-
-
-class Weights(dict):
-    """The recurrent weights of one layer-direction, by name, with attribute access (w.weight_hh)."""
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-
-@dataclass(frozen=True)
-class Query:
-    """What a backend is asked to run: enough to decide support and to rank candidates for `auto`."""
-
-    cell: CellSpec
-    device: str = "cpu"  # device type
-    dtype: torch.dtype = torch.float32
-    hidden_size: int = 1
-    input_size: int | None = None
-    batch_size: int | None = None
-    seq_len: int | None = None
-    proj_size: int = 0
-    requires_grad: bool = False
-    level: str = "module"  # "module" (a whole stack, may use Backend.run_stack) or "scan" (one layer-direction)
-
-    def describe(self) -> str:
-        parts = [f"cell={self.cell.name}", f"device={self.device}", f"dtype={str(self.dtype).replace('torch.', '')}"]
-        for key in ("seq_len", "batch_size", "input_size", "hidden_size"):
-            value = getattr(self, key)
-            if value is not None:
-                parts.append(f"{key}={value}")
-        if self.proj_size:
-            parts.append(f"proj_size={self.proj_size}")
-        parts.append(f"requires_grad={self.requires_grad}")
-        return ", ".join(parts)
 
 
 class Backend:
@@ -381,7 +202,7 @@ class Registry:
             raise TypeError(f"register_cell expects a CellSpec, got {type(spec).__name__}")
         if spec.name in self.cells and not replace:
             raise ValueError(f"cell {spec.name!r} is already registered (by {self.cell_origin[spec.name]})")
-        _validate_reference(spec)
+        validate_cell(spec)
         self.cells[spec.name] = spec
         self.cell_origin[spec.name] = _current_origin.get()
         self.generation += 1
@@ -390,7 +211,7 @@ class Registry:
     def register_backend(self, backend: Backend, *, replace: bool = False) -> Backend:
         if not isinstance(backend, Backend):
             raise TypeError(f"register_backend expects a seqfast.Backend instance, got {type(backend).__name__}")
-        if not backend.name or not _NAME_RE.match(backend.name) or backend.name in self.RESERVED:
+        if not backend.name or not NAME_RE.match(backend.name) or backend.name in self.RESERVED:
             raise ValueError(f"invalid backend name {backend.name!r}")
         if backend.name in self.backends and not replace:
             raise ValueError(f"backend {backend.name!r} is already registered")
@@ -420,7 +241,7 @@ class Registry:
     def load_plugins(self, entry_points: Sequence[Any] | None = None) -> None:
         """Call every `seqfast.plugins` entry point with this registry. A broken plugin becomes a warning."""
         if entry_points is None:
-            if os.environ.get("SEQFAST_DISABLE_PLUGINS", "").strip() not in ("", "0"):
+            if setting("disable_plugins"):
                 return
             entry_points = importlib.metadata.entry_points(group="seqfast.plugins")
         for ep in entry_points:
@@ -450,136 +271,6 @@ class Registry:
 
 # who is registering right now: a plugin's label while its entry point runs
 _current_origin: contextvars.ContextVar[str] = contextvars.ContextVar("seqfast_origin", default="seqfast")
-
-
-def _validate_reference(spec: CellSpec) -> None:
-    """Run the reference step once on tiny inputs: it must accept the declared gates and return the state."""
-    hidden, batch = 3, 2
-    gen = torch.Generator().manual_seed(0)
-    g = spec.num_gates
-    weights = Weights(weight_hh=None, bias_hh=None)
-    if spec.recurrence == "dense":
-        weights["weight_hh"] = torch.randn(g * hidden, hidden, generator=gen, dtype=torch.float64)
-    elif spec.recurrence == "diagonal":
-        weights["weight_hh"] = torch.randn(g * hidden, generator=gen, dtype=torch.float64)
-    if spec.recurrence != "none":
-        weights["bias_hh"] = torch.randn(g * hidden, generator=gen, dtype=torch.float64)
-    for p in spec.extra_params:
-        if p.recurrent:
-            weights[p.name] = torch.randn(p.shape(hidden, 0), generator=gen, dtype=torch.float64)
-    x = torch.randn(batch, g * hidden, generator=gen, dtype=torch.float64)
-    state = tuple(torch.randn(batch, hidden, generator=gen, dtype=torch.float64) for _ in spec.state_names)
-    try:
-        new = spec.reference_step(x, state, weights)
-    except Exception as exc:
-        raise ValueError(
-            f"cell {spec.name!r}: reference_step failed on x_t [{batch}, {g}*{hidden}] "
-            f"(num_gates={g}) and {spec.num_states} state tensors [{batch}, {hidden}]: {type(exc).__name__}: {exc}"
-        ) from exc
-    if not isinstance(new, tuple) or len(new) != spec.num_states:
-        raise ValueError(
-            f"cell {spec.name!r}: reference_step must return a tuple of {spec.num_states} state tensors "
-            f"{spec.state_names}, got {type(new).__name__} of length {len(new) if isinstance(new, tuple) else '-'}"
-        )
-    for name, old, value in zip(spec.state_names, state, new, strict=True):
-        if not isinstance(value, torch.Tensor) or value.shape != old.shape:
-            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-            raise ValueError(f"cell {spec.name!r}: reference_step's new {name!r} has shape {got}, "
-                             f"expected {tuple(old.shape)}")
-    if spec.pointwise is not None:
-        _validate_pointwise(spec, x, state, weights, new)
-
-
-def _validate_pointwise(spec: CellSpec, x, state, weights: Weights, expected: tuple) -> None:
-    """The pointwise forward, evaluated with torch, must reproduce the reference step it claims to fuse."""
-    from .cells.common import TORCH_MATH, pointwise_recurrent_term  # cells build on this module; import at use
-
-    extras = {p.name for p in spec.extra_params if p.recurrent}
-    unknown = [n for n in spec.pointwise.params if n not in extras]
-    if unknown:
-        raise ValueError(f"cell {spec.name!r}: Pointwise.params {unknown} are not recurrent extra_params "
-                         f"(those are {sorted(extras)})")
-    g, hidden = spec.num_gates, state[0].shape[1]
-    params = []
-    for name in spec.pointwise.params:
-        vec = weights[name]
-        params += [vec[r * hidden : (r + 1) * hidden] for r in range(vec.numel() // hidden)]
-    try:
-        hg = pointwise_recurrent_term(spec, x, state, weights, tuple(params), TORCH_MATH)
-    except Exception as exc:
-        raise ValueError(f"cell {spec.name!r}: a Pointwise stage failed: {type(exc).__name__}: {exc}") from exc
-    try:
-        got = spec.pointwise.forward(TORCH_MATH, x.chunk(g, 1), hg.chunk(g, 1), state, tuple(params))
-    except Exception as exc:
-        raise ValueError(f"cell {spec.name!r}: Pointwise.forward failed on {g} gates: "
-                         f"{type(exc).__name__}: {exc}") from exc
-    if not isinstance(got, tuple) or len(got) != spec.num_states:
-        raise ValueError(f"cell {spec.name!r}: Pointwise.forward must return {spec.num_states} state values")
-    for name, a, b in zip(spec.state_names, got, expected, strict=True):
-        if not torch.allclose(torch.as_tensor(a, dtype=b.dtype), b, rtol=1e-9, atol=1e-9, equal_nan=True):
-            raise ValueError(f"cell {spec.name!r}: Pointwise.forward's new {name!r} disagrees with reference_step "
-                             f"(max difference {(torch.as_tensor(a) - b).abs().max().item():.3g})")
-    if spec.pointwise.backward is not None:
-        params_of = [f"{name}[{r}]" for name in spec.pointwise.params
-                     for r in range(weights[name].numel() // hidden)]
-        _validate_pointwise_backward(spec, x.chunk(g, 1), hg.chunk(g, 1), state, tuple(params), params_of)
-
-
-def _describe(value: Any) -> str:
-    if isinstance(value, (tuple, list)):
-        return f"({', '.join(_describe(v) for v in value)}{',' if len(value) == 1 else ''})"
-    if isinstance(value, torch.Tensor):
-        return f"tensor{list(value.shape)}"
-    return type(value).__name__ if not isinstance(value, (int, float)) else repr(value)
-
-
-def _validate_pointwise_backward(spec: CellSpec, xg: tuple, hg: tuple, state: tuple, params: tuple,
-                                 param_values: list[str]) -> None:
-    """The pointwise backward must return (d_xg, d_hg, d_state, d_params) of the declared sizes, each value a
-    number or a tensor of one unit's shape, and equal autograd of the pointwise forward (float64, random inputs)."""
-    from .cells.common import TORCH_MATH
-
-    g, s, p = spec.num_gates, spec.num_states, len(params)
-    unit = state[0].shape
-    expected = f"(d_xg: {g} values, d_hg: {g} values, d_state: {s} values, d_params: {p} values)"
-    params = tuple(v.expand(unit) for v in params)  # one value per unit and batch row, like the states
-    leaves = [t.detach().clone().requires_grad_() for t in (*xg, *hg, *state, *params)]
-    xg_, hg_, state_, params_ = (tuple(leaves[a:b]) for a, b in ((0, g), (g, 2 * g), (2 * g, 2 * g + s),
-                                                                   (2 * g + s, 2 * g + s + p)))
-    gen = torch.Generator().manual_seed(1)
-    d_new = tuple(torch.randn(unit, generator=gen, dtype=state[0].dtype) for _ in range(s))
-    try:
-        got = spec.pointwise.backward(TORCH_MATH, xg_, hg_, state_, params_, d_new)
-    except Exception as exc:
-        raise ValueError(f"cell {spec.name!r}: Pointwise.backward failed on {g} gates, {s} states and {p} "
-                         f"parameter values: {type(exc).__name__}: {exc}") from exc
-    sizes = (g, g, s, p)
-    if not (isinstance(got, tuple) and len(got) == 4
-            and all(isinstance(part, tuple) and len(part) == n for part, n in zip(got, sizes, strict=True))):
-        raise ValueError(f"cell {spec.name!r}: Pointwise.backward must return {expected}; got {_describe(got)}")
-    names = ([f"d_xg[{i}]" for i in range(g)] + [f"d_hg[{i}]" for i in range(g)]
-             + [f"d_state[{i}] ({n!r})" for i, n in enumerate(spec.state_names)]
-             + [f"d_params[{i}] ({v})" for i, v in enumerate(param_values)])
-    values = [v for part in got for v in part]
-    for name, value in zip(names, values, strict=True):
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if not number and not (isinstance(value, torch.Tensor) and value.is_floating_point()
-                               and torch.broadcast_shapes(value.shape, unit) == unit):
-            raise ValueError(f"cell {spec.name!r}: Pointwise.backward's {name} must be a number or one value per "
-                             f"unit (shape {list(unit)} here), got {_describe(value)}; it returns {expected}")
-    new = spec.pointwise.forward(TORCH_MATH, xg_, hg_, state_, params_)
-    outputs = [(o, d) for o, d in zip(new, d_new, strict=True) if isinstance(o, torch.Tensor) and o.requires_grad]
-    autograd = (torch.autograd.grad([o for o, _ in outputs], leaves, [d for _, d in outputs], allow_unused=True)
-                if outputs else [None] * len(leaves))
-    for i, (name, value, ref, leaf) in enumerate(zip(names, values, autograd, leaves, strict=True)):
-        if g <= i < 2 * g and spec.recurrence == "none":
-            continue  # there is no recurrent term: this gradient is never used
-        ref = torch.zeros_like(leaf) if ref is None else ref
-        mine = torch.as_tensor(value, dtype=leaf.dtype).detach().expand(unit)
-        if not torch.allclose(mine, ref, rtol=1e-6, atol=1e-9, equal_nan=True):
-            raise ValueError(f"cell {spec.name!r}: Pointwise.backward's {name} disagrees with autograd of "
-                             f"Pointwise.forward (max difference {(mine - ref).abs().max().item():.3g} on random "
-                             f"float64 inputs); it returns {expected}")
 
 
 registry = Registry()

@@ -39,8 +39,6 @@ from .registry import CellSpec, Query, Weights, get_cell, registry
 
 __all__ = ["Case", "cases", "check_cell", "random_weights"]
 
-CHECKS = ("pointwise", "scan", "module", "gradcheck", "nan", "bad_input")
-
 
 def random_weights(cell: CellSpec, hidden: int, dtype: torch.dtype, gen: torch.Generator) -> Weights:
     """Recurrent weights for one layer-direction of `cell`, scaled so that every gate is exercised."""

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..registry import CellSpec, Weights
+from ..spec import CellSpec, Weights
 
 
 def recurrent_term(h: Tensor, w: Weights, num_gates: int, recurrence: str) -> Tensor:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..registry import CellSpec, Pointwise, Stage
+from ..spec import CellSpec, Pointwise, Stage
 
 
 def _step(x_t, state, w):

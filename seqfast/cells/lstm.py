@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ..registry import CellSpec, Pointwise
+from ..spec import CellSpec, Pointwise
 from .common import recurrent_term
 
 

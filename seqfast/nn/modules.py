@@ -4,6 +4,8 @@ The module owns everything around the recurrence: batch_first, unbatched input, 
 directions, inter-layer dropout and the input projection (one GEMM over all time steps per layer-direction).
 The recurrence itself is handed to the selected backend's scan, with per-sequence lengths and `reverse`.
 Parameter names, shapes, order and initialisation are torch.nn's, so state_dicts load both ways.
+Size: the torch.nn-compatible classes (RNN, LSTM, GRU, the *Cell forms, Recurrent) share one base, and each
+carries its documentation, as torch.nn's rnn.py does.
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from ..._memo import memo
-from ...config import getenv
+from ...config import setting
 from ...registry import CellSpec, Query
 from ..fused import FusedBackend
 from . import _buffers
@@ -99,13 +99,8 @@ def num_threads() -> int:
     had started one hangs."""
     if _in_forked_child:
         return 1
-    env = getenv("SEQFAST_NUMBA_THREADS")
-    if env:
-        try:
-            return max(1, int(env))
-        except ValueError:
-            raise ValueError(f"SEQFAST_NUMBA_THREADS must be a positive integer, got {env!r}") from None
-    return max(1, torch.get_num_threads())
+    threads = setting("numba_threads")
+    return threads if threads is not None else max(1, torch.get_num_threads())
 
 
 def _row_ranges(batch: int, work_per_row: int) -> list[tuple[int, int]]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import threading
 from collections.abc import Iterator
 
 from llvmlite import ir
@@ -24,10 +25,12 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from ...config import setting
+
 
 def _blas_addresses() -> tuple[int, int]:
     """(sgemm_, dgemm_) addresses in torch's MKL, or (0, 0) when this torch has none (numba loops are used)."""
-    if os.environ.get("SEQFAST_NUMBA_NO_MKL", "").strip() not in ("", "0"):
+    if setting("numba_no_mkl"):
         return 0, 0
     try:
         import torch
@@ -38,8 +41,6 @@ def _blas_addresses() -> tuple[int, int]:
     except (OSError, AttributeError):
         return 0, 0
 
-
-SGEMM, DGEMM = _blas_addresses()
 
 
 def _cpu() -> tuple[str, set[str]]:
@@ -95,7 +96,7 @@ def _direct_kernels() -> dict[str, int]:
     only where the CPU has its instructions and it passes an exact product check (_ctypes_gemm_agrees);
     SEQFAST_NUMBA_MKL_KERNELS=0 turns them off. An Intel CPU keeps sgemm_, whose own dispatch already picks them
     there."""
-    if not SGEMM or os.environ.get("SEQFAST_NUMBA_MKL_KERNELS", "").strip() == "0":
+    if not _found("SGEMM") or not setting("numba_mkl_kernels"):
         return {}
     vendor, flags = _cpu()
     if vendor == "GenuineIntel":
@@ -111,15 +112,12 @@ def _direct_kernels() -> dict[str, int]:
     return found
 
 
-_DIRECT = _direct_kernels()
-SGEMM_KERNEL = _DIRECT.get("avx512") or _DIRECT.get("avx2") or SGEMM  # what float32 scans call
-
 
 def is_avx512_kernel(fn: int) -> bool:
     """Whether the GEMM at fn is MKL's AVX-512 kernel, called directly: then the forward forms h @ W_hh^T as an
     N,N product over a transposed W_hh (not T,N over W_hh itself), and both scans leave the loop from two rows up
     (see _direct_kernels, loop_gemm)."""
-    return fn != 0 and fn == _DIRECT.get("avx512")
+    return fn != 0 and fn == _found("_DIRECT").get("avx512")
 
 
 def _mkl_local_threads():
@@ -134,25 +132,57 @@ def _mkl_local_threads():
     return fn
 
 
-_set_local_threads = _mkl_local_threads() if SGEMM else None
+# Found on first use, not at import: the search reads /proc/cpuinfo and runs check products. Module attributes
+# (SGEMM, ...) through __getattr__ below; this module's own code through _found, which sees a test's monkeypatch.
+_FOUND_ON_USE = ("SGEMM", "DGEMM", "_DIRECT", "SGEMM_KERNEL", "_set_local_threads")
+_find_lock = threading.Lock()
+
+
+def _find_gemms() -> None:
+    with _find_lock:
+        if "SGEMM" in globals():
+            return
+        sgemm, dgemm = _blas_addresses()
+        globals().update(SGEMM=sgemm, DGEMM=dgemm)  # _direct_kernels reads SGEMM
+        direct = _direct_kernels()
+        globals().update(
+            _DIRECT=direct,
+            SGEMM_KERNEL=direct.get("avx512") or direct.get("avx2") or sgemm,  # what float32 scans call
+            _set_local_threads=_mkl_local_threads() if sgemm else None,
+        )
+
+
+def _found(name: str):
+    value = globals().get(name, _FOUND_ON_USE)
+    if value is _FOUND_ON_USE:
+        _find_gemms()
+        value = globals()[name]
+    return value
+
+
+def __getattr__(name: str):
+    if name in _FOUND_ON_USE:
+        return _found(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @contextlib.contextmanager
 def single_threaded_blas() -> Iterator[None]:
     """MKL uses one thread on this thread inside the block (a per-thread setting; restored afterwards)."""
-    if _set_local_threads is None:
+    set_local_threads = _found("_set_local_threads")
+    if set_local_threads is None:
         yield
         return
-    previous = _set_local_threads(1)
+    previous = set_local_threads(1)
     try:
         yield
     finally:
-        _set_local_threads(previous)
+        set_local_threads(previous)
 
 
 def gemm_address(dtype_name: str) -> int:
     """The GEMM the kernels call for this dtype; 0 where there is no MKL."""
-    return SGEMM_KERNEL if dtype_name == "float32" else DGEMM
+    return _found("SGEMM_KERNEL") if dtype_name == "float32" else _found("DGEMM")
 
 
 @intrinsic
@@ -323,7 +353,7 @@ def loop_nn_acc(a, b, c):
                 c[i, j] += av * b[p, j]
 
 
-__all__ = ["SGEMM", "DGEMM", "SGEMM_KERNEL", "is_avx512_kernel", "SMALL_GEMM", "LOOP_GEMM_MAX_WEIGHT_BYTES",
+__all__ = ["SGEMM", "DGEMM", "SGEMM_KERNEL", "is_avx512_kernel", "SMALL_GEMM", "LOOP_GEMM_MAX_WEIGHT_BYTES",  # noqa: F822
            "LOOP_GEMM_BWD_MAX_WEIGHT_BYTES", "loop_gemm", "gemm_address", "gemm_nt", "gemm_nn", "gemm_nn_acc",
            "gemm_nt_cols", "gemm_nn_acc_cols",
            "gemm_tn_rows", "loop_nn_acc", "single_threaded_blas"]

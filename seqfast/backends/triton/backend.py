@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import os
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from ...config import getenv
+from ...config import reader, setting
 from ...registry import CellSpec, Query
 from ..fused import FusedBackend
 from .codegen import CodegenError, generate_source, load_kernels, param_layout
@@ -26,9 +25,9 @@ __all__ = ["TritonBackend", "KernelPlan", "interpreting"]
 _RECURRENCE_CODE = {"dense": 0, "diagonal": 1, "none": 2}
 
 
-def interpreting() -> bool:
-    """TRITON_INTERPRET is set: kernels run on CPU tensors through Triton's interpreter (tests only; slow)."""
-    return getenv("TRITON_INTERPRET") not in ("", "0")
+# interpreting() -> bool: TRITON_INTERPRET is set, kernels run on CPU tensors through Triton's interpreter (tests
+# only; slow). Read on every selection (TritonBackend.selection_token).
+interpreting = reader("triton_interpret")
 
 
 _SM90_SHARED = 227 * 1024  # H100 (sm_90) shared memory per block with opt-in; the default without a GPU
@@ -152,8 +151,8 @@ class TritonBackend(FusedBackend):
     # --- path selection ---------------------------------------------------------------------------------------
     def _tile(self) -> int | None:
         tile = self.tile_hidden
-        if tile is None and os.environ.get("SEQFAST_TRITON_TILE", "").strip():
-            tile = int(os.environ["SEQFAST_TRITON_TILE"])
+        if tile is None:
+            tile = setting("triton_tile")
         if tile is not None and (tile < 16 or tile & (tile - 1)):
             raise ValueError(f"triton tile size must be a power of two >= 16, got {tile}")
         return tile

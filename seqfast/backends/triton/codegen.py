@@ -28,6 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
+from ...config import setting
 from ...registry import CellSpec
 from ..pointwise_source import parse_pointwise, per_unit_rows
 from .kernels import BACKWARD_TEMPLATE, FORWARD_TEMPLATE, MATH_EXTENSIONS, MATH_PRELUDE
@@ -223,7 +224,7 @@ def generate_source(cell: CellSpec) -> str:
 
 def cache_dir() -> Path:
     """Where generated kernel modules are written: $SEQFAST_CACHE_DIR/triton, else a per-user temp folder."""
-    root = os.environ.get("SEQFAST_CACHE_DIR")
+    root = setting("cache_dir")
     user = os.getuid() if hasattr(os, "getuid") else "user"
     base = Path(root) if root else Path(tempfile.gettempdir()) / f"seqfast-{user}"
     path = base / "triton"
@@ -243,8 +244,7 @@ def load_kernels(cell: CellSpec, interpret: bool | None = None) -> ModuleType:
     at decoration time, so a module is cached per mode. `interpret` overrides the variable (aot.py compiles
     real kernels while the tests run under the interpreter).
     """
-    env = os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0")
-    interpret = env if interpret is None else interpret
+    interpret = setting("triton_interpret") if interpret is None else interpret
     fast = _BY_CELL.get((cell, interpret))  # CellSpec is a frozen dataclass: hashed by value
     if fast is not None:
         return fast

@@ -36,6 +36,7 @@ group after it, `@op` the workspace row of `@c`'s operand and `@xs` / `@hs` the 
 Without stages there is one group and those loops vanish. `$NAME` tokens are substituted (lists end with a comma
 so a single element is still a tuple). `pw_forward` / `pw_backward` / `pw_stage<k>[_backward]` are the cell's own
 pointwise functions.
+Size: two kernel templates, forward and backward, each one piece of Triton code.
 """
 
 from __future__ import annotations
