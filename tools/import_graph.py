@@ -23,6 +23,7 @@ PACKAGE = "seqfast"
 # belongs to the layer of the longest prefix naming it. docs/design.md ("Layers") explains the order.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("package and commands", ("seqfast", "seqfast.cli", "seqfast.bench")),
+    ("kits and demos", ("seqfast.demos", "seqfast.seq2seq", "seqfast.training")),
     ("conformance kit", ("seqfast.testing",)),
     ("modules", ("seqfast.nn",)),
     ("functional", ("seqfast.functional",)),
