@@ -53,3 +53,19 @@ def prefer_numba(query: Query) -> bool:
 def auto_rank(query: Query, native_priority: float, own_priority: float) -> float:
     """Above native where numba measured faster, else the backend's own (lower) priority."""
     return native_priority + 1.0 if prefer_numba(query) else own_priority
+
+
+# One step (the cells, Query.level "step"): numba's fused one-step call against torch.nn's cell kernels (_VF),
+# which run the two projections and the gate math as separate ops (and, in training, as autograd nodes)
+STEP_MAX_BATCH = 8
+
+
+def step_rank(query: Query, native_priority: float, own_priority: float) -> float:
+    """Above native for a step of a small batch, or of a cell without a native kernel."""
+    from .codegen import step_supported
+
+    if query.device != "cpu" or not step_supported(query.cell):
+        return own_priority
+    if query.cell.native_mode is None or (query.batch_size is not None and query.batch_size <= STEP_MAX_BATCH):
+        return native_priority + 1.0
+    return own_priority
