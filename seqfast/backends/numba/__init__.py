@@ -405,7 +405,7 @@ class NumbaBackend(FusedBackend):
             return super().step(cell, x, state, params, names)
         from .step import run_step
 
-        return run_step(layout, cell, x, state, params, names, _host)
+        return run_step(layout, cell, x, state, params, names)
 
     # --- the fused scan --------------------------------------------------------------------------------------
     def saved_shapes(self, cell: CellSpec, steps: int, batch: int, hidden: int) -> list[tuple[int, ...]]:

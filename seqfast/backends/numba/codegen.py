@@ -695,23 +695,38 @@ def _staged_gradients_out(lay: _Layout) -> list[str]:
 #     forward   xg = x W_ih^T, hg = h W_hh^T (two GEMMs), state' = pointwise.forward(xg + b_ih, hg + b_hh, state)
 #     backward  d_xg, d_hg, d_state = pointwise.backward(...); d_x = d_xg W_ih; d_h = d_state[0] + d_hg W_hh;
 #               d_W_ih = d_xg^T x; d_W_hh = d_hg^T h; d_b_ih, d_b_hh: sums of d_xg, d_hg over rows
-# x [B, I], states [B, H], xg / hg / d_xg / d_hg [B, G*H]; the forward keeps xg and hg (without biases) for the
-# backward. Single-threaded (MKL may thread a large GEMM itself).
+# x [B, I], states [B, H], work [2, B, G*H] (xg then hg, without biases: the forward writes them, the backward reads
+# them and overwrites them with d_xg, d_hg). Every buffer is C-contiguous and passed by address with the sizes B, I,
+# H: a call's arguments are then plain ints, which cost far less to pass than arrays. Single-threaded (MKL may
+# thread a large GEMM itself).
 def step_supported(cell: CellSpec) -> bool:
     """Whether the cell has one-step kernels: a dense recurrence without stages."""
     return cell.recurrence == "dense" and cell.pointwise is not None and not cell.pointwise.stages
 
 
-def _step_forward_params(lay: _Layout) -> list[str]:
-    return (["gemm_fn", "x", "w_ih", "xbias", "w", "bias"] + [f"p{i}" for i in range(len(lay.widths))]
-            + [f"s{i}" for i in range(lay.S)] + [f"n{i}" for i in range(lay.S)] + ["xg", "hg"])
+def _step_buffers(lay: _Layout, backward: bool) -> list[tuple[str, str]]:
+    """(name, shape) of every buffer a one-step kernel takes, in argument order."""
+    G, S = lay.G, lay.S
+    weights = [("x", "(B, I)"), ("w_ih", f"({G} * H, I)"), ("xbias", f"({G} * H,)"), ("w", f"({G} * H, H)"),
+               ("bias", f"({G} * H,)")] + [(f"p{i}", f"({k} * H,)") for i, k in enumerate(lay.widths)]
+    states = [(f"s{i}", "(B, H)") for i in range(S)]
+    work = [("work", f"(2, B, {G} * H)")]
+    if not backward:
+        return weights + states + [(f"n{i}", "(B, H)") for i in range(S)] + work
+    return (weights + states + work + [(f"dn{i}", "(B, H)") for i in range(S)] + [(f"d{i}", "(B, H)") for i in range(S)]
+            + [("dx", "(B if need_dx else 0, I)"), ("dw_ih", f"({G} * H if need_dw else 0, I)"),
+               ("dw", f"({G} * H if need_dw else 0, H)"), ("dxbias", f"({G} * H if need_dw else 0,)"),
+               ("dbias", f"({G} * H if need_dw else 0,)")]
+            + [(f"dp{i}", f"({k} * H if need_dw else 0,)") for i, k in enumerate(lay.widths)])
 
 
-def _step_backward_params(lay: _Layout) -> list[str]:
-    return (["gemm_fn", "x", "w_ih", "xbias", "w", "bias"] + [f"p{i}" for i in range(len(lay.widths))]
-            + [f"s{i}" for i in range(lay.S)] + ["xg", "hg"] + [f"dn{i}" for i in range(lay.S)]
-            + [f"d{i}" for i in range(lay.S)] + ["dxg", "dhg", "dx", "dw_ih", "dw", "dxbias", "dbias"]
-            + [f"dp{i}" for i in range(len(lay.widths))] + ["need_dx", "need_dw"])
+def _step_head(lay: _Layout, name: str, doc: list[str], backward: bool) -> list[str]:
+    buffers = _step_buffers(lay, backward)
+    flags = ["need_dx", "need_dw"] if backward else []
+    args = ["gemm_fn", "B", "I", "H", *(f"{n}_a" for n, _ in buffers), *flags]
+    return (["@njit(cache=_CACHE, nogil=True, fastmath=_FM, error_model='numpy')", f"def {name}({', '.join(args)}):",
+             *doc] + [f"    {n} = carray(_pointer_to({n}_a, _FZ), {shape})" for n, shape in buffers]
+            + ["    xg = work[0]", "    hg = work[1]", "    one = _F(1.0)", "    zero = _F(0.0)"])
 
 
 def _step_prologue(lay: _Layout, ind: str) -> list[str]:
@@ -724,16 +739,11 @@ def _step_forward_kernel(lay: _Layout) -> str:
     XG, HG, ST, PR = 0, G, 2 * G, 2 * G + S
     NS = PR + P
     ind = "            "
-    L = ["@njit(cache=_CACHE, nogil=True, fastmath=_FM, error_model='numpy')",
-         f"def step_forward({', '.join(_step_forward_params(lay))}):",
-         '    """One step: n<i> = the new states from x and s<i>; xg, hg receive x W_ih^T and h W_hh^T."""',
-         "    B = x.shape[0]",
-         "    H = s0.shape[1]",
-         "    one = _F(1.0)",
-         "    zero = _F(0.0)",
-         "    _gemm_nt(gemm_fn, x, w_ih, xg, one, zero)",
-         "    _gemm_nt(gemm_fn, s0, w, hg, one, zero)",
-         f"    buf = np.empty(({NS + S}, {CHUNK}), dtype=_F)"]
+    doc = ['    """One step: n<i> = the new states from x and s<i>; work = (x W_ih^T, h W_hh^T)."""']
+    L = _step_head(lay, "step_forward", doc, False)
+    L += ["    _gemm_nt(gemm_fn, x, w_ih, xg, one, zero)",
+          "    _gemm_nt(gemm_fn, s0, w, hg, one, zero)",
+          f"    buf = np.empty(({NS + S}, {CHUNK}), dtype=_F)"]
     L += _step_prologue(lay, ind)
     L += _loop(ind, [f"buf[{XG + g}, c] = xg[b, og{g} + c] + xbias[og{g} + c]" for g in range(G)])
     L += _loop(ind, [f"buf[{HG + g}, c] = hg[b, og{g} + c] + bias[og{g} + c]" for g in range(G)])
@@ -757,18 +767,13 @@ def _step_backward_kernel(lay: _Layout) -> str:
     DS = DH + G
     DP = DS + S
     ind = "            "
-    L = ["@njit(cache=_CACHE, nogil=True, fastmath=_FM, error_model='numpy')",
-         f"def step_backward({', '.join(_step_backward_params(lay))}):",
-         '    """The gradients of one step given dn<i>, those of the new states: d<i> (of s<i>), dxg and dhg (scratch,',
-         '    [B, G*H]), dx (need_dx), and with need_dw dw_ih, dw, dxbias, dbias and dp<i> (all overwritten)."""',
-         "    B = x.shape[0]",
-         "    H = s0.shape[1]",
-         "    one = _F(1.0)",
-         "    zero = _F(0.0)",
-         "    if need_dw:",
-         "        for q in range(dbias.shape[0]):",
-         "            dbias[q] = zero",
-         "            dxbias[q] = zero"]
+    doc = ['    """The gradients of one step given dn<i>, those of the new states: d<i> (of s<i>), dx (need_dx),',
+           '    and with need_dw dw_ih, dw, dxbias, dbias and dp<i> (all overwritten); work becomes (d_xg, d_hg)."""']
+    L = _step_head(lay, "step_backward", doc, True)
+    L += ["    if need_dw:",
+          "        for q in range(dbias.shape[0]):",
+          "            dbias[q] = zero",
+          "            dxbias[q] = zero"]
     L += [f"        for q in range(dp{i}.shape[0]):\n            dp{i}[q] = zero" for i in range(len(lay.widths))]
     L += [f"    buf = np.empty(({DP + P}, {CHUNK}), dtype=_F)"]
     L += _step_prologue(lay, ind)
@@ -787,19 +792,19 @@ def _step_backward_kernel(lay: _Layout) -> str:
         L += [f"{ind}    buf[{DX + g}, c] = res[0][{g}]", f"{ind}    buf[{DH + g}, c] = res[1][{g}]"]
     L += [f"{ind}    buf[{DS + i}, c] = res[2][{i}]" for i in range(S)]
     L += [f"{ind}    buf[{row}, c] = res[3][{q}]" for q, (row, _, _) in enumerate(lay.param_rows(DP))]
-    L += _loop(ind, [f"dxg[b, og{g} + c] = buf[{DX + g}, c]" for g in range(G)])
-    L += _loop(ind, [f"dhg[b, og{g} + c] = buf[{DH + g}, c]" for g in range(G)])
+    L += _loop(ind, [f"xg[b, og{g} + c] = buf[{DX + g}, c]" for g in range(G)])  # now d_xg
+    L += _loop(ind, [f"hg[b, og{g} + c] = buf[{DH + g}, c]" for g in range(G)])  # now d_hg
     L += _loop(ind, [f"d{i}[b, u0 + c] = buf[{DS + i}, c]" for i in range(S)])
     L += [f"{ind}if need_dw:"]
     L += _loop(ind + "    ", [f"dxbias[og{g} + c] += buf[{DX + g}, c]" for g in range(G)])
     L += _loop(ind + "    ", [f"dbias[og{g} + c] += buf[{DH + g}, c]" for g in range(G)])
     L += _loop(ind + "    ", [f"dp{i}[op{i}_{r} + c] += buf[{row}, c]" for row, i, r in lay.param_rows(DP)])
-    L += ["    _gemm_nn_acc(gemm_fn, dhg, w, d0, one)  # d_h += d_hg W_hh",
+    L += ["    _gemm_nn_acc(gemm_fn, hg, w, d0, one)  # d_h += d_hg W_hh",
           "    if need_dx:",
-          "        _gemm_nn(gemm_fn, dxg, w_ih, dx, one, zero)",
+          "        _gemm_nn(gemm_fn, xg, w_ih, dx, one, zero)",
           "    if need_dw:",
-          "        _gemm_tn_rows(gemm_fn, dxg, x, dw_ih, 0, dw_ih.shape[0], one, zero)",
-          "        _gemm_tn_rows(gemm_fn, dhg, s0, dw, 0, dw.shape[0], one, zero)"]
+          "        _gemm_tn_rows(gemm_fn, xg, x, dw_ih, 0, dw_ih.shape[0], one, zero)",
+          "        _gemm_tn_rows(gemm_fn, hg, s0, dw, 0, dw.shape[0], one, zero)"]
     return "\n".join(L)
 
 
