@@ -204,3 +204,13 @@ def test_one_step_sequence_modules_match_torch_nn(backend, kind):
     torch.testing.assert_close(got, want)
     want_grad = torch.autograd.grad(want.sum(), x)[0]
     torch.testing.assert_close(torch.autograd.grad(got.sum(), x)[0], want_grad)
+
+
+def test_bench_step_loop_times_the_cells_against_torch_nns():
+    from seqfast.bench import TORCH_NN, measure_case
+
+    results = measure_case("gru", ["native", "torch"], (3, 2, 4, 5), "training", repeats=2, min_repeats=1,
+                           max_seconds=0.1, seed=0, step_loop=True)
+    by_backend = {m.backend: m for m in results}
+    assert by_backend[TORCH_NN].ok and by_backend["native"].ok and by_backend["torch"].ok
+    assert by_backend["native"].max_abs_diff < 1e-5 and by_backend["torch"].max_abs_diff < 1e-5
