@@ -152,14 +152,13 @@ def test_recurrent_cell_of_a_staged_cell_matches_its_sequence_module(backend):
     torch.testing.assert_close(cell(x, h), seq(x.unsqueeze(0), h.unsqueeze(0))[1][0])
 
 
-def test_auto_takes_numba_for_a_small_batch_step_and_native_for_a_large_one():
-    if registry.backends["numba"].unavailable_reason() is not None:
-        pytest.skip("numba not installed")
-    def choice(batch: int) -> str:
-        return seqfast.current_backend("lstm", batch_size=batch, hidden_size=256, input_size=256, seq_len=1,
-                                       requires_grad=True, level="step")
-
-    assert (choice(1), choice(512)) == ("numba", "native")
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["inference", "training"])
+def test_auto_steps_built_in_cells_on_torch_nns_cell_kernels(requires_grad):
+    # the sequence modules' auto takes numba for GRU at every shape; a single step goes to _VF.gru_cell
+    for cell in ("gru", "lstm", "rnn_tanh"):
+        chosen = seqfast.current_backend(cell, batch_size=1, hidden_size=32, input_size=32, seq_len=1,
+                                         requires_grad=requires_grad, level="step")
+        assert chosen == "native", cell
 
 
 def test_cells_call_backend_step_not_the_scan():
