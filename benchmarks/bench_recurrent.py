@@ -84,7 +84,17 @@ def torch_nn_module(cell: str, input_size: int, hidden_size: int) -> torch.nn.Mo
     return make(cell, input_size, hidden_size)
 
 
-def skip_reason(cell: str, backend: str, shape: tuple[int, int, int, int], requires_grad: bool) -> str | None:
+def torch_nn_cell(cell: str, input_size: int, hidden_size: int) -> torch.nn.Module | None:
+    """torch.nn's own cell (LSTMCell, ...) for a built-in cell (`seqfast bench --step-loop`'s), else None."""
+    try:
+        from seqfast.bench import torch_nn_cell as make
+    except ImportError:  # a commit from before the step loop in `seqfast bench`
+        return None
+    return make(cell, input_size, hidden_size)
+
+
+def skip_reason(cell: str, backend: str, shape: tuple[int, int, int, int], requires_grad: bool,
+                step_loop: bool = False) -> str | None:
     """Why this combination cannot run at the installed commit, in the registry's words; None if it can."""
     if seqfast is None:
         return f"seqfast does not import: {_IMPORT_ERROR}"
@@ -92,28 +102,36 @@ def skip_reason(cell: str, backend: str, shape: tuple[int, int, int, int], requi
     if cell not in cells:
         return f"cell {cell!r} is not registered in this seqfast (cells: {cells})"
     if backend == TORCH_NN:
-        if torch_nn_module(cell, 1, 1) is None:
-            return f"torch.nn has no module for cell {cell!r}"
+        if (torch_nn_cell if step_loop else torch_nn_module)(cell, 1, 1) is None:
+            return f"torch.nn has no {'cell' if step_loop else 'module'} for cell {cell!r}"
         return None
     backends = _registered("backends")
     if backend not in backends:
         return f"backend {backend!r} is not registered in this seqfast (backends: {backends})"
     steps, batch, inputs, hidden = shape
+    level = {"level": "step", "seq_len": 1} if step_loop else {"seq_len": steps}
     reasons = seqfast.explain(cell, device="cpu", dtype=torch.float32, hidden_size=hidden, input_size=inputs,
-                              batch_size=batch, seq_len=steps, requires_grad=requires_grad)[backend]
+                              batch_size=batch, requires_grad=requires_grad, **level)[backend]
     return "; ".join(reasons) or None
 
 
 class Workload:
     """One model and input; `step()` runs inference (no_grad) or forward + backward of output.sum()."""
 
-    def __init__(self, cell: str, backend: str, shape: tuple[int, int, int, int], training: bool) -> None:
-        reason = skip_reason(cell, backend, shape, training)
+    def __init__(self, cell: str, backend: str, shape: tuple[int, int, int, int], training: bool,
+                 step_loop: bool = False) -> None:
+        reason = skip_reason(cell, backend, shape, training, step_loop)
         if reason:
             raise NotImplementedError(reason)
         steps, batch, inputs, hidden = shape
         torch.manual_seed(0)
-        if backend == TORCH_NN:
+        if step_loop:  # the cell stepped T times in a Python loop (seqfast bench --step-loop's model)
+            from seqfast.bench import _step_loop
+
+            cell_module = torch_nn_cell(cell, inputs, hidden) if backend == TORCH_NN else \
+                seqfast.RecurrentCell(cell, inputs, hidden, backend=backend)
+            self.model = _step_loop(cell_module)
+        elif backend == TORCH_NN:
             self.model = torch_nn_module(cell, inputs, hidden)
         else:
             self.model = seqfast.Recurrent(cell, inputs, hidden, backend=backend)
@@ -130,7 +148,7 @@ class Workload:
             return
         for p in self.params:
             p.grad = None  # no accumulation: every call does the same work
-        out, _ = self.model(self.x)
+        out = self.model(self.x)[0]
         out.sum().backward()
 
     def warm(self, min_calls: int = 3, min_seconds: float = 0.2) -> None:
@@ -184,6 +202,26 @@ class ForwardBackward(_Timed):
         self.work.step()
 
     def peakmem_forward_backward(self, cell: str, backend: str, shape: str) -> None:
+        self.work.step()
+
+
+class CellStepLoop:
+    """The cells (torch.nn's LSTMCell, ... as torch.nn) stepped T times in a Python loop, hx=None first: inference
+    under torch.no_grad(), or training (forward + backward of the summed outputs)."""
+
+    params = (cell_names(), backend_names(), grid_labels(), ["inference", "training"])
+    param_names = ["cell", "backend", "shape", "mode"]
+    rounds = 1
+    repeat = (3, 10, 4.0)
+    warmup_time = 0.05
+    timeout = 300
+
+    def setup(self, cell: str, backend: str, shape: str, mode: str) -> None:
+        self.work = Workload(cell, backend, parse_shape(shape), mode == "training", step_loop=True)
+        self.work.first_step()
+        self.work.warm()
+
+    def time_step_loop(self, cell: str, backend: str, shape: str, mode: str) -> None:
         self.work.step()
 
 

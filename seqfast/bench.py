@@ -3,7 +3,9 @@
 For every chosen cell x shape x mode, torch.nn's module (for cells that have one) and one seqfast.Recurrent per
 backend are built with torch.nn's state_dict, then timed interleaved (round-robin, so drifting machine load hits
 every candidate alike) and summarised by medians. inference = forward under torch.no_grad(); training =
-forward + backward of output.sum(). Backends and cells come from the registry, so new and plugin ones appear by
+forward + backward of output.sum(). With --step-loop the cells are timed instead: torch.nn's cell (LSTMCell, ...)
+against one seqfast.RecurrentCell per backend, stepped T times in a Python loop (hx=None first), the sum of every
+step's output as the result. Backends and cells come from the registry, so new and plugin ones appear by
 themselves; a combination the registry turns down is listed with its reasons instead of being run.
 
 rich and matplotlib are imported only when the command runs: `seqfast info` imports this module too.
@@ -28,7 +30,7 @@ import torch
 
 from ._version import __version__
 from .functional import BackendNotSupportedError, current_backend, explain
-from .nn import Recurrent
+from .nn import Recurrent, RecurrentCell
 from .registry import registry
 
 __all__ = ["GRIDS", "MODES", "TORCH_NN", "add_arguments", "run", "main", "parse_shapes"]
@@ -89,6 +91,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="time cap per candidate and case: a slow candidate (the torch reference loop) gets "
                              "as few as --min-repeats calls instead of --repeats (default 0.5)")
     parser.add_argument("--min-repeats", type=int, default=3, metavar="N", help="(default 3)")
+    parser.add_argument("--step-loop", action="store_true",
+                        help="time the cells (torch.nn's LSTMCell, ... against seqfast's), stepped T times in a "
+                             "Python loop, instead of the sequence modules")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE",
                         help="write the results as JSON to FILE (or stdout with --json alone or --json -)")
@@ -130,6 +135,36 @@ def torch_nn_module(cell: str, input_size: int, hidden_size: int) -> torch.nn.Mo
     return None
 
 
+def torch_nn_cell(cell: str, input_size: int, hidden_size: int) -> torch.nn.Module | None:
+    """torch.nn's own cell (LSTMCell, GRUCell, RNNCell) for a cell with a fused torch.nn kernel, else None."""
+    mode = registry.get_cell(cell).native_mode
+    if mode == "LSTM":
+        return torch.nn.LSTMCell(input_size, hidden_size)
+    if mode == "GRU":
+        return torch.nn.GRUCell(input_size, hidden_size)
+    if mode in ("RNN_TANH", "RNN_RELU"):
+        return torch.nn.RNNCell(input_size, hidden_size, nonlinearity=mode[4:].lower())
+    return None
+
+
+def _step_loop(cell: torch.nn.Module) -> torch.nn.Module:
+    """A module running `cell` over x [T, B, I] one step at a time; its output: every step's first state."""
+
+    class StepLoop(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.cell = cell
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
+            state, outputs = None, []
+            for x_t in x:
+                state = self.cell(x_t, state)
+                outputs.append(state[0] if isinstance(state, tuple) else state)
+            return (torch.stack(outputs),)
+
+    return StepLoop()
+
+
 def _step_fn(model: torch.nn.Module, x: torch.Tensor, training: bool) -> Callable[[], torch.Tensor]:
     params = list(model.parameters())
     model.train(training)
@@ -155,28 +190,32 @@ def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - start, result
 
 
-def _query_fields(shape: Shape, training: bool) -> dict[str, Any]:
+def _query_fields(shape: Shape, training: bool, step_loop: bool = False) -> dict[str, Any]:
     steps, batch, inputs, hidden = shape
     return {"dtype": torch.float32, "hidden_size": hidden, "input_size": inputs, "batch_size": batch,
-            "seq_len": steps, "requires_grad": training}
+            "seq_len": 1 if step_loop else steps, "requires_grad": training,
+            "level": "step" if step_loop else "module"}
 
 
-def auto_choice(cell: str, shape: Shape, training: bool) -> str:
-    """What a module with backend=None would run on this input: every source of choice in force, then auto."""
+def auto_choice(cell: str, shape: Shape, training: bool, step_loop: bool = False) -> str:
+    """What a module (or with step_loop a cell) with backend=None would run on this input: every source of choice
+    in force, then auto."""
     try:
-        return current_backend(cell, "cpu", **_query_fields(shape, training))
+        return current_backend(cell, "cpu", **_query_fields(shape, training, step_loop))
     except (BackendNotSupportedError, ValueError) as exc:
         return "error: " + str(exc).splitlines()[0]
 
 
 def measure_case(cell: str, backends: Sequence[str], shape: Shape, mode: str, *, repeats: int, min_repeats: int,
-                 max_seconds: float, seed: int, on_step: Callable[[str], None] | None = None) -> list[Measurement]:
-    """Time torch.nn and every backend on one (cell, shape, mode); interleaved rounds, medians."""
+                 max_seconds: float, seed: int, on_step: Callable[[str], None] | None = None,
+                 step_loop: bool = False) -> list[Measurement]:
+    """Time torch.nn and every backend on one (cell, shape, mode); interleaved rounds, medians. step_loop: the
+    cells, stepped T times in a Python loop, instead of the sequence modules."""
     training = mode == "training"
     steps, batch, inputs, hidden = shape
-    reasons = explain(cell, device="cpu", **_query_fields(shape, training))
+    reasons = explain(cell, device="cpu", **_query_fields(shape, training, step_loop))
     torch.manual_seed(seed)
-    reference = torch_nn_module(cell, inputs, hidden)
+    reference = (torch_nn_cell if step_loop else torch_nn_module)(cell, inputs, hidden)
     state = reference.state_dict() if reference is not None else None
     x = torch.randn(steps, batch, inputs, generator=torch.Generator().manual_seed(seed + 1))
 
@@ -187,7 +226,7 @@ def measure_case(cell: str, backends: Sequence[str], shape: Shape, mode: str, *,
     else:
         m = Measurement(cell, TORCH_NN, mode, shape)
         results.append(m)
-        candidates.append((m, _step_fn(reference, x, training)))
+        candidates.append((m, _step_fn(_step_loop(reference) if step_loop else reference, x, training)))
     for name in backends:
         m = Measurement(cell, name, mode, shape)
         results.append(m)
@@ -197,14 +236,14 @@ def measure_case(cell: str, backends: Sequence[str], shape: Shape, mode: str, *,
             continue
         torch.manual_seed(seed)
         try:
-            model = Recurrent(cell, inputs, hidden, backend=name)
+            model = (RecurrentCell if step_loop else Recurrent)(cell, inputs, hidden, backend=name)
             if state is None:  # a cell without torch.nn: every backend shares the first backend's weights
                 state = model.state_dict()
             model.load_state_dict(state)
         except Exception as exc:  # reported in the table, the JSON and the exit code
             m.error = f"{type(exc).__name__}: {exc}"
             continue
-        candidates.append((m, _step_fn(model, x, training)))
+        candidates.append((m, _step_fn(_step_loop(model) if step_loop else model, x, training)))
 
     # first call (JIT compile, autotune) and one warm call; a backend that fails here is reported, not fatal
     baseline_out = None
@@ -302,7 +341,8 @@ def build_report(args: argparse.Namespace, results: list[Measurement], auto: lis
         "env": environment(),
         "settings": {"cells": args.cells, "backends": args.backends, "modes": args.modes, "grid": args.grid,
                      "shapes": [list(s) for s in shapes], "repeats": args.repeats, "min_repeats": args.min_repeats,
-                     "max_seconds": args.max_seconds, "seed": args.seed},
+                     "max_seconds": args.max_seconds, "seed": args.seed,
+                     "step_loop": getattr(args, "step_loop", False)},
         "results": rows,
         "auto": auto,
         "wall_seconds": round(wall_s, 3),
@@ -465,6 +505,7 @@ def run(args: argparse.Namespace) -> int:
         console.print("[red]seqfast bench:[/] --repeats and --min-repeats must be >= 1, --max-seconds > 0")
         return 2
     shapes = args.shapes or GRIDS[args.grid]
+    args.step_loop = getattr(args, "step_loop", False)  # a Namespace built by hand may lack it
     args.cells, args.backends, args.modes = cells, backends, modes
 
     env = environment()
@@ -489,11 +530,12 @@ def run(args: argparse.Namespace) -> int:
             label = f"{cell} {shape_label(shape)} {mode}"
             progress.update(task, description=label)
             auto.append({"cell": cell, "mode": mode, "shape": list(shape),
-                         "backend": auto_choice(cell, shape, mode == "training")})
+                         "backend": auto_choice(cell, shape, mode == "training", args.step_loop)})
             results += measure_case(
                 cell, backends, shape, mode, repeats=args.repeats, min_repeats=args.min_repeats,
                 max_seconds=args.max_seconds, seed=args.seed,
-                on_step=lambda name, label=label: progress.update(task, description=f"{label}: {name}"))
+                on_step=lambda name, label=label: progress.update(task, description=f"{label}: {name}"),
+                step_loop=args.step_loop)
             progress.advance(task)
     wall = time.perf_counter() - start
     report = build_report(args, results, auto, shapes, wall)

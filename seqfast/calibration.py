@@ -387,7 +387,15 @@ def _runner(backend: Backend, query: Query, bucket: Bucket, steps: int) -> Calla
         x = rand(steps, batch, bucket.input_size, scale=1.0).detach()
         weight_ih, bias_ih = rand(gates * hidden, bucket.input_size), rand(gates * hidden)
         leaves += [weight_ih, bias_ih]
-        if backend.has_stack():  # torch.nn's parameter order: w_ih, w_hh, b_ih, b_hh, extras, w_hr
+        if query.level == "step":  # what the cells call: torch.nn's parameter order, no projection
+            named = [("weight_ih", weight_ih), ("weight_hh", weights["weight_hh"]), ("bias_ih", bias_ih),
+                     ("bias_hh", weights["bias_hh"]),
+                     *[(n, w) for n, w in weights.items() if n not in ("weight_hh", "bias_hh")]]
+            named = [(n, w) for n, w in named if w is not None]
+            names, params = [n for n, _ in named], [w for _, w in named]
+            state = tuple(torch.zeros(batch, s, device=device, dtype=dtype) for s in sizes)
+            call = lambda: backend.step(cell, x[0], state, params, names)  # noqa: E731
+        elif backend.has_stack():  # torch.nn's parameter order: w_ih, w_hh, b_ih, b_hh, extras, w_hr
             params = [weight_ih, *[w for w in (weights["weight_hh"],) if w is not None], bias_ih,
                       *[w for n, w in weights.items() if n not in ("weight_hh", "weight_hr") and w is not None],
                       *([weights["weight_hr"]] if proj else [])]

@@ -59,7 +59,8 @@ class Backend:
     """Machinery that runs cells over time. Subclasses declare support as class attributes.
 
     A backend implements `scan` (one layer, one direction; see seqfast.functional.scan for the contract), or
-    `run_stack` (a whole multi-layer module at once) when its kernels own the input projection (native).
+    `run_stack` (a whole multi-layer module at once) when its kernels own the input projection (native). `step`
+    (one step of one layer, what the cells call) runs either with T=1 unless the backend has a cheaper one.
     """
 
     name: str = ""
@@ -174,6 +175,24 @@ class Backend:
                   *, num_layers: int, bidirectional: bool, dropout: float, training: bool, proj_size: int
                   ) -> tuple[Tensor, tuple[Tensor, ...]]:
         raise NotImplementedError
+
+    def step(self, cell: CellSpec, x: Tensor, state: tuple[Tensor, ...], params: Sequence[Tensor],
+             names: Sequence[str]) -> tuple[Tensor, ...]:
+        """One step of one layer: the new state tuple of `cell` from x [B, I] and state (a tuple of [B, H] tensors).
+
+        params are the layer's parameters in torch.nn's order (weight_ih, weight_hh, bias_ih, bias_hh, then the
+        cell's extras; the biases only with bias=True), exactly as run_stack takes one layer's; names are their
+        base names ("weight_ih", ...). The default runs the layer (scan) or the stack with T=1."""
+        if not self.has_scan():
+            _, final = self.run_stack(cell, x.unsqueeze(0), None, tuple(s.unsqueeze(0) for s in state), [list(params)],
+                                      num_layers=1, bidirectional=False, dropout=0.0, training=False, proj_size=0)
+            return tuple(s.squeeze(0) for s in final)
+        by_name = dict(zip(names, params, strict=True))
+        weight_ih, bias_ih = by_name.pop("weight_ih"), by_name.pop("bias_ih", None)
+        weights = Weights(weight_hh=by_name.pop("weight_hh", None), bias_hh=by_name.pop("bias_hh", None))
+        weights.update(by_name)
+        _, final = self.layer(cell, x.unsqueeze(0), weight_ih, bias_ih, state, weights, None, False)
+        return tuple(final)
 
     def __repr__(self) -> str:
         return f"<seqfast backend {self.name!r}>"

@@ -200,7 +200,9 @@ class Query:
     seq_len: int | None = None
     proj_size: int = 0
     requires_grad: bool = False
-    level: str = "module"  # "module" (a whole stack, may use Backend.run_stack) or "scan" (one layer-direction)
+    # "module" (a whole stack, may use Backend.run_stack), "scan" (one layer-direction) or "step" (one step of one
+    # layer: the cells, through Backend.step)
+    level: str = "module"
 
     def describe(self) -> str:
         parts = [f"cell={self.cell.name}", f"device={self.device}", f"dtype={str(self.dtype).replace('torch.', '')}"]

@@ -1,6 +1,7 @@
 """The `native` backend: torch.nn's own fused kernels (oneDNN on CPU, cuDNN on GPU) for the built-in cells.
 
-These kernels own the input projection, so this backend runs whole modules (`run_stack`), not single-layer scans.
+These kernels own the input projection, so this backend runs whole modules (`run_stack`), not single-layer scans;
+a single step (the cells) calls torch.nn's cell kernels (`_VF.lstm_cell`, ...), as torch.nn's cells do.
 Variable lengths go through torch's PackedSequence path (sorting and unsorting internally), as torch.nn does.
 """
 
@@ -13,6 +14,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from ..registry import Backend, CellSpec, Query
 
 _KERNELS = {"LSTM": _VF.lstm, "GRU": _VF.gru, "RNN_TANH": _VF.rnn_tanh, "RNN_RELU": _VF.rnn_relu}
+_CELL_KERNELS = {"GRU": _VF.gru_cell, "RNN_TANH": _VF.rnn_tanh_cell, "RNN_RELU": _VF.rnn_relu_cell}
 
 
 class NativeBackend(Backend):
@@ -46,3 +48,9 @@ class NativeBackend(Backend):
         out, _ = pad_packed_sequence(PackedSequence(result[0], packed.batch_sizes, order, unorder),
                                      total_length=x.shape[0])
         return out, tuple(h.index_select(1, unorder) for h in result[1:])
+
+    def step(self, cell: CellSpec, x: Tensor, state: tuple[Tensor, ...], params, names) -> tuple[Tensor, ...]:
+        # params are in torch.nn's order, which is the cell kernels' (w_ih, w_hh, b_ih, b_hh; no biases: None)
+        if cell.native_mode == "LSTM":
+            return _VF.lstm_cell(x, state, *params)
+        return (_CELL_KERNELS[cell.native_mode](x, state[0], *params),)

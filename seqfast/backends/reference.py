@@ -8,6 +8,7 @@ each sequence within its own length, runs forward, and reverses the outputs back
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..registry import Backend, CellSpec, Weights
@@ -53,3 +54,9 @@ class TorchBackend(Backend):
         if reverse:
             out = reverse_within_lengths(out, lengths)
         return out, tuple(state)
+
+    def step(self, cell: CellSpec, x: Tensor, state: tuple[Tensor, ...], params, names) -> tuple[Tensor, ...]:
+        by_name = dict(zip(names, params, strict=True))
+        weights = Weights(weight_hh=None, bias_hh=None)
+        weights.update(by_name)
+        return tuple(cell.reference_step(F.linear(x, by_name["weight_ih"], by_name.get("bias_ih")), state, weights))

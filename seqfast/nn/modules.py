@@ -145,7 +145,7 @@ class _PicklesCellByName:
     its functions, so `torch.load(weights_only=True)` needs only the module classes allow-listed. Per-call
     caches and the parameters' init functions are derived from the cell and rebuilt on load."""
 
-    _DERIVED = ("_queries", "_scan_names_cache", "_inits")
+    _DERIVED = ("_queries", "_scan_names_cache", "_inits", "_step_queries")
 
     def __getstate__(self):
         state = dict(super().__getstate__())
@@ -472,6 +472,9 @@ class Recurrent(_PicklesCellByName, nn.Module):
         return cached
 
 
+_NO_QUERIES: dict = {}
+
+
 def _packed_index(packed: PackedSequence) -> tuple[Tensor, Tensor]:
     """(time, batch) coordinates, in the padded [T, B] layout, of each row of packed.data."""
     sizes = packed.batch_sizes
@@ -526,7 +529,8 @@ class RecurrentCell(_PicklesCellByName, nn.Module):
     """One step of any registered cell, with torch.nn.LSTMCell's arguments, parameter names and outputs.
 
     forward(input [B, I] or [I], hx=None) returns the new state: a tensor for one-state cells (h), else a tuple.
-    It runs as a one-step, one-layer stack through the same backend selection as the sequence modules.
+    It runs through the selected backend's `step` (Backend.step: torch.nn's cell kernels on `native`, fused
+    one-step kernels on `numba`), chosen as for the sequence modules but for a single step.
     """
 
     def __init__(self, cell: str | CellSpec, input_size: int, hidden_size: int, bias: bool = True, device=None,
@@ -557,70 +561,84 @@ class RecurrentCell(_PicklesCellByName, nn.Module):
         return s + ("" if self.backend is None else f", backend={self.backend!r}")
 
     def forward(self, input: Tensor, hx=None):
-        owner = type(self).__name__
+        # the per-call path is kept to a few attribute reads: at small sizes a step's kernel takes microseconds
         if not isinstance(input, Tensor) or input.dim() not in (1, 2):
             got = f"{input.dim()}-D" if isinstance(input, Tensor) else type(input).__name__
-            raise InputError(f"{owner}: Expected input to be 1-D or 2-D, got {got}")
+            raise InputError(f"{type(self).__name__}: Expected input to be 1-D or 2-D, got {got}")
         batched = input.dim() == 2
         x = input if batched else input.unsqueeze(0)
-        if x.shape[-1] != self.input_size:
-            raise InputError(f"{owner}: input.size(-1) must be equal to input_size. "
-                             f"Expected {self.input_size}, got {x.shape[-1]}")
-        if x.dtype != self.weight_ih.dtype:
-            raise InputError(f"{owner}: input must have the type {self.weight_ih.dtype}, got type {x.dtype}")
-        if x.device != self.weight_ih.device:
-            raise InputError(f"{owner}: input is on {x.device} but the parameters are on {self.weight_ih.device}")
+        names = self._names
+        get = self._parameters.get
+        # getattr for a parametrized weight (torch.nn.utils.parametrize), which is absent from _parameters
+        params = [p if (p := get(n)) is not None else getattr(self, n) for n in names]
+        weight = params[0]
+        if x.shape[1] != self.input_size or x.dtype != weight.dtype or x.device != weight.device:
+            self._input_error(x, weight)
         if hx is None:
             state = tuple(x.new_zeros(x.shape[0], self.hidden_size) for _ in self.cell.state_names)
         else:
-            states = (hx,) if isinstance(hx, Tensor) else tuple(hx)
-            if len(states) != self.cell.num_states or not all(isinstance(s, Tensor) for s in states):
-                raise InputError(f"{owner}: hx: expected {self.cell.num_states} state tensor(s) "
-                                 f"{self.cell.state_names}, got {type(hx).__name__} of length {len(states)}")
-            state = []
-            for name, s in zip(self.cell.state_names, states, strict=True):
-                want = (x.shape[0], self.hidden_size) if batched else (self.hidden_size,)
-                if tuple(s.shape) != want:
-                    raise InputError(f"{owner}: hx: expected {name} of shape {want}, got {tuple(s.shape)}")
-                if s.dtype != x.dtype or s.device != x.device:
-                    raise InputError(f"{owner}: hx: expected {name} as {x.dtype} on {x.device} like the input, "
-                                     f"got {s.dtype} on {s.device}")
-                state.append(s if batched else s.unsqueeze(0))
-            state = tuple(state)
-        final = self._step(x.unsqueeze(0), state)
+            state = self._checked_state(hx, x, batched)
+        requires_grad = torch.is_grad_enabled() and (
+            x.requires_grad or any(s.requires_grad for s in state) or any(p.requires_grad for p in params))
+        autocast = _autocast_dtype(x)
+        if autocast is not None:
+            final = self._step_autocast(x, state, params, requires_grad, autocast)
+        else:
+            query = self.__dict__.get("_step_queries", _NO_QUERIES).get((x.shape[0], x.dtype, x.device,
+                                                                         requires_grad))
+            if query is None:
+                query = self._step_query(x, requires_grad)
+            backend, _ = select_backend(query, self.backend)
+            final = backend.step(self.cell, x, state, params, names)
         if not batched:
             final = tuple(s.squeeze(0) for s in final)
-        return final[0] if self.cell.num_states == 1 else final
+        return final[0] if len(final) == 1 else final
 
-    def _step(self, x: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-        params = {n: _weight(self, n) for n in self._names}
-        requires_grad = torch.is_grad_enabled() and (x.requires_grad or any(s.requires_grad for s in state)
-                                                     or any(p.requires_grad for p in params.values()))
-        autocast = _autocast_dtype(x)
-        query = Query(cell=self.cell, device=x.device.type, dtype=autocast or x.dtype, hidden_size=self.hidden_size,
-                      input_size=self.input_size, batch_size=x.shape[1], seq_len=1, requires_grad=requires_grad,
-                      level="module")
-        backend, _ = select_backend(query, self.backend)
-        if autocast is None:
-            return self._step_on(backend, x, state, params)
-        with torch.autocast(x.device.type, enabled=False):  # as in Recurrent._run
-            final = self._step_on(backend, x.to(autocast), tuple(s.to(autocast) for s in state),
-                                  {n: p.to(autocast) for n, p in params.items()})
+    def _step_autocast(self, x: Tensor, state: tuple[Tensor, ...], params: list[Tensor], requires_grad: bool,
+                       autocast: torch.dtype) -> tuple[Tensor, ...]:
+        """As torch.nn's cells under torch.autocast (see Recurrent._run): the step in the autocast dtype, the
+        results in the dtypes torch.nn returns."""
+        backend, _ = select_backend(self._step_query(x, requires_grad, autocast), self.backend)
+        with torch.autocast(x.device.type, enabled=False):
+            final = backend.step(self.cell, x.to(autocast), tuple(s.to(autocast) for s in state),
+                                 [p.to(autocast) for p in params], self._names)
         dtypes = _torch_nn_autocast_dtypes(self.cell, x.device.type, x.dtype, autocast, False, "cell")
         return tuple(s.to(d) for s, d in zip(final, dtypes, strict=True))
 
-    def _step_on(self, backend, x: Tensor, state: tuple[Tensor, ...], params: dict[str, Tensor]
-                 ) -> tuple[Tensor, ...]:
-        if backend.has_stack():
-            _, final = backend.run_stack(self.cell, x, None, tuple(s.unsqueeze(0) for s in state),
-                                         [list(params.values())], num_layers=1, bidirectional=False, dropout=0.0,
-                                         training=self.training, proj_size=0)
-            return tuple(s.squeeze(0) for s in final)
-        weight_ih, bias_ih = params.pop("weight_ih"), params.pop("bias_ih", None)
-        weights = Weights(weight_hh=params.pop("weight_hh", None), bias_hh=params.pop("bias_hh", None))
-        weights.update(params)
-        _, final = backend.layer(self.cell, x, weight_ih, bias_ih, state, weights, None, False)
-        return final
+    def _step_query(self, x: Tensor, requires_grad: bool, autocast: torch.dtype | None = None) -> Query:
+        query = Query(cell=self.cell, device=x.device.type, dtype=autocast or x.dtype, hidden_size=self.hidden_size,
+                      input_size=self.input_size, batch_size=x.shape[0], seq_len=1, requires_grad=requires_grad,
+                      level="step")
+        if autocast is None and not torch.compiler.is_compiling():  # no module state changes in a traced graph
+            # one Query per (batch, dtype, device, grad), kept: building the frozen dataclass costs more than a lookup
+            memo(self.__dict__.setdefault("_step_queries", {}), (x.shape[0], x.dtype, x.device, requires_grad),
+                 lambda: query, limit=64)
+        return query
+
+    def _input_error(self, x: Tensor, weight: Tensor) -> None:
+        owner = type(self).__name__
+        if x.shape[-1] != self.input_size:
+            raise InputError(f"{owner}: input.size(-1) must be equal to input_size. "
+                             f"Expected {self.input_size}, got {x.shape[-1]}")
+        if x.dtype != weight.dtype:
+            raise InputError(f"{owner}: input must have the type {weight.dtype}, got type {x.dtype}")
+        raise InputError(f"{owner}: input is on {x.device} but the parameters are on {weight.device}")
+
+    def _checked_state(self, hx, x: Tensor, batched: bool) -> tuple[Tensor, ...]:
+        owner = type(self).__name__
+        states = (hx,) if isinstance(hx, Tensor) else tuple(hx)
+        if len(states) != self.cell.num_states or not all(isinstance(s, Tensor) for s in states):
+            raise InputError(f"{owner}: hx: expected {self.cell.num_states} state tensor(s) "
+                             f"{self.cell.state_names}, got {type(hx).__name__} of length {len(states)}")
+        want = (x.shape[0], self.hidden_size) if batched else (self.hidden_size,)
+        dtype, device = x.dtype, x.device
+        for name, s in zip(self.cell.state_names, states, strict=True):
+            if s.shape != want:
+                raise InputError(f"{owner}: hx: expected {name} of shape {want}, got {tuple(s.shape)}")
+            if s.dtype != dtype or s.device != device:
+                raise InputError(f"{owner}: hx: expected {name} as {x.dtype} on {x.device} like the input, "
+                                 f"got {s.dtype} on {s.device}")
+        return states if batched else tuple(s.unsqueeze(0) for s in states)
 
 
 class RNNCell(RecurrentCell):

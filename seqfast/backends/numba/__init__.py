@@ -35,7 +35,7 @@ from torch import Tensor
 from ..._memo import memo
 from ...config import setting
 from ...registry import CellSpec, Query
-from ..fused import FusedBackend
+from ..fused import FusedBackend, _transforms_active
 from . import _buffers
 from .codegen import (
     CodegenError,
@@ -359,6 +359,10 @@ def _state_array(s: Tensor, dtype: torch.dtype) -> np.ndarray:
     return s.contiguous().numpy()
 
 
+_MISSING = object()
+_step_layouts: dict[tuple, object] = {}  # NumbaBackend.step's per-call lookup of step.step_layout
+
+
 class NumbaBackend(FusedBackend):
     name = "numba"
     description = "fused CPU scans compiled with numba (MKL GEMM per step, vectorized float32 gate math)"
@@ -390,6 +394,10 @@ class NumbaBackend(FusedBackend):
         return []
 
     def auto_rank(self, query: Query) -> float:
+        if query.level == "step":
+            from .tuning import step_rank
+
+            return step_rank(query, native_priority=10.0, own_priority=float(self.priority))
         from .tuning import auto_rank
 
         return auto_rank(query, native_priority=10.0, own_priority=float(self.priority))
@@ -399,6 +407,25 @@ class NumbaBackend(FusedBackend):
 
         kernel_names = ("forward", "backward") if query.requires_grad else ("forward",)
         return not is_compiled(query.cell, _DTYPES[query.dtype], kernel_names)
+
+    # --- one step (the cells) ----------------------------------------------------------------------------------
+    def step(self, cell: CellSpec, x: Tensor, state: tuple[Tensor, ...], params, names) -> tuple[Tensor, ...]:
+        # one kernel call each way (step.py); the scan with T=1 where those kernels do not apply
+        key = (cell, x.dtype, tuple(names))
+        layout = _step_layouts.get(key, _MISSING)
+        if layout is _MISSING:
+            from .step import step_layout
+
+            layout = step_layout(cell, x.dtype, names)
+            if len(_step_layouts) > 256:
+                _step_layouts.clear()
+            _step_layouts[key] = layout
+        if (layout is None or not x.shape[0] or not x.shape[1] or _transforms_active()
+                or torch.compiler.is_compiling()):
+            return super().step(cell, x, state, params, names)
+        from .step import run_step
+
+        return run_step(layout, cell, x, state, params, names)
 
     # --- the fused scan --------------------------------------------------------------------------------------
     def saved_shapes(self, cell: CellSpec, steps: int, batch: int, hidden: int) -> list[tuple[int, ...]]:

@@ -46,7 +46,7 @@ from ...config import cache_root
 from ...registry import CellSpec
 from ..pointwise_source import MATH_NAMES, parse_pointwise, per_unit_rows
 
-TEMPLATE_VERSION = "21"
+TEMPLATE_VERSION = "22"
 _SAFE_BUILTINS = {"abs", "min", "max", "range", "len", "float", "int", "bool", "True", "False", "None"}
 _HERE = Path(__file__).resolve().parent
 
@@ -691,6 +691,124 @@ def _staged_gradients_out(lay: _Layout) -> list[str]:
     return L
 
 
+# --- the one-step kernels (the cells: RecurrentCell through NumbaBackend.step) ------------------------------------
+# One step of a dense, unstaged cell, both projections included, in one call each way:
+#     forward   xg = x W_ih^T, hg = h W_hh^T (two GEMMs), state' = pointwise.forward(xg + b_ih, hg + b_hh, state)
+#     backward  d_xg, d_hg, d_state = pointwise.backward(...); d_x = d_xg W_ih; d_h = d_state[0] + d_hg W_hh;
+#               d_W_ih = d_xg^T x; d_W_hh = d_hg^T h; d_b_ih, d_b_hh: sums of d_xg, d_hg over rows
+# x [B, I], states [B, H], work [2, B, G*H] (xg then hg, without biases: the forward writes them, the backward reads
+# them and overwrites them with d_xg, d_hg). Every buffer is C-contiguous and passed by address with the sizes B, I,
+# H: a call's arguments are then plain ints, which cost far less to pass than arrays. Single-threaded (MKL may
+# thread a large GEMM itself).
+def step_supported(cell: CellSpec) -> bool:
+    """Whether the cell has one-step kernels: a dense recurrence without stages."""
+    return cell.recurrence == "dense" and cell.pointwise is not None and not cell.pointwise.stages
+
+
+def _step_buffers(lay: _Layout, backward: bool) -> list[tuple[str, str]]:
+    """(name, shape) of every buffer a one-step kernel takes, in argument order."""
+    G, S = lay.G, lay.S
+    weights = [("x", "(B, I)"), ("w_ih", f"({G} * H, I)"), ("xbias", f"({G} * H,)"), ("w", f"({G} * H, H)"),
+               ("bias", f"({G} * H,)")] + [(f"p{i}", f"({k} * H,)") for i, k in enumerate(lay.widths)]
+    states = [(f"s{i}", "(B, H)") for i in range(S)]
+    work = [("work", f"(2, B, {G} * H)")]
+    if not backward:
+        return weights + states + [(f"n{i}", "(B, H)") for i in range(S)] + work
+    return (weights + states + work + [(f"dn{i}", "(B, H)") for i in range(S)] + [(f"d{i}", "(B, H)") for i in range(S)]
+            + [("dx", "(B if need_dx else 0, I)"), ("dw_ih", f"({G} * H if need_dw else 0, I)"),
+               ("dw", f"({G} * H if need_dw else 0, H)"), ("dxbias", f"({G} * H if need_dw else 0,)"),
+               ("dbias", f"({G} * H if need_dw else 0,)")]
+            + [(f"dp{i}", f"({k} * H if need_dw else 0,)") for i, k in enumerate(lay.widths)])
+
+
+def _step_head(lay: _Layout, name: str, doc: list[str], backward: bool) -> list[str]:
+    buffers = _step_buffers(lay, backward)
+    flags = ["need_dx", "need_dw"] if backward else []
+    args = ["gemm_fn", "B", "I", "H", *(f"{n}_a" for n, _ in buffers), *flags]
+    return (["@njit(cache=_CACHE, nogil=True, fastmath=_FM, error_model='numpy')", f"def {name}({', '.join(args)}):",
+             *doc] + [f"    {n} = carray(_pointer_to({n}_a, _FZ), {shape})" for n, shape in buffers]
+            + ["    xg = work[0]", "    hg = work[1]", "    one = _F(1.0)", "    zero = _F(0.0)"])
+
+
+def _step_prologue(lay: _Layout, ind: str) -> list[str]:
+    return (["    for b in range(B):", f"        for j0 in range(0, H, {CHUNK}):",
+             f"            n = min({CHUNK}, H - j0)"] + _offsets(lay, ind))
+
+
+def _step_forward_kernel(lay: _Layout) -> str:
+    G, S, P = lay.G, lay.S, lay.P
+    XG, HG, ST, PR = 0, G, 2 * G, 2 * G + S
+    NS = PR + P
+    ind = "            "
+    doc = ['    """One step: n<i> = the new states from x and s<i>; work = (x W_ih^T, h W_hh^T)."""']
+    L = _step_head(lay, "step_forward", doc, False)
+    L += ["    _gemm_nt(gemm_fn, x, w_ih, xg, one, zero)",
+          "    _gemm_nt(gemm_fn, s0, w, hg, one, zero)",
+          f"    buf = np.empty(({NS + S}, {CHUNK}), dtype=_F)"]
+    L += _step_prologue(lay, ind)
+    L += _loop(ind, [f"buf[{XG + g}, c] = xg[b, og{g} + c] + xbias[og{g} + c]" for g in range(G)])
+    L += _loop(ind, [f"buf[{HG + g}, c] = hg[b, og{g} + c] + bias[og{g} + c]" for g in range(G)])
+    L += _loop(ind, [f"buf[{ST + i}, c] = s{i}[b, u0 + c]" for i in range(S)])
+    L += _copy_in_params(lay, PR, ind)
+    xg = _tup([f"buf[{XG + g}, c]" for g in range(G)])
+    hgv = _tup([f"buf[{HG + g}, c]" for g in range(G)])
+    st = _tup([f"buf[{ST + i}, c]" for i in range(S)])
+    L += [f"{ind}for c in range(cn):",
+          f"{ind}    ns = _pw_forward({xg}, {hgv}, {st}, {lay.params_tuple(PR)})"]
+    L += [f"{ind}    buf[{NS + i}, c] = ns[{i}]" for i in range(S)]
+    L += _loop(ind, [f"n{i}[b, u0 + c] = buf[{NS + i}, c]" for i in range(S)])
+    return "\n".join(L)
+
+
+def _step_backward_kernel(lay: _Layout) -> str:
+    G, S, P = lay.G, lay.S, lay.P
+    XG, HG, ST, DN, PR = 0, G, 2 * G, 2 * G + S, 2 * G + 2 * S
+    DX = PR + P
+    DH = DX + G
+    DS = DH + G
+    DP = DS + S
+    ind = "            "
+    doc = ['    """The gradients of one step given dn<i>, those of the new states: d<i> (of s<i>), dx (need_dx),',
+           '    and with need_dw dw_ih, dw, dxbias, dbias and dp<i> (all overwritten); work becomes (d_xg, d_hg)."""']
+    L = _step_head(lay, "step_backward", doc, True)
+    L += ["    if need_dw:",
+          "        for q in range(dbias.shape[0]):",
+          "            dbias[q] = zero",
+          "            dxbias[q] = zero"]
+    L += [f"        for q in range(dp{i}.shape[0]):\n            dp{i}[q] = zero" for i in range(len(lay.widths))]
+    L += [f"    buf = np.empty(({DP + P}, {CHUNK}), dtype=_F)"]
+    L += _step_prologue(lay, ind)
+    L += _loop(ind, [f"buf[{XG + g}, c] = xg[b, og{g} + c] + xbias[og{g} + c]" for g in range(G)])
+    L += _loop(ind, [f"buf[{HG + g}, c] = hg[b, og{g} + c] + bias[og{g} + c]" for g in range(G)])
+    L += _loop(ind, [f"buf[{ST + i}, c] = s{i}[b, u0 + c]" for i in range(S)])
+    L += _loop(ind, [f"buf[{DN + i}, c] = dn{i}[b, u0 + c]" for i in range(S)])
+    L += _copy_in_params(lay, PR, ind)
+    xg = _tup([f"buf[{XG + g}, c]" for g in range(G)])
+    hgv = _tup([f"buf[{HG + g}, c]" for g in range(G)])
+    st = _tup([f"buf[{ST + i}, c]" for i in range(S)])
+    dn = _tup([f"buf[{DN + i}, c]" for i in range(S)])
+    L += [f"{ind}for c in range(cn):",
+          f"{ind}    res = _pw_backward({xg}, {hgv}, {st}, {lay.params_tuple(PR)}, {dn})"]
+    for g in range(G):
+        L += [f"{ind}    buf[{DX + g}, c] = res[0][{g}]", f"{ind}    buf[{DH + g}, c] = res[1][{g}]"]
+    L += [f"{ind}    buf[{DS + i}, c] = res[2][{i}]" for i in range(S)]
+    L += [f"{ind}    buf[{row}, c] = res[3][{q}]" for q, (row, _, _) in enumerate(lay.param_rows(DP))]
+    L += _loop(ind, [f"xg[b, og{g} + c] = buf[{DX + g}, c]" for g in range(G)])  # now d_xg
+    L += _loop(ind, [f"hg[b, og{g} + c] = buf[{DH + g}, c]" for g in range(G)])  # now d_hg
+    L += _loop(ind, [f"d{i}[b, u0 + c] = buf[{DS + i}, c]" for i in range(S)])
+    L += [f"{ind}if need_dw:"]
+    L += _loop(ind + "    ", [f"dxbias[og{g} + c] += buf[{DX + g}, c]" for g in range(G)])
+    L += _loop(ind + "    ", [f"dbias[og{g} + c] += buf[{DH + g}, c]" for g in range(G)])
+    L += _loop(ind + "    ", [f"dp{i}[op{i}_{r} + c] += buf[{row}, c]" for row, i, r in lay.param_rows(DP)])
+    L += ["    _gemm_nn_acc(gemm_fn, hg, w, d0, one)  # d_h += d_hg W_hh",
+          "    if need_dx:",
+          "        _gemm_nn(gemm_fn, xg, w_ih, dx, one, zero)",
+          "    if need_dw:",
+          "        _gemm_tn_rows(gemm_fn, xg, x, dw_ih, 0, dw_ih.shape[0], one, zero)",
+          "        _gemm_tn_rows(gemm_fn, hg, s0, dw, 0, dw.shape[0], one, zero)"]
+    return "\n".join(L)
+
+
 _same_gradient: dict[CellSpec, bool] = {}
 
 
@@ -786,6 +904,10 @@ def generate_source(cell: CellSpec, dtype: str) -> str:
         kernels.append(("backward", _backward_kernel(lay), _backward_params(lay)))
     for name, kernel, params in kernels:
         src += "\n\n" + kernel + "\n\n\n" + _team_kernels(name, params, _body(kernel)) + "\n"
+    if step_supported(cell):
+        src += "\n\n" + _step_forward_kernel(lay) + "\n"
+        if pw.backward is not None:
+            src += "\n\n" + _step_backward_kernel(lay) + "\n"
     return src
 
 

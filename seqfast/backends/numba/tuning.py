@@ -26,3 +26,16 @@ def prefer_numba(query: Query) -> bool:
 def auto_rank(query: Query, native_priority: float, own_priority: float) -> float:
     """Above native where the static rule prefers numba, else the backend's own (lower) priority."""
     return native_priority + 1.0 if prefer_numba(query) else own_priority
+
+
+# One step (the cells, Query.level "step"): numba's fused one-step call against torch.nn's cell kernels (_VF). On
+# the 2-core benchmark machine numba's step did not beat _VF's for the built-in cells (its call costs more Python
+# than the kernels save at these sizes), so auto keeps native for them and takes numba's step for cells that have
+# no native kernel.
+def step_rank(query: Query, native_priority: float, own_priority: float) -> float:
+    """Above native for a step of a cell without a native kernel; below it otherwise."""
+    from .codegen import step_supported
+
+    if query.device != "cpu" or not step_supported(query.cell) or query.cell.native_mode is not None:
+        return own_priority
+    return native_priority + 1.0

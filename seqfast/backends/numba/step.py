@@ -1,0 +1,184 @@
+"""NumbaBackend.step: one step of a cell (RecurrentCell) as one compiled call each way.
+
+The kernels are codegen.py's step_forward / step_backward, generated from the cell's pointwise code with the scans:
+both projections (x W_ih^T, h W_hh^T) and the pointwise math in one call; in training the backward (pointwise
+derivative, d_x, d_h and every parameter's gradient) is one call too, behind one autograd.Function.
+The kernels read every tensor by its address, taken on each call (nothing about a weight is cached), so in-place
+updates, `.data` assignments and `to()` show through. Under torch.func transforms, torch.compile, or for a cell without
+one-step kernels, the backend's default step (its scan with T=1) runs instead.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from ...registry import CellSpec
+from ..fused import _grads_by_recomputing, _graph_retained, _transforms_active
+from ..reference import TorchBackend
+from ._blas import gemm_address
+from .codegen import kernels, per_unit_width, step_supported
+
+_REFERENCE = TorchBackend()
+
+
+class StepLayout(NamedTuple):
+    """Where a cell's parameters (in torch.nn's order, by base name) go in the kernels' arguments, worked out once
+    per (cell, dtype, names)."""
+
+    module: object  # the generated kernel module
+    fn: int  # the BLAS GEMM's address
+    dtype: torch.dtype
+    w_ih: int  # index into params
+    b_ih: int  # -1: absent (zeros)
+    w_hh: int
+    b_hh: int
+    extras: tuple[int, ...]  # per Pointwise.params entry: index into params, or -1 (absent: zeros)
+    widths: tuple[int, ...]  # k of each [k*H] extra
+    gates: int
+
+
+_layouts: dict[tuple, StepLayout | None] = {}
+
+
+def step_layout(cell: CellSpec, dtype: torch.dtype, names) -> StepLayout | None:
+    """The layout, or None where the one-step kernels do not apply (no dense recurrence, stages, no backward
+    when training is asked for is left to run_step, no MKL)."""
+    key = (cell, dtype, tuple(names))
+    if key in _layouts:
+        return _layouts[key]
+    dtype_name = {torch.float32: "float32", torch.float64: "float64"}.get(dtype)
+    layout = None
+    fn = gemm_address(dtype_name) if dtype_name else 0
+    if fn and step_supported(cell):
+        index = {n: i for i, n in enumerate(names)}
+        pw = cell.pointwise
+        layout = StepLayout(kernels(cell, dtype_name), fn, dtype, index["weight_ih"], index.get("bias_ih", -1),
+                            index["weight_hh"], index.get("bias_hh", -1),
+                            tuple(index.get(n, -1) for n in pw.params),
+                            tuple(per_unit_width(cell, n) for n in pw.params), cell.num_gates)
+    if len(_layouts) > 256:
+        _layouts.clear()
+    _layouts[key] = layout
+    return layout
+
+
+_zeros: dict[tuple[torch.dtype, int], Tensor] = {}
+
+
+def _zeros_address(dtype: torch.dtype, n: int) -> int:
+    """The address of n zeros (read only: an absent bias or extra), kept for the process."""
+    zeros = _zeros.get((dtype, n))
+    if zeros is None:
+        zeros = _zeros[(dtype, n)] = torch.zeros(n, dtype=dtype)
+    return zeros.data_ptr()
+
+
+def _readable(t: Tensor, dtype: torch.dtype, what: str) -> Tensor:
+    """t itself when the kernels can read it by address (C-contiguous, on the CPU, of the step's dtype), else a
+    contiguous copy; a tensor of another dtype or device raises, as torch.nn's kernels do."""
+    if t.dtype != dtype or not t.is_cpu:
+        raise RuntimeError(f"numba backend: {what} is {t.dtype} on {t.device}, expected {dtype} on cpu like the input")
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def _weights(layout: StepLayout, params, names, inputs: int, hidden: int) -> tuple[list[Tensor], list[int]]:
+    """(the tensors read, kept alive for the call; [w_ih, b_ih, w_hh, b_hh, *extras] addresses, zeros where
+    absent). Each one's size is checked: the kernels read them by address."""
+    dtype, width = layout.dtype, layout.gates * hidden
+    tensors, addresses = [], []
+    for i, n in ((layout.w_ih, width * inputs), (layout.b_ih, width), (layout.w_hh, width * hidden),
+                 (layout.b_hh, width), *zip(layout.extras, (k * hidden for k in layout.widths), strict=True)):
+        if i < 0:
+            addresses.append(_zeros_address(dtype, n))
+        else:
+            t = _readable(params[i], dtype, names[i])
+            if t.numel() != n:
+                raise RuntimeError(f"numba backend: {names[i]} has shape {tuple(t.shape)}, expected {n} elements "
+                                   f"for input size {inputs} and hidden size {hidden}")
+            tensors.append(t)
+            addresses.append(t.data_ptr())
+    return tensors, addresses
+
+
+def run_step(layout: StepLayout, cell: CellSpec, x: Tensor, state: tuple[Tensor, ...], params, names
+             ) -> tuple[Tensor, ...]:
+    """The new states; differentiable (through _Step) when grad mode is on and any input requires grad."""
+    if torch.is_grad_enabled() and (x.requires_grad or any(s.requires_grad for s in state)
+                                    or any(p.requires_grad for p in params)):
+        if cell.pointwise.backward is None:
+            raise RuntimeError(f"numba backend: cell {cell.name!r} has no pointwise backward")
+        return _Step.apply(layout, cell, names, len(state), x, *state, *params)
+    return _forward(layout, x, state, params, names)[0]
+
+
+def _forward(layout: StepLayout, x: Tensor, state, params, names):
+    """-> (new states, work [2, B, G*H]: x W_ih^T and h W_hh^T, what the backward reads)."""
+    dtype = layout.dtype
+    batch, hidden = x.shape[0], state[0].shape[1]
+    kept, weights = _weights(layout, params, names, x.shape[1], hidden)
+    x = _readable(x, dtype, "input")
+    state = [_readable(s, dtype, "hx") for s in state]
+    new = [torch.empty((batch, hidden), dtype=dtype) for _ in state]
+    work = torch.empty((2, batch, layout.gates * hidden), dtype=dtype)
+    layout.module.step_forward(layout.fn, batch, x.shape[1], hidden, x.data_ptr(), *weights,
+                               *(s.data_ptr() for s in state), *(n.data_ptr() for n in new), work.data_ptr())
+    return tuple(new), work
+
+
+class _Step(torch.autograd.Function):
+    """One step, forward and backward each one kernel call. A backward that must itself be differentiable
+    (create_graph=True) recomputes the step on the torch reference and differentiates that."""
+
+    @staticmethod
+    def forward(ctx, layout, cell, names, n_state, x, *tensors):
+        new, work = _forward(layout, x, tensors[:n_state], tensors[n_state:], names)
+        ctx.layout, ctx.cell, ctx.names, ctx.n_state, ctx.work = layout, cell, names, n_state, work
+        ctx.save_for_backward(x, *tensors)  # version checks: an in-place change before backward raises
+        return new
+
+    @staticmethod
+    def backward(ctx, *grads):
+        layout, n_state, names = ctx.layout, ctx.n_state, ctx.names
+        x, *tensors = ctx.saved_tensors
+        state, params = tensors[:n_state], tensors[n_state:]
+        needs = ctx.needs_input_grad[4:]
+        if torch.is_grad_enabled() or _transforms_active():
+            def step(x, *t):
+                return _REFERENCE.step(ctx.cell, x, tuple(t[:n_state]), t[n_state:], names)
+
+            got = _grads_by_recomputing(step, [x, *tensors], needs, list(grads))
+            return (None, None, None, None, *got)
+        dtype = layout.dtype
+        batch, hidden = x.shape[0], state[0].shape[1]
+        width = layout.gates * hidden
+        # the kernel overwrites work with d_xg, d_hg: a copy when the graph is kept for another backward
+        work = ctx.work.clone() if _graph_retained() else ctx.work
+        kept, weights = _weights(layout, params, names, x.shape[1], hidden)
+        x = _readable(x, dtype, "input")
+        state = [_readable(s, dtype, "hx") for s in state]
+        d_new = [torch.zeros((batch, hidden), dtype=dtype) if g is None else _readable(g, dtype, "a gradient")
+                 for g in grads]
+        d_state = [torch.empty((batch, hidden), dtype=dtype) for _ in range(n_state)]
+        need_dx, need_dw = needs[0], any(needs[1 + n_state:])
+        dx = torch.empty(x.shape if need_dx else (0,), dtype=dtype)
+        # in the kernel's order: d_W_ih, d_W_hh, d_b_ih, d_b_hh, the extras'
+        sizes = [(width, x.shape[1]), (width, hidden), (width,), (width,), *((k * hidden,) for k in layout.widths)]
+        d_weights = [torch.empty(size if need_dw else (0,), dtype=dtype) for size in sizes]
+        layout.module.step_backward(layout.fn, batch, x.shape[1], hidden, x.data_ptr(), *weights,
+                                    *(s.data_ptr() for s in state), work.data_ptr(),
+                                    *(g.data_ptr() for g in d_new), *(d.data_ptr() for d in d_state), dx.data_ptr(),
+                                    *(d.data_ptr() for d in d_weights), need_dx, need_dw)
+        del kept
+        d_w_ih, d_w_hh, d_b_ih, d_b_hh, *d_extras = d_weights
+        by_index = {layout.w_ih: d_w_ih, layout.b_ih: d_b_ih, layout.w_hh: d_w_hh, layout.b_hh: d_b_hh}
+        by_index.update(zip(layout.extras, d_extras, strict=True))
+        g_params = [by_index[i].view(p.shape) if need else None
+                    for i, (p, need) in enumerate(zip(params, needs[1 + n_state:], strict=True))]
+        g_state = [d if need else None for d, need in zip(d_state, needs[1:1 + n_state], strict=True)]
+        return (None, None, None, None, dx if need_dx else None, *g_state, *g_params)
+
+
+__all__ = ["run_step", "step_layout", "StepLayout"]

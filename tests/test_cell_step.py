@@ -1,0 +1,215 @@
+"""The cells' single step (Backend.step) on every backend, against torch.nn's cells: values and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import all_backends, backend_param
+
+import seqfast
+from seqfast.registry import Backend, CellSpec, get_backend, registry
+
+BACKENDS = [backend_param(name) for name in all_backends()]
+KINDS = {"lstm": ("LSTMCell", {}), "gru": ("GRUCell", {}), "rnn_tanh": ("RNNCell", {}),
+         "rnn_relu": ("RNNCell", {"nonlinearity": "relu"})}
+DTYPES = {"f32": torch.float32, "f64": torch.float64}
+TOL = {torch.float32: {"rtol": 1e-4, "atol": 1e-5}, torch.float64: {"rtol": 1e-9, "atol": 1e-10}}
+
+
+def _pair(cell: str, input_size: int, hidden: int, dtype: torch.dtype, backend: str | None, bias: bool = True):
+    kind, kwargs = KINDS[cell]
+    torch.manual_seed(0)
+    ref = getattr(torch.nn, kind)(input_size, hidden, bias=bias, dtype=dtype, **kwargs)
+    ours = getattr(seqfast, kind)(input_size, hidden, bias=bias, dtype=dtype, backend=backend, **kwargs)
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+def _outputs(out) -> tuple[torch.Tensor, ...]:
+    return out if isinstance(out, tuple) else (out,)
+
+
+def _run(module, x, hx):
+    """The outputs and the gradients of x, every hx tensor and every parameter, of a weighted sum of the outputs."""
+    for p in module.parameters():
+        p.grad = None
+    x = x.detach().requires_grad_()
+    hx = None if hx is None else tuple(h.detach().requires_grad_() for h in hx)
+    given = None if hx is None else (hx if len(hx) > 1 else hx[0])
+    outs = _outputs(module(x, given))
+    loss = sum((i + 1.5) * o.sin().sum() for i, o in enumerate(outs))
+    loss.backward()
+    grads = [x.grad, *(() if hx is None else (h.grad for h in hx)), *(p.grad for p in module.parameters())]
+    return [o.detach() for o in outs], grads
+
+
+@pytest.mark.parametrize("hx_given", [False, True], ids=["hx-none", "hx"])
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "unbatched"])
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("cell", list(KINDS))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_step_matches_torch_nn_values_and_gradients(backend, cell, dtype, batched, hx_given):
+    if backend == "triton" and (dtype == torch.float64 or not batched):
+        pytest.skip("the interpreter is slow: one dtype, batched")
+    ref, ours = _pair(cell, 3, 5, dtype, backend)
+    gen = torch.Generator().manual_seed(1)
+    lead = (2,) if batched else ()
+    x = torch.randn(*lead, 3, generator=gen, dtype=dtype)
+    n_states = 2 if cell == "lstm" else 1
+    hx = tuple(torch.randn(*lead, 5, generator=gen, dtype=dtype) for _ in range(n_states)) if hx_given else None
+    want_out, want_grads = _run(ref, x, hx)
+    got_out, got_grads = _run(ours, x, hx)
+    for w, g in zip(want_out, got_out, strict=True):
+        torch.testing.assert_close(g, w, **TOL[dtype])
+    for i, (w, g) in enumerate(zip(want_grads, got_grads, strict=True)):
+        torch.testing.assert_close(g, w, **TOL[dtype], msg=lambda m, i=i: f"gradient {i}: {m}")
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_relu"])
+@pytest.mark.parametrize("backend", [backend_param("numba"), backend_param("native")])
+def test_step_without_bias_matches_torch_nn(backend, cell):
+    ref, ours = _pair(cell, 4, 3, torch.float64, backend, bias=False)
+    x = torch.randn(2, 4, dtype=torch.float64)
+    want, want_grads = _run(ref, x, None)
+    got, got_grads = _run(ours, x, None)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_grads, want_grads)
+
+
+@pytest.mark.parametrize("cell", list(KINDS))
+@pytest.mark.parametrize("backend", [backend_param("numba")])
+def test_numba_step_passes_gradcheck(backend, cell):
+    _, ours = _pair(cell, 3, 4, torch.float64, backend)
+    names = [n for n, _ in ours.named_parameters()]
+    n_states = 2 if cell == "lstm" else 1
+    gen = torch.Generator().manual_seed(2)
+    inputs = [torch.randn(2, 3, generator=gen, dtype=torch.float64, requires_grad=True),
+              *(torch.randn(2, 4, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(n_states)),
+              *(p.detach().clone().requires_grad_() for p in ours.parameters())]
+
+    def step(x, *rest):
+        states, params = rest[:n_states], rest[n_states:]
+        return _outputs(torch.func.functional_call(ours, dict(zip(names, params, strict=True)),
+                                                   (x, states if n_states > 1 else states[0])))
+
+    assert torch.autograd.gradcheck(step, inputs)
+
+
+@pytest.mark.parametrize("backend", [backend_param("numba"), backend_param("native"), backend_param("torch")])
+def test_step_reads_weights_changed_in_place_or_reassigned(backend):
+    # weight_hh of an RNNCell is [H, H]: its transpose has the same memory, shape and dtype, only the strides differ
+    ref, ours = _pair("rnn_tanh", 4, 4, torch.float32, backend)
+    x = torch.randn(3, 4)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            torch.testing.assert_close(ours(x), ref(x))  # the weights' views are made (and kept) here
+            for module in (ref, ours):
+                module.weight_hh.data = module.weight_hh.data.t()
+            torch.testing.assert_close(ours(x), ref(x), msg="after weight_hh.data = weight_hh.data.t()")
+            with torch.no_grad():
+                for module in (ref, ours):
+                    module.weight_ih.mul_(-0.5)
+                    module.bias_hh.add_(0.25)
+            torch.testing.assert_close(ours(x), ref(x), msg="after in-place updates")
+    ref.double()
+    ours.double()
+    torch.testing.assert_close(ours(x.double()), ref(x.double()), msg="after .double()")
+
+
+def test_a_backend_without_its_own_step_runs_its_scan_with_one_step():
+    class ScanOnly(Backend):
+        name = "scan_only"
+        calls = 0
+
+        def scan(self, cell: CellSpec, x_proj, state0, weights, lengths, reverse):
+            ScanOnly.calls += 1
+            assert x_proj.shape[0] == 1
+            return get_backend("torch").scan(cell, x_proj, state0, weights, lengths, reverse)
+
+    seqfast.register_backend(ScanOnly())
+    try:
+        ref, ours = _pair("gru", 3, 4, torch.float64, "scan_only")
+        x = torch.randn(2, 3, dtype=torch.float64)
+        want, want_grads = _run(ref, x, None)
+        got, got_grads = _run(ours, x, None)
+    finally:
+        registry.backends.pop("scan_only")
+        registry.generation += 1
+    assert ScanOnly.calls == 1
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_grads, want_grads)
+
+
+@pytest.mark.parametrize("backend", [backend_param("numba"), backend_param("torch")])
+def test_recurrent_cell_of_a_staged_cell_matches_its_sequence_module(backend):
+    # a cell without one-step kernels (stages) takes the backend's default step: one scan step
+    torch.manual_seed(0)
+    cell = seqfast.RecurrentCell("gru_reset_before", 3, 4, dtype=torch.float64, backend=backend)
+    seq = seqfast.Recurrent("gru_reset_before", 3, 4, dtype=torch.float64, backend="torch")
+    seq.load_state_dict({f"{k}_l0": v for k, v in cell.state_dict().items()})
+    x = torch.randn(2, 3, dtype=torch.float64)
+    h = torch.randn(2, 4, dtype=torch.float64)
+    torch.testing.assert_close(cell(x, h), seq(x.unsqueeze(0), h.unsqueeze(0))[1][0])
+
+
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["inference", "training"])
+def test_auto_steps_built_in_cells_on_torch_nns_cell_kernels(requires_grad):
+    # the sequence modules' auto takes numba for GRU at every shape; a single step goes to _VF.gru_cell
+    for cell in ("gru", "lstm", "rnn_tanh"):
+        chosen = seqfast.current_backend(cell, batch_size=1, hidden_size=32, input_size=32, seq_len=1,
+                                         requires_grad=requires_grad, level="step")
+        assert chosen == "native", cell
+
+
+def test_cells_call_backend_step_not_the_scan():
+    class Stepper(Backend):
+        name = "stepper"
+        steps = 0
+
+        def scan(self, cell, x_proj, state0, weights, lengths, reverse):
+            raise AssertionError("a cell's step ran the scan")
+
+        def step(self, cell, x, state, params, names):
+            Stepper.steps += 1
+            return get_backend("torch").step(cell, x, state, params, names)
+
+    seqfast.register_backend(Stepper())
+    try:
+        ref, ours = _pair("lstm", 3, 4, torch.float64, "stepper")
+        x = torch.randn(2, 3, dtype=torch.float64)
+        torch.testing.assert_close(ours(x), ref(x))
+    finally:
+        registry.backends.pop("stepper")
+        registry.generation += 1
+    assert Stepper.steps == 1
+
+
+@pytest.mark.parametrize("backend", [backend_param("numba")])
+def test_numba_trains_a_step_as_one_autograd_node(backend):
+    _, ours = _pair("lstm", 3, 4, torch.float32, backend)
+    h, c = ours(torch.randn(2, 3))
+    assert h.grad_fn is c.grad_fn and type(h.grad_fn).__name__ == "_StepBackward"
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_step_sequence_modules_match_torch_nn(backend, kind):
+    torch.manual_seed(0)
+    ref = getattr(torch.nn, kind)(3, 4)
+    ours = getattr(seqfast, kind)(3, 4, backend=backend)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(1, 2, 3, requires_grad=True)
+    (want, _), (got, _) = ref(x), ours(x)
+    torch.testing.assert_close(got, want)
+    want_grad = torch.autograd.grad(want.sum(), x)[0]
+    torch.testing.assert_close(torch.autograd.grad(got.sum(), x)[0], want_grad)
+
+
+def test_bench_step_loop_times_the_cells_against_torch_nns():
+    from seqfast.bench import TORCH_NN, measure_case
+
+    results = measure_case("gru", ["native", "torch"], (3, 2, 4, 5), "training", repeats=2, min_repeats=1,
+                           max_seconds=0.1, seed=0, step_loop=True)
+    by_backend = {m.backend: m for m in results}
+    assert by_backend[TORCH_NN].ok and by_backend["native"].ok and by_backend["torch"].ok
+    assert by_backend["native"].max_abs_diff < 1e-5 and by_backend["torch"].max_abs_diff < 1e-5
