@@ -101,8 +101,7 @@ class MelodyModel(nn.Module):
         self.head = nn.Linear(hidden_size, vocab)
 
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor | None = None, state=None):
-        out, state = self.lstm(self.embed(ids), state, lengths=lengths) if lengths is not None else \
-            self.lstm(self.embed(ids), state)
+        out, state = self.lstm(self.embed(ids), state, lengths=lengths)  # zeros past each melody's length
         return self.head(self.drop(out)), state
 
 
