@@ -1,5 +1,5 @@
 """The `seqfast` command: `seqfast info` (what can run here, and why not), `seqfast tune` (calibrate `auto` for a
-grid of shapes) and `seqfast bench`."""
+grid of shapes), `seqfast bench` and `seqfast demo` (applications trained on real data)."""
 
 from __future__ import annotations
 
@@ -209,6 +209,39 @@ def tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", nargs="?", help="the demo to run (see --list)")
+    parser.add_argument("--list", action="store_true", help="list the demos and exit")
+    parser.add_argument("--backend", default="auto", help="seqfast backend for the recurrent layers (default: auto)")
+    parser.add_argument("--quick", action="store_true", help="a seconds-long run on a small part of the data")
+    parser.add_argument("--out", default=".", help="folder for the plot and other files (default: .)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def demo(args: argparse.Namespace) -> int:
+    """`seqfast demo NAME`: train, evaluate against the baselines, print the figures, write the plot."""
+    from . import demos
+
+    if args.list or args.name is None:
+        width = max(map(len, demos.DEMOS)) + 2
+        for spec in demos.DEMOS.values():
+            missing = spec.missing()
+            print(f"{spec.name:<{width}}{spec.summary}"
+                  + (f"  [needs: pip install 'seqfast[{spec.extra}]']" if missing else ""))
+        return 0 if args.list else 2
+    options = demos.DemoOptions(backend=args.backend, quick=args.quick, out=args.out, seed=args.seed,
+                                progress=not args.no_progress, threads=args.threads)
+    try:
+        demos.prepare(args.name, options)
+    except (demos.MissingDependencyError, ValueError) as exc:
+        print(f"seqfast demo: {exc}", file=sys.stderr)
+        return 2
+    demos.run_demo(args.name, options)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="seqfast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -216,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     info.add_argument("--json", action="store_true", help="print machine-readable JSON")
     tune_parser = sub.add_parser("tune", help="calibrate auto: time the candidate backends for a grid of shapes")
     add_tune_arguments(tune_parser)
+    demo_parser = sub.add_parser("demo", help="train a model on real data and compare it with baselines (--list)")
+    add_demo_arguments(demo_parser)
     bench = sub.add_parser("bench", help="time every available backend against torch.nn")
     from . import bench as bench_module
 
@@ -231,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "tune":
         return tune(args)
+    if args.command == "demo":
+        return demo(args)
     return bench_module.run(args)
 
 
