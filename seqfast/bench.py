@@ -472,8 +472,8 @@ def _print_onnx_summary(console: Any, results: list[Measurement], backends: list
         if ratios:
             low = min(ratios, key=lambda m: m.vs_onnxruntime)
             high = max(ratios, key=lambda m: m.vs_onnxruntime)
-            console.print(f"{name} vs {ONNXRUNTIME} (×>1 is faster): ×{low.vs_onnxruntime:.2f} "
-                          f"({low.cell} {shape_label(low.shape)}) to ×{high.vs_onnxruntime:.2f} "
+            console.print(f"{name} vs {ONNXRUNTIME} (×>1 is faster): ×{low.vs_onnxruntime:.3g} "
+                          f"({low.cell} {shape_label(low.shape)}) to ×{high.vs_onnxruntime:.3g} "
                           f"({high.cell} {shape_label(high.shape)})", highlight=False)
 
 
