@@ -8,6 +8,10 @@ against one seqfast.RecurrentCell per backend, stepped T times in a Python loop 
 step's output as the result. Backends and cells come from the registry, so new and plugin ones appear by
 themselves; a combination the registry turns down is listed with its reasons instead of being run.
 
+For inference, ONNX Runtime (what RNNs are commonly deployed with on CPU) is one more column: torch.nn's module
+exported with torch.onnx.export, run by onnxruntime.InferenceSession at torch's thread count, and checked against
+torch.nn's output before it is timed. Without onnxruntime (or the exporter's packages) the column says why.
+
 rich and matplotlib are imported only when the command runs: `seqfast info` imports this module too.
 Size: one command: its options, the interleaved timing, and the report of a run (table, JSON, plot).
 """
@@ -15,13 +19,16 @@ Size: one command: its options, the interleaved timing, and the report of a run 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -33,9 +40,11 @@ from .functional import BackendNotSupportedError, current_backend, explain
 from .nn import Recurrent, RecurrentCell
 from .registry import registry
 
-__all__ = ["GRIDS", "MODES", "TORCH_NN", "add_arguments", "run", "main", "parse_shapes"]
+__all__ = ["GRIDS", "MODES", "ONNXRUNTIME", "TORCH_NN", "add_arguments", "run", "main", "parse_shapes"]
 
 TORCH_NN = "torch.nn"
+ONNXRUNTIME = "onnxruntime"
+ONNX_ATOL = 1e-5  # ONNX Runtime's output must match torch.nn's this closely before it is timed
 MODES = ("inference", "training")
 Shape = tuple[int, int, int, int]  # (T, B, I, H): steps, batch, input size, hidden size
 
@@ -98,6 +107,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE",
                         help="write the results as JSON to FILE (or stdout with --json alone or --json -)")
     parser.add_argument("--plot", default=None, metavar="FILE.png", help="speed-up vs torch.nn per shape, a PNG")
+    parser.add_argument("--no-onnxruntime", action="store_true",
+                        help="leave out the ONNX Runtime column (it is timed for inference when installed)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -114,6 +125,7 @@ class Measurement:
     times_s: list[float] = field(default_factory=list)
     first_call_s: float | None = None
     speedup: float | None = None  # torch.nn median / this median; > 1 is faster than torch.nn
+    vs_onnxruntime: float | None = None  # ONNX Runtime median / this median; > 1 is faster than ONNX Runtime
     max_abs_diff: float | None = None  # of the output, against torch.nn's (or the first backend's) output
     reason: str | None = None  # not run: the registry's reasons
     error: str | None = None  # ran and raised
@@ -184,6 +196,62 @@ def _step_fn(model: torch.nn.Module, x: torch.Tensor, training: bool) -> Callabl
     return train if training else inference
 
 
+class OnnxUnavailable(Exception):
+    """ONNX Runtime cannot be timed here; the message is the reason shown in the report."""
+
+
+def _export_onnx(model: torch.nn.Module, x: torch.Tensor, path: str) -> None:
+    """torch.onnx.export: the TorchScript exporter first (it emits ONNX's fused LSTM/GRU/RNN ops, as deployed
+    models have them, and needs no extra package); the dynamo exporter (needs onnxscript) where it is gone."""
+    errors = []
+    for dynamo in (False, True):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the exporters' deprecation and tracer notes
+                options = {"dynamo": dynamo, "verbose": False} if dynamo else {"dynamo": False}
+                torch.onnx.export(model, (x,), path, input_names=["input"], **options)
+            return
+        except ImportError as exc:
+            errors.append(f"{'dynamo' if dynamo else 'TorchScript'} exporter needs {exc.name or exc} "
+                          "(pip install onnx onnxscript)")
+        except Exception as exc:  # the exporter's own failure: reported as the reason, with both attempts
+            errors.append(f"{'dynamo' if dynamo else 'TorchScript'} exporter: {type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else ''}")
+    raise OnnxUnavailable("torch.onnx.export failed: " + "; ".join(errors))
+
+
+def onnxruntime_step_fn(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """Inference of torch.nn's `model` on `x` by ONNX Runtime at torch's thread count, checked against torch.nn.
+
+    Raises OnnxUnavailable (the reason) when onnxruntime is not installed or the export fails, and
+    AssertionError when ONNX Runtime's output differs from torch.nn's by more than ONNX_ATOL.
+    """
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise OnnxUnavailable(f"onnxruntime is not installed (pip install onnxruntime onnx onnxscript): {exc}") from exc
+    model = model.eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.onnx")
+        _export_onnx(model, x, path)
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    feed = {session.get_inputs()[0].name: x.numpy()}
+    output_name = session.get_outputs()[0].name
+
+    def inference() -> torch.Tensor:
+        return torch.from_numpy(session.run([output_name], feed)[0])
+
+    with torch.no_grad():
+        expected = model(x)[0]
+    diff = float((inference() - expected).abs().max())
+    if not diff <= ONNX_ATOL:
+        raise AssertionError(f"ONNX Runtime's output differs from {TORCH_NN}'s by {diff:.2e} (> {ONNX_ATOL:g})")
+    return inference
+
+
 def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     start = time.perf_counter()
     result = fn()
@@ -208,9 +276,10 @@ def auto_choice(cell: str, shape: Shape, training: bool, step_loop: bool = False
 
 def measure_case(cell: str, backends: Sequence[str], shape: Shape, mode: str, *, repeats: int, min_repeats: int,
                  max_seconds: float, seed: int, on_step: Callable[[str], None] | None = None,
-                 step_loop: bool = False) -> list[Measurement]:
-    """Time torch.nn and every backend on one (cell, shape, mode); interleaved rounds, medians. step_loop: the
-    cells, stepped T times in a Python loop, instead of the sequence modules."""
+                 step_loop: bool = False, onnx: bool = True) -> list[Measurement]:
+    """Time torch.nn, ONNX Runtime (if `onnx`, inference of the sequence modules) and every backend on one (cell,
+    shape, mode); interleaved rounds, medians. step_loop: the cells, stepped T times in a Python loop, instead of
+    the sequence modules."""
     training = mode == "training"
     steps, batch, inputs, hidden = shape
     reasons = explain(cell, device="cpu", **_query_fields(shape, training, step_loop))
@@ -227,6 +296,23 @@ def measure_case(cell: str, backends: Sequence[str], shape: Shape, mode: str, *,
         m = Measurement(cell, TORCH_NN, mode, shape)
         results.append(m)
         candidates.append((m, _step_fn(_step_loop(reference) if step_loop else reference, x, training)))
+    if onnx and not step_loop:
+        m = Measurement(cell, ONNXRUNTIME, mode, shape)
+        results.append(m)
+        if training:
+            m.reason = "ONNX Runtime is timed for inference only"
+        elif reference is None:
+            m.reason = f"nothing to export: torch.nn has no module for cell {cell!r}"
+        else:
+            if on_step:
+                on_step(f"{ONNXRUNTIME} export")
+            try:
+                # a copy: the export must not touch the module torch.nn is timed with
+                candidates.append((m, onnxruntime_step_fn(copy.deepcopy(reference), x)))
+            except OnnxUnavailable as exc:
+                m.reason = str(exc)
+            except Exception as exc:  # a wrong result or an ONNX Runtime failure: an error in the report
+                m.error = f"{type(exc).__name__}: {exc}"
     for name in backends:
         m = Measurement(cell, name, mode, shape)
         results.append(m)
@@ -282,9 +368,12 @@ def measure_case(cell: str, backends: Sequence[str], shape: Shape, mode: str, *,
     for m, _, _ in live:
         m.median_s = statistics.median(m.times_s)
     base = results[0].median_s if results[0].backend == TORCH_NN else None
+    onnx_base = next((m.median_s for m in results if m.backend == ONNXRUNTIME), None)
     for m in results:
         if base and m.median_s:
             m.speedup = base / m.median_s
+        if onnx_base and m.median_s:
+            m.vs_onnxruntime = onnx_base / m.median_s
     return results
 
 
@@ -342,7 +431,7 @@ def build_report(args: argparse.Namespace, results: list[Measurement], auto: lis
         "settings": {"cells": args.cells, "backends": args.backends, "modes": args.modes, "grid": args.grid,
                      "shapes": [list(s) for s in shapes], "repeats": args.repeats, "min_repeats": args.min_repeats,
                      "max_seconds": args.max_seconds, "seed": args.seed,
-                     "step_loop": getattr(args, "step_loop", False)},
+                     "step_loop": getattr(args, "step_loop", False), "onnxruntime": not args.no_onnxruntime},
         "results": rows,
         "auto": auto,
         "wall_seconds": round(wall_s, 3),
@@ -352,7 +441,7 @@ def build_report(args: argparse.Namespace, results: list[Measurement], auto: lis
 def print_report(console: Any, report: dict[str, Any], results: list[Measurement], backends: list[str]) -> None:
     from rich.table import Table
 
-    names = [TORCH_NN, *backends]
+    names = [*_baselines(results), *backends]
     by_key = {(m.cell, m.mode, m.shape, m.backend): m for m in results}
     auto = {(a["cell"], a["mode"], tuple(a["shape"])): a["backend"] for a in report["auto"]}
     table = Table(title="median time per call (speed-up vs torch.nn: ×>1 is faster)", title_justify="left")
@@ -380,6 +469,7 @@ def print_report(console: Any, report: dict[str, Any], results: list[Measurement
             row.append(text)
         table.add_row(*row)
     console.print(table)
+    _print_onnx_summary(console, results, backends)
 
     # not run: one line per backend and reason, naming the cells (and modes, shapes) it applies to
     groups: dict[tuple[str, str], dict[str, set[tuple[str, Shape]]]] = {}
@@ -409,6 +499,23 @@ def print_report(console: Any, report: dict[str, Any], results: list[Measurement
     for m in diffs:
         console.print(f"[yellow]warning:[/] {m.backend} × {m.cell} {shape_label(m.shape)} ({m.mode}): output differs "
                       f"from {TORCH_NN} by {m.max_abs_diff:.2e}", highlight=False)
+
+
+def _baselines(results: list[Measurement]) -> list[str]:
+    """torch.nn, and ONNX Runtime when its column was asked for."""
+    return [TORCH_NN, *([ONNXRUNTIME] if any(m.backend == ONNXRUNTIME for m in results) else [])]
+
+
+def _print_onnx_summary(console: Any, results: list[Measurement], backends: list[str]) -> None:
+    """Per backend, its slowest and fastest case against ONNX Runtime (inference)."""
+    for name in backends:
+        ratios = [m for m in results if m.backend == name and m.vs_onnxruntime is not None]
+        if ratios:
+            low = min(ratios, key=lambda m: m.vs_onnxruntime)
+            high = max(ratios, key=lambda m: m.vs_onnxruntime)
+            console.print(f"{name} vs {ONNXRUNTIME} (×>1 is faster): ×{low.vs_onnxruntime:.3g} "
+                          f"({low.cell} {shape_label(low.shape)}) to ×{high.vs_onnxruntime:.3g} "
+                          f"({high.cell} {shape_label(high.shape)})", highlight=False)
 
 
 def _describe_scope(where: frozenset, every: set) -> str:
@@ -514,7 +621,8 @@ def run(args: argparse.Namespace) -> int:
                   highlight=False)
     console.print(f"{env['processor']}, {env['cpu_count']} CPUs; torch threads: {env['torch_threads']} "
                   f"(interop {env['torch_interop_threads']}, torch defaults{extra})", highlight=False)
-    console.print(f"cells: {', '.join(cells)}; backends: {', '.join(backends)} vs {TORCH_NN}; modes: "
+    versus = TORCH_NN if args.no_onnxruntime else f"{TORCH_NN} and {ONNXRUNTIME} (inference)"
+    console.print(f"cells: {', '.join(cells)}; backends: {', '.join(backends)} vs {versus}; modes: "
                   f"{', '.join(modes)}; {len(shapes)} shapes (T B I H); up to {args.repeats} interleaved calls "
                   f"each, at most ~{args.max_seconds:g} s per candidate", highlight=False)
 
@@ -533,7 +641,7 @@ def run(args: argparse.Namespace) -> int:
                          "backend": auto_choice(cell, shape, mode == "training", args.step_loop)})
             results += measure_case(
                 cell, backends, shape, mode, repeats=args.repeats, min_repeats=args.min_repeats,
-                max_seconds=args.max_seconds, seed=args.seed,
+                max_seconds=args.max_seconds, seed=args.seed, onnx=not args.no_onnxruntime,
                 on_step=lambda name, label=label: progress.update(task, description=f"{label}: {name}"),
                 step_loop=args.step_loop)
             progress.advance(task)
@@ -543,7 +651,7 @@ def run(args: argparse.Namespace) -> int:
     print_report(console, report, results, backends)
     console.print(f"\n{len(cases)} cases in {wall:.1f} s", highlight=False)
     if args.plot:
-        plot_report(results, backends, shapes, args.plot)
+        plot_report(results, [*_baselines(results)[1:], *backends], shapes, args.plot)
         console.print(f"plot: {args.plot}", highlight=False)
     if args.json:
         text = json.dumps(report, indent=2)

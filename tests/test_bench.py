@@ -30,7 +30,7 @@ def check_entries(report: dict, cells: list[str], backends: list[str], modes: li
         shape = (row["shape"]["T"], row["shape"]["B"], row["shape"]["I"], row["shape"]["H"])
         seen[(row["cell"], row["backend"], row["mode"], shape)] = row
     for cell in cells:
-        for backend in [bench.TORCH_NN, *backends]:
+        for backend in [bench.TORCH_NN, bench.ONNXRUNTIME, *backends]:
             for mode in modes:
                 for shape in shapes:
                     row = seen.pop((cell, backend, mode, shape))

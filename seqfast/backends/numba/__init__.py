@@ -309,6 +309,7 @@ def _onednn_linear():
 
 _NO_X = {name: np.zeros((1, 1, 1), dtype=name) for name in ("float32", "float64")}  # x_proj not read
 _NO_SAVED = {name: np.empty((0, 0, 0, 0), dtype=name) for name in ("float32", "float64")}  # inference's saved_st
+_NO_PRODUCTS = {name: np.empty((0, 0, 0), dtype=name) for name in ("float32", "float64")}  # the kernel's own hg
 
 # numpy views of weight tensors, by id(tensor): the same memory, so in-place updates (optimizer steps, .data
 # writes) show through; a weight whose layout changed (moved, or a .data assignment giving the same memory another
@@ -520,9 +521,9 @@ class NumbaBackend(FusedBackend):
         saved = [_new(s, dtype, shared) for s in self.saved_shapes(cell, steps, batch, plan.hidden)] \
             if need_saved else []
         if batch > 0:
-            # the per-step products: saved for the backward (dense), else one reused [1, B, G*H] buffer (which
-            # threads accumulate their rows' GEMM into many times a step: aligned when shared)
-            hg = saved[1][1] if len(saved) > 1 else _new((1, batch, width), dtype, shared)[1]
+            # the per-step products: saved for the backward (dense), else a reused [1, B, G*H] scratch buffer
+            # that the kernel allocates per thread
+            hg = saved[1][1] if len(saved) > 1 else _NO_PRODUCTS[plan.dtype_name]
             args = (x_np, *arrays, *init, *(s[1] for s in states), lens, bool(reverse), out[1], hg,
                     saved[0][1] if saved else _NO_SAVED[plan.dtype_name], bool(need_saved),
                     bool(need_saved) and preactivation_only(cell), plan.forward_nn)

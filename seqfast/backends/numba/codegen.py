@@ -165,7 +165,8 @@ _HEADER = '''\
 # Kernels: forward / backward scans over x [T, B, G*H] (gate g of unit j at column g*H + j), states [B, H] each,
 # recurrent products hg [K, B, G*H] (h W_hh^T, no bias). Saved for backward, all indexed by loop step k (not time
 # t: a reversed row with a length runs t = L-1-k): saved_st [S, T, B, H], every state before each step (zero at
-# padding steps), and, for a dense recurrence, hg with K = T (inference passes K = 1, reused every step). The
+# padding steps), and, for a dense recurrence, hg with K = T (inference passes none: the kernel's own
+# [1, B, G*H] scratch, reused every step). The
 # backward gets hgd [T, B, G*H] = those products (the saved ones, or for diagonal / no recurrence recomputed
 # elementwise), and overwrites each (k, b) row with its gradient d_hg once read, so the weight gradient is one
 # GEMM over all steps afterwards and the recurrent GEMM is never run twice. With save_preact / preact (cells that
@@ -411,6 +412,9 @@ def _forward_kernel(lay: _Layout) -> str:
     a("    one = _F(1.0)")
     a("    zero = _F(0.0)")
     a(f"    buf = np.zeros(({rows}, {CHUNK}), dtype=_F)")
+    # products nobody reads after the step (inference) live in this thread's own scratch; the caller passes none
+    a("    if hg.shape[0] == 0:")
+    a("        hg = np.empty((1, x.shape[1], x.shape[2]), dtype=_F)")
     # explicit loops, not slice assignment: numba's broadcasting assignment costs seconds of cold compile
     a("    for b in range(b_lo, b_hi):")
     a("        for j in range(H):")
