@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ..registry import Backend, CellSpec, Weights, get_cell
-from .reference import TorchBackend
+from .reference import TorchBackend, reverse_within_lengths
 
 
 class FusedBackend(Backend):
@@ -33,6 +33,17 @@ class FusedBackend(Backend):
     # forward()/backward() take x_bias (the input projection's bias, added as the kernel reads x_proj, its gradient
     # summed there too) and state0=None in training: layer() then runs the projection inside one autograd node
     fuses_input_bias = False
+    # per-step states come from what forward saves for the backward (saved[saved_states_at]: every state before
+    # each step, [S, T, B, H], indexed by loop step k ("loop_step"; a reversed row of length L runs t = L-1-k) or
+    # by time ("time")); their gradients the kernels do not take, so only in inference
+    inference_only_options = frozenset({"return_states"})
+    saved_states_at: int = 0
+    saved_states_by: str = "loop_step"
+    declined_options = {
+        "return_states": "the backward kernels take no gradient of the per-step states (c_t)",
+        "recurrent_dropout": "the fused kernels apply no per-sequence mask to the h of the recurrent product",
+        "zoneout": "the fused kernels have no per-step mask to keep previous states",
+    }
 
     # --- what a subclass implements ---------------------------------------------------------------------------
     def forward(self, cell: CellSpec, x_proj: Tensor, state0: list[Tensor], weights: list[Tensor | None],
@@ -124,6 +135,32 @@ class FusedBackend(Backend):
         wlist = [x_proj.new_empty(0) if w is None else w for w in wlist]
         result = _ops_for(self)[0](cell.name, x_proj, list(state0), wlist, lengths, bool(reverse), need_saved)
         return result[0], tuple(result[1 : 1 + cell.num_states])
+
+
+    def scan_states(self, cell: CellSpec, x_proj: Tensor, state0: tuple[Tensor, ...], weights: Weights,
+                    lengths: Tensor | None, reverse: bool) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...]]:
+        """Backend.scan_states (inference): the states forward saves by loop step k (before the step; zero at
+        padding steps), turned into the state after each time step."""
+        names = cell.recurrent_param_names(proj=False)
+        wlist = [weights.get(n) for n in names]
+        out, final, saved = self.forward(cell, x_proj, list(state0), wlist, lengths, reverse, True)
+        before = saved[self.saved_states_at]  # [S, T, B, H]
+        steps = before.shape[1]
+        k = torch.arange(steps, device=x_proj.device).view(steps, 1, 1)
+        lens = torch.full((x_proj.shape[1],), steps, device=x_proj.device) if lengths is None \
+            else lengths.to(x_proj.device)
+        lens = lens.view(1, -1, 1)
+        states = []
+        by_time_reversed = reverse and self.saved_states_by == "time"
+        for i, f in enumerate(final):
+            if by_time_reversed:  # after time t comes the state before t - 1; t = 0 is the walk's last step
+                after = torch.cat([f.unsqueeze(0), before[i, :-1]])
+            else:  # after step k comes the state before k + 1; a sequence's last step: its final state
+                after = torch.cat([before[i, 1:], torch.zeros_like(before[i, :1])])
+                after = torch.where(k == lens - 1, f.unsqueeze(0), after)
+            after = torch.where(k < lens, after, torch.zeros((), dtype=after.dtype, device=after.device))
+            states.append(reverse_within_lengths(after, lengths) if reverse and not by_time_reversed else after)
+        return out, tuple(final), tuple(states)
 
 
 class _EagerScan(torch.autograd.Function):
