@@ -20,7 +20,8 @@ import torch
 from torch import Tensor
 
 from ..registry import Backend, CellSpec, Weights, get_cell
-from .reference import TorchBackend, reverse_within_lengths
+from .reference import TorchBackend
+from .states import states_after_steps
 
 
 class FusedBackend(Backend):
@@ -139,28 +140,11 @@ class FusedBackend(Backend):
 
     def scan_states(self, cell: CellSpec, x_proj: Tensor, state0: tuple[Tensor, ...], weights: Weights,
                     lengths: Tensor | None, reverse: bool) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...]]:
-        """Backend.scan_states (inference): the states forward saves by loop step k (before the step; zero at
-        padding steps), turned into the state after each time step."""
-        names = cell.recurrent_param_names(proj=False)
-        wlist = [weights.get(n) for n in names]
+        """Backend.scan_states (inference), from the states forward saves for the backward."""
+        wlist = [weights.get(n) for n in cell.recurrent_param_names(proj=False)]
         out, final, saved = self.forward(cell, x_proj, list(state0), wlist, lengths, reverse, True)
-        before = saved[self.saved_states_at]  # [S, T, B, H]
-        steps = before.shape[1]
-        k = torch.arange(steps, device=x_proj.device).view(steps, 1, 1)
-        lens = torch.full((x_proj.shape[1],), steps, device=x_proj.device) if lengths is None \
-            else lengths.to(x_proj.device)
-        lens = lens.view(1, -1, 1)
-        states = []
-        by_time_reversed = reverse and self.saved_states_by == "time"
-        for i, f in enumerate(final):
-            if by_time_reversed:  # after time t comes the state before t - 1; t = 0 is the walk's last step
-                after = torch.cat([f.unsqueeze(0), before[i, :-1]])
-            else:  # after step k comes the state before k + 1; a sequence's last step: its final state
-                after = torch.cat([before[i, 1:], torch.zeros_like(before[i, :1])])
-                after = torch.where(k == lens - 1, f.unsqueeze(0), after)
-            after = torch.where(k < lens, after, torch.zeros((), dtype=after.dtype, device=after.device))
-            states.append(reverse_within_lengths(after, lengths) if reverse and not by_time_reversed else after)
-        return out, tuple(final), tuple(states)
+        states = states_after_steps(saved[self.saved_states_at], final, lengths, reverse, self.saved_states_by)
+        return out, tuple(final), states
 
 
 class _EagerScan(torch.autograd.Function):
