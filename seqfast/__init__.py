@@ -13,7 +13,7 @@ from .functional import (
     scan,
     select_backend,
 )
-from .nn import GRU, LSTM, RNN, GRUCell, LSTMCell, Recurrent, RecurrentCell, RNNCell
+from .nn import GRU, LSTM, RNN, GRUCell, LSTMCell, Recurrent, RecurrentCell, RNNCell, Stateful
 from .registry import (
     Backend,
     CellSpec,
@@ -41,6 +41,7 @@ __all__ = [
     "GRUCell",
     "Recurrent",
     "RecurrentCell",
+    "Stateful",
     "scan",
     "use_backend",
     "available_backends",

@@ -55,6 +55,10 @@ __all__ = [
 ]
 
 
+# options the modules implement around any backend's single-layer scan (merging directions, masking inputs)
+MODULE_OPTIONS = frozenset({"merge_mode", "input_dropout"})
+
+
 class Backend:
     """Machinery that runs cells over time. Subclasses declare support as class attributes.
 
@@ -76,6 +80,12 @@ class Backend:
     supports_proj: bool = True
     max_hidden_size: int | None = None
     priority: int = 0  # auto prefers higher, unless auto_rank says otherwise
+    # module options (Query.options) this backend's scan honours; MODULE_OPTIONS come with any scan, the module
+    # doing them around it. Others are declined with declined_options' reason; inference_only_options are
+    # honoured without requires_grad only.
+    options: frozenset[str] = frozenset()
+    inference_only_options: frozenset[str] = frozenset()
+    declined_options: dict[str, str] = {}
 
     # --- availability -------------------------------------------------------------------------------------
     def unavailable_reason(self) -> str | None:
@@ -115,7 +125,27 @@ class Backend:
             reasons.append(f"hidden_size {query.hidden_size} > max {self.max_hidden_size}")
         if query.level == "scan" and not self.has_scan():
             reasons.append("runs whole modules only (no single-layer scan)")
+        if query.options:
+            reasons.extend(self.option_reasons(query))
         reasons.extend(self.extra_reasons(query))
+        return reasons
+
+    def option_reasons(self, query: Query) -> list[str]:
+        """Why this backend cannot honour the module options query.options asks for (derived from the
+        declarations above)."""
+        reasons = []
+        for option in sorted(query.options):
+            if option in MODULE_OPTIONS and self.has_scan():
+                continue
+            if option not in self.options and option not in self.inference_only_options:
+                if option in MODULE_OPTIONS:
+                    why = "it runs whole modules only; the option needs the module's per-layer scans"
+                else:
+                    why = self.declined_options.get(option, "not implemented by this backend")
+                reasons.append(f"option {option!r} not supported: {why}")
+            elif query.requires_grad and option not in self.options:
+                why = self.declined_options.get(option, "its backward does not take the option into account")
+                reasons.append(f"option {option!r} cannot train (requires_grad) here: {why}")
         return reasons
 
     def extra_reasons(self, query: Query) -> list[str]:
@@ -161,6 +191,13 @@ class Backend:
         lengths: Tensor | None,
         reverse: bool,
     ) -> tuple[Tensor, tuple[Tensor, ...]]:
+        raise NotImplementedError
+
+    def scan_states(self, cell: CellSpec, x_proj: Tensor, state0: tuple[Tensor, ...], weights: Weights,
+                    lengths: Tensor | None, reverse: bool) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...]]:
+        """scan, also returning every step's state: one [T, B, *] tensor per state, the state after time step t
+        at index t (for reverse=True, after the reversed walk reached t), zeros past a sequence's length. What
+        Recurrent(...)(x, return_states=True) runs; backends that declare the "return_states" option implement it."""
         raise NotImplementedError
 
     def layer(self, cell: CellSpec, x: Tensor, weight_ih: Tensor, bias_ih: Tensor | None,

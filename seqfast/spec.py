@@ -203,6 +203,9 @@ class Query:
     # "module" (a whole stack, may use Backend.run_stack), "scan" (one layer-direction) or "step" (one step of one
     # layer: the cells, through Backend.step)
     level: str = "module"
+    # module options beyond torch.nn's that the run needs (see Backend.options): "return_states",
+    # "merge_mode", "input_dropout", "recurrent_dropout", "zoneout"
+    options: frozenset[str] = frozenset()
 
     def describe(self) -> str:
         parts = [f"cell={self.cell.name}", f"device={self.device}", f"dtype={str(self.dtype).replace('torch.', '')}"]
@@ -213,4 +216,6 @@ class Query:
         if self.proj_size:
             parts.append(f"proj_size={self.proj_size}")
         parts.append(f"requires_grad={self.requires_grad}")
+        if self.options:
+            parts.append(f"options={sorted(self.options)}")
         return ", ".join(parts)

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from ..registry import Backend, CellSpec, Weights, get_cell
 from .reference import TorchBackend
+from .states import states_after_steps
 
 
 class FusedBackend(Backend):
@@ -33,6 +34,17 @@ class FusedBackend(Backend):
     # forward()/backward() take x_bias (the input projection's bias, added as the kernel reads x_proj, its gradient
     # summed there too) and state0=None in training: layer() then runs the projection inside one autograd node
     fuses_input_bias = False
+    # per-step states come from what forward saves for the backward (saved[saved_states_at]: every state before
+    # each step, [S, T, B, H], indexed by loop step k ("loop_step"; a reversed row of length L runs t = L-1-k) or
+    # by time ("time")); their gradients the kernels do not take, so only in inference
+    inference_only_options = frozenset({"return_states"})
+    saved_states_at: int = 0
+    saved_states_by: str = "loop_step"
+    declined_options = {
+        "return_states": "the backward kernels take no gradient of the per-step states (c_t)",
+        "recurrent_dropout": "the fused kernels apply no per-sequence mask to the h of the recurrent product",
+        "zoneout": "the fused kernels have no per-step mask to keep previous states",
+    }
 
     # --- what a subclass implements ---------------------------------------------------------------------------
     def forward(self, cell: CellSpec, x_proj: Tensor, state0: list[Tensor], weights: list[Tensor | None],
@@ -124,6 +136,15 @@ class FusedBackend(Backend):
         wlist = [x_proj.new_empty(0) if w is None else w for w in wlist]
         result = _ops_for(self)[0](cell.name, x_proj, list(state0), wlist, lengths, bool(reverse), need_saved)
         return result[0], tuple(result[1 : 1 + cell.num_states])
+
+
+    def scan_states(self, cell: CellSpec, x_proj: Tensor, state0: tuple[Tensor, ...], weights: Weights,
+                    lengths: Tensor | None, reverse: bool) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...]]:
+        """Backend.scan_states (inference), from the states forward saves for the backward."""
+        wlist = [weights.get(n) for n in cell.recurrent_param_names(proj=False)]
+        out, final, saved = self.forward(cell, x_proj, list(state0), wlist, lengths, reverse, True)
+        states = states_after_steps(saved[self.saved_states_at], final, lengths, reverse, self.saved_states_by)
+        return out, tuple(final), states
 
 
 class _EagerScan(torch.autograd.Function):

@@ -23,10 +23,17 @@ class NativeBackend(Backend):
     devices = None
     dtypes = frozenset({torch.float32, torch.float64, torch.float16, torch.bfloat16})
     priority = 10
+    declined_options = {
+        "return_states": "torch.nn's fused kernels return only the final states (no per-step c_t)",
+        "recurrent_dropout": "torch.nn's fused kernels apply no mask to the recurrent input h",
+        "zoneout": "torch.nn's fused kernels have no per-step mask to keep previous states",
+    }
 
     def extra_reasons(self, query: Query) -> list[str]:
         if query.cell.native_mode not in _KERNELS:
             return [f"cell {query.cell.name!r} has no torch.nn fused kernel"]
+        if query.level == "step" and query.proj_size:
+            return ["torch.nn's cell kernels have no proj_size (weight_hr)"]
         return []
 
     def run_stack(self, cell: CellSpec, x: Tensor, lengths: Tensor | None, state0: tuple[Tensor, ...], params: list,

@@ -10,9 +10,20 @@ from torch import Tensor
 
 from ..spec import CellSpec, Weights
 
+# keys of the module options the torch backend passes in a step's Weights (see backends/reference.py)
+RECURRENT_MASK = "_recurrent_dropout_mask"
+RECURRENT_MASK_APPLIED = "_recurrent_dropout_mask_applied"
+ZONEOUT_MASKS = "_zoneout_masks"
+
 
 def recurrent_term(h: Tensor, w: Weights, num_gates: int, recurrence: str) -> Tensor:
-    """The recurrent pre-activations [B, G*H] of a cell: W_hh h + b_hh (dense), w_hh * h + b_hh (diagonal)."""
+    """The recurrent pre-activations [B, G*H] of a cell: W_hh h + b_hh (dense), w_hh * h + b_hh (diagonal).
+    With variational recurrent dropout (w[RECURRENT_MASK], a [B, H] scaled mask), h is masked here, in the
+    product only: the state the cell carries keeps the unmasked h."""
+    mask = w.get(RECURRENT_MASK)
+    if mask is not None:
+        h = h * mask
+        w[RECURRENT_MASK_APPLIED] = True
     if recurrence == "dense":
         return F.linear(h, w.weight_hh, w.bias_hh)
     if recurrence == "diagonal":

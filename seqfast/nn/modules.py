@@ -19,10 +19,11 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from .._memo import memo
+from ..cells.common import RECURRENT_MASK, ZONEOUT_MASKS
 from ..functional import InputError, check_lengths, select_backend
 from ..registry import CellSpec, Query, Weights, get_cell, registry
 
-__all__ = ["Recurrent", "RNN", "LSTM", "GRU", "RecurrentCell", "RNNCell", "LSTMCell", "GRUCell"]
+__all__ = ["Recurrent", "RNN", "LSTM", "GRU", "RecurrentCell", "RNNCell", "LSTMCell", "GRUCell", "Stateful"]
 
 
 def _any_requires_grad(tensors) -> bool:
@@ -190,8 +191,18 @@ class Recurrent(_PicklesCellByName, nn.Module):
 
     `Recurrent("lstm", 32, 64, num_layers=2, bidirectional=True)` behaves like torch.nn.LSTM(32, 64, 2, ...);
     a plugin cell runs the same way: `Recurrent("indrnn", 32, 64)`.
-    forward(input, hx=None, *, lengths=None): `lengths` is an optional [B] alternative to PackedSequence for a
-    padded input; outputs past a sequence's length are zero.
+    forward(input, hx=None, *, lengths=None, mask=None, return_states=False): `lengths` is an optional [B]
+    alternative to PackedSequence for a padded input; outputs past a sequence's length are zero. `mask`, a bool
+    tensor laid out as the input's first two dims (True = valid step, padding only at the end), is the same as
+    its row sums given as lengths. return_states=True returns (output, h_n, states): every step's full state.
+    step(input, hx=None) runs one time step of every layer (streaming; see seqfast.Stateful).
+
+    Beyond torch.nn (keyword arguments; see the README's "Beyond torch.nn"): merge_mode ("concat", "sum", "mean",
+    "mul": how a bidirectional layer combines its directions), input_dropout (variational: one mask per sequence
+    on every layer's input), recurrent_dropout (variational: one mask per sequence on the h entering the recurrent
+    product), weight_dropout (DropConnect on weight_hh, one mask per forward call), zoneout (h and c keep their
+    previous value with this probability, per unit and step). The dropouts act in training only; the masks last
+    sampled are in `sampled_masks`.
     """
 
     def __init__(
@@ -209,10 +220,28 @@ class Recurrent(_PicklesCellByName, nn.Module):
         dtype=None,
         *,
         backend: str | None = None,
+        merge_mode: str = "concat",
+        input_dropout: float = 0.0,
+        recurrent_dropout: float = 0.0,
+        weight_dropout: float = 0.0,
+        zoneout: float = 0.0,
     ) -> None:
         super().__init__()
         self.cell = get_cell(cell)
         owner = type(self).__name__
+        if merge_mode not in MERGE_MODES:
+            raise ValueError(f"{owner}: merge_mode must be one of {list(MERGE_MODES)}, got {merge_mode!r}")
+        for name, p in (("input_dropout", input_dropout), ("recurrent_dropout", recurrent_dropout),
+                        ("weight_dropout", weight_dropout), ("zoneout", zoneout)):
+            if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
+                raise ValueError(f"{owner}: {name} must be a probability in [0, 1), got {p!r}")
+        if (recurrent_dropout or weight_dropout) and self.cell.recurrence == "none":
+            raise ValueError(f"{owner}: recurrent_dropout and weight_dropout need a recurrent weight; cell "
+                             f"{self.cell.name!r} has none")
+        self.merge_mode = merge_mode
+        self.input_dropout, self.recurrent_dropout = float(input_dropout), float(recurrent_dropout)
+        self.weight_dropout, self.zoneout = float(weight_dropout), float(zoneout)
+        self.sampled_masks: dict[str, Tensor | tuple[Tensor, ...]] = {}
         for name, value, low in (("input_size", input_size, 1), ("hidden_size", hidden_size, 1),
                                  ("num_layers", num_layers, 1), ("proj_size", proj_size, 0)):
             _check_int(owner, name, value, low)
@@ -242,7 +271,7 @@ class Recurrent(_PicklesCellByName, nn.Module):
         for layer in range(num_layers):
             for direction in range(directions):
                 suffix = f"_l{layer}" + ("_reverse" if direction else "")
-                in_size = input_size if layer == 0 else real_hidden * directions
+                in_size = input_size if layer == 0 else real_hidden * (directions if merge_mode == "concat" else 1)
                 names = []
                 for base, shape, init in _ParamFactory.shapes(self.cell, in_size, hidden_size, proj_size, bias):
                     name = base + suffix
@@ -273,12 +302,17 @@ class Recurrent(_PicklesCellByName, nn.Module):
 
     # torch.nn's repr (LSTM(3, 5, num_layers=2)); the generic module also names its cell
     _repr_cell = True
+    # the options beyond torch.nn, as class defaults too: modules pickled before they existed load with them off
+    merge_mode = "concat"
+    input_dropout = recurrent_dropout = weight_dropout = zoneout = 0.0
 
     def extra_repr(self) -> str:
         s = (f"{self.cell.name!r}, " if self._repr_cell else "") + f"{self.input_size}, {self.hidden_size}"
         for key, default in (("proj_size", 0), ("num_layers", 1), ("bias", True), ("batch_first", False),
-                             ("dropout", 0.0), ("bidirectional", False)):
-            if getattr(self, key) != default:
+                             ("dropout", 0.0), ("bidirectional", False), ("merge_mode", "concat"),
+                             ("input_dropout", 0.0), ("recurrent_dropout", 0.0), ("weight_dropout", 0.0),
+                             ("zoneout", 0.0)):
+            if getattr(self, key, default) != default:
                 s += f", {key}={getattr(self, key)}"
         return s + ("" if self.backend is None else f", backend={self.backend!r}")
 
@@ -348,10 +382,27 @@ class Recurrent(_PicklesCellByName, nn.Module):
                 lengths = None
         return x, lengths, batched, packed
 
-    def forward(self, input, hx=None, *, lengths: Tensor | None = None):
+    def forward(self, input, hx=None, *, lengths: Tensor | None = None, mask: Tensor | None = None,
+                return_states: bool = False):
+        if mask is not None:
+            if lengths is not None:
+                raise ValueError(f"{type(self).__name__}: pass either lengths= or mask=, not both")
+            lengths = self._lengths_from_mask(input, mask)
         x, lengths, batched, packed = self._prepare(input, lengths)
         state0 = self._unpack_hx(hx, x.shape[1], batched, x)
-        output, final = self._run(x, lengths, state0)
+        options = self._options(return_states)
+        states = None
+        if options:
+            result = self._run(x, lengths, state0, options)
+            output, final, states = result if len(result) == 3 else (*result, None)
+        else:
+            output, final = self._run(x, lengths, state0)
+        if states is not None:
+            # [layers * directions, T, B, *] as the output is laid out: batch_first [.., B, T, *], unbatched [.., T, *]
+            if not batched:
+                states = tuple(s.squeeze(2) for s in states)
+            elif self.batch_first:
+                states = tuple(s.transpose(1, 2) for s in states)
         if packed is not None:
             # the output has exactly the input's packed layout: same batch_sizes and sorting indices
             steps, rows = _packed_index(packed)
@@ -362,32 +413,126 @@ class Recurrent(_PicklesCellByName, nn.Module):
             final = tuple(s.squeeze(1) for s in final)
         elif self.batch_first:
             output = output.transpose(0, 1)
-        return output, (final[0] if self.cell.num_states == 1 else final)
+        hidden = final[0] if self.cell.num_states == 1 else final
+        if states is None:
+            return output, hidden
+        return output, hidden, (states[0] if self.cell.num_states == 1 else states)
 
-    def _query(self, x: Tensor, state0: tuple[Tensor, ...] | None, level: str, dtype: torch.dtype | None = None
-               ) -> Query:
+    def step(self, input: Tensor, hx=None):
+        """One time step of every layer, for streaming: input [B, I] (or unbatched [I]) and hx as forward takes
+        it (None: zeros) -> (output [B, H_out], new state as forward returns h_n). Each layer runs through the
+        selected backend's Backend.step. Unidirectional modules only (a reverse direction needs the whole
+        sequence); inter-layer dropout applies in training, the per-sequence dropout variants do not (step()
+        raises in training when one is set)."""
+        owner = type(self).__name__
+        if self.bidirectional:
+            raise ValueError(f"{owner}: step() needs a unidirectional module (the reverse direction of a "
+                             "bidirectional one reads the whole sequence)")
+        if self.training and (self.input_dropout or self.recurrent_dropout or self.zoneout or self.weight_dropout):
+            raise ValueError(f"{owner}: step() does not apply input_dropout, recurrent_dropout, weight_dropout or "
+                             "zoneout (sampled per sequence); call eval() or run forward() on whole sequences")
+        if not isinstance(input, Tensor) or input.dim() not in (1, 2):
+            got = f"{input.dim()}-D" if isinstance(input, Tensor) else type(input).__name__
+            raise InputError(f"{owner}: step() expects input [B, I] or unbatched [I], got {got}")
+        batched = input.dim() == 2
+        x = input if batched else input.unsqueeze(0)
+        weight = self._param(self._flat_weights_names[0])
+        if x.shape[1] != self.input_size or x.dtype != weight.dtype or x.device != weight.device:
+            RecurrentCell._input_error(self, x, weight)
+        state0 = self._unpack_hx(hx, x.shape[0], batched, x)
+        if state0 is None:
+            state0 = tuple(x.new_zeros(self.num_layers, x.shape[0], size) for size in self._state_sizes())
+        requires_grad = torch.is_grad_enabled() and (
+            x.requires_grad or _any_requires_grad(state0) or _any_requires_grad(self._parameters.values()))
+        query = Query(cell=self.cell, device=x.device.type, dtype=x.dtype, hidden_size=self.hidden_size,
+                      input_size=self.input_size, batch_size=x.shape[0], seq_len=1, proj_size=self.proj_size,
+                      requires_grad=requires_grad, level="step")
+        backend, _ = select_backend(query, self.backend)
+        finals: list[list[Tensor]] = [[] for _ in self.cell.state_names]
+        layer_input = x
+        for layer, names in enumerate(self._all_weights):
+            suffix = f"_l{layer}"
+            new = backend.step(self.cell, layer_input, tuple(s[layer] for s in state0),
+                               [self._param(n) for n in names], [n[: -len(suffix)] for n in names])
+            for store, s in zip(finals, new, strict=True):
+                store.append(s)
+            layer_input = new[0]
+            if self.dropout and self.training and layer < self.num_layers - 1:
+                layer_input = F.dropout(layer_input, self.dropout, training=True)
+        final = tuple(torch.stack(store) for store in finals)
+        if not batched:
+            layer_input, final = layer_input.squeeze(0), tuple(s.squeeze(1) for s in final)
+        return layer_input, (final[0] if self.cell.num_states == 1 else final)
+
+    def _options(self, return_states: bool) -> frozenset[str]:
+        """The module options (Query.options) this call needs: none in the common case."""
+        if not (return_states or self.merge_mode != "concat"
+                or (self.training and (self.input_dropout or self.recurrent_dropout or self.zoneout))):
+            return _NO_OPTIONS
+        if not isinstance(return_states, bool):
+            raise TypeError(f"{type(self).__name__}: return_states must be a bool, got {return_states!r}")
+        wanted = []
+        if return_states:
+            wanted.append("return_states")
+        if self.merge_mode != "concat" and self.bidirectional:
+            wanted.append("merge_mode")
+        if self.training:
+            for option in ("input_dropout", "recurrent_dropout", "zoneout"):
+                if getattr(self, option):
+                    wanted.append(option)
+        return frozenset(wanted) if wanted else _NO_OPTIONS
+
+    def _lengths_from_mask(self, input, mask) -> Tensor:
+        """mask [T, B] ([B, T] with batch_first; True = valid, padding only at the end of each row) -> lengths."""
+        owner = type(self).__name__
+        if isinstance(input, PackedSequence):
+            raise ValueError(f"{owner}: mask= is for a padded tensor input; a PackedSequence carries its lengths")
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+            got = f"dtype {mask.dtype}" if isinstance(mask, Tensor) else type(mask).__name__
+            raise TypeError(f"{owner}: mask must be a bool tensor (True = valid step), got {got}")
+        if not isinstance(input, Tensor) or input.dim() != 3:
+            got = f"{input.dim()}-D" if isinstance(input, Tensor) else type(input).__name__
+            raise ValueError(f"{owner}: mask= needs a batched (3-D) input, got {got}")
+        layout = "[B, T]" if self.batch_first else "[T, B]"
+        if tuple(mask.shape) != tuple(input.shape[:2]):
+            raise ValueError(f"{owner}: mask: expected shape {tuple(input.shape[:2])} ({layout}, the input's first "
+                             f"two dims with batch_first={self.batch_first}), got {tuple(mask.shape)}")
+        rows = mask if self.batch_first else mask.t()  # [B, T]
+        lengths = rows.sum(1)
+        prefix = torch.arange(rows.shape[1], device=rows.device) < lengths.unsqueeze(1)
+        bad = (rows != prefix).any(1) | (lengths == 0)
+        if bool(bad.any()):
+            row = int(bad.nonzero()[0, 0])
+            why = "has no valid step" if int(lengths[row]) == 0 else "has a False before a True"
+            raise ValueError(f"{owner}: mask: each sequence must be True for its first steps and False after them "
+                             f"(padding only at the end, at least one valid step); sequence {row} {why}")
+        return lengths
+
+    def _query(self, x: Tensor, state0: tuple[Tensor, ...] | None, level: str, dtype: torch.dtype | None = None,
+               options: frozenset[str] = frozenset()) -> Query:
         """dtype: the one the recurrence runs in where it is not x's (torch.autocast's)."""
         dtype = dtype or x.dtype
         requires_grad = torch.is_grad_enabled() and (
             x.requires_grad or (state0 is not None and _any_requires_grad(state0))
             or _any_requires_grad(self.parameters() if self._modules else self._parameters.values()))
         if torch.compiler.is_compiling():  # no module state changes inside a traced graph
-            return self._new_query(x, requires_grad, level, dtype)
+            return self._new_query(x, requires_grad, level, dtype, options)
         # one Query per input shape, kept: building the frozen dataclass costs more than the lookup (keyed by the
         # device itself: its .type costs more than the hash)
         queries = self.__dict__.get("_queries")
         if queries is None:
             queries = self.__dict__["_queries"] = {}
-        key = (x.shape, dtype, x.device, requires_grad, level)
+        key = (x.shape, dtype, x.device, requires_grad, level, options)
         query = queries.get(key)
         if query is None:
-            query = memo(queries, key, lambda: self._new_query(x, requires_grad, level, dtype), limit=64)
+            query = memo(queries, key, lambda: self._new_query(x, requires_grad, level, dtype, options), limit=64)
         return query
 
-    def _new_query(self, x: Tensor, requires_grad: bool, level: str, dtype: torch.dtype) -> Query:
+    def _new_query(self, x: Tensor, requires_grad: bool, level: str, dtype: torch.dtype,
+                   options: frozenset[str] = frozenset()) -> Query:
         return Query(cell=self.cell, device=x.device.type, dtype=dtype, hidden_size=self.hidden_size,
                      input_size=x.shape[-1], batch_size=x.shape[1], seq_len=x.shape[0], proj_size=self.proj_size,
-                     requires_grad=requires_grad, level=level)
+                     requires_grad=requires_grad, level=level, options=options)
 
     def _stack_params(self) -> list[list[Tensor]]:
         """Each layer-direction's parameters in torch.nn's order, read anew on every call, so a replaced or
@@ -400,20 +545,94 @@ class Recurrent(_PicklesCellByName, nn.Module):
 
     _param = _weight
 
-    def _run(self, x: Tensor, lengths: Tensor | None, state0: tuple[Tensor, ...] | None):
+    def _run(self, x: Tensor, lengths: Tensor | None, state0: tuple[Tensor, ...] | None,
+             options: frozenset[str] = frozenset()):
         autocast = _autocast_dtype(x)
-        backend, _ = select_backend(self._query(x, state0, "module", autocast), self.backend)
+        backend, _ = select_backend(self._query(x, state0, "module", autocast, options), self.backend)
+        param = self._dropconnect_param() if self.weight_dropout and self.training else None
         if autocast is None:
-            return self._run_on(backend, x, lengths, state0)
+            if options:
+                return self._run_layers(backend, x, lengths, state0, param or self._param, options)
+            return self._run_on(backend, x, lengths, state0, param)
         # as torch.nn does under autocast: the recurrence in the autocast dtype (inputs, states and weights cast;
         # autograd casts their gradients back), the results in the dtypes torch.nn returns
+        read = param or self._param
         with torch.autocast(x.device.type, enabled=False):
-            out, final = self._run_on(backend, x.to(autocast), lengths,
+            result = self._run_layers(backend, x.to(autocast), lengths,
                                       None if state0 is None else tuple(s.to(autocast) for s in state0),
-                                      lambda name: self._param(name).to(autocast))
+                                      lambda name: read(name).to(autocast), options)
+        out, final = result[0], result[1]
         dtypes = _torch_nn_autocast_dtypes(self.cell, x.device.type, x.dtype, autocast, bool(self.proj_size),
                                            "padded" if lengths is None else "packed")
-        return out.to(dtypes[0]), tuple(s.to(d) for s, d in zip(final, dtypes, strict=True))
+        cast = (out.to(dtypes[0]), tuple(s.to(d) for s, d in zip(final, dtypes, strict=True)))
+        return cast if len(result) == 2 else (*cast, result[2])
+
+    def _dropconnect_param(self):
+        """param(name) with DropConnect on every weight_hh (AWD-LSTM's WeightDrop): each masked anew per call."""
+        masked = {}
+        for names in self._all_weights:
+            for name in names:
+                if name.startswith("weight_hh"):
+                    mask = torch.empty_like(self._param(name)).bernoulli_(1 - self.weight_dropout)
+                    self.sampled_masks[name] = mask
+                    masked[name] = self._param(name) * mask / (1 - self.weight_dropout)
+        return lambda name: masked[name] if name in masked else self._param(name)
+
+    def _run_layers(self, backend, x: Tensor, lengths: Tensor | None, state0: tuple[Tensor, ...] | None, param,
+                    options: frozenset[str]):
+        """The layers one layer-direction at a time, with the module options: -> (output, final states) and,
+        with return_states, every step's states ([layers * directions, T, B, *] per state)."""
+        if not options:
+            return self._run_on(backend, x, lengths, state0, param)
+        directions = 2 if self.bidirectional else 1
+        steps, batch = x.shape[0], x.shape[1]
+        sizes = self._state_sizes()
+        record = "return_states" in options
+        finals: list[list[Tensor]] = [[] for _ in sizes]
+        records: list[list[Tensor]] = [[] for _ in sizes]
+        layer_input = x
+        for layer in range(self.num_layers):
+            if "input_dropout" in options:
+                keep = 1 - self.input_dropout
+                mask = layer_input.new_empty(batch, layer_input.shape[2]).bernoulli_(keep) / keep
+                self.sampled_masks[f"input_l{layer}"] = mask
+                layer_input = layer_input * mask
+            outputs = []
+            for direction in range(directions):
+                index = layer * directions + direction
+                suffix = f"_l{layer}" + ("_reverse" if direction else "")
+                w_ih, b_ih, recurrent = self._scan_names()[index]
+                weights = Weights({base: (param(name) if name else None) for base, name in recurrent})
+                if "recurrent_dropout" in options:
+                    keep = 1 - self.recurrent_dropout
+                    mask = x.new_empty(batch, sizes[0]).bernoulli_(keep) / keep
+                    self.sampled_masks["recurrent" + suffix] = mask
+                    weights[RECURRENT_MASK] = mask
+                if "zoneout" in options:
+                    masks = tuple(x.new_empty(steps, batch, size).bernoulli_(self.zoneout).bool() for size in sizes)
+                    self.sampled_masks["zoneout" + suffix] = masks
+                    weights[ZONEOUT_MASKS] = masks
+                init = tuple(x.new_zeros(batch, size) for size in sizes) if state0 is None \
+                    else tuple(s[index] for s in state0)
+                if record:
+                    out, final, states = backend.scan_states(self.cell, F.linear(layer_input, param(w_ih),
+                                                             param(b_ih) if b_ih else None), init, weights, lengths,
+                                                             direction == 1)
+                    for store, s in zip(records, states, strict=True):
+                        store.append(s)
+                else:
+                    out, final = backend.layer(self.cell, layer_input, param(w_ih), param(b_ih) if b_ih else None,
+                                               init, weights, lengths, direction == 1)
+                outputs.append(out)
+                for store, s in zip(finals, final, strict=True):
+                    store.append(s)
+            layer_input = _merge(outputs, self.merge_mode)
+            if self.dropout and self.training and layer < self.num_layers - 1:
+                layer_input = F.dropout(layer_input, self.dropout, training=True)
+        final = tuple(torch.stack(store) for store in finals)
+        if not record:
+            return layer_input, final
+        return layer_input, final, tuple(torch.stack(store) for store in records)
 
     def _run_on(self, backend, x: Tensor, lengths: Tensor | None, state0: tuple[Tensor, ...] | None, param=None):
         """The layers on `backend`, their weights read by param(name) (None: as they are)."""
@@ -473,6 +692,22 @@ class Recurrent(_PicklesCellByName, nn.Module):
 
 
 _NO_QUERIES: dict = {}
+_NO_OPTIONS: frozenset[str] = frozenset()
+MERGE_MODES = ("concat", "sum", "mean", "mul")
+
+
+def _merge(outputs: list[Tensor], mode: str) -> Tensor:
+    """A layer's output from its directions' outputs [T, B, H] (Keras's merge modes)."""
+    if len(outputs) == 1:
+        return outputs[0]
+    forward, backward = outputs
+    if mode == "concat":
+        return torch.cat(outputs, dim=2)
+    if mode == "sum":
+        return forward + backward
+    if mode == "mean":
+        return (forward + backward) * 0.5
+    return forward * backward
 
 
 def _packed_index(packed: PackedSequence) -> tuple[Tensor, Tensor]:
@@ -493,24 +728,24 @@ class RNN(Recurrent):
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, nonlinearity: str = "tanh",
                  bias: bool = True, batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-                 device=None, dtype=None, *, backend: str | None = None) -> None:
+                 device=None, dtype=None, *, backend: str | None = None, **options) -> None:
         if nonlinearity not in ("tanh", "relu"):
             raise ValueError(f"RNN: nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
         self.nonlinearity = nonlinearity
         super().__init__(f"rnn_{nonlinearity}", input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                         bidirectional, 0, device, dtype, backend=backend)
+                         bidirectional, 0, device, dtype, backend=backend, **options)
 
 
 class LSTM(Recurrent):
-    """Drop-in torch.nn.LSTM, proj_size included."""
+    """Drop-in torch.nn.LSTM, proj_size included; **options: Recurrent's options beyond torch.nn (merge_mode, ...)."""
 
     _repr_cell = False
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, proj_size: int = 0,
-                 device=None, dtype=None, *, backend: str | None = None) -> None:
+                 device=None, dtype=None, *, backend: str | None = None, **options) -> None:
         super().__init__("lstm", input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
-                         proj_size, device, dtype, backend=backend)
+                         proj_size, device, dtype, backend=backend, **options)
 
 
 class GRU(Recurrent):
@@ -520,9 +755,9 @@ class GRU(Recurrent):
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-                 device=None, dtype=None, *, backend: str | None = None) -> None:
+                 device=None, dtype=None, *, backend: str | None = None, **options) -> None:
         super().__init__("gru", input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
-                         0, device, dtype, backend=backend)
+                         0, device, dtype, backend=backend, **options)
 
 
 class RecurrentCell(_PicklesCellByName, nn.Module):
@@ -672,3 +907,75 @@ class GRUCell(RecurrentCell):
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None, *,
                  backend: str | None = None) -> None:
         super().__init__("gru", input_size, hidden_size, bias, device, dtype, backend=backend)
+
+
+class Stateful(nn.Module):
+    """Carries a recurrent module's state across calls, for online (streaming) inference.
+
+    Stateful(module) wraps a sequence module (Recurrent, LSTM, ...) or a cell (RecurrentCell, LSTMCell, ...).
+    forward(input, **kwargs) runs the module from the state the last call left (zeros at first, or after
+    reset_state()) and keeps its final state; it returns the module's output (a cell: its output h).
+    step(x_t) runs one time step of a sequence module (Recurrent.step). reset_state() forgets the state;
+    reset_state(rows=...) (a bool [B] mask or row indices) zeroes those rows only, e.g. when one stream of a batch
+    starts a new sequence. The kept state is detached from the graph after each call (detach=True, the default):
+    gradients stop at call boundaries, as in truncated BPTT, and memory does not grow with the stream;
+    detach=False keeps the graph across calls. Under torch.no_grad no graph is built at all.
+    """
+
+    def __init__(self, module: nn.Module, *, detach: bool = True) -> None:
+        super().__init__()
+        if not isinstance(module, (Recurrent, RecurrentCell)):
+            raise TypeError(f"Stateful: module must be a seqfast Recurrent or RecurrentCell, got "
+                            f"{type(module).__name__}")
+        _check_bool("Stateful", "detach", detach)
+        self.module, self.detach = module, detach
+        self.state: Tensor | tuple[Tensor, ...] | None = None
+
+    def forward(self, input: Tensor, **kwargs):
+        if isinstance(self.module, RecurrentCell):
+            state = self.module(input, self.state)
+            self._keep(state)
+            return state if isinstance(state, Tensor) else state[0]
+        output, state = self.module(input, self.state, **kwargs)
+        self._keep(state)
+        return output
+
+    def step(self, input: Tensor) -> Tensor:
+        if isinstance(self.module, RecurrentCell):
+            return self(input)
+        output, state = self.module.step(input, self.state)
+        self._keep(state)
+        return output
+
+    def _keep(self, state) -> None:
+        if self.detach:
+            state = state.detach() if isinstance(state, Tensor) else tuple(s.detach() for s in state)
+        self.state = state
+
+    def reset_state(self, rows: Tensor | list[int] | None = None) -> None:
+        """Forget the state (rows=None), or zero the rows given as a bool [B] mask or indices."""
+        if rows is None or self.state is None:
+            self.state = None
+            return
+        states = (self.state,) if isinstance(self.state, Tensor) else self.state
+        dim = 0 if isinstance(self.module, RecurrentCell) else 1  # the batch dim of the kept state
+        if states[0].dim() < dim + 2:
+            raise ValueError("Stateful.reset_state: rows= needs a batched state (the last input was unbatched)")
+        batch = states[0].shape[dim]
+        rows = torch.as_tensor(rows, device=states[0].device)
+        if rows.dtype == torch.bool:
+            if rows.shape != (batch,):
+                raise ValueError(f"Stateful.reset_state: rows: a bool mask must have shape ({batch},), the batch "
+                                 f"of the state; got {tuple(rows.shape)}")
+        elif rows.dtype.is_floating_point or rows.dim() > 1 or (rows.numel() and (
+                int(rows.min()) < -batch or int(rows.max()) >= batch)):
+            raise ValueError(f"Stateful.reset_state: rows: expected a bool mask of shape ({batch},) or integer row "
+                             f"indices in [0, {batch}), got {rows.dtype} {rows.tolist()}")
+        keep = torch.ones(batch, dtype=torch.bool, device=rows.device)
+        keep[rows] = False
+        shape = [1] * states[0].dim()
+        shape[dim] = batch
+        keep = keep.view(shape)
+        zero = torch.zeros((), dtype=states[0].dtype, device=states[0].device)
+        new = tuple(torch.where(keep, s, zero) for s in states)
+        self.state = new[0] if isinstance(self.state, Tensor) else new

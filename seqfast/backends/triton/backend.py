@@ -96,6 +96,7 @@ class TritonBackend(FusedBackend):
     description = "persistent fused Triton kernels (CUDA; CPU via TRITON_INTERPRET=1), any cell with pointwise math"
     dtypes = frozenset({torch.float32, torch.float16, torch.bfloat16})
     supports_proj = False
+    saved_states_at, saved_states_by = 1, "time"  # see saved_shapes and the kernels' SAVE stores
     priority = 5  # below native: on an H200 cuDNN beat these kernels in most shapes (benchmarks/RESULTS.md)
 
     # shared memory per block the kernels may use (decides on-chip vs tiled and the pipelining depth);
