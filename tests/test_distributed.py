@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(
     reason="torch.distributed with the gloo backend is not available in this torch build")
 
 BACKENDS = ["torch", "native", "numba"]
-MODELS = ["lstm", "bigru_lengths"]
+MODELS = ["lstm", "bigru_lengths", "seq2seq"]
 
 # Run as a script: two ranks train every (backend, model) with the Trainer on their half of each batch, then one
 # process trains the same models on the whole batches; every final state_dict is saved for the test to compare.
@@ -28,10 +28,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import seqfast
+from seqfast.seq2seq import Seq2Seq
 from seqfast.training import Trainer
 
 OUT, PORT, BACKENDS, ROOT = sys.argv[1], sys.argv[2], sys.argv[3].split(","), sys.argv[4]
 WORLD, STEPS, BATCH = 2, 3, 4
+MODELS = ("lstm", "bigru_lengths", "seq2seq")
 
 
 class Net(torch.nn.Module):
@@ -41,27 +43,49 @@ class Net(torch.nn.Module):
         if kind == "lstm":
             self.rnn = seqfast.LSTM(3, 5, batch_first=True, backend=backend)
             self.head = torch.nn.Linear(5, 1)
+        elif kind == "seq2seq":
+            self.model = Seq2Seq(src_vocab_size=7, tgt_vocab_size=7, embedding_dim=4, hidden_size=5, cell="lstm",
+                                 attention="bahdanau", pad_id=0, bos_id=1, eos_id=2, backend=backend)
         else:
             self.rnn = seqfast.GRU(3, 4, num_layers=2, bidirectional=True, batch_first=True, backend=backend)
             self.head = torch.nn.Linear(8, 1)
 
-    def forward(self, x, lengths):
+    def forward(self, *batch):
+        """The batch's loss."""
+        if self.kind == "seq2seq":
+            src, src_lengths, tgt_in, tgt_out = batch
+            logits = self.model(src, src_lengths, tgt_in)
+            # summed over tokens, divided by rows x steps: a rank's half batch then weighs half, as DDP averages
+            total = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tgt_out.flatten(), ignore_index=0,
+                                                      reduction="sum")
+            return total / tgt_out.numel()
+        x, lengths, y = batch
         if self.kind == "lstm":
             out, _ = self.rnn(x)
-            return self.head(out[:, -1])
+            return torch.nn.functional.mse_loss(self.head(out[:, -1]), y)
         out, h = self.rnn(x, lengths=lengths)
-        return self.head(torch.cat([h[-2], h[-1]], 1)) + out.sum((1, 2), keepdim=True).mul(0.1).squeeze(2)
+        pred = self.head(torch.cat([h[-2], h[-1]], 1)) + out.sum((1, 2), keepdim=True).mul(0.1).squeeze(2)
+        return torch.nn.functional.mse_loss(pred, y)
 
 
-def batches():
+def batches(kind):
     g = torch.Generator().manual_seed(1)
-    return [(torch.randn(BATCH, 6, 3, generator=g), torch.randint(1, 7, (BATCH,), generator=g),
-             torch.randn(BATCH, 1, generator=g)) for _ in range(STEPS)]
+    if kind != "seq2seq":
+        return [(torch.randn(BATCH, 6, 3, generator=g), torch.randint(1, 7, (BATCH,), generator=g),
+                 torch.randn(BATCH, 1, generator=g)) for _ in range(STEPS)]
+    out = []
+    for _ in range(STEPS):  # reverse digit strings: tokens 3..6, 0 pad, 1 bos, 2 eos
+        lengths = torch.randint(2, 6, (BATCH,), generator=g)
+        src = torch.randint(3, 7, (BATCH, 5), generator=g).masked_fill(torch.arange(5) >= lengths[:, None], 0)
+        tgt = torch.stack([torch.nn.functional.pad(s[:n].flip(0), (0, 5 - n)) for s, n in zip(src, lengths)])
+        tgt_in = torch.nn.functional.pad(tgt, (1, 0), value=1)
+        tgt_out = torch.nn.functional.pad(tgt, (0, 1)).scatter(1, lengths[:, None], 2)
+        out.append((src, lengths, tgt_in, tgt_out))
+    return out
 
 
 def step(model, batch):
-    x, lengths, y = batch
-    return torch.nn.functional.mse_loss(model(x, lengths), y)
+    return model(*batch)
 
 
 def train(kind, backend, model_wrap, rows):
@@ -69,7 +93,7 @@ def train(kind, backend, model_wrap, rows):
     net = Net(kind, backend)
     model = model_wrap(net)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    data = [tuple(t[rows] for t in b) for b in batches()]
+    data = [tuple(t[rows] for t in b) for b in batches(kind)]
     history = Trainer(model, opt, step, patience=1, progress=False).fit(data[:2], epochs=2, val=data[2:])
     return {"state": net.state_dict(), "history": history}
 
@@ -80,7 +104,7 @@ def worker(rank):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{PORT}", rank=rank, world_size=WORLD)
     half = BATCH // WORLD
     for backend in BACKENDS:
-        for kind in ("lstm", "bigru_lengths"):
+        for kind in MODELS:
             state = train(kind, backend, torch.nn.parallel.DistributedDataParallel,
                           slice(rank * half, (rank + 1) * half))
             torch.save(state, os.path.join(OUT, f"rank{rank}-{backend}-{kind}.pt"))
@@ -91,7 +115,7 @@ if __name__ == "__main__":
     mp.spawn(worker, nprocs=WORLD, join=True)
     torch.set_num_threads(1)
     for backend in BACKENDS:
-        for kind in ("lstm", "bigru_lengths"):
+        for kind in MODELS:
             state = train(kind, backend, lambda net: net, slice(None))
             torch.save(state, os.path.join(OUT, f"single-{backend}-{kind}.pt"))
             torch.manual_seed(0)

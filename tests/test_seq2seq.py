@@ -410,3 +410,33 @@ def test_errors_name_the_argument():
             call()
         assert name in str(info.value), f"{name!r} not named in: {info.value}"
     assert isinstance(pytest.raises(seqfast.InputError, lambda: model(src[0], lengths, tgt_in)).value, RuntimeError)
+
+
+@pytest.mark.parametrize("backend", ["numba", "triton", "native"])
+@pytest.mark.parametrize("attention", ["bahdanau", "luong_general"])
+def test_every_backend_matches_the_torch_backend(backend, attention):
+    """The same weights give the torch backend's logits, gradients and beam search on every backend (triton under
+    the interpreter on CPU, at a tiny size)."""
+    why = seqfast.registry.backends[backend].unavailable_reason()
+    if why:
+        pytest.skip(why)
+    torch.manual_seed(0)
+    reference = Seq2Seq(VOCAB, VOCAB, 6, 5, cell="lstm", attention=attention, bidirectional_encoder=True,
+                        backend="torch")
+    model = Seq2Seq(VOCAB, VOCAB, 6, 5, cell="lstm", attention=attention, bidirectional_encoder=True,
+                    backend=backend)
+    model.load_state_dict(reference.state_dict())
+    src, lengths = _source(2)
+    tgt_in = torch.randint(3, VOCAB, (2, 3))
+    results = []
+    for m in (reference, model):
+        logits = m(src, lengths, tgt_in)
+        logits.logsumexp(-1).sum().backward()
+        tokens, scores = m.generate(src, lengths, max_len=3, beam_size=2)
+        results.append((logits.detach(), {n: p.grad for n, p in m.named_parameters()}, tokens, scores))
+    (ref_logits, ref_grads, ref_tokens, ref_scores), (logits, grads, tokens, scores) = results
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-5)
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+    assert torch.equal(tokens, ref_tokens)
+    torch.testing.assert_close(scores, ref_scores, rtol=1e-4, atol=1e-5)
