@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 import shutil
+import subprocess
 
 import pytest
 import torch
@@ -82,6 +83,19 @@ def test_espeak_audio_and_features():
     filterbank = digits_speech.mel_filterbank(digits_speech.N_MELS, digits_speech.N_FFT, digits_speech.SAMPLE_RATE)
     feats = digits_speech.log_mel(samples, filterbank)
     assert feats.shape[1] == digits_speech.N_MELS * digits_speech.STACK and torch.isfinite(feats).all()
+
+
+@needs_espeak
+def test_every_accent_and_variant_is_one_espeak_ng_has():
+    """espeak-ng falls back to its default voice, silently, for a name it does not know."""
+    def listed(kind: str, column: int) -> set[str]:
+        out = subprocess.run(["espeak-ng", f"--voices={kind}"], capture_output=True, text=True, check=True).stdout
+        return {line.split()[column] for line in out.splitlines()[1:]}
+
+    assert set(digits_speech.ACCENTS) <= listed("en", 1)
+    variants = {name.removeprefix("!v/") for name in listed("variant", 4)}
+    assert set(digits_speech.TRAIN_VARIANTS + digits_speech.TEST_VARIANTS) <= variants
+    assert not set(digits_speech.TRAIN_VARIANTS) & set(digits_speech.TEST_VARIANTS)
 
 
 def test_digits_speech_without_espeak_says_how_to_install_it(monkeypatch, tmp_path):

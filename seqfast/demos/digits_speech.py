@@ -12,6 +12,7 @@ most common length) and the empty answer (all deletions: 100 %); the better of t
 from __future__ import annotations
 
 import hashlib
+import inspect
 import io
 import math
 import os
@@ -113,10 +114,12 @@ def cache_dir() -> Path:
 
 
 def features(specs: list[tuple[str, int, int, str]], progress: bool) -> list[torch.Tensor]:
-    """Log-mel features of every utterance, synthesised (two at a time) on the first call and cached after."""
+    """Log-mel features of every utterance, synthesised (two at a time) on the first call and cached after, keyed
+    by espeak-ng's version, the utterances and the feature code."""
     executable = espeak()
     version = subprocess.run([executable, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256(repr((version, specs, N_FFT, HOP, N_MELS, STACK)).encode()).hexdigest()[:16]
+    recipe = (version, specs, inspect.getsource(log_mel), inspect.getsource(mel_filterbank), N_FFT, HOP, N_MELS, STACK)
+    key = hashlib.sha256(repr(recipe).encode()).hexdigest()[:16]
     path = cache_dir() / f"{key}.pt"
     if path.exists():
         return torch.load(path)
