@@ -73,6 +73,14 @@ register_demo(DemoSpec(
     "Bach chorale soprano lines (music21's corpus) as note events with an LSTM; vs bigram; writes a MIDI file",
     "lstm",
     (("music21", "music21"), *_PLOTTING)))
+register_demo(DemoSpec(
+    "dates", "seqfast.demos.dates",
+    "date normalisation: dates written in 12 locales' forms (Babel) -> ISO 8601, seq2seq with attention; vs dateutil",
+    "lstm", (("babel", "babel"), ("dateutil", "python-dateutil"), *_PLOTTING)))
+register_demo(DemoSpec(
+    "digits-speech", "seqfast.demos.digits_speech",
+    "spoken digit strings (synthesised by espeak-ng, many voices) -> text, bidirectional GRU + CTC; vs constant",
+    "gru", _PLOTTING))
 
 
 def get_demo(name: str) -> DemoSpec:
