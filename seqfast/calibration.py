@@ -52,6 +52,9 @@ FORMAT = 1
 BUDGET_SECONDS = 0.1  # timed runs per bucket, all candidates together (at least one run each)
 MIN_ROUNDS, MAX_ROUNDS = 2, 5  # two runs at least: one run can be preempted on a busy machine
 SLOW_FACTOR = 2.0  # a candidate this much slower than the best after MIN_ROUNDS is settled: not run again
+# the static rule's choice stands unless another candidate's best run is this much faster: a busy machine can make
+# any one run slow, and a decision is kept on disk, so noise must not flip it
+MARGIN = 1.10
 MAX_STEPS = 64
 # Multiply-adds of one timed run's forward (projection and recurrence); fewer steps are run where each step is
 # large, since the per-step cost sets the ratio once a few steps amortize the fixed costs.
@@ -313,6 +316,9 @@ def calibrate(query: Query, backends: list[Backend] | None = None, *, force: boo
             seconds = _time_candidates({b.name: _runner(b, query, bucket, steps) for b in backends})
         rank = {b.name: b.auto_rank(query) for b in backends}
         best = min(seconds, key=lambda n: (seconds[n], -rank[n], n))  # ties: the static rule's order
+        static = max(rank, key=lambda n: (rank[n], n))
+        if seconds[best] * MARGIN > seconds[static]:
+            best = static
         entry = {"backend": best, "seconds": seconds,
                  "shape": [steps, bucket.batch, bucket.input_size, bucket.hidden_size, bucket.proj_size]}
         decisions[bucket.label] = entry

@@ -119,6 +119,13 @@ def test_calibration_picks_the_faster_backend(calibrated, monkeypatch) -> None:
     assert pick(query(batch=4)) == "torch" and len(calls) == 1  # same bucket: decided, not timed again
 
 
+@pytest.mark.parametrize(("torch_seconds", "winner"), [(0.95, "slowpoke"), (0.8, "torch")])
+def test_the_static_choice_stands_unless_clearly_beaten(calibrated, monkeypatch, torch_seconds, winner) -> None:
+    """A candidate must beat the static rule's choice by calibration.MARGIN: noise must not flip a kept decision."""
+    monkeypatch.setattr(calibration, "_time_candidates", lambda runs: {"slowpoke": 1.0, "torch": torch_seconds})
+    assert pick(query()) == winner
+
+
 def test_calibration_off_gives_the_static_rule(calibrated, monkeypatch, tmp_path) -> None:
     calls = count_timings(monkeypatch)
     monkeypatch.setenv("SEQFAST_CALIBRATE", "0")
