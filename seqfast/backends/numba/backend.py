@@ -7,6 +7,7 @@ from torch import Tensor
 
 from ...registry import CellSpec, Query
 from ..fused import FusedBackend, _transforms_active
+from ..fused_contract import Ownership
 from . import gemm, scan
 from .availability import DTYPES, numba_missing
 from .codegen import CodegenError, check_cell, preactivation_only
@@ -97,8 +98,8 @@ class NumbaBackend(FusedBackend):
 
     def backward(self, cell: CellSpec, x_proj: Tensor, state0: list[Tensor] | None, weights: list[Tensor | None],
                  lengths: Tensor | None, reverse: bool, outputs: Tensor, final: list[Tensor], saved: list[Tensor],
-                 grad_outputs: Tensor | None, grad_final: list[Tensor | None], saved_mode: str = "keep",
-                 x_bias: Tensor | None = None, x_proj_mode: str = "keep"
+                 grad_outputs: Tensor | None, grad_final: list[Tensor | None], saved_mode: Ownership = Ownership.KEEP,
+                 x_bias: Tensor | None = None, x_proj_mode: Ownership = Ownership.KEEP
                  ) -> tuple[Tensor, list[Tensor], list[Tensor | None]]:
         return scan.backward(cell, x_proj, state0, weights, lengths, reverse, outputs, final, saved, grad_outputs,
-                             grad_final, saved_mode == "consume", x_bias, x_proj_mode == "consume")
+                             grad_final, saved_mode == Ownership.CONSUME, x_bias, x_proj_mode == Ownership.CONSUME)

@@ -8,10 +8,23 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 import seqfast
 from seqfast.registry import CellSpec, Weights
+
+
+@pytest.fixture(autouse=True)
+def fresh_plans():
+    """Plans made in a test may follow from settings it patched (threads, MIN_WORK_PER_THREAD, the BLAS kernel):
+    each test starts and ends with none. Autouse in every module that imports it."""
+    from seqfast.backends.numba import schedule
+
+    schedule.clear_plans()
+    yield
+    schedule.clear_plans()
+
 
 BUILTIN = ("rnn_tanh", "rnn_relu", "lstm", "gru")
 TOL = {torch.float32: dict(rtol=1e-4, atol=2e-5), torch.float64: dict(rtol=1e-9, atol=1e-10)}

@@ -12,7 +12,7 @@ from seqfast.registry import CellSpec, Pointwise, Query
 
 numba = pytest.importorskip("numba")
 
-from numba_cases import BUILTIN, TOL, compare_with_reference, make_inputs, run_python  # noqa: E402
+from numba_cases import BUILTIN, TOL, compare_with_reference, fresh_plans, make_inputs, run_python  # noqa: E402, F401 (autouse fixture)
 
 from seqfast.backends import numba as numba_backend  # noqa: E402
 from seqfast.backends.numba import availability  # noqa: E402

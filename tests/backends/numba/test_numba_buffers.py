@@ -9,7 +9,7 @@ import seqfast
 
 numba = pytest.importorskip("numba")
 
-from numba_cases import TOL, make_inputs  # noqa: E402
+from numba_cases import TOL, fresh_plans, make_inputs  # noqa: E402, F401 (autouse fixture)
 
 from seqfast.backends.numba import buffers, schedule, views  # noqa: E402
 

@@ -21,7 +21,7 @@ from seqfast.registry import CellSpec, ParamSpec, Pointwise
 
 numba = pytest.importorskip("numba")
 
-from numba_cases import compare_with_reference, make_inputs, run_python  # noqa: E402
+from numba_cases import compare_with_reference, fresh_plans, make_inputs, run_python  # noqa: E402, F401 (autouse fixture)
 
 from seqfast.backends.numba import _blas, _math, schedule  # noqa: E402
 

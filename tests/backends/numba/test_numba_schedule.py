@@ -11,7 +11,7 @@ import seqfast
 
 numba = pytest.importorskip("numba")
 
-from numba_cases import compare_with_reference, make_inputs, run_scan  # noqa: E402
+from numba_cases import compare_with_reference, fresh_plans, make_inputs, run_scan  # noqa: E402, F401 (autouse fixture)
 
 from seqfast.backends.numba import _blas, schedule  # noqa: E402
 
