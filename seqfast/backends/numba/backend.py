@@ -12,6 +12,7 @@ from . import gemm, scan
 from .availability import DTYPES, numba_missing
 from .codegen import CodegenError, check_cell, preactivation_only
 
+_CONSUME = Ownership.CONSUME  # a module constant: an Enum attribute costs ~60 ns a read
 _MISSING = object()
 _step_layouts: dict[tuple, object] = {}  # NumbaBackend.step's per-call lookup of step.step_layout
 
@@ -102,4 +103,4 @@ class NumbaBackend(FusedBackend):
                  x_bias: Tensor | None = None, x_proj_mode: Ownership = Ownership.KEEP
                  ) -> tuple[Tensor, list[Tensor], list[Tensor | None]]:
         return scan.backward(cell, x_proj, state0, weights, lengths, reverse, outputs, final, saved, grad_outputs,
-                             grad_final, saved_mode == Ownership.CONSUME, x_bias, x_proj_mode == Ownership.CONSUME)
+                             grad_final, saved_mode == _CONSUME, x_bias, x_proj_mode == _CONSUME)

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from ..._memo import memo
 from . import buffers, schedule
+from .codegen import weight_grad_kernels
 
 # Below this many multiply-adds a torch GEMM (the input projection, its gradients, d_W_hh) runs on one MKL thread
 # (MKL_Set_Num_Threads_Local, on the calling thread only), so it never waits for torch's OpenMP worker to get a
@@ -87,8 +88,7 @@ def weight_gradient(a: Tensor, x: Tensor) -> Tensor:
     With MKL's own kernel (_blas.SGEMM_KERNEL, float32) the rows of the result are split over the scans' thread
     team, each thread calling the kernel on its rows; torch's mm would take sgemm_'s generic path on this CPU.
     Otherwise, and for small products or one thread, mm."""
-    from ._blas import SGEMM, SGEMM_KERNEL
-    from .codegen import weight_grad_kernels
+    from ._blas import SGEMM, SGEMM_KERNEL  # here, not at import: _blas imports numba
 
     rows, threads = a.shape[1], schedule.num_threads()
     if (a.dtype != torch.float32 or SGEMM_KERNEL == SGEMM or threads < 2 or rows < 32
