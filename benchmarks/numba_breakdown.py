@@ -43,7 +43,7 @@ def _medians_ms(runs: dict, repeats: int) -> dict[str, float]:
     return {name: statistics.median(v) * 1e3 for name, v in samples.items()}
 
 
-def _kernel_gflops(T: int, B: int, G: int, H: int, nb, repeats: int) -> dict[str, float]:
+def _kernel_gflops(T: int, B: int, G: int, H: int, repeats: int) -> dict[str, float]:
     """GFLOP/s of the scans' per-step products for one row range: h W_hh^T as N,N over a transposed W_hh (what
     the forward kernel calls) and as T,N over W_hh (what it called before 2026-11-26), and d_hg W_hh (N,N), through
     each MKL entry point this torch exports: sgemm_ and the AVX2 / AVX-512 kernels _blas may call directly."""
@@ -52,7 +52,9 @@ def _kernel_gflops(T: int, B: int, G: int, H: int, nb, repeats: int) -> dict[str
     import numpy as np
     import torch
 
-    rows = max(hi - lo for lo, hi in nb._plan("float32", T, B, G * H, H).ranges)  # with torch's threads
+    from seqfast.backends.numba import schedule
+
+    rows = max(hi - lo for lo, hi in schedule.plan("float32", T, B, G * H, H).ranges)  # with torch's threads
     torch.set_num_threads(1)
     lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
     rng = np.random.default_rng(0)
@@ -102,7 +104,7 @@ def main() -> None:
     import torch.nn.functional as F
 
     import seqfast
-    import seqfast.backends.numba as nb
+    from seqfast.backends.numba import buffers, gemm, schedule
 
     cell = seqfast.get_cell(args.cell)
     G, S = cell.num_gates, cell.num_states
@@ -144,13 +146,14 @@ def main() -> None:
                 os.environ["SEQFAST_NUMBA_THREADS"] = threads
                 scan_forward(False)
             runs[f"forward scan, {threads} thread(s)"] = run
-        nb.MIN_WORK_PER_THREAD = 0  # let two threads split even a small batch
+        schedule.MIN_WORK_PER_THREAD = 0  # let two threads split even a small batch
+        schedule.clear_plans()
         times = _medians_ms(runs, args.repeats)
     elif args.what == "faults":
         # whether glibc hands freed buffers back (and the next step faults them in again) depends on everything the
         # process allocated before: run it a few times
         if args.pool_from is not None:
-            nb._buffers.MIN_BYTES = args.pool_from
+            buffers.MIN_BYTES = args.pool_from
         cls = {"lstm": "LSTM", "gru": "GRU", "rnn_tanh": "RNN"}[args.cell]
         model = getattr(seqfast, cls)(I, H, backend="numba")
 
@@ -166,26 +169,26 @@ def main() -> None:
             step()
             n += 1
         after = resource.getrusage(resource.RUSAGE_SELF)
-        times[f"training step, pool from {nb._buffers.MIN_BYTES} bytes"] = (time.perf_counter() - t0) / n * 1e3
+        times[f"training step, pool from {buffers.MIN_BYTES} bytes"] = (time.perf_counter() - t0) / n * 1e3
         print(f"minor page faults per step: {(after.ru_minflt - before.ru_minflt) / n:.1f}, system time per step: "
               f"{(after.ru_stime - before.ru_stime) / n * 1e6:.0f} us ({n} steps)")
     elif args.what == "busy":
-        # another process spins on one core; small torch GEMMs on two threads then wait for it (numba._mm)
+        # another process spins on one core; small torch GEMMs on two threads then wait for it (gemm.mm)
         cls = {"lstm": "LSTM", "gru": "GRU", "rnn_tanh": "RNN"}[args.cell]
         torch.manual_seed(0)
         ref = getattr(torch.nn, cls)(I, H)
         model = getattr(seqfast, cls)(I, H, backend="numba")
         model.load_state_dict(ref.state_dict())
-        small = nb.SMALL_TORCH_GEMM
+        small = gemm.SMALL_TORCH_GEMM
         runs = {}
         for label, threshold in (("numba, small GEMMs on two threads", 0), ("numba (small GEMMs on one)", small)):
             def train(threshold=threshold) -> None:
-                nb.SMALL_TORCH_GEMM = threshold
+                gemm.SMALL_TORCH_GEMM = threshold
                 out, _ = model(x)
                 out.sum().backward()
 
             def infer(threshold=threshold) -> None:
-                nb.SMALL_TORCH_GEMM = threshold
+                gemm.SMALL_TORCH_GEMM = threshold
                 with torch.no_grad():
                     model(x)
             runs[f"training, {label}"], runs[f"inference, {label}"] = train, infer
@@ -197,25 +200,24 @@ def main() -> None:
             times = _medians_ms(runs, args.repeats)
         finally:
             spinner.kill()
-            nb.SMALL_TORCH_GEMM = small
+            gemm.SMALL_TORCH_GEMM = small
     elif args.what == "kernels":
-        times = _kernel_gflops(T, B, G, H, nb, args.repeats)
+        times = _kernel_gflops(T, B, G, H, args.repeats)
         print(f"per-step GEMMs of {args.cell} B{B} H{H} on one thread, one row range of the scan's, GFLOP/s "
               f"(median of {args.repeats})")
         for name, gflops in times.items():
             print(f"  {name:72s} {gflops:7.1f}")
         return
     else:
-        real = nb._use_loop_gemm
+        def with_gemm(loop: bool, run) -> None:
+            with schedule.forced_loop_gemm(loop):
+                run()
+
         runs = {}
         for label, loop in (("MKL", False), ("numba loop", True)):
-            def choose(loop=loop) -> None:
-                nb._use_loop_gemm = lambda *a, loop=loop: loop
-                nb._plans.clear()
-            runs[f"forward scan, GEMM by {label}"] = lambda choose=choose: (choose(), scan_forward(True))
-            runs[f"forward + backward scan, GEMM by {label}"] = lambda choose=choose: (choose(), scan_backward())
+            runs[f"forward scan, GEMM by {label}"] = lambda loop=loop: with_gemm(loop, lambda: scan_forward(True))
+            runs[f"forward + backward scan, GEMM by {label}"] = lambda loop=loop: with_gemm(loop, scan_backward)
         times = _medians_ms(runs, args.repeats)
-        nb._use_loop_gemm = real
     print(f"{args.cell} T{T} B{B} I{I} H{H}, torch {torch.__version__} ({torch.get_num_threads()} threads)")
     for name, ms in times.items():
         print(f"  {name:40s} {ms:9.3f} ms")

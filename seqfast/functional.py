@@ -116,7 +116,8 @@ def _select_while_compiling(cell: str, device: str, dtype: str, hidden: int, inp
 
 
 # What torch.compiler.assume_constant_result(fn) does, without importing torch._dynamo (and with it triton) at
-# `import seqfast`, which would double the import time. tests/backends/test_numba.py compiles in a fresh process.
+# `import seqfast`, which would double the import time. tests/backends/numba/test_numba_backend.py compiles in a
+# fresh process.
 _select_while_compiling._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 

@@ -68,7 +68,7 @@ def test_dateutil_baseline_counts_a_text_it_cannot_parse_as_wrong():
 
 @needs_espeak
 def test_digits_speech_quick_beats_a_constant_answer(tmp_path, monkeypatch):
-    monkeypatch.setenv("SEQFAST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("SEQFAST_CACHE_DIR", str(tmp_path / "cache"))
     result = run_demo("digits-speech", DemoOptions(quick=True, out=tmp_path, progress=False, threads=1))
     check_quick_result(result, tmp_path)
     assert result.value() < 100.0  # below the empty answer's 100 %, whichever trivial answer is better

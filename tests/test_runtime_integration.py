@@ -122,12 +122,12 @@ def test_compile_fullgraph_with_lengths_matches_eager(backend):
 # --- forked DataLoader workers ---------------------------------------------------------------------------------------
 _FORKED_WORKERS = """
 import torch, seqfast
-from seqfast.backends.numba import _row_ranges, num_threads
+from seqfast.backends.numba.schedule import num_threads, row_ranges
 
 torch.manual_seed(0)
 module = seqfast.LSTM(16, 64, backend="numba").eval()
 xs = torch.randn(4, 50, 8, 16)
-assert num_threads() == 2 and len(_row_ranges(8, 50 * 4 * 64 * 64)) == 2  # the scans below use two threads
+assert num_threads() == 2 and len(row_ranges(8, 50 * 4 * 64 * 64)) == 2  # the scans below use two threads
 
 
 class Data(torch.utils.data.Dataset):

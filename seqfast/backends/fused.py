@@ -10,6 +10,9 @@ weights as a list in `CellSpec.recurrent_param_names` order. An absent weight (b
 travels as a 0-element placeholder, not None: autograd treats a list holding None as a single leaf, so its
 gradient could not be returned per element. Results are flat lists: forward -> [outputs, *final_states, *saved];
 backward -> [grad_x_proj, *grad_state0, *grad_weights (0-element for placeholders)].
+
+Size: the base class, its two eager autograd Functions (scan and layer), the custom ops and the differentiable
+recompute share the same saved-tensor layout, so they stay together (the layout itself is in fused_contract.py).
 """
 
 from __future__ import annotations
@@ -20,19 +23,29 @@ import torch
 from torch import Tensor
 
 from ..registry import Backend, CellSpec, Weights, get_cell
+from .fused_contract import Ownership, unpack_saved
 from .reference import TorchBackend
 from .states import states_after_steps
 
 
 class FusedBackend(Backend):
-    """Base class of fused backends. Subclasses implement forward, saved_shapes and backward."""
+    """Base class of fused backends. Subclasses implement forward, saved_shapes and backward.
+
+    Capabilities, declared as class attributes (what the glue below may hand forward() and backward()):
+    - accepts_zero_state (Backend's): scan() and layer() take state0=None for zero initial states. True for every
+      fused backend: where forward() cannot take None, scan() makes the zeros.
+    - forward_accepts_zero_state: forward() itself takes state0=None, in eager inference (else scan() makes the
+      zeros first).
+    - fuses_input_bias: forward() and backward() take x_bias= (the input projection's [G*H] bias, added as the
+      kernel reads x_proj, its gradient summed there too), backward() takes x_proj_mode=, and forward() takes
+      state0=None in training too: layer() then runs the projection inside one autograd node. A backend without
+      it declines a non-None x_bias with an error.
+    """
 
     needs_pointwise = True
     cells = None
     accepts_zero_state = True
-    forward_accepts_zero_state = False  # forward() itself takes state0=None (else scan makes the zeros)
-    # forward()/backward() take x_bias (the input projection's bias, added as the kernel reads x_proj, its gradient
-    # summed there too) and state0=None in training: layer() then runs the projection inside one autograd node
+    forward_accepts_zero_state = False
     fuses_input_bias = False
     # per-step states come from what forward saves for the backward (saved[saved_states_at]: every state before
     # each step, [S, T, B, H], indexed by loop step k ("loop_step"; a reversed row of length L runs t = L-1-k) or
@@ -47,30 +60,33 @@ class FusedBackend(Backend):
     }
 
     # --- what a subclass implements ---------------------------------------------------------------------------
-    def forward(self, cell: CellSpec, x_proj: Tensor, state0: list[Tensor], weights: list[Tensor | None],
-                lengths: Tensor | None, reverse: bool, need_saved: bool) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    def forward(self, cell: CellSpec, x_proj: Tensor, state0: list[Tensor] | None, weights: list[Tensor | None],
+                lengths: Tensor | None, reverse: bool, need_saved: bool, x_bias: Tensor | None = None
+                ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         """-> (outputs [T, B, H_out], final states, tensors saved for backward ([] unless need_saved)).
         state0 is None (zero states) only in eager calls: inference, for backends that set
         forward_accepts_zero_state, and layer() training, for those that set fuses_input_bias (which also take
-        x_bias=, a [G*H] bias that x_proj does not include yet)."""
+        x_bias=, a [G*H] bias that x_proj does not include yet; None everywhere else)."""
         raise NotImplementedError
 
     def saved_shapes(self, cell: CellSpec, steps: int, batch: int, hidden: int) -> list[tuple[int, ...]]:
         """Shapes of what forward saves when need_saved is True (the fake kernel allocates these)."""
         raise NotImplementedError
 
-    def backward(self, cell: CellSpec, x_proj: Tensor, state0: list[Tensor], weights: list[Tensor | None],
+    def backward(self, cell: CellSpec, x_proj: Tensor, state0: list[Tensor] | None, weights: list[Tensor | None],
                  lengths: Tensor | None, reverse: bool, outputs: Tensor, final: list[Tensor], saved: list[Tensor],
-                 grad_outputs: Tensor, grad_final: list[Tensor], saved_mode: str = "keep"
+                 grad_outputs: Tensor | None, grad_final: list[Tensor | None], saved_mode: Ownership = Ownership.KEEP,
+                 x_bias: Tensor | None = None, x_proj_mode: Ownership = Ownership.KEEP
                  ) -> tuple[Tensor, list[Tensor], list[Tensor | None]]:
         """-> (grad of x_proj, grad of each state0, grad of each weight (None where the weight is None), and
         with x_bias= (fuses_input_bias backends) one more at the end of the weights' list: x_bias's).
         grad_outputs and grad_final entries may be None (that output was not used: zero gradient).
 
-        saved_mode: "keep": leave the saved tensors unchanged (the custom op, whose inputs must not change, and
-        a graph retained for another backward); "consume": they are read for the last time, so the backward may
-        use them as scratch. fuses_input_bias backends also take x_proj_mode=: "consume" where x_proj is layer()'s
-        own projection, read for the last time (its d_x_proj may then be written over it), else "keep"."""
+        saved_mode: who owns the saved tensors (Ownership): KEEP for the custom op, whose inputs must not change,
+        and a graph retained for another backward; CONSUME where they are read for the last time, so the backward
+        may use them as scratch. x_proj_mode (fuses_input_bias backends): CONSUME where x_proj is layer()'s own
+        projection, read for the last time (its d_x_proj may then be written over it). CONSUME permits, never
+        obliges: a backend may treat it as KEEP."""
         raise NotImplementedError
 
     def backward_reads_x_proj(self, cell: CellSpec) -> bool:
@@ -173,18 +189,17 @@ class _EagerScan(torch.autograd.Function):
     def backward(ctx, grad_out, *grad_final):
         grad_final = grad_final[:-1]  # the last is the saved list's (always None)
         n_state, n_weights = ctx.counts
-        x_proj, lengths, *rest = ctx.saved_tensors
-        state0, weights, rest = rest[:n_state], rest[n_state : n_state + n_weights], rest[n_state + n_weights :]
+        kept = unpack_saved(ctx.saved_tensors, n_state, n_weights, n_state)
         if _differentiable_backward():
+            lengths = kept.lengths
             grads = _grads_by_recomputing(
                 lambda x_proj, *t: _reference_scan(ctx.cell, x_proj, t[:n_state], t[n_state:], lengths, ctx.reverse),
-                [x_proj, *state0, *weights], ctx.needs_input_grad[5:], [grad_out, *grad_final])
+                [kept.x_proj, *kept.state0, *kept.weights], ctx.needs_input_grad[5:], [grad_out, *grad_final])
             return None, None, None, None, None, *grads
-        outputs, final, saved = rest[0], rest[1 : 1 + n_state], rest[1 + n_state :]
         # the saved tensors may serve as scratch unless the graph is retained for another backward
-        saved_mode = "keep" if _graph_retained() else "consume"
-        gx, gstate, gweights = ctx.backend.backward(ctx.cell, x_proj, list(state0), list(weights), lengths,
-                                                    ctx.reverse, outputs, list(final), list(saved),
+        saved_mode = _KEEP if _graph_retained() else _CONSUME
+        gx, gstate, gweights = ctx.backend.backward(ctx.cell, kept.x_proj, kept.state0, kept.weights, kept.lengths,
+                                                    ctx.reverse, kept.outputs, kept.final, kept.saved,
                                                     grad_out.contiguous(), list(grad_final), saved_mode=saved_mode)
         return None, None, None, None, None, gx, *gstate, *gweights
 
@@ -218,23 +233,25 @@ class _EagerLayer(torch.autograd.Function):
     def backward(ctx, grad_out, *grad_final):
         grad_final = grad_final[:-1]  # the last is the saved list's (always None)
         n_state, n_weights = ctx.counts
-        x, weight_ih, bias_ih, x_proj, lengths, *rest = ctx.saved_tensors
-        state0, weights, rest = rest[:n_state], rest[n_state : n_state + n_weights], rest[n_state + n_weights :]
+        tensors = ctx.saved_tensors  # unpacked anew on each access: read once
+        x, weight_ih, bias_ih = tensors[:3]
+        kept = unpack_saved(tensors[3:], n_state, n_weights, len(grad_final))
         if _differentiable_backward():
+            lengths = kept.lengths
+
             def layer(x, weight_ih, bias_ih, *t):
                 x_proj = torch.nn.functional.linear(x, weight_ih, bias_ih)
                 hidden = x_proj.shape[2] // ctx.cell.num_gates
                 state0 = t[:n_state] or tuple(x.new_zeros(x.shape[1], hidden) for _ in ctx.cell.state_names)
                 return _reference_scan(ctx.cell, x_proj, state0, t[n_state:], lengths, ctx.reverse)
 
-            grads = _grads_by_recomputing(layer, [x, weight_ih, bias_ih, *state0, *weights],
+            grads = _grads_by_recomputing(layer, [x, weight_ih, bias_ih, *kept.state0, *kept.weights],
                                           ctx.needs_input_grad[5:], [grad_out, *grad_final])
             return None, None, None, None, None, *grads
-        outputs, final, saved = rest[0], rest[1 : 1 + len(grad_final)], rest[1 + len(grad_final) :]
-        saved_mode = "keep" if _graph_retained() else "consume"
+        saved_mode = _KEEP if _graph_retained() else _CONSUME
         gx_proj, gstate, gweights = ctx.backend.backward(
-            ctx.cell, x_proj, list(state0) or None, list(weights), lengths, ctx.reverse, outputs, list(final),
-            list(saved), None if grad_out is None else grad_out.contiguous(), list(grad_final),
+            ctx.cell, kept.x_proj, kept.state0 or None, kept.weights, kept.lengths, ctx.reverse, kept.outputs,
+            kept.final, kept.saved, None if grad_out is None else grad_out.contiguous(), list(grad_final),
             saved_mode=saved_mode, x_bias=bias_ih, x_proj_mode=saved_mode)  # x_proj is this node's own
         g_bias_ih = gweights.pop() if bias_ih is not None else None
         flat = gx_proj.view(-1, gx_proj.shape[2])  # x_proj itself may not have been kept
@@ -265,6 +282,7 @@ def _with_ctx(function: type[torch.autograd.Function]) -> type[torch.autograd.Fu
 _EagerScanPlain = _with_ctx(_EagerScan)
 _EagerLayerPlain = _with_ctx(_EagerLayer)
 _transforms_active = torch._C._are_functorch_transforms_active
+_KEEP, _CONSUME = Ownership.KEEP, Ownership.CONSUME  # module constants: an Enum attribute costs ~60 ns a read
 _REFERENCE = TorchBackend()
 
 
@@ -377,16 +395,13 @@ def _define_ops(backend: FusedBackend) -> tuple:
 
     def backward(ctx, grads):
         n_state, n_weights, _ = ctx.counts
-        x_proj, lengths, *rest = ctx.saved_tensors
-        state0, rest = rest[:n_state], rest[n_state:]
-        weights, rest = rest[:n_weights], rest[n_weights:]
-        outputs, final, saved = rest[0], rest[1 : 1 + n_state], rest[1 + n_state :]
+        kept = unpack_saved(ctx.saved_tensors, n_state, n_weights, n_state)
         # outputs nobody used arrive as None
-        grad_out = grads[0] if grads[0] is not None else torch.zeros_like(outputs)
+        grad_out = grads[0] if grads[0] is not None else torch.zeros_like(kept.outputs)
         grad_final = [g if g is not None else torch.zeros_like(f)
-                      for g, f in zip(grads[1 : 1 + n_state], final, strict=True)]
-        flat = scan_backward_op(ctx.cell, x_proj, list(state0), list(weights), lengths, ctx.reverse, outputs,
-                                list(final), list(saved), grad_out.contiguous(), grad_final)
+                      for g, f in zip(grads[1 : 1 + n_state], kept.final, strict=True)]
+        flat = scan_backward_op(ctx.cell, kept.x_proj, kept.state0, kept.weights, kept.lengths, ctx.reverse,
+                                kept.outputs, kept.final, kept.saved, grad_out.contiguous(), grad_final)
         return None, flat[0], list(flat[1 : 1 + n_state]), list(flat[1 + n_state :]), None, None, None
 
     scan_op.register_autograd(backward, setup_context=setup_context)

@@ -3,10 +3,11 @@
 Data: random strings of 1-6 digits ("3 1 4" is read "three one four"), spoken by espeak-ng in seven English
 accents (en, en-us, en-gb-x-rp, Scottish, Caribbean, Lancaster, West Midlands) with voice variants, each utterance
 at a random pitch and speed. The audio is synthesised once and cached (keyed by everything that made it) in
-`$SEQFAST_CACHE` or ~/.cache/seqfast. Features: log-mel spectra (torch.stft and a triangular mel filterbank), 10 ms
-frames stacked in pairs. Evaluation: digit error rate (edit distance / reference length) of greedy CTC decoding on
-voice variants that never speak in training, against the best constant answer (the most common digit, repeated the
-most common length) and the empty answer (all deletions: 100 %); the better of the two is the trivial baseline.
+seqfast's cache directory (`SEQFAST_CACHE_DIR`, else ~/.cache/seqfast). Features: log-mel spectra (torch.stft and a
+triangular mel filterbank), 10 ms frames stacked in pairs. Evaluation: digit error rate (edit distance / reference
+length) of greedy CTC decoding on voice variants that never speak in training, against the best constant answer (the
+most common digit, repeated the most common length) and the empty answer (all deletions: 100 %); the better of the
+two is the trivial baseline.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch
 from torch import nn
 
 from .. import GRU
+from ..config import cache_root
 from .common import (
     DemoOptions,
     DemoResult,
@@ -110,7 +112,7 @@ def utterances(n: int, variants: tuple[str, ...], rng: random.Random) -> list[tu
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("SEQFAST_CACHE", Path.home() / ".cache" / "seqfast")) / "digits_speech"
+    return cache_root() / "digits_speech"  # seqfast's cache directory (SEQFAST_CACHE_DIR, docs/settings.md)
 
 
 def features(specs: list[tuple[str, int, int, str]], progress: bool) -> list[torch.Tensor]:

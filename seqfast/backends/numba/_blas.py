@@ -1,7 +1,7 @@
 """GEMM inside numba kernels: MKL (exported by libtorch_cpu.so), else a numba loop.
 
 MKL is its Fortran sgemm_/dgemm_ or, for float32 on a non-Intel CPU with AVX2 / AVX-512, MKL's own kernels for
-those instruction sets called directly (_direct_kernels), which sgemm_'s dispatch skips on such a CPU.
+those instruction sets called directly (direct_kernels), which sgemm_'s dispatch skips on such a CPU.
 
 All matrices are row-major numba arrays; a row-major [R, C] matrix is a column-major C x R one, so
     C[M, N] = A[M, K] @ B[N, K]^T   is Fortran   C^T(N x M) = op_T(B (K x N)) @ A^T (K x M)
@@ -43,7 +43,7 @@ def _blas_addresses() -> tuple[int, int]:
 
 
 
-def _cpu() -> tuple[str, set[str]]:
+def cpu_vendor_and_flags() -> tuple[str, set[str]]:
     """(vendor_id, flags) of this CPU from /proc/cpuinfo; ("", set()) where there is none."""
     try:
         with open("/proc/cpuinfo") as f:
@@ -55,7 +55,7 @@ def _cpu() -> tuple[str, set[str]]:
     return fields.get("vendor_id", ""), set(fields.get("flags", "").split())
 
 
-def _ctypes_gemm_agrees(fn) -> bool:
+def gemm_agrees(fn) -> bool:
     """fn, called like Fortran sgemm_, gives exact products (small integers) for the three kinds the kernels use
     (T,N with beta 0; N,N with beta 1; N,T with beta 0), with leading dimensions past the matrix edges."""
     m, n, k, ld = 5, 7, 9, 11
@@ -78,7 +78,7 @@ def _ctypes_gemm_agrees(fn) -> bool:
     return True
 
 
-def _direct_kernels() -> dict[str, int]:
+def direct_kernels() -> dict[str, int]:
     """{"avx512": address, "avx2": address}: MKL's own sgemm kernels for those instruction sets that the kernels may
     call directly, where sgemm_ would take a generic path (empty where none may).
 
@@ -93,12 +93,12 @@ def _direct_kernels() -> dict[str, int]:
     So the forward runs N,N on the AVX-512 kernel (is_avx512_kernel) and T,N on the others. Both kernels are
     sequential (no threads of their own), safe to call from several threads at once, and read their integers as
     8 bytes (which _fortran_gemm passes to every routine). They are MKL's internal entry points, so one is used
-    only where the CPU has its instructions and it passes an exact product check (_ctypes_gemm_agrees);
+    only where the CPU has its instructions and it passes an exact product check (gemm_agrees);
     SEQFAST_NUMBA_MKL_KERNELS=0 turns them off. An Intel CPU keeps sgemm_, whose own dispatch already picks them
     there."""
     if not _found("SGEMM") or not setting("numba_mkl_kernels"):
         return {}
-    vendor, flags = _cpu()
+    vendor, flags = cpu_vendor_and_flags()
     if vendor == "GenuineIntel":
         return {}
     import torch
@@ -107,7 +107,7 @@ def _direct_kernels() -> dict[str, int]:
     found = {}
     for isa, needs in (("avx512", {"avx512f", "avx512bw", "avx512dq", "avx512vl"}), ("avx2", {"avx2", "fma"})):
         fn = getattr(lib, f"mkl_blas_{isa}_xsgemm", None)
-        if fn is not None and needs <= flags and _ctypes_gemm_agrees(fn):
+        if fn is not None and needs <= flags and gemm_agrees(fn):
             found[isa] = ctypes.cast(fn, ctypes.c_void_p).value
     return found
 
@@ -116,8 +116,8 @@ def _direct_kernels() -> dict[str, int]:
 def is_avx512_kernel(fn: int) -> bool:
     """Whether the GEMM at fn is MKL's AVX-512 kernel, called directly: then the forward forms h @ W_hh^T as an
     N,N product over a transposed W_hh (not T,N over W_hh itself), and both scans leave the loop from two rows up
-    (see _direct_kernels, loop_gemm)."""
-    return fn != 0 and fn == _found("_DIRECT").get("avx512")
+    (see direct_kernels, loop_gemm)."""
+    return fn != 0 and fn == _found("DIRECT_KERNELS").get("avx512")
 
 
 def _mkl_local_threads():
@@ -134,7 +134,7 @@ def _mkl_local_threads():
 
 # Found on first use, not at import: the search reads /proc/cpuinfo and runs check products. Module attributes
 # (SGEMM, ...) through __getattr__ below; this module's own code through _found, which sees a test's monkeypatch.
-_FOUND_ON_USE = ("SGEMM", "DGEMM", "_DIRECT", "SGEMM_KERNEL", "_set_local_threads")
+_FOUND_ON_USE = ("SGEMM", "DGEMM", "DIRECT_KERNELS", "SGEMM_KERNEL", "MKL_SET_LOCAL_THREADS")
 _find_lock = threading.Lock()
 
 
@@ -143,12 +143,12 @@ def _find_gemms() -> None:
         if "SGEMM" in globals():
             return
         sgemm, dgemm = _blas_addresses()
-        globals().update(SGEMM=sgemm, DGEMM=dgemm)  # _direct_kernels reads SGEMM
-        direct = _direct_kernels()
+        globals().update(SGEMM=sgemm, DGEMM=dgemm)  # direct_kernels reads SGEMM
+        direct = direct_kernels()
         globals().update(
-            _DIRECT=direct,
+            DIRECT_KERNELS=direct,
             SGEMM_KERNEL=direct.get("avx512") or direct.get("avx2") or sgemm,  # what float32 scans call
-            _set_local_threads=_mkl_local_threads() if sgemm else None,
+            MKL_SET_LOCAL_THREADS=_mkl_local_threads() if sgemm else None,
         )
 
 
@@ -169,7 +169,7 @@ def __getattr__(name: str):
 @contextlib.contextmanager
 def single_threaded_blas() -> Iterator[None]:
     """MKL uses one thread on this thread inside the block (a per-thread setting; restored afterwards)."""
-    set_local_threads = _found("_set_local_threads")
+    set_local_threads = _found("MKL_SET_LOCAL_THREADS")
     if set_local_threads is None:
         yield
         return

@@ -11,9 +11,9 @@ kernels return at the extremes, so saturated gates pass exactly zero gradient, a
   degree-7 polynomial, the power of two built from exponent bits), the routine torch's vectorized sigmoid calls:
   exactly 1 from x >= 16.635532 (1 + exp(-x) rounds to 1), exactly 0 from x <= -88.722839 (exp(-x) overflows), and
   the tiny values in between, subnormals included. Over every float32 input checked it equals torch bit for bit.
-Worst-case absolute error against float64 libm (checked by tests/backends/test_numba.py over the whole range):
-tanh <= TANH_F32_MAX_ABS_ERROR, sigmoid <= SIGMOID_F32_MAX_ABS_ERROR. +-inf give +-1 (tanh) and 1 / 0 (sigmoid);
-NaN propagates.
+Worst-case absolute error against float64 libm (checked over the whole range by
+tests/backends/numba/test_numba_kernels.py): tanh <= TANH_F32_MAX_ABS_ERROR, sigmoid <= SIGMOID_F32_MAX_ABS_ERROR.
++-inf give +-1 (tanh) and 1 / 0 (sigmoid); NaN propagates.
 float64: libm (exact to an ulp); the f64 kernels serve gradcheck and double-precision users, not speed.
 Every function propagates NaN like torch: relu(NaN) = NaN, maximum/minimum(NaN, x) = NaN.
 """

@@ -1,6 +1,6 @@
 """Running a scan's row ranges on torch's OpenMP threads without Python in the loop.
 
-A scan with several row ranges (see seqfast/backends/numba/__init__.py) runs them on torch's `GOMP_parallel`
+A scan with several row ranges (see schedule.py) runs them on torch's `GOMP_parallel`
 team, and no team thread may need Python to start its kernel: a thread that did would wait for the GIL while
 another started (a ctypes callback per thread cost 60-130 us per scan, benchmarks/RESULTS.md). So the generated
 module's `<kernel>_launch` (njit, GIL released) writes the kernel's arguments into an int64

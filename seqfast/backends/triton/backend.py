@@ -18,6 +18,7 @@ from torch import Tensor
 from ...config import reader, setting
 from ...registry import CellSpec, Query
 from ..fused import FusedBackend
+from ..fused_contract import Ownership
 from .codegen import CodegenError, generate_source, load_kernels, param_layout
 
 __all__ = ["TritonBackend", "KernelPlan", "interpreting"]
@@ -89,6 +90,12 @@ class KernelPlan:
             return f"persistent, W_hh on chip ({kib} in shared memory), {rows}"
         what = "diagonal w_hh in registers" if cell.recurrence == "diagonal" else "no recurrent matrix"
         return f"persistent, {what}, {rows}"
+
+
+def _decline_x_bias(x_bias: Tensor | None) -> None:
+    if x_bias is not None:
+        raise ValueError("triton backend: x_bias must be None (fuses_input_bias is False: x_proj includes its bias), "
+                         f"got a tensor of shape {tuple(x_bias.shape)}")
 
 
 class TritonBackend(FusedBackend):
@@ -238,7 +245,9 @@ class TritonBackend(FusedBackend):
         return steps, batch, hidden, by_name, layout, params, lengths, plan, consts, grid
 
     def forward(self, cell: CellSpec, x_proj: Tensor, state0: list[Tensor], weights: list[Tensor | None],
-                lengths: Tensor | None, reverse: bool, need_saved: bool) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+                lengths: Tensor | None, reverse: bool, need_saved: bool, x_bias: Tensor | None = None
+                ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        _decline_x_bias(x_bias)
         kernels = load_kernels(cell)
         steps, batch, hidden, by_name, _, params, lengths, plan, consts, grid = self._common(
             cell, x_proj, weights, lengths)
@@ -284,8 +293,11 @@ class TritonBackend(FusedBackend):
 
     def backward(self, cell: CellSpec, x_proj: Tensor, state0: list[Tensor], weights: list[Tensor | None],
                  lengths: Tensor | None, reverse: bool, outputs: Tensor, final: list[Tensor], saved: list[Tensor],
-                 grad_outputs: Tensor, grad_final: list[Tensor], saved_mode: str = "keep"
+                 grad_outputs: Tensor, grad_final: list[Tensor], saved_mode: Ownership = Ownership.KEEP,
+                 x_bias: Tensor | None = None, x_proj_mode: Ownership = Ownership.KEEP
                  ) -> tuple[Tensor, list[Tensor], list[Tensor | None]]:
+        # saved_mode and x_proj_mode permit writing over buffers; these kernels never do
+        _decline_x_bias(x_bias)
         kernels = load_kernels(cell)
         if not hasattr(kernels, "scan_backward"):
             raise RuntimeError(f"cell {cell.name!r} has no pointwise backward; the triton backend cannot train it")

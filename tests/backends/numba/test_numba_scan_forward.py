@@ -9,7 +9,7 @@ import seqfast
 
 pytest.importorskip("numba")
 
-from seqfast.backends import numba as numba_backend  # noqa: E402
+from seqfast.backends.numba import buffers  # noqa: E402
 
 
 @pytest.mark.parametrize("batch", [1, 5], ids=["B1", "B5"])
@@ -24,13 +24,13 @@ def test_inference_allocates_no_product_buffer(monkeypatch, cell: str, batch: in
     ours.load_state_dict(ref.state_dict())
     x = torch.randn(6, batch, 3)
     shapes: list[tuple[int, ...]] = []
-    real_new = numba_backend._new
+    real_new = buffers.new
 
     def spy(shape, dtype, shared):
         shapes.append(tuple(shape))
         return real_new(shape, dtype, shared)
 
-    monkeypatch.setattr(numba_backend, "_new", spy)
+    monkeypatch.setattr(buffers, "new", spy)
     with torch.no_grad():
         out, state = ours(x)
         expected, expected_state = ref(x)

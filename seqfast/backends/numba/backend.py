@@ -1,0 +1,106 @@
+"""NumbaBackend: what the numba backend supports, declared, and short calls into its kernels (see __init__.py)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ...registry import CellSpec, Query
+from ..fused import FusedBackend, _transforms_active
+from ..fused_contract import Ownership
+from . import gemm, scan
+from .availability import DTYPES, numba_missing
+from .codegen import CodegenError, check_cell, preactivation_only
+
+_CONSUME = Ownership.CONSUME  # a module constant: an Enum attribute costs ~60 ns a read
+_MISSING = object()
+_step_layouts: dict[tuple, object] = {}  # NumbaBackend.step's per-call lookup of step.step_layout
+
+
+class NumbaBackend(FusedBackend):
+    name = "numba"
+    description = "fused CPU scans compiled with numba (MKL GEMM per step, vectorized float32 gate math)"
+    devices = frozenset({"cpu"})
+    dtypes = frozenset(DTYPES)
+    supports_proj = False  # LSTM proj_size: h would need a second GEMM per step; declined, use torch or native
+    priority = 5
+    forward_accepts_zero_state = True
+    fuses_input_bias = True
+
+    # --- support ---------------------------------------------------------------------------------------------
+    def unavailable_reason(self) -> str | None:
+        return numba_missing()
+
+    def extra_reasons(self, query: Query) -> list[str]:
+        return self.pointwise_reasons(query.cell)
+
+    def pointwise_reasons(self, cell: CellSpec) -> list[str]:
+        if cell.pointwise is None:
+            return []  # already reported by needs_pointwise
+        try:
+            check_cell(cell)
+        except CodegenError as exc:
+            return [f"cannot compile the cell's pointwise code: {exc}"]
+        return []
+
+    def auto_rank(self, query: Query) -> float:
+        if query.level == "step":
+            from .tuning import step_rank
+
+            return step_rank(query, native_priority=10.0, own_priority=float(self.priority))
+        from .tuning import auto_rank
+
+        return auto_rank(query, native_priority=10.0, own_priority=float(self.priority))
+
+    def needs_compile(self, query: Query) -> bool:
+        from .codegen import is_compiled
+
+        kernel_names = ("forward", "backward") if query.requires_grad else ("forward",)
+        return not is_compiled(query.cell, DTYPES[query.dtype], kernel_names)
+
+    # --- one step (the cells) ----------------------------------------------------------------------------------
+    def step(self, cell: CellSpec, x: Tensor, state: tuple[Tensor, ...], params, names) -> tuple[Tensor, ...]:
+        # one kernel call each way (step.py); the scan with T=1 where those kernels do not apply
+        key = (cell, x.dtype, tuple(names))
+        layout = _step_layouts.get(key, _MISSING)
+        if layout is _MISSING:
+            from .step import step_layout
+
+            layout = step_layout(cell, x.dtype, names)
+            if len(_step_layouts) > 256:
+                _step_layouts.clear()
+            _step_layouts[key] = layout
+        if (layout is None or not x.shape[0] or not x.shape[1] or _transforms_active()
+                or torch.compiler.is_compiling()):
+            return super().step(cell, x, state, params, names)
+        from .step import run_step
+
+        return run_step(layout, cell, x, state, params, names)
+
+    # --- the fused scan (scan.py) ------------------------------------------------------------------------------
+    def saved_shapes(self, cell: CellSpec, steps: int, batch: int, hidden: int) -> list[tuple[int, ...]]:
+        return scan.saved_shapes(cell, steps, batch, hidden)
+
+    def backward_reads_x_proj(self, cell: CellSpec) -> bool:
+        return not preactivation_only(cell)
+
+    def project(self, x: Tensor, weight_ih: Tensor) -> Tensor:
+        return gemm.input_projection(x, weight_ih)
+
+    def project_backward(self, grad: Tensor, x: Tensor, weight_ih: Tensor, need_x: bool, need_weight: bool
+                         ) -> tuple[Tensor | None, Tensor | None]:
+        return ((gemm.mm(grad, weight_ih) if need_x else None),
+                (gemm.weight_gradient(grad, x) if need_weight else None))
+
+    def forward(self, cell: CellSpec, x_proj: Tensor, state0: list[Tensor] | None, weights: list[Tensor | None],
+                lengths: Tensor | None, reverse: bool, need_saved: bool, x_bias: Tensor | None = None
+                ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        return scan.forward(cell, x_proj, state0, weights, lengths, reverse, need_saved, x_bias)
+
+    def backward(self, cell: CellSpec, x_proj: Tensor, state0: list[Tensor] | None, weights: list[Tensor | None],
+                 lengths: Tensor | None, reverse: bool, outputs: Tensor, final: list[Tensor], saved: list[Tensor],
+                 grad_outputs: Tensor | None, grad_final: list[Tensor | None], saved_mode: Ownership = Ownership.KEEP,
+                 x_bias: Tensor | None = None, x_proj_mode: Ownership = Ownership.KEEP
+                 ) -> tuple[Tensor, list[Tensor], list[Tensor | None]]:
+        return scan.backward(cell, x_proj, state0, weights, lengths, reverse, outputs, final, saved, grad_outputs,
+                             grad_final, saved_mode == _CONSUME, x_bias, x_proj_mode == _CONSUME)

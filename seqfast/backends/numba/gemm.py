@@ -1,0 +1,101 @@
+"""The torch-side GEMMs around a numba scan: the input projection, its gradients and the recurrent-weight gradient.
+
+The per-step GEMMs inside the kernels are _blas.py's; these run once per layer-direction, before or after the
+time loop.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..._memo import memo
+from . import buffers, schedule
+from .codegen import weight_grad_kernels
+
+# Below this many multiply-adds a torch GEMM (the input projection, its gradients, d_W_hh) runs on one MKL thread
+# (MKL_Set_Num_Threads_Local, on the calling thread only), so it never waits for torch's OpenMP worker to get a
+# core. With another process keeping one of the two cores busy, a T100 B1 H32 LSTM training step (three 0.41M-MAC
+# GEMMs) took 782 us with them on two threads and 486 us on one, inference 195 and 99 us (2026-11-26; torch.nn
+# 1136 and 541). With both cores free one thread costs ~2 us a GEMM at that size (11.1 against 9.2 us alone) and
+# 7 us at 0.82M (20.5 against 13.3), hence the low threshold: on the grid, the B1 H32 point only.
+SMALL_TORCH_GEMM = 1 << 19  # read on each call
+
+# From this many outputs the input projection runs on oneDNN's linear (T100 B16 H256 up); below it MKL was as fast
+# or faster (T100 B8 H64 171 vs 190 us, B1 H32 12 vs 30 us).
+ONEDNN_MIN_OUTPUTS = 1 << 20
+
+
+def mm(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
+    """torch.mm(a, b), on one MKL thread when it is small (SMALL_TORCH_GEMM)."""
+    if a.shape[0] * a.shape[1] * b.shape[1] >= SMALL_TORCH_GEMM:
+        return torch.mm(a, b, out=out)
+    from ._blas import single_threaded_blas  # here, not at import: _blas imports numba
+
+    with single_threaded_blas():
+        return torch.mm(a, b, out=out)
+
+
+_linear_op: list = []
+
+
+def onednn_linear():
+    """torch's oneDNN fp32 linear (the op inductor's CPU fusions call), or None where this torch lacks it. oneDNN
+    has AVX-512 kernels where MKL's sgemm_ takes a generic path on this AMD CPU: an input projection of B64 H256 or
+    H512 ran at 191-223 GFLOP/s against MKL's 177-183, a training step 3-4% faster (2026-11-26)."""
+    if not _linear_op:
+        op = None
+        if torch.backends.mkldnn.is_available():
+            try:
+                op = torch.ops.mkldnn._linear_pointwise
+            except (AttributeError, RuntimeError):
+                op = None
+        _linear_op.append(op)
+    return _linear_op[0]
+
+
+def input_projection(x: Tensor, weight_ih: Tensor) -> Tensor:
+    """x [N, I] @ weight_ih^T without its bias: oneDNN's linear for large float32 ones, else mm, into a pooled
+    buffer from buffers.MIN_BYTES (a fresh one this large would be page-faulted in on every call)."""
+    linear = onednn_linear() if x.dtype == torch.float32 else None
+    if linear is not None and x.shape[0] * weight_ih.shape[0] >= ONEDNN_MIN_OUTPUTS:
+        return linear(x, weight_ih, None, "none", [], "")
+    shape = (x.shape[0], weight_ih.shape[0])
+    if shape[0] * shape[1] * x.dtype.itemsize < buffers.MIN_BYTES:
+        return mm(x, weight_ih.t())
+    return mm(x, weight_ih.t(), out=buffers.empty(shape, x.dtype))
+
+
+_output_ranges: dict[tuple, tuple] = {}
+
+
+def weight_grad_ranges(rows: int, threads: int) -> tuple[list[tuple[int, int]], np.ndarray]:
+    """How weight_gradient splits `rows` rows of its result over `threads` threads: ranges of at least 16 rows,
+    starting on 64-byte boundaries, as a list and as int64 [ranges, 2]."""
+    def make() -> tuple:
+        parts = min(threads, rows // 16)
+        bounds = [round(i * rows / parts / 16) * 16 for i in range(parts)] + [rows]
+        ranges = [(bounds[i], bounds[i + 1]) for i in range(parts)]
+        return ranges, np.array(ranges, dtype=np.int64).reshape(-1, 2)
+
+    return memo(_output_ranges, (rows, threads), make)
+
+
+def weight_gradient(a: Tensor, x: Tensor) -> Tensor:
+    """a^T @ x for a [K, M], x [K, N]: a weight gradient over all steps.
+
+    With MKL's own kernel (_blas.SGEMM_KERNEL, float32) the rows of the result are split over the scans' thread
+    team, each thread calling the kernel on its rows; torch's mm would take sgemm_'s generic path on this CPU.
+    Otherwise, and for small products or one thread, mm."""
+    from ._blas import SGEMM, SGEMM_KERNEL  # here, not at import: _blas imports numba
+
+    rows, threads = a.shape[1], schedule.num_threads()
+    if (a.dtype != torch.float32 or SGEMM_KERNEL == SGEMM or threads < 2 or rows < 32
+            or a.shape[0] * rows * x.shape[1] < SMALL_TORCH_GEMM or not (a.is_contiguous() and x.is_contiguous())):
+        return mm(a.t(), x)
+    ranges, range_array = weight_grad_ranges(rows, threads)
+    out = torch.empty(rows, x.shape[1], dtype=a.dtype)
+    schedule.launch_ranges(weight_grad_kernels("float32"), "weight_grad", SGEMM_KERNEL, ranges, range_array, False,
+                           (a.detach().numpy(), x.detach().numpy(), out.numpy()))
+    return out

@@ -1,0 +1,282 @@
+"""The numba kernels themselves: fast float32 math, the BLAS and loop GEMMs, code generation for a plugin cell, the
+disk cache."""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import seqfast
+from seqfast.cells.common import recurrent_term
+from seqfast.registry import CellSpec, ParamSpec, Pointwise
+
+numba = pytest.importorskip("numba")
+
+from numba_cases import compare_with_reference, fresh_plans, make_inputs, run_python  # noqa: E402, F401 (autouse fixture)
+
+from seqfast.backends.numba import _blas, _math, schedule  # noqa: E402
+
+
+# --- the fast float32 tanh / sigmoid ------------------------------------------------------------------------------
+@numba.njit
+def _worst_error(which: int, start: int, stop: int, step: int):
+    """(max |approx - exact|, its x, NaN mismatches, out-of-range results) over the float32 bit patterns
+    start, start + step, ... < stop (exact: float64 libm)."""
+    word = np.empty(1, dtype=np.uint32)
+    floats = word.view(np.float32)
+    worst, worst_x, nan_bad, out_of_range = 0.0, 0.0, 0, 0
+    for i in range(start, stop, step):
+        word[0] = i
+        x = floats[0]
+        if which == 0:
+            y = _math.tanh_f32(x)
+            exact = math.tanh(np.float64(x))
+            bad_range = abs(y) > 1.0
+        else:
+            y = _math.sigmoid_f32(x)
+            exact = 1.0 / (1.0 + math.exp(-np.float64(x)))
+            bad_range = y < 0.0 or y > 1.0
+        if x != x:
+            nan_bad += y == y
+            continue
+        out_of_range += bad_range
+        err = abs(np.float64(y) - exact)
+        if err > worst:
+            worst, worst_x = err, x
+    return worst, worst_x, nan_bad, out_of_range
+
+
+@pytest.mark.parametrize("which", ["tanh", "sigmoid"])
+def test_fast_math_whole_float32_range(which: str) -> None:
+    """Every 257th float32 bit pattern (every sign and exponent, ~17M inputs incl. infs and NaNs) and every 31st in
+    [-16, 16] (~70M): the documented worst-case error holds, results stay in range, NaN propagates. (Every input,
+    2**32 of them, was checked once when the bounds were measured; that takes minutes.)"""
+    index = 0 if which == "tanh" else 1
+    bound = _math.TANH_F32_MAX_ABS_ERROR if which == "tanh" else _math.SIGMOID_F32_MAX_ABS_ERROR
+    worst, x, nan_bad, out_of_range = _worst_error(index, 0, 2**32, 257)
+    assert nan_bad == 0 and out_of_range == 0
+    assert worst <= bound, f"{which}: error {worst:.3g} at x={x} exceeds the documented {bound:.3g}"
+    for lo, hi in ((0x00000000, 0x41800000), (0x80000000, 0xC1800000)):  # [0, 16] and [-16, -0]
+        worst, x, nan_bad, out_of_range = _worst_error(index, lo, hi, 31)
+        assert worst <= bound and nan_bad == 0 and out_of_range == 0, (which, worst, x)
+
+
+def test_fast_math_specials() -> None:
+    specials = np.array([np.inf, -np.inf, np.nan, 0.0, -0.0, 3.4e38, -3.4e38, 1e-45, -1e-45, 88.0, -104.0],
+                        dtype=np.float32)
+
+    @numba.njit
+    def apply(xs):
+        out = np.empty((2, xs.shape[0]), dtype=np.float32)
+        for i in range(xs.shape[0]):
+            out[0, i] = _math.tanh_f32(xs[i])
+            out[1, i] = _math.sigmoid_f32(xs[i])
+        return out
+
+    got = apply(specials)
+    ref = torch.from_numpy(specials)
+    torch.testing.assert_close(torch.from_numpy(got[0]), torch.tanh(ref), atol=5e-7, rtol=0, equal_nan=True)
+    torch.testing.assert_close(torch.from_numpy(got[1]), torch.sigmoid(ref), atol=3e-7, rtol=0, equal_nan=True)
+    assert got[0, 0] == 1.0 and got[0, 1] == -1.0  # saturates to exactly +-1 at inf
+
+
+
+def test_gemm_check_tells_a_wrong_routine() -> None:
+    """The exact-product check that admits MKL's kernels accepts sgemm_ and rejects routines that leave C alone or
+    ignore beta (both called like sgemm_, on the check's own float32 buffers)."""
+    if not _blas.SGEMM:
+        pytest.skip("this torch has no MKL")
+    signature = ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * 13)
+    assert _blas.gemm_agrees(signature(_blas.SGEMM))
+    assert not _blas.gemm_agrees(signature(lambda *args: None))
+    sgemm = signature(_blas.SGEMM)
+    zero = ctypes.c_float(0.0)
+
+    def beta_ignored(*args):
+        sgemm(*args[:10], ctypes.addressof(zero), *args[11:])
+
+    assert not _blas.gemm_agrees(signature(beta_ignored))
+
+
+def test_direct_kernels_follow_cpu_and_switch(monkeypatch) -> None:
+    """MKL's AVX-512 and AVX2 kernels are called directly only where the CPU has their instructions, never on
+    Intel (sgemm_'s own dispatch picks them there), and not with SEQFAST_NUMBA_MKL_KERNELS=0."""
+    if not _blas.SGEMM:
+        pytest.skip("this torch has no MKL")
+    avx512 = {"avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl"}
+    monkeypatch.setattr(_blas, "cpu_vendor_and_flags", lambda: ("AuthenticAMD", avx512))
+    found = _blas.direct_kernels()
+    if set(found) != {"avx512", "avx2"}:
+        pytest.skip("this torch's MKL exports no AVX2 / AVX-512 kernel")
+    assert found["avx512"] != found["avx2"] and _blas.SGEMM not in found.values()
+    monkeypatch.setattr(_blas, "cpu_vendor_and_flags", lambda: ("AuthenticAMD", {"avx2", "fma"}))
+    assert _blas.direct_kernels() == {"avx2": found["avx2"]}
+    monkeypatch.setattr(_blas, "cpu_vendor_and_flags", lambda: ("AuthenticAMD", {"sse4_2"}))
+    assert _blas.direct_kernels() == {}
+    monkeypatch.setattr(_blas, "cpu_vendor_and_flags", lambda: ("GenuineIntel", avx512))
+    assert _blas.direct_kernels() == {}
+    monkeypatch.setattr(_blas, "cpu_vendor_and_flags", lambda: ("AuthenticAMD", avx512))
+    monkeypatch.setenv("SEQFAST_NUMBA_MKL_KERNELS", "0")
+    assert _blas.direct_kernels() == {}
+
+
+
+@numba.njit
+def _blocked(a, b, c):
+    _blas.loop_nn_acc(a, b, c)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_loop_gemm_blocks_and_leftovers(dtype) -> None:
+    """The blocked loop GEMM (four rows, eight k-steps) against a float64 product, at shapes with leftover rows and
+    k-steps, a lone row, and widths that are not a multiple of the vector length."""
+    rng = np.random.default_rng(0)
+    tol = 2e-5 if dtype == np.float32 else 1e-12
+    for m, k, n in [(1, 8, 5), (3, 7, 33), (4, 16, 17), (6, 17, 64), (9, 40, 3), (5, 3, 128)]:
+        a, b = rng.standard_normal((m, k)).astype(dtype), rng.standard_normal((k, n)).astype(dtype)
+        c0 = rng.standard_normal((m, n)).astype(dtype)
+        got = c0.copy()
+        _blocked(a, b, got)
+        expected = c0.astype(np.float64) + a.astype(np.float64) @ b.astype(np.float64)
+        np.testing.assert_allclose(got, expected, rtol=tol, atol=tol * k, err_msg=str((m, k, n)))
+
+
+
+# --- a plugin-style cell compiled through the same generator -------------------------------------------------------
+LEAK = 0.25  # a module-level constant read by the pointwise code: inlined by the generator
+
+
+def _leaky_step(x_t, state, w):
+    (h,) = state
+    a = x_t + recurrent_term(h, w, 1, "diagonal")
+    return (torch.tanh(a) * w["gain"] + LEAK * h,)
+
+
+def _leaky_forward(m, xg, hg, state, params):
+    return (m.tanh(xg[0] + hg[0]) * params[0] + LEAK * state[0],)
+
+
+def _leaky_backward(m, xg, hg, state, params, d_new):
+    t = m.tanh(xg[0] + hg[0])
+    da = d_new[0] * params[0] * (1 - t * t)
+    return (da,), (da,), (LEAK * d_new[0],), (d_new[0] * t,)
+
+
+LEAKY = CellSpec(
+    name="test_numba_leaky",
+    num_gates=1,
+    state_names=("h",),
+    reference_step=_leaky_step,
+    recurrence="diagonal",
+    extra_params=(ParamSpec("gain", lambda hidden, proj: (hidden,)),),
+    pointwise=Pointwise(_leaky_forward, _leaky_backward, params=("gain",)),
+)
+
+
+@pytest.fixture
+def leaky_cell():
+    seqfast.register_cell(LEAKY, replace=True)
+    yield LEAKY
+    seqfast.registry.cells.pop(LEAKY.name, None)
+
+
+@pytest.mark.parametrize("threads", [1, 3], ids=["1thread", "3threads"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_plugin_cell_diagonal_with_param(monkeypatch, leaky_cell, dtype, threads: int) -> None:
+    """A diagonal recurrence with a per-unit parameter; on three threads its gradient is summed per row range."""
+    monkeypatch.setenv("SEQFAST_NUMBA_THREADS", str(threads))
+    monkeypatch.setattr(schedule, "MIN_WORK_PER_THREAD", 0)
+    schedule.clear_plans()
+    assert len(schedule.row_ranges(6, 1)) == threads
+    x, state0, weights, lens = make_inputs(leaky_cell, 8, 6, 6, dtype, seed=2, lengths=True)
+    compare_with_reference(leaky_cell, x, state0, weights, lens, True, dtype)
+
+
+def _leaky_backward_rebuilt(m, xg, hg, state, params, d_new):
+    t = m.tanh(xg[0] + hg[0])
+    da = d_new[0] * params[0] * (1 - t * t)
+    return (da,), (da * 1.0,), (LEAK * d_new[0],), (d_new[0] * t,)  # equal values, not one expression
+
+
+def test_shared_pre_activation_gradient_is_read_from_the_source(leaky_cell) -> None:
+    """d_x is written once (and is the d_hg buffer) only where the source returns one expression for both."""
+    from seqfast.backends.numba.codegen import dx_is_dhg
+
+    assert [dx_is_dhg(seqfast.get_cell(n)) for n in ("lstm", "rnn_tanh", "rnn_relu", "gru")] == [True] * 3 + [False]
+    assert dx_is_dhg(leaky_cell)
+    other = dataclasses.replace(leaky_cell, name="test_numba_leaky_rebuilt",
+                                pointwise=Pointwise(_leaky_forward, _leaky_backward_rebuilt, params=("gain",)))
+    assert not dx_is_dhg(other)
+    x, state0, weights, lens = make_inputs(leaky_cell, 7, 3, 5, torch.float32, seed=5, lengths=True)
+    for cell in (leaky_cell, other):  # both ways give the reference's gradients, forward and reversed
+        for reverse in (False, True):
+            compare_with_reference(cell, x, state0, weights, lens, reverse, torch.float32)
+
+
+def _leaky_forward_apart(m, xg, hg, state, params):
+    return (state[0] * LEAK + params[0] * m.tanh(xg[0] + 0.5 * hg[0]),)  # hg scaled on its own
+
+
+def test_saved_pre_activation_only_where_the_source_adds_xg_and_hg() -> None:
+    """A training forward saves xg + hg (biases in) instead of h W_hh^T only for cells whose code reads them as
+    that sum, with a dense recurrence; the backward then never reads x_proj. Both ways match the reference."""
+    from seqfast.backends.numba.codegen import preactivation_only
+
+    names = ("lstm", "rnn_tanh", "rnn_relu", "gru")
+    assert [preactivation_only(seqfast.get_cell(n)) for n in names] == [True, True, True, False]
+    backend = seqfast.registry.get_backend("numba")
+    assert not backend.backward_reads_x_proj(seqfast.get_cell("lstm"))
+    assert backend.backward_reads_x_proj(seqfast.get_cell("gru"))
+    dense = dataclasses.replace(LEAKY, name="test_numba_leaky_dense", recurrence="dense")
+    apart = dataclasses.replace(dense, name="test_numba_leaky_apart",
+                                pointwise=Pointwise(_leaky_forward_apart, _leaky_backward, params=("gain",)))
+    assert preactivation_only(dense) and not preactivation_only(apart)
+    assert not preactivation_only(LEAKY)  # diagonal: no saved product to replace
+
+
+
+# --- import, caching ----------------------------------------------------------------------------------------------
+def test_import_does_not_import_numba() -> None:
+    out = run_python("import sys, seqfast; print('numba' in sys.modules)", {})
+    assert out.strip() == "False"
+
+
+_CACHE_PROBE = """
+import json, torch, seqfast
+from seqfast.backends.numba.codegen import kernels
+cell = seqfast.get_cell("rnn_tanh")
+seqfast.scan(cell, torch.randn(3, 2, 4), (torch.zeros(2, 4),), {"weight_hh": torch.randn(4, 4)}, backend="numba")
+module = kernels(cell, "float32")
+stats = module.forward_launch.stats  # the launcher (njit) and the kernel's entry (a cfunc)
+print(json.dumps({"hits": sum(stats.cache_hits.values()), "misses": sum(stats.cache_misses.values()),
+                  "entry_hits": module._forward_entry_cfunc.cache_hits}))
+"""
+
+
+def test_second_process_loads_compiled_kernels(tmp_path) -> None:
+    env = {"SEQFAST_CACHE_DIR": str(tmp_path)}
+    first = json.loads(run_python(_CACHE_PROBE, env).strip().splitlines()[-1])
+    second = json.loads(run_python(_CACHE_PROBE, env).strip().splitlines()[-1])
+    assert first == {"hits": 0, "misses": 1, "entry_hits": 0}
+    assert second == {"hits": 1, "misses": 0, "entry_hits": 1}
+
+
+def test_unwritable_cache_dir_falls_back(tmp_path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    result = subprocess.run([sys.executable, "-c", _CACHE_PROBE], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "SEQFAST_CACHE_DIR": str(blocker / "cache")})
+    assert result.returncode == 0, result.stderr
+    assert "not writable" in result.stderr
+
+
+
