@@ -237,6 +237,8 @@ def onnxruntime_step_fn(model: torch.nn.Module, x: torch.Tensor) -> Callable[[],
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
         options.inter_op_num_threads = 1
+        # ONNX Runtime's threads spin after a run by default, taking the cores from whatever is timed next
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     feed = {session.get_inputs()[0].name: x.numpy()}
     output_name = session.get_outputs()[0].name
