@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import backend_param
+from staged_cells import mgu_backward, mgu_forward, mgu_gate, mgu_gate_backward, mgu_spec, mgu_step
 from torch.func import functional_call
 
 import seqfast
@@ -180,43 +181,7 @@ def test_conformance_of_the_builtin_cell():
 
 
 # --- MGU, registered the way a plugin registers its cell ----------------------------------------------------------
-def _mgu_step(x_t, state, w):
-    (h,) = state
-    hidden = h.shape[1]
-    x_f, x_h = x_t.chunk(2, 1)
-    f = torch.sigmoid(x_f + h @ w.weight_hh[:hidden].t() + w.bias_hh[:hidden])
-    candidate = torch.tanh(x_h + (f * h) @ w.weight_hh[hidden:].t() + w.bias_hh[hidden:])
-    return ((1 - f) * h + f * candidate,)
-
-
-def _mgu_gate(m, xg, hg, state, params):
-    return m.sigmoid(xg[0] + hg[0]) * state[0]
-
-
-def _mgu_gate_backward(m, xg, hg, state, params, d_v):
-    f = m.sigmoid(xg[0] + hg[0])
-    d_f = d_v * state[0] * f * (1.0 - f)
-    return (d_f,), (d_f,), (d_v * f,), ()
-
-
-def _mgu_forward(m, xg, hg, state, params):
-    f = m.sigmoid(xg[0] + hg[0])
-    candidate = m.tanh(xg[1] + hg[1])
-    return ((1.0 - f) * state[0] + f * candidate,)
-
-
-def _mgu_backward(m, xg, hg, state, params, d_new):
-    f = m.sigmoid(xg[0] + hg[0])
-    candidate = m.tanh(xg[1] + hg[1])
-    dh = d_new[0]
-    d_f = dh * (candidate - state[0]) * f * (1.0 - f)
-    d_c = dh * f * (1.0 - candidate * candidate)
-    return (d_f, d_c), (d_f, d_c), (dh * (1.0 - f),), ()
-
-
-MGU = CellSpec("test_mgu", 2, ("h",), _mgu_step,
-               pointwise=Pointwise(_mgu_forward, _mgu_backward, stages=(Stage(1, _mgu_gate, _mgu_gate_backward),)),
-               description="minimal gated unit: h~ = tanh(x_h + U_h (f * h))")
+MGU = mgu_spec("test_mgu")
 
 
 @pytest.fixture
@@ -254,13 +219,13 @@ def test_mgu_selects_numba_when_training(mgu):
     ((1, 1), "dense", "increase strictly"),
 ], ids=["diagonal", "zero", "all-gates", "repeated"])
 def test_invalid_stages_are_rejected(gates, recurrence, message):
-    stages = tuple(Stage(g, _mgu_gate, _mgu_gate_backward) for g in gates)
+    stages = tuple(Stage(g, mgu_gate, mgu_gate_backward) for g in gates)
     with pytest.raises(ValueError, match=message):
-        CellSpec("bad_stages", 2, ("h",), _mgu_step, recurrence=recurrence,
-                 pointwise=Pointwise(_mgu_forward, _mgu_backward, stages=stages))
+        CellSpec("bad_stages", 2, ("h",), mgu_step, recurrence=recurrence,
+                 pointwise=Pointwise(mgu_forward, mgu_backward, stages=stages))
 
 
 def test_stage_without_backward_is_rejected_when_the_cell_trains():
     with pytest.raises(ValueError, match="stages \\[0\\] have none"):
-        CellSpec("bad_stages", 2, ("h",), _mgu_step,
-                 pointwise=Pointwise(_mgu_forward, _mgu_backward, stages=(Stage(1, _mgu_gate),)))
+        CellSpec("bad_stages", 2, ("h",), mgu_step,
+                 pointwise=Pointwise(mgu_forward, mgu_backward, stages=(Stage(1, mgu_gate),)))

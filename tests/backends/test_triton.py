@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -368,11 +369,17 @@ def test_kernels_compile_for_sm90():
     and the plan's shared-memory estimate holds (an H100 block has 227 KiB)."""
     pytest.importorskip("triton.backends.nvidia")
     configs = {"lstm:64:float32": True, "gru:128:float32": True, "lstm:128:bfloat16": True,
-               "gru:33:bfloat16:16": False, "rnn_relu:100:float16": True, "lstm:1024:float32": False}
+               "gru:33:bfloat16:16": False, "rnn_relu:100:float16": True, "lstm:1024:float32": False,
+               # a staged cell (a second recurrent product within a step), on chip and tiled
+               "gru_reset_before:64:float32": True, "gru_reset_before:128:float32": True,
+               "gru_reset_before:33:bfloat16:16": False}
     # the example plugins, when installed: diagonal and no recurrence, per-unit parameters
     plugins = {"indrnn:64:float32": True, "mingru:33:float16:16": False, "peephole_lstm:64:float32": True}
     configs.update({c: v for c, v in plugins.items() if c.split(":")[0] in registry.cells})
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # the seqfast under test, wherever the working directory is (the tests run in a temporary one)
+    root = str(Path(seqfast.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
     proc = subprocess.run([sys.executable, "-m", "seqfast.backends.triton.aot", *configs], env=env,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]

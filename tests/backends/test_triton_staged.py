@@ -5,19 +5,16 @@ with lengths and reverse; outputs, final states and every gradient. Shapes stay 
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from staged_cells import mgu_spec
 
 import seqfast
 import seqfast.testing
 from seqfast.backends.triton.codegen import generate_source
-from seqfast.registry import CellSpec, Pointwise, Query, Stage, Weights, registry
+from seqfast.registry import Query, Weights, registry
 
 BACKEND = registry.backends.get("triton")
 pytestmark = pytest.mark.skipif(BACKEND is None or not BACKEND.available(),
@@ -26,43 +23,7 @@ DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else 
 
 
 # --- MGU, as tests/test_staged_recurrence.py registers it (a plugin's cell) --------------------------------------
-def _mgu_step(x_t, state, w):
-    (h,) = state
-    hidden = h.shape[1]
-    x_f, x_h = x_t.chunk(2, 1)
-    f = torch.sigmoid(x_f + h @ w.weight_hh[:hidden].t() + w.bias_hh[:hidden])
-    candidate = torch.tanh(x_h + (f * h) @ w.weight_hh[hidden:].t() + w.bias_hh[hidden:])
-    return ((1 - f) * h + f * candidate,)
-
-
-def _mgu_gate(m, xg, hg, state, params):
-    return m.sigmoid(xg[0] + hg[0]) * state[0]
-
-
-def _mgu_gate_backward(m, xg, hg, state, params, d_v):
-    f = m.sigmoid(xg[0] + hg[0])
-    d_f = d_v * state[0] * f * (1.0 - f)
-    return (d_f,), (d_f,), (d_v * f,), ()
-
-
-def _mgu_forward(m, xg, hg, state, params):
-    f = m.sigmoid(xg[0] + hg[0])
-    candidate = m.tanh(xg[1] + hg[1])
-    return ((1.0 - f) * state[0] + f * candidate,)
-
-
-def _mgu_backward(m, xg, hg, state, params, d_new):
-    f = m.sigmoid(xg[0] + hg[0])
-    candidate = m.tanh(xg[1] + hg[1])
-    dh = d_new[0]
-    d_f = dh * (candidate - state[0]) * f * (1.0 - f)
-    d_c = dh * f * (1.0 - candidate * candidate)
-    return (d_f, d_c), (d_f, d_c), (dh * (1.0 - f),), ()
-
-
-MGU = CellSpec("tts_mgu", 2, ("h",), _mgu_step,
-               pointwise=Pointwise(_mgu_forward, _mgu_backward, stages=(Stage(1, _mgu_gate, _mgu_gate_backward),)),
-               description="minimal gated unit: h~ = tanh(x_h + U_h (f * h))")
+MGU = mgu_spec("tts_mgu")
 
 STAGED = ("gru_reset_before", MGU.name)
 
@@ -215,25 +176,3 @@ def test_generated_kernels_call_the_stage_code():
     # the candidate gate (2) takes its product with the stage vector, the others with h
     assert "hg2 = tl.dot(vd, wt2" in source and "hg0 = tl.dot(hd, wt0" in source
     assert "tl.dot(hd, wt2" not in source
-
-
-def test_staged_kernels_compile_for_sm90():
-    """The real kernels, on-chip and tiled, through Triton's compiler to a cubin (no GPU needed)."""
-    pytest.importorskip("triton.backends.nvidia")
-    configs = {"gru_reset_before:64:float32": True, "gru_reset_before:128:float32": True,
-               "gru_reset_before:33:bfloat16:16": False}
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    # the seqfast under test, wherever the working directory is (the tests run in a temporary one)
-    root = str(Path(seqfast.__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
-    proc = subprocess.run([sys.executable, "-m", "seqfast.backends.triton.aot", *configs], env=env,
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = {r["config"]: r for r in json.loads(proc.stdout.strip().splitlines()[-1])}
-    for config, on_chip in configs.items():
-        assert report[config]["on_chip"] == on_chip, config
-        kernels = report[config]["kernels"]
-        assert set(kernels) == {"scan_forward", "scan_backward"}
-        for name, usage in kernels.items():
-            assert usage["shared_bytes"] <= 227 * 1024, (config, name, usage)
-            assert usage.get("spill_bytes", 0) == 0, (config, name, usage)
