@@ -41,6 +41,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import NamedTuple
 
 from ...config import cache_root
 from ...registry import CellSpec
@@ -529,14 +530,50 @@ def _stage_pass_forward(lay: _Layout, s: int) -> list[str]:
     return L
 
 
-def _backward_kernel(lay: _Layout) -> str:
+class _BackwardRows(NamedTuple):
+    """The scratch rows of a backward pass, in order: the input gates, the recurrent gates, the states, the new
+    states' gradients, the per-unit parameters, then the results (d_xg, d_hg, d_state, d_params); `end` is the
+    row count."""
+
+    XG: int
+    HG: int
+    ST: int
+    DN: int
+    PR: int
+    DX: int
+    DH: int
+    DS: int
+    DP: int
+    end: int
+
+
+def _backward_rows(lay: _Layout) -> _BackwardRows:
     G, S, P = lay.G, lay.S, lay.P
-    XG, HG, ST, DN, PR = 0, G, 2 * G, 2 * G + S, 2 * G + 2 * S
+    PR = 2 * G + 2 * S
     DX = PR + P
-    DH = DX + G
-    DS = DH + G
-    DP = DS + S
-    rows = DP + P
+    DS = DX + 2 * G
+    return _BackwardRows(0, G, 2 * G, 2 * G + S, PR, DX, DX + G, DS, DS + S, DS + S + P)
+
+
+def _pointwise_backward_call(lay: _Layout, fn: str, gates: int, d_new: str, ind: str, note: str = "") -> list[str]:
+    """The loop over a chunk's units that calls a pointwise backward `fn` (the cell's, or a stage's over its first
+    `gates` gates) on the scratch rows and spreads its (d_xg, d_hg, d_state, d_params) into the result rows."""
+    r = _backward_rows(lay)
+    xg = _tup([f"buf[{r.XG + g}, c]" for g in range(gates)])
+    hgv = _tup([f"buf[{r.HG + g}, c]" for g in range(gates)])
+    st = _tup([f"buf[{r.ST + i}, c]" for i in range(lay.S)])
+    L = [f"{ind}for c in range(cn):{note}",
+         f"{ind}    res = {fn}({xg}, {hgv}, {st}, {lay.params_tuple(r.PR)}, {d_new})"]
+    for g in range(gates):
+        L += [f"{ind}    buf[{r.DX + g}, c] = res[0][{g}]", f"{ind}    buf[{r.DH + g}, c] = res[1][{g}]"]
+    L += [f"{ind}    buf[{r.DS + i}, c] = res[2][{i}]" for i in range(lay.S)]
+    L += [f"{ind}    buf[{row}, c] = res[3][{q}]" for q, (row, _, _) in enumerate(lay.param_rows(r.DP))]
+    return L
+
+
+def _backward_kernel(lay: _Layout) -> str:
+    G, S = lay.G, lay.S
+    XG, HG, ST, DN, PR, DX, DH, DS, DP, rows = _backward_rows(lay)
     L: list[str] = []
     a = L.append
     a("@njit(cache=_CACHE, nogil=True, fastmath=_FM, error_model='numpy')")
@@ -581,19 +618,8 @@ def _backward_kernel(lay: _Layout) -> str:
     L.extend(_loop(ind, [f"buf[{DN}, c] = d0[b, u0 + c] + grad_out[t, b, u0 + c]"]
                    + [f"buf[{DN + i}, c] = d{i}[b, u0 + c]" for i in range(1, S)]))
     L.extend(_copy_in_params(lay, PR, ind))
-    a(f"{ind}for c in range(cn):  # the fused pointwise derivative, vectorized over units")
-    xg = _tup([f"buf[{XG + g}, c]" for g in range(G)])
-    hgv = _tup([f"buf[{HG + g}, c]" for g in range(G)])
-    st = _tup([f"buf[{ST + i}, c]" for i in range(S)])
-    dn = _tup([f"buf[{DN + i}, c]" for i in range(S)])
-    a(f"{ind}    res = _pw_backward({xg}, {hgv}, {st}, {lay.params_tuple(PR)}, {dn})")
-    for g in range(G):
-        a(f"{ind}    buf[{DX + g}, c] = res[0][{g}]")
-        a(f"{ind}    buf[{DH + g}, c] = res[1][{g}]")
-    for i in range(S):
-        a(f"{ind}    buf[{DS + i}, c] = res[2][{i}]")
-    for q, (row, _, _) in enumerate(lay.param_rows(DP)):
-        a(f"{ind}    buf[{row}, c] = res[3][{q}]")
+    L.extend(_pointwise_backward_call(lay, "_pw_backward", G, _tup([f"buf[{DN + i}, c]" for i in range(S)]), ind,
+                                      "  # the fused pointwise derivative, vectorized over units"))
     if lay.staged:
         L.extend(_loop(ind, [f"dxs[b - b_lo, og{g} + c] = buf[{DX + g}, c]" for g in range(G)]))
         L.extend(_loop(ind, [f"dhs[b - b_lo, og{g} + c] = buf[{DH + g}, c]" for g in range(G)]))
@@ -627,12 +653,8 @@ def _backward_kernel(lay: _Layout) -> str:
 def _stage_pass_backward(lay: _Layout, s: int) -> list[str]:
     """Stage s of a staged cell's backward step: d_v = d_hg[next group] @ W_hh[its rows], then the stage's local
     derivative added to the step's gradients (dxs, dhs, the state's, the parameters')."""
-    G, S, P = lay.G, lay.S, lay.P
-    XG, HG, ST, DN, PR = 0, G, 2 * G, 2 * G + S, 2 * G + 2 * S
-    DX = PR + P
-    DH = DX + G
-    DS = DH + G
-    DP = DS + S
+    G, S = lay.G, lay.S
+    XG, HG, ST, DN, PR, DX, DH, DS, DP, _ = _backward_rows(lay)
     n = lay.groups[s][1]
     first, end = lay.groups[s + 1]
     c0, c1 = f"{first} * H", f"{end} * H"
@@ -654,15 +676,7 @@ def _stage_pass_backward(lay: _Layout, s: int) -> list[str]:
     L += _loop(ind, [f"buf[{ST + i}, c] = saved_st[{i}, k, b, u0 + c]" for i in range(S)])
     L += _loop(ind, [f"buf[{DN}, c] = dv[b - b_lo, u0 + c]"])
     L += _copy_in_params(lay, PR, ind)
-    xg = _tup([f"buf[{XG + g}, c]" for g in range(n)])
-    hgv = _tup([f"buf[{HG + g}, c]" for g in range(n)])
-    st = _tup([f"buf[{ST + i}, c]" for i in range(S)])
-    L += [f"{ind}for c in range(cn):",
-          f"{ind}    res = _pw_stage{s}_backward({xg}, {hgv}, {st}, {lay.params_tuple(PR)}, buf[{DN}, c])"]
-    for g in range(n):
-        L += [f"{ind}    buf[{DX + g}, c] = res[0][{g}]", f"{ind}    buf[{DH + g}, c] = res[1][{g}]"]
-    L += [f"{ind}    buf[{DS + i}, c] = res[2][{i}]" for i in range(S)]
-    L += [f"{ind}    buf[{row}, c] = res[3][{q}]" for q, (row, _, _) in enumerate(lay.param_rows(DP))]
+    L += _pointwise_backward_call(lay, f"_pw_stage{s}_backward", n, f"buf[{DN}, c]", ind)
     L += _loop(ind, [f"dxs[b - b_lo, og{g} + c] += buf[{DX + g}, c]" for g in range(n)])
     L += _loop(ind, [f"dhs[b - b_lo, og{g} + c] += buf[{DH + g}, c]" for g in range(n)])
     L += _loop(ind, [f"d{i}[b, u0 + c] += buf[{DS + i}, c]" for i in range(S)])
@@ -765,12 +779,8 @@ def _step_forward_kernel(lay: _Layout) -> str:
 
 
 def _step_backward_kernel(lay: _Layout) -> str:
-    G, S, P = lay.G, lay.S, lay.P
-    XG, HG, ST, DN, PR = 0, G, 2 * G, 2 * G + S, 2 * G + 2 * S
-    DX = PR + P
-    DH = DX + G
-    DS = DH + G
-    DP = DS + S
+    G, S = lay.G, lay.S
+    XG, HG, ST, DN, PR, DX, DH, DS, DP, rows = _backward_rows(lay)
     ind = "            "
     doc = ['    """The gradients of one step given dn<i>, those of the new states: d<i> (of s<i>), dx (need_dx),',
            '    and with need_dw dw_ih, dw, dxbias, dbias and dp<i> (all overwritten); work becomes (d_xg, d_hg)."""']
@@ -780,23 +790,14 @@ def _step_backward_kernel(lay: _Layout) -> str:
           "            dbias[q] = zero",
           "            dxbias[q] = zero"]
     L += [f"        for q in range(dp{i}.shape[0]):\n            dp{i}[q] = zero" for i in range(len(lay.widths))]
-    L += [f"    buf = np.empty(({DP + P}, {CHUNK}), dtype=_F)"]
+    L += [f"    buf = np.empty(({rows}, {CHUNK}), dtype=_F)"]
     L += _step_prologue(lay, ind)
     L += _loop(ind, [f"buf[{XG + g}, c] = xg[b, og{g} + c] + xbias[og{g} + c]" for g in range(G)])
     L += _loop(ind, [f"buf[{HG + g}, c] = hg[b, og{g} + c] + bias[og{g} + c]" for g in range(G)])
     L += _loop(ind, [f"buf[{ST + i}, c] = s{i}[b, u0 + c]" for i in range(S)])
     L += _loop(ind, [f"buf[{DN + i}, c] = dn{i}[b, u0 + c]" for i in range(S)])
     L += _copy_in_params(lay, PR, ind)
-    xg = _tup([f"buf[{XG + g}, c]" for g in range(G)])
-    hgv = _tup([f"buf[{HG + g}, c]" for g in range(G)])
-    st = _tup([f"buf[{ST + i}, c]" for i in range(S)])
-    dn = _tup([f"buf[{DN + i}, c]" for i in range(S)])
-    L += [f"{ind}for c in range(cn):",
-          f"{ind}    res = _pw_backward({xg}, {hgv}, {st}, {lay.params_tuple(PR)}, {dn})"]
-    for g in range(G):
-        L += [f"{ind}    buf[{DX + g}, c] = res[0][{g}]", f"{ind}    buf[{DH + g}, c] = res[1][{g}]"]
-    L += [f"{ind}    buf[{DS + i}, c] = res[2][{i}]" for i in range(S)]
-    L += [f"{ind}    buf[{row}, c] = res[3][{q}]" for q, (row, _, _) in enumerate(lay.param_rows(DP))]
+    L += _pointwise_backward_call(lay, "_pw_backward", G, _tup([f"buf[{DN + i}, c]" for i in range(S)]), ind)
     L += _loop(ind, [f"xg[b, og{g} + c] = buf[{DX + g}, c]" for g in range(G)])  # now d_xg
     L += _loop(ind, [f"hg[b, og{g} + c] = buf[{DH + g}, c]" for g in range(G)])  # now d_hg
     L += _loop(ind, [f"d{i}[b, u0 + c] = buf[{DS + i}, c]" for i in range(S)])
