@@ -20,7 +20,7 @@ from ...registry import CellSpec, Query
 from ..fused import FusedBackend
 from ..fused_contract import Ownership
 from .codegen import CodegenError, generate_source, load_kernels, param_layout
-from .cooperative import H100_SMS, CoopPlan, launch_cooperative, plan_cooperative
+from .cooperative import CoopPlan, device_sm_count, launch_cooperative, plan_cooperative
 
 __all__ = ["TritonBackend", "KernelPlan", "interpreting"]
 
@@ -48,11 +48,6 @@ def _shared_memory_budget() -> int:
     if torch.cuda.is_available():
         return _device_shared_memory(torch.cuda.current_device())
     return _SM90_SHARED
-
-
-@functools.cache
-def _device_sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 @functools.cache
@@ -213,9 +208,7 @@ class TritonBackend(FusedBackend):
         return coop, (why or None)
 
     def _sm_count(self) -> int:
-        if self.sm_count is not None:
-            return self.sm_count
-        return _device_sm_count(torch.cuda.current_device()) if torch.cuda.is_available() else H100_SMS
+        return self.sm_count if self.sm_count is not None else device_sm_count()
 
     def dot_precision(self, dtype: torch.dtype) -> str:
         """tl.dot's input precision. float32 follows torch.backends.cudnn.allow_tf32, the switch torch.nn's cuDNN
@@ -320,25 +313,13 @@ class TritonBackend(FusedBackend):
             kernels.scan_forward[grid](*head, *params, *states, *finals, *sv, *vs, steps, batch, hidden, **flags,
                                        **consts)
         else:
-            self._launch_cooperative(kernels.coop_forward, coop, cell, head, (*params, *sv), (steps, batch, hidden),
-                                     {**flags, **consts}, whole={"GRID_BARRIER": True},
-                                     per_step=[{"GRID_BARRIER": False}])
+            launch_cooperative(kernels.coop_forward, coop, cell, head, (*params, *sv), (steps, batch, hidden),
+                               {**flags, **consts}, whole={"GRID_BARRIER": True}, per_step=[{"GRID_BARRIER": False}],
+                               sequential=self.sequential, interpret=interpreting())
         if not plan.on_chip or coop is not None:
             for final, value in zip(finals, state_ws[steps % 2].unbind(0), strict=True):
                 final.copy_(value)
         return out, finals, saved
-
-    def _launch_cooperative(self, kernel, coop: CoopPlan, cell: CellSpec, head: tuple, tail: tuple, sizes: tuple,
-                            consts: dict, *, whole: dict, per_step: list[dict]) -> None:
-        """head: the tensors up to the workspace, tail: those after the barrier words, sizes: (T, B, H)."""
-        # the cooperative kernels take the flags both paths share, and their own grid in place of the plan's
-        shared = {k: v for k, v in consts.items() if k not in ("ON_CHIP", "BLOCK_B", "BLOCK_H", "BLOCK_K",
-                                                                "num_warps", "num_stages")}
-        barriers = torch.zeros(coop.groups, dtype=torch.int32, device=head[0].device)  # one word per batch group
-        sequential = interpreting() if self.sequential is None else self.sequential
-        launch_cooperative(kernel, coop, cell, (*head, barriers, *tail, *sizes), sizes[0],
-                           {**shared, **coop.constants()}, whole=whole, per_step=per_step, sequential=sequential,
-                           cooperative_launch=not interpreting())
 
     def backward(self, cell: CellSpec, x_proj: Tensor, state0: list[Tensor], weights: list[Tensor | None],
                  lengths: Tensor | None, reverse: bool, outputs: Tensor, final: list[Tensor], saved: list[Tensor],
@@ -377,9 +358,10 @@ class TritonBackend(FusedBackend):
             kernels.scan_backward[grid](*head, *params, *sv_all.unbind(0), *gf, *ds0, *dp, steps, batch, hidden,
                                         REVERSE=bool(reverse), **consts)
         else:  # phase 1: the pointwise backward of each slice; phase 2: the recurrent product (coop_kernels.py)
-            self._launch_cooperative(kernels.coop_backward, coop, cell, head, (*params, *sv_all.unbind(0), *dp),
-                                     (steps, batch, hidden), {"REVERSE": bool(reverse), **consts},
-                                     whole={"PHASE": 0}, per_step=[{"PHASE": 1}, {"PHASE": 2}])
+            launch_cooperative(kernels.coop_backward, coop, cell, head, (*params, *sv_all.unbind(0), *dp),
+                               (steps, batch, hidden), {"REVERSE": bool(reverse), **consts}, whole={"PHASE": 0},
+                               per_step=[{"PHASE": 1}, {"PHASE": 2}], sequential=self.sequential,
+                               interpret=interpreting())
         if not plan.on_chip or coop is not None:
             for d, value in zip(ds0, ws.unbind(0), strict=True):
                 d.copy_(value)

@@ -5,16 +5,27 @@ mode). Importing this module never imports triton.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
 from ...registry import CellSpec
 
-__all__ = ["CoopPlan", "plan_cooperative", "launch_cooperative", "MIN_SLICE"]
+__all__ = ["CoopPlan", "plan_cooperative", "launch_cooperative", "device_sm_count", "MIN_SLICE"]
 
 MIN_SLICE = 16  # hidden units per program at the least: tl.dot's smallest block
 H100_SMS = 132  # the SM count assumed without a CUDA device (interpreter, ahead-of-time compilation)
+
+
+@functools.cache
+def _sm_count_of(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def device_sm_count() -> int:
+    """The current CUDA device's SM count (MIG shrinks it); an H100's without a CUDA device."""
+    return _sm_count_of(torch.cuda.current_device()) if torch.cuda.is_available() else H100_SMS
 
 
 def _floor_pow2(n: int) -> int:
@@ -78,17 +89,26 @@ def plan_cooperative(cell: CellSpec, batch: int, hidden: int, dtype: torch.dtype
     return CoopPlan(groups, slices, block_b, block_j, block_k, share), ""
 
 
-def launch_cooperative(kernel, plan: CoopPlan, cell: CellSpec, args: tuple, steps: int, consts: dict, *,
-                       whole: dict, per_step: list[dict], sequential: bool, cooperative_launch: bool) -> None:
-    """Run `kernel` over all `steps`. On a GPU one launch walks every step with the grid barrier (`whole`); in
-    sequential mode each step runs as one launch per entry of `per_step` (the launch boundary is the barrier).
+def launch_cooperative(kernel, plan: CoopPlan, cell: CellSpec, head: tuple, tail: tuple, sizes: tuple[int, int, int],
+                       consts: dict, *, whole: dict, per_step: list[dict], sequential: bool | None, interpret: bool
+                       ) -> None:
+    """Run `kernel` (coop_forward or coop_backward) over every step. head: its tensors up to the workspace, tail:
+    those after the barrier words, sizes: (T, B, H), consts: the flags the backend's kernels take (the on-chip /
+    tiled ones are replaced by the plan's). On a GPU one launch walks every step with the grid barrier (`whole`);
+    in sequential mode (None: under the interpreter) each step is one launch per entry of `per_step`, the launch
+    boundary being the barrier.
     Cells without a dense recurrence exchange nothing: one launch in either mode."""
+    consts = {k: v for k, v in consts.items()
+              if k not in ("ON_CHIP", "BLOCK_B", "BLOCK_H", "BLOCK_K", "num_warps", "num_stages")}
+    consts.update(plan.constants())
+    if not interpret:  # the driver rejects a grid that cannot be co-resident, where a plain launch would hang
+        consts["launch_cooperative_grid"] = True
+    barriers = torch.zeros(plan.groups, dtype=torch.int32, device=head[0].device)  # one word per batch group
+    args = (*head, barriers, *tail, *sizes)
     grid = (plan.programs,)
-    # the driver rejects a grid that cannot be co-resident instead of launching one that would hang
-    extra = {"launch_cooperative_grid": True} if cooperative_launch else {}
-    if sequential and cell.recurrence == "dense":
-        for step in range(steps):
+    if (interpret if sequential is None else sequential) and cell.recurrence == "dense":
+        for step in range(sizes[0]):
             for phase in per_step:
-                kernel[grid](*args, step, 1, **consts, **phase, **extra)
+                kernel[grid](*args, step, 1, **consts, **phase)
     else:
-        kernel[grid](*args, 0, steps, **consts, **whole, **extra)
+        kernel[grid](*args, 0, sizes[0], **consts, **whole)
