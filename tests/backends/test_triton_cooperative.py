@@ -14,8 +14,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import test_triton
 import torch
-from test_triton import BACKEND, DEVICE, TEST_CELLS, _compare, _inputs
+from test_triton import BACKEND, DEVICE, _compare, _inputs
 
 import seqfast
 from seqfast.backends.triton import backend as triton_backend
@@ -26,20 +27,8 @@ from seqfast.registry import Query, registry
 pytestmark = pytest.mark.skipif(BACKEND is None or not BACKEND.available(),
                                 reason=str(BACKEND and BACKEND.unavailable_reason()))
 GPU = DEVICE == "cuda"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _test_cells():
-    for spec in TEST_CELLS:
-        seqfast.register_cell(spec, replace=True)
-    yield
-    for spec in TEST_CELLS:
-        registry.cells.pop(spec.name, None)
-
-
-@pytest.fixture(autouse=True)
-def _fp32_dots(monkeypatch):
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+# test_triton.py's autouse fixtures, autouse here too: its test cells registered, float32 dots at fp32 accuracy
+_test_cells, _fp32_dots = test_triton._test_cells, test_triton._fp32_dots
 
 
 @pytest.fixture

@@ -41,18 +41,8 @@ def _sf_grid_barrier(BAR, n: tl.constexpr):
     tl.debug_barrier()
 '''
 
-COOP_FORWARD_TEMPLATE = '''
-@triton.jit
-def coop_forward(
-    X, W, BHH, LEN, OUT, HG, WS, BAR,
-    $P_ARGS
-    $SV_ARGS
-    T, B, H, STEP0, STEPS,
-    HAS_LEN: tl.constexpr, REVERSE: tl.constexpr, RECURRENCE: tl.constexpr, HAS_BIAS: tl.constexpr,
-    SAVE: tl.constexpr, GRID_BARRIER: tl.constexpr, SLICES: tl.constexpr, BLOCK_B: tl.constexpr,
-    BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
-    ROUND_HG: tl.constexpr,
-):
+# Both kernels' program: its batch rows (rb) and hidden units (rj), the reduction range (rk), the lengths (L)
+_SLICE = '''\
     pid = tl.program_id(0)
     group = pid // SLICES
     rb = group * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -70,6 +60,32 @@ def coop_forward(
     else:
         L = tl.zeros([BLOCK_B], tl.int32) + T
     zero = tl.zeros([BLOCK_B, BLOCK_J], tl.float32)
+'''
+
+# Both kernels' rows of loop step `step`: time t of each batch row, and the offsets of its slice at t
+_STEP_ROWS = '''\
+        if REVERSE:
+            t = tl.where(active, L - 1 - step, step)
+        else:
+            t = tl.zeros([BLOCK_B], tl.int32) + step
+        row = t.to(tl.int64) * B + rb
+        xoff = row[:, None] * GH + rj[None, :]
+        hoff = row[:, None] * H + rj[None, :]
+'''
+
+COOP_FORWARD_TEMPLATE = '''
+@triton.jit
+def coop_forward(
+    X, W, BHH, LEN, OUT, HG, WS, BAR,
+    $P_ARGS
+    $SV_ARGS
+    T, B, H, STEP0, STEPS,
+    HAS_LEN: tl.constexpr, REVERSE: tl.constexpr, RECURRENCE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SAVE: tl.constexpr, GRID_BARRIER: tl.constexpr, SLICES: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+    ROUND_HG: tl.constexpr,
+):
+''' + _SLICE + '''\
     # this program's rows of every W_g, transposed (h @ wt_g = (W_g[slice] h)^T): loaded once, on chip throughout
     if RECURRENCE == 0:
         wt@g = tl.load(W + (@g * H + rj[None, :]) * H + rk[:, None], mask=mk[:, None] & mj[None, :], other=0.0)
@@ -82,13 +98,7 @@ def coop_forward(
     pv@p = tl.load(@pptr + @prow * H + rj, mask=mj, other=0.0).to(tl.float32)[None, :]
     for step in range(STEP0, STEP0 + STEPS):
         active = step < L
-        if REVERSE:
-            t = tl.where(active, L - 1 - step, step)
-        else:
-            t = tl.zeros([BLOCK_B], tl.int32) + step
-        row = t.to(tl.int64) * B + rb
-        xoff = row[:, None] * GH + rj[None, :]
-        hoff = row[:, None] * H + rj[None, :]
+''' + _STEP_ROWS + '''\
         src = (step % 2) * $S
         dst = $S - src
         st@s = tl.load(WS + (src + @s) * BH + woff, mask=m2, other=0.0, cache_modifier=".cg")
@@ -134,24 +144,8 @@ def coop_backward(
     DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # PHASE 0: both phases of every step, the grid barrier between them; 1 / 2: only that phase (sequential mode)
-    pid = tl.program_id(0)
-    group = pid // SLICES
-    rb = group * BLOCK_B + tl.arange(0, BLOCK_B)
-    mb = rb < B
-    rj = (pid % SLICES) * BLOCK_J + tl.arange(0, BLOCK_J)
-    mj = rj < H
-    rk = tl.arange(0, BLOCK_K)
-    mk = rk < H
-    m2 = mb[:, None] & mj[None, :]
-    GH = $G * H
-    BH = B * H
+''' + _SLICE + '''\
     WT = W.dtype.element_ty
-    woff = rb[:, None] * H + rj[None, :]
-    if HAS_LEN:
-        L = tl.load(LEN + rb, mask=mb, other=0).to(tl.int32)
-    else:
-        L = tl.zeros([BLOCK_B], tl.int32) + T
-    zero = tl.zeros([BLOCK_B, BLOCK_J], tl.float32)
     # this program's columns of every W_g (W holds each W_g transposed, so a column is contiguous along the
     # reduction): wc_g[k, j] = W_g[k, slice j], loaded once
     if RECURRENCE == 0:
@@ -164,13 +158,7 @@ def coop_backward(
     for r in range(STEP0, STEP0 + STEPS):
         step = T - 1 - r
         active = step < L
-        if REVERSE:
-            t = tl.where(active, L - 1 - step, step)
-        else:
-            t = tl.zeros([BLOCK_B], tl.int32) + step
-        row = t.to(tl.int64) * B + rb
-        xoff = row[:, None] * GH + rj[None, :]
-        hoff = row[:, None] * H + rj[None, :]
+''' + _STEP_ROWS + '''\
         if PHASE != 2:  # the pointwise backward of this program's units
             c@s = tl.load(WS + @s * BH + woff, mask=m2, other=0.0, cache_modifier=".cg")
             xg@g = tl.load(X + xoff + @g * H, mask=m2, other=0.0).to(tl.float32)
