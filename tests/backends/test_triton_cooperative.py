@@ -184,6 +184,10 @@ def test_off_by_default_and_the_setting_turns_it_on(monkeypatch):
     assert BACKEND.path_for(Query(lstm, device="cuda", hidden_size=256, batch_size=64)) == (
         "cooperative: 4 batch group(s) x 16 slice(s) of 16 units = 64 programs (<= 132 SMs), 64 KiB of W_hh on chip "
         "per program, 16 batch rows/program, a grid barrier per step")
+    # fp32 LSTM at H = 512: 16 units x 4 gates x 512 of W_hh is 128 KiB per program, with the operand blocks over
+    # an H100's 227 KiB less the margin
+    assert "KiB available" in BACKEND.cooperative_plan(lstm, 16, 512, torch.float32)[1]
+    assert BACKEND.cooperative_plan(lstm, 16, 512, torch.bfloat16)[0].slices == 32
     with pytest.raises(ValueError, match="sm_count must be >= 1, got 0"):
         cooperative.plan_cooperative(lstm, 16, 64, torch.float32, sm_count=0, budget=1 << 20)
 

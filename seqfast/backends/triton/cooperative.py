@@ -81,8 +81,9 @@ def plan_cooperative(cell: CellSpec, batch: int, hidden: int, dtype: torch.dtype
     block_j = block_k // slices
     per_gate = {"dense": block_k * block_j, "diagonal": block_j, "none": 0}[cell.recurrence]
     share = cell.num_gates * per_gate * dtype.itemsize
-    # the weight operand staged in shared memory, and the per-step h (or d_hg) operand blocks, fp32 upper bound
-    need = share + (cell.num_gates + 1) * block_b * block_k * 4
+    # the weight operand staged in shared memory, and the per-step h (or d_hg) operand blocks: an upper bound of
+    # what the compiled kernels use (aot.py reads it)
+    need = share + (cell.num_gates + 1) * block_b * block_k * dtype.itemsize
     if need > budget:
         return None, (f"each program needs ~{need / 1024:.0f} KiB of shared memory (W_hh share "
                       f"{share / 1024:.0f} KiB), over the {budget / 1024:.0f} KiB available")
