@@ -20,6 +20,7 @@ from ...registry import CellSpec, Query
 from ..fused import FusedBackend
 from ..fused_contract import Ownership
 from .codegen import CodegenError, generate_source, load_kernels, param_layout
+from .cooperative import CoopPlan, device_sm_count, launch_cooperative, plan_cooperative
 
 __all__ = ["TritonBackend", "KernelPlan", "interpreting"]
 
@@ -112,6 +113,10 @@ class TritonBackend(FusedBackend):
     block_b: int = 16  # tl.dot needs M >= 16
     # force the tiled path with this tile size (tests, experiments); also SEQFAST_TRITON_TILE
     tile_hidden: int | None = None
+    # the cooperative kernels (coop_kernels.py): None follows SEQFAST_TRITON_COOPERATIVE (off by default)
+    cooperative: bool | None = None
+    sm_count: int | None = None  # programs a cooperative grid may use; None: the device's SM count
+    sequential: bool | None = None  # cooperative steps as separate launches; None: under the interpreter
 
     def __init__(self) -> None:
         self._codegen_reasons: dict[CellSpec, str | None] = {}  # frozen dataclass: hashed by value
@@ -190,6 +195,21 @@ class TritonBackend(FusedBackend):
         per_stage = (g * tile * tile + g * bb * tile) * 4  # weight tiles and the backward's d_hg tiles
         return KernelPlan(False, bb, tile, tile, 4, weight_bytes, stages(per_stage, 0))
 
+    def cooperative_plan(self, cell: CellSpec, batch: int, hidden: int, dtype: torch.dtype
+                         ) -> tuple[CoopPlan | None, str | None]:
+        """(the cooperative grid for this shape, None) when the cooperative kernels are on and the grid can be
+        resident; (None, why not) when they are on but cannot run it; (None, None) when they are off."""
+        enabled = self.cooperative if self.cooperative is not None else setting("triton_cooperative")
+        if not enabled:
+            return None, None
+        budget = (self.on_chip_bytes if self.on_chip_bytes is not None else _shared_memory_budget()) - _MARGIN
+        coop, why = plan_cooperative(cell, batch, hidden, dtype, sm_count=self._sm_count(), budget=budget,
+                                     block_b=self.block_b)
+        return coop, (why or None)
+
+    def _sm_count(self) -> int:
+        return self.sm_count if self.sm_count is not None else device_sm_count()
+
     def dot_precision(self, dtype: torch.dtype) -> str:
         """tl.dot's input precision. float32 follows torch.backends.cudnn.allow_tf32, the switch torch.nn's cuDNN
         RNNs obey: TF32 when allowed (the default), else 3xTF32 (float32 accuracy on tensor cores; plain "ieee"
@@ -200,7 +220,13 @@ class TritonBackend(FusedBackend):
 
     def path_for(self, query: Query) -> str:
         """Which kernel path `query` takes (printed by `seqfast info`)."""
-        text = self.plan(query.cell, query.hidden_size, query.dtype).describe(query.cell, query.hidden_size)
+        coop, why = self.cooperative_plan(query.cell, query.batch_size or 1, query.hidden_size, query.dtype)
+        if coop is not None:
+            text = coop.describe(self._sm_count())
+        else:
+            text = self.plan(query.cell, query.hidden_size, query.dtype).describe(query.cell, query.hidden_size)
+            if why:
+                text += f" (cooperative kernels declined: {why})"
         if query.device != "cuda":
             text += " (CPU interpreter)"
         return text
@@ -269,8 +295,9 @@ class TritonBackend(FusedBackend):
             hg_save, sv = saved[0], list(saved[1].unbind(0))
             if stages:
                 vs = list(saved[2].unbind(0))
+        coop, _ = self.cooperative_plan(cell, batch, hidden, x.dtype)
         ws = state_ws = dummy
-        if not plan.on_chip:
+        if not plan.on_chip or coop is not None:
             # the states [2, S, B, H] (ping-pong by step parity); a staged cell's stage vectors [stages, B, H]
             # and one step's hg [G, B, H] after them (see kernels.py)
             size = 2 * cell.num_states * batch * hidden
@@ -278,15 +305,18 @@ class TritonBackend(FusedBackend):
             ws = torch.empty(size + extra, dtype=torch.float32, device=x.device)
             state_ws = ws[:size].view(2, cell.num_states, batch, hidden)
             state_ws[0].copy_(torch.stack(states))
-        kernels.scan_forward[grid](
-            x, dummy if w_hh is None else w_hh.contiguous(), dummy if b_hh is None else b_hh.contiguous(),
-            dummy if lengths is None else lengths, out, hg_save, ws,
-            *params, *states, *finals, *sv, *vs,
-            steps, batch, hidden,
-            REVERSE=bool(reverse), HAS_BIAS=b_hh is not None, SAVE=need_saved, ROUND_HG=x.dtype != torch.float32,
-            **consts,
-        )
-        if not plan.on_chip:
+        head = (x, dummy if w_hh is None else w_hh.contiguous(), dummy if b_hh is None else b_hh.contiguous(),
+                dummy if lengths is None else lengths, out, hg_save, ws)
+        flags = dict(REVERSE=bool(reverse), HAS_BIAS=b_hh is not None, SAVE=need_saved,
+                     ROUND_HG=x.dtype != torch.float32)
+        if coop is None:
+            kernels.scan_forward[grid](*head, *params, *states, *finals, *sv, *vs, steps, batch, hidden, **flags,
+                                       **consts)
+        else:
+            launch_cooperative(kernels.coop_forward, coop, cell, head, (*params, *sv), (steps, batch, hidden),
+                               {**flags, **consts}, whole={"GRID_BARRIER": True}, per_step=[{"GRID_BARRIER": False}],
+                               sequential=self.sequential, interpret=interpreting())
+        if not plan.on_chip or coop is not None:
             for final, value in zip(finals, state_ws[steps % 2].unbind(0), strict=True):
                 final.copy_(value)
         return out, finals, saved
@@ -316,19 +346,23 @@ class TritonBackend(FusedBackend):
         ds0 = [torch.empty_like(s) for s in state0]
         # per-unit parameter gradients, summed over time in the kernel, per batch row (summed here)
         dp = [torch.zeros(batch, hidden, dtype=torch.float32, device=x.device) for _ in layout]
+        coop, _ = self.cooperative_plan(cell, batch, hidden, x.dtype)
         ws = x
-        if not plan.on_chip:
+        if not plan.on_chip or coop is not None:
             ws = torch.stack(gf).float().contiguous()
         w_arg = x if w_hh is None else w_hh.contiguous()
         if cell.recurrence == "dense":  # each gate's block transposed (see kernels.py)
             w_arg = w_hh.view(cell.num_gates, hidden, hidden).transpose(1, 2).contiguous()
-        kernels.scan_backward[grid](
-            x, w_arg, x if lengths is None else lengths, hg_save, go, dx, dhg,
-            ws, *params, *sv_all.unbind(0), *gf, *ds0, *dp,
-            steps, batch, hidden,
-            REVERSE=bool(reverse), **consts,
-        )
-        if not plan.on_chip:
+        head = (x, w_arg, x if lengths is None else lengths, hg_save, go, dx, dhg, ws)
+        if coop is None:
+            kernels.scan_backward[grid](*head, *params, *sv_all.unbind(0), *gf, *ds0, *dp, steps, batch, hidden,
+                                        REVERSE=bool(reverse), **consts)
+        else:  # phase 1: the pointwise backward of each slice; phase 2: the recurrent product (coop_kernels.py)
+            launch_cooperative(kernels.coop_backward, coop, cell, head, (*params, *sv_all.unbind(0), *dp),
+                               (steps, batch, hidden), {"REVERSE": bool(reverse), **consts}, whole={"PHASE": 0},
+                               per_step=[{"PHASE": 1}, {"PHASE": 2}], sequential=self.sequential,
+                               interpret=interpreting())
+        if not plan.on_chip or coop is not None:
             for d, value in zip(ds0, ws.unbind(0), strict=True):
                 d.copy_(value)
         grads: dict[str, Tensor | None] = {}

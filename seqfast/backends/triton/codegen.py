@@ -7,9 +7,9 @@ Anything else it reads (a helper function, an object) or any construct outside t
 CodegenError, which the backend reports as its reason for not running the cell.
 The tuples xg, hg, state, params (and d_new_state) stay tuples: the kernels build them from block variables and
 Triton passes tuples to jit functions, so the cell's code runs as written. A staged cell's Stage functions become
-pw_stage<k> and pw_stage<k>_backward the same way. The kernel templates (kernels.py) are expanded for the cell's
-number of gates, states, per-unit parameter values and stages, and the whole module is written to a cache file
-(Triton needs inspectable source) and imported.
+pw_stage<k> and pw_stage<k>_backward the same way. The kernel templates (kernels.py; coop_kernels.py for cells
+without stages) are expanded for the cell's number of gates, states, per-unit parameter values and stages, and the
+whole module is written to a cache file (Triton needs inspectable source) and imported.
 Nothing here imports triton: only the generated module does, when it is loaded.
 """
 
@@ -31,6 +31,7 @@ from types import ModuleType
 from ...config import setting
 from ...registry import CellSpec
 from ..pointwise_source import parse_pointwise, per_unit_rows
+from .coop_kernels import COOP_BACKWARD_TEMPLATE, COOP_FORWARD_TEMPLATE, COOP_PRELUDE
 from .kernels import BACKWARD_TEMPLATE, FORWARD_TEMPLATE, MATH_EXTENSIONS, MATH_PRELUDE
 
 __all__ = ["CodegenError", "param_layout", "generate_source", "load_kernels", "cache_dir"]
@@ -219,6 +220,10 @@ def generate_source(cell: CellSpec) -> str:
     parts.append(_expand(FORWARD_TEMPLATE, markers, stages, tokens))
     if bwd_src is not None:
         parts.append(_expand(BACKWARD_TEMPLATE, markers, stages, tokens))
+    if not pw.stages:  # the cooperative kernels exchange h once per step, with no stage vectors (coop_kernels.py)
+        parts += [COOP_PRELUDE, _expand(COOP_FORWARD_TEMPLATE, markers, stages, tokens)]
+        if bwd_src is not None:
+            parts.append(_expand(COOP_BACKWARD_TEMPLATE, markers, stages, tokens))
     return "\n".join(parts) + "\n"
 
 
