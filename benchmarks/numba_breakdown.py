@@ -123,8 +123,8 @@ def main() -> None:
         return backend.forward(inputs, need_saved)
 
     def scan_backward() -> None:
-        out, final, saved = scan_forward(True)
-        backend.backward(inputs, out, final, saved, grad_out, [None] * S, saved_mode=Ownership.CONSUME)
+        out, _, saved = scan_forward(True)
+        backend.backward(inputs, out, saved, grad_out, [None] * S, saved_mode=Ownership.CONSUME)
 
     if args.what == "parts":
         d_gates = torch.randn(T * B, G * H)

@@ -63,8 +63,7 @@ class PointwiseTorchBackend(FusedBackend):
     def saved_shapes(self, cell, steps, batch, hidden):
         return [(steps, batch, cell.num_gates * hidden)] + [(steps, batch, hidden)] * cell.num_states
 
-    def backward(self, inputs, outputs, final, saved, grad_outputs, grad_final, saved_mode="keep",
-                 x_proj_mode="keep"):
+    def backward(self, inputs, outputs, saved, grad_outputs, grad_final, saved_mode="keep", x_proj_mode="keep"):
         self.decline_unsupported(inputs, backward=True)
         cell, x_proj, lengths, reverse = inputs.cell, inputs.x_proj, inputs.lengths, inputs.reverse
         w_hh, b_hh = inputs.weights[0], inputs.weights[1]

@@ -74,12 +74,12 @@ class FusedBackend(Backend):
         """Shapes of what forward saves when need_saved is True (the fake kernel allocates these)."""
         raise NotImplementedError
 
-    def backward(self, inputs: ScanInputs, outputs: Tensor, final: list[Tensor], saved: list[Tensor],
-                 grad_outputs: Tensor | None, grad_final: list[Tensor | None], saved_mode: Ownership = Ownership.KEEP,
+    def backward(self, inputs: ScanInputs, outputs: Tensor, saved: list[Tensor], grad_outputs: Tensor | None,
+                 grad_final: list[Tensor | None], saved_mode: Ownership = Ownership.KEEP,
                  x_proj_mode: Ownership = Ownership.KEEP) -> tuple[Tensor, list[Tensor], list[Tensor | None]]:
         """-> (grad of x_proj, grad of each state0 (none where inputs.state0 is None), grad of each weight (None
         where the weight is None), and with inputs.x_bias one more at the end of the weights' list: x_bias's).
-        inputs are forward()'s, outputs, final and saved what it returned. grad_outputs and grad_final entries
+        inputs are forward()'s, outputs and saved what it returned. grad_outputs and grad_final entries
         may be None (that output was not used: zero gradient).
 
         saved_mode: who owns the saved tensors (Ownership): KEEP for the custom op, whose inputs must not change,
@@ -215,8 +215,8 @@ class _EagerScan(torch.autograd.Function):
         # the saved tensors may serve as scratch unless the graph is retained for another backward
         saved_mode = _KEEP if _graph_retained() else _CONSUME
         scan_inputs = ScanInputs(ctx.cell, kept.x_proj, kept.state0, kept.weights, kept.lengths, ctx.reverse)
-        gx, gstate, gweights = ctx.backend.backward(scan_inputs, kept.outputs, kept.final, kept.saved,
-                                                    grad_out.contiguous(), list(grad_final), saved_mode=saved_mode)
+        gx, gstate, gweights = ctx.backend.backward(scan_inputs, kept.outputs, kept.saved, grad_out.contiguous(),
+                                                    list(grad_final), saved_mode=saved_mode)
         return None, None, None, None, None, gx, *gstate, *gweights
 
 
@@ -267,7 +267,7 @@ class _EagerLayer(torch.autograd.Function):
         scan_inputs = ScanInputs(ctx.cell, kept.x_proj, kept.state0 or None, kept.weights, kept.lengths,
                                  ctx.reverse, bias_ih)
         gx_proj, gstate, gweights = ctx.backend.backward(
-            scan_inputs, kept.outputs, kept.final, kept.saved, None if grad_out is None else grad_out.contiguous(),
+            scan_inputs, kept.outputs, kept.saved, None if grad_out is None else grad_out.contiguous(),
             list(grad_final), saved_mode=saved_mode, x_proj_mode=saved_mode)  # x_proj is this node's own
         g_bias_ih = gweights.pop() if bias_ih is not None else None
         flat = gx_proj.view(-1, gx_proj.shape[2])  # x_proj itself may not have been kept
@@ -390,16 +390,15 @@ def _define_ops(backend: FusedBackend) -> tuple:
 
     @torch.library.custom_op(prefix + "_backward", mutates_args=())
     def scan_backward_op(cell: str, x_proj: Tensor, state0: list[Tensor], weights: list[Tensor],
-                         lengths: Optional[Tensor], reverse: bool, outputs: Tensor, final: list[Tensor],  # noqa: UP045
+                         lengths: Optional[Tensor], reverse: bool, outputs: Tensor,  # noqa: UP045
                          saved: list[Tensor], grad_outputs: Tensor, grad_final: list[Tensor]) -> list[Tensor]:
         scan_inputs = ScanInputs(get_cell(cell), x_proj, list(state0), _unplaceholder(weights), lengths, reverse)
-        gx, gstate, gweights = backend.backward(scan_inputs, outputs, list(final), list(saved), grad_outputs,
-                                                list(grad_final))
+        gx, gstate, gweights = backend.backward(scan_inputs, outputs, list(saved), grad_outputs, list(grad_final))
         return [gx, *gstate, *(torch.zeros_like(w) if w.numel() == 0 else g
                                for g, w in zip(gweights, weights, strict=True))]
 
     @scan_backward_op.register_fake
-    def _(cell, x_proj, state0, weights, lengths, reverse, outputs, final, saved, grad_outputs, grad_final):
+    def _(cell, x_proj, state0, weights, lengths, reverse, outputs, saved, grad_outputs, grad_final):
         return [torch.empty_like(x_proj), *(torch.empty_like(s) for s in state0),
                 *(torch.empty_like(w) for w in weights)]
 
@@ -417,7 +416,7 @@ def _define_ops(backend: FusedBackend) -> tuple:
         grad_final = [g if g is not None else torch.zeros_like(f)
                       for g, f in zip(grads[1 : 1 + n_state], kept.final, strict=True)]
         flat = scan_backward_op(ctx.cell, kept.x_proj, kept.state0, kept.weights, kept.lengths, ctx.reverse,
-                                kept.outputs, kept.final, kept.saved, grad_out.contiguous(), grad_final)
+                                kept.outputs, kept.saved, grad_out.contiguous(), grad_final)
         return None, flat[0], list(flat[1 : 1 + n_state]), list(flat[1 + n_state :]), None, None, None
 
     scan_op.register_autograd(backward, setup_context=setup_context)

@@ -46,7 +46,7 @@ def test_triton_declines_an_input_bias_naming_it() -> None:
     with pytest.raises(ValueError, match=r"x_bias must be None.*shape \(12,\)"):
         backend.forward(inputs, False)
     with pytest.raises(ValueError, match="x_bias must be None"):
-        backend.backward(inputs, x, [x[0]], [], None, [None])
+        backend.backward(inputs, x, [], None, [None])
 
 
 def _gru_inputs(**changes) -> ScanInputs:
@@ -77,7 +77,7 @@ def test_a_backend_without_a_capability_declines_its_input(backend, flag: str, c
         instance.forward(inputs, True)
     out = torch.zeros(2, 1, 4)
     with pytest.raises(ValueError, match=message):
-        instance.backward(inputs, out, [out[0]], [], out, [None])
+        instance.backward(inputs, out, [], out, [None])
 
 
 def test_a_backend_that_reads_x_proj_declines_a_backward_without_it() -> None:
@@ -85,7 +85,7 @@ def test_a_backend_that_reads_x_proj_declines_a_backward_without_it() -> None:
     assert instance.backward_reads_x_proj(seqfast.get_cell("gru"))
     out = torch.zeros(2, 1, 4)
     with pytest.raises(ValueError, match=r"backward needs x_proj \(backward_reads_x_proj is True for cell 'gru'\)"):
-        instance.backward(_gru_inputs(x_proj=None), out, [out[0]], [], out, [None])
+        instance.backward(_gru_inputs(x_proj=None), out, [], out, [None])
 
 
 @pytest.mark.skipif(not seqfast.get_backend("numba").available(), reason="numba not installed")
@@ -147,10 +147,9 @@ class _Recording(PointwiseTorchBackend):
         self.seen.append(("forward", inputs))
         return super().forward(inputs, need_saved)
 
-    def backward(self, inputs, outputs, final, saved, grad_outputs, grad_final, saved_mode="keep",
-                 x_proj_mode="keep"):
+    def backward(self, inputs, outputs, saved, grad_outputs, grad_final, saved_mode="keep", x_proj_mode="keep"):
         self.seen.append(("backward", inputs))
-        return super().backward(inputs, outputs, final, saved, grad_outputs, grad_final, saved_mode, x_proj_mode)
+        return super().backward(inputs, outputs, saved, grad_outputs, grad_final, saved_mode, x_proj_mode)
 
 
 @pytest.mark.parametrize("path", ["eager", "custom_op"])

@@ -97,8 +97,7 @@ class NumbaBackend(FusedBackend):
     def forward(self, inputs: ScanInputs, need_saved: bool) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         return scan.forward(inputs, need_saved)
 
-    def backward(self, inputs: ScanInputs, outputs: Tensor, final: list[Tensor], saved: list[Tensor],
-                 grad_outputs: Tensor | None, grad_final: list[Tensor | None], saved_mode: Ownership = Ownership.KEEP,
+    def backward(self, inputs: ScanInputs, outputs: Tensor, saved: list[Tensor], grad_outputs: Tensor | None,
+                 grad_final: list[Tensor | None], saved_mode: Ownership = Ownership.KEEP,
                  x_proj_mode: Ownership = Ownership.KEEP) -> tuple[Tensor, list[Tensor], list[Tensor | None]]:
-        return scan.backward(inputs, outputs, final, saved, grad_outputs, grad_final, saved_mode == _CONSUME,
-                             x_proj_mode == _CONSUME)
+        return scan.backward(inputs, saved, grad_outputs, grad_final, saved_mode == _CONSUME, x_proj_mode == _CONSUME)

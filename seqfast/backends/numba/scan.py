@@ -109,9 +109,8 @@ def forward(inputs: ScanInputs, need_saved: bool) -> tuple[Tensor, list[Tensor],
     return out[0], [s[0] for s in states], [s[0] for s in saved]
 
 
-def backward(inputs: ScanInputs, outputs: Tensor, final: list[Tensor], saved: list[Tensor],
-             grad_outputs: Tensor | None, grad_final: list[Tensor | None], consume_saved: bool,
-             consume_x_proj: bool) -> tuple[Tensor, list[Tensor], list[Tensor | None]]:
+def backward(inputs: ScanInputs, saved: list[Tensor], grad_outputs: Tensor | None, grad_final: list[Tensor | None],
+             consume_saved: bool, consume_x_proj: bool) -> tuple[Tensor, list[Tensor], list[Tensor | None]]:
     """FusedBackend.backward on the numba kernels. consume_saved: the saved products may be written over;
     consume_x_proj: d_x_proj may be written over x_proj (layer()'s own projection, read for the last time)."""
     cell, x_proj, weights, reverse, x_bias = inputs.cell, inputs.x_proj, inputs.weights, inputs.reverse, inputs.x_bias

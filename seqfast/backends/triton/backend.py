@@ -284,8 +284,8 @@ class TritonBackend(FusedBackend):
                 final.copy_(value)
         return out, finals, saved
 
-    def backward(self, inputs: ScanInputs, outputs: Tensor, final: list[Tensor], saved: list[Tensor],
-                 grad_outputs: Tensor | None, grad_final: list[Tensor | None], saved_mode: Ownership = Ownership.KEEP,
+    def backward(self, inputs: ScanInputs, outputs: Tensor, saved: list[Tensor], grad_outputs: Tensor | None,
+                 grad_final: list[Tensor | None], saved_mode: Ownership = Ownership.KEEP,
                  x_proj_mode: Ownership = Ownership.KEEP) -> tuple[Tensor, list[Tensor], list[Tensor | None]]:
         # saved_mode and x_proj_mode permit writing over buffers; these kernels never do
         self.decline_unsupported(inputs, backward=True)  # x_bias, zero states and x_proj=None
