@@ -35,8 +35,8 @@ class FusedBackend(Backend):
     them beyond the plain scan contract is declared by these capability flags, and only here:
     - accepts_zero_state (Backend's): scan() and layer() take state0=None for zero initial states. True for every
       fused backend: where forward() cannot take None, the glue makes the zeros.
-    - forward_accepts_zero_state: forward() and backward() take ScanInputs.state0=None (zero initial states,
-      whose gradients backward() then does not return).
+    - forward_accepts_zero_state: forward() and backward() take ScanInputs.state0=None (zero initial states;
+      the glue then drops whatever state gradients backward() returns).
     - fuses_input_bias: forward() and backward() take ScanInputs.x_bias (the input projection's [G*H] bias, added
       as the kernel reads x_proj, its gradient summed there too), and layer() runs the projection inside one
       autograd node, handing backward() x_proj_mode=. Requires forward_accepts_zero_state (checked at
@@ -77,8 +77,8 @@ class FusedBackend(Backend):
     def backward(self, inputs: ScanInputs, outputs: Tensor, saved: list[Tensor], grad_outputs: Tensor | None,
                  grad_final: list[Tensor | None], saved_mode: Ownership = Ownership.KEEP,
                  x_proj_mode: Ownership = Ownership.KEEP) -> tuple[Tensor, list[Tensor], list[Tensor | None]]:
-        """-> (grad of x_proj, grad of each state0 (none where inputs.state0 is None), grad of each weight (None
-        where the weight is None), and with inputs.x_bias one more at the end of the weights' list: x_bias's).
+        """-> (grad of x_proj, grad of each state0 (ignored where inputs.state0 is None), grad of each weight
+        (None where the weight is None), and with inputs.x_bias one more at the end of the weights' list: x_bias's).
         inputs are forward()'s, outputs and saved what it returned. grad_outputs and grad_final entries
         may be None (that output was not used: zero gradient).
 
