@@ -18,7 +18,7 @@ from torch import Tensor
 from ...config import reader, setting
 from ...registry import CellSpec, Query
 from ..fused import FusedBackend
-from ..fused_contract import Ownership
+from ..fused_contract import Ownership, ScanInputs
 from .codegen import CodegenError, generate_source, load_kernels, param_layout
 from .cooperative import CoopPlan, device_sm_count, launch_cooperative, plan_cooperative
 
@@ -91,12 +91,6 @@ class KernelPlan:
             return f"persistent, W_hh on chip ({kib} in shared memory), {rows}"
         what = "diagonal w_hh in registers" if cell.recurrence == "diagonal" else "no recurrent matrix"
         return f"persistent, {what}, {rows}"
-
-
-def _decline_x_bias(x_bias: Tensor | None) -> None:
-    if x_bias is not None:
-        raise ValueError("triton backend: x_bias must be None (fuses_input_bias is False: x_proj includes its bias), "
-                         f"got a tensor of shape {tuple(x_bias.shape)}")
 
 
 class TritonBackend(FusedBackend):
@@ -270,13 +264,12 @@ class TritonBackend(FusedBackend):
         grid = (-(-batch // plan.block_b),)
         return steps, batch, hidden, by_name, layout, params, lengths, plan, consts, grid
 
-    def forward(self, cell: CellSpec, x_proj: Tensor, state0: list[Tensor], weights: list[Tensor | None],
-                lengths: Tensor | None, reverse: bool, need_saved: bool, x_bias: Tensor | None = None
-                ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-        _decline_x_bias(x_bias)
+    def forward(self, inputs: ScanInputs, need_saved: bool) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        self.decline_unsupported(inputs)  # x_bias and zero states (state0=None)
+        cell, x_proj, state0, reverse = inputs.cell, inputs.x_proj, inputs.state0, inputs.reverse
         kernels = load_kernels(cell)
         steps, batch, hidden, by_name, _, params, lengths, plan, consts, grid = self._common(
-            cell, x_proj, weights, lengths)
+            cell, x_proj, inputs.weights, inputs.lengths)
         x = x_proj.contiguous()
         dummy = x
         if batch == 0:  # no program to launch
@@ -321,18 +314,18 @@ class TritonBackend(FusedBackend):
                 final.copy_(value)
         return out, finals, saved
 
-    def backward(self, cell: CellSpec, x_proj: Tensor, state0: list[Tensor], weights: list[Tensor | None],
-                 lengths: Tensor | None, reverse: bool, outputs: Tensor, final: list[Tensor], saved: list[Tensor],
-                 grad_outputs: Tensor, grad_final: list[Tensor], saved_mode: Ownership = Ownership.KEEP,
-                 x_bias: Tensor | None = None, x_proj_mode: Ownership = Ownership.KEEP
-                 ) -> tuple[Tensor, list[Tensor], list[Tensor | None]]:
+    def backward(self, inputs: ScanInputs, outputs: Tensor, saved: list[Tensor], grad_outputs: Tensor | None,
+                 grad_final: list[Tensor | None], saved_mode: Ownership = Ownership.KEEP,
+                 x_proj_mode: Ownership = Ownership.KEEP) -> tuple[Tensor, list[Tensor], list[Tensor | None]]:
         # saved_mode and x_proj_mode permit writing over buffers; these kernels never do
-        _decline_x_bias(x_bias)
+        self.decline_unsupported(inputs, backward=True)  # x_bias, zero states and x_proj=None
+        cell, x_proj, state0, weights, reverse = (inputs.cell, inputs.x_proj, inputs.state0, inputs.weights,
+                                                  inputs.reverse)
         kernels = load_kernels(cell)
         if not hasattr(kernels, "scan_backward"):
             raise RuntimeError(f"cell {cell.name!r} has no pointwise backward; the triton backend cannot train it")
         steps, batch, hidden, by_name, layout, params, lengths, plan, consts, grid = self._common(
-            cell, x_proj, weights, lengths)
+            cell, x_proj, weights, inputs.lengths)
         x = x_proj.contiguous()
         if batch == 0:
             return torch.zeros_like(x), [torch.zeros_like(s) for s in state0], [
