@@ -140,7 +140,8 @@ class FusedBackend(Backend):
                                     *(state0 or ()), *wlist)
             return result[0], tuple(result[1:-1])
         steps, batch, _ = x.shape
-        x_proj = self.project(x.flatten(0, 1), weight_ih).unflatten(0, (steps, batch))
+        x_proj = self.project(x.reshape(steps * batch, x.shape[2]), weight_ih)
+        x_proj = x_proj.reshape(steps, batch, x_proj.shape[1])  # explicit sizes: an empty batch has no -1
         out, final, _ = self.forward(ScanInputs(cell, x_proj, None if state0 is None else list(state0), wlist,
                                                 lengths, reverse, bias_ih), False)
         return out, tuple(final)
@@ -230,7 +231,8 @@ class _EagerLayer(torch.autograd.Function):
     @staticmethod
     def forward(backend, cell, lengths, reverse, n_state, x, weight_ih, bias_ih, *tensors):
         steps, batch, _ = x.shape
-        x_proj = backend.project(x.flatten(0, 1), weight_ih).unflatten(0, (steps, batch))
+        x_proj = backend.project(x.reshape(steps * batch, x.shape[2]), weight_ih)
+        x_proj = x_proj.reshape(steps, batch, x_proj.shape[1])  # explicit sizes: an empty batch has no -1
         out, final, saved = backend.forward(ScanInputs(cell, x_proj, list(tensors[:n_state]) or None,
                                                        list(tensors[n_state:]), lengths, reverse, bias_ih), True)
         # x_proj travels to setup_context with the saved list; it is None where the backward does not read it

@@ -1020,6 +1020,9 @@ def _generated(key: tuple, prefix: str, source_of) -> ModuleType:
         return module
 
 
+generated_module = _generated  # for the other generated modules of the backend (gemm.py's projection)
+
+
 def is_compiled(cell: CellSpec, dtype: str, kernel_names: tuple[str, ...]) -> bool:
     """Whether the named kernels ("forward", "backward") of a cell can run without a JIT compile: compiled in this
     process, or held by numba's disk cache (loading from it takes a fraction of a second, compiling seconds)."""

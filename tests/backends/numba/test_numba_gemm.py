@@ -100,3 +100,30 @@ def test_small_torch_gemms_run_on_one_mkl_thread(monkeypatch) -> None:
         for g, e in zip(got, want, strict=True):
             assert (g is None) == (e is None) and (g is None or torch.allclose(g, e, atol=1e-5))
 
+
+
+def test_small_projection_runs_on_mkls_own_kernel(monkeypatch) -> None:
+    """Below SMALL_TORCH_GEMM a float32 projection runs on MKL's own sequential kernel, where the scans use one,
+    and equals x W_ih^T; a non-contiguous operand, float64 or a larger product takes torch's mm; an in-place update
+    of the weight shows in the next projection."""
+    if _blas.SGEMM_KERNEL == _blas.SGEMM:
+        pytest.skip("needs MKL's own kernel (a non-Intel CPU with AVX2 or AVX-512)")
+    mm_calls = []
+    real_mm = gemm.mm
+    monkeypatch.setattr(gemm, "mm", lambda *a, **k: mm_calls.append(1) or real_mm(*a, **k))
+    gen = torch.Generator().manual_seed(3)
+    x, weight = torch.randn(100, 32, generator=gen), torch.randn(128, 32, generator=gen)  # 0.41M: small
+    want = x.double().mm(weight.double().t()).float()
+    torch.testing.assert_close(gemm.input_projection(x, weight), want, rtol=1e-5, atol=1e-5)
+    assert mm_calls == []
+    with torch.no_grad():
+        weight.mul_(2)
+    torch.testing.assert_close(gemm.input_projection(x, weight), 2 * want, rtol=1e-5, atol=1e-5)
+    assert mm_calls == []
+    wide = torch.randn(32, 256, generator=gen).t()  # not contiguous
+    torch.testing.assert_close(gemm.input_projection(x, wide), x.mm(wide.t()), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gemm.input_projection(x.double(), weight.double()), x.double().mm(weight.double().t()))
+    big = torch.randn(256, 32, generator=gen)  # 0.82M: torch's mm
+    torch.testing.assert_close(gemm.input_projection(x, big), x.mm(big.t()), rtol=1e-5, atol=1e-5)
+    assert len(mm_calls) == 3
+    assert gemm.input_projection(x[:0], weight).shape == (0, 128)
