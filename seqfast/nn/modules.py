@@ -802,10 +802,11 @@ class RecurrentCell(_PicklesCellByName, nn.Module):
 
     def forward(self, input: Tensor, hx=None):
         # the per-call path is kept to a few attribute reads: at small sizes a step's kernel takes microseconds
-        if not isinstance(input, Tensor) or input.dim() not in (1, 2):
-            got = f"{input.dim()}-D" if isinstance(input, Tensor) else type(input).__name__
+        dim = input.dim() if isinstance(input, Tensor) else None
+        if dim != 2 and dim != 1:
+            got = f"{dim}-D" if dim is not None else type(input).__name__
             raise InputError(f"{type(self).__name__}: Expected input to be 1-D or 2-D, got {got}")
-        batched = input.dim() == 2
+        batched = dim == 2
         x = input if batched else input.unsqueeze(0)
         names = self._names
         get = self._parameters.get
@@ -821,7 +822,7 @@ class RecurrentCell(_PicklesCellByName, nn.Module):
             state = self._checked_state(hx, x, batched, device)
         requires_grad = torch.is_grad_enabled() and (
             x.requires_grad or _any_requires_grad(state) or _any_requires_grad(params))
-        autocast = _autocast_dtype(x)
+        autocast = _autocast_dtype(x) if _any_autocast() else None
         if autocast is not None:
             final = self._step_autocast(x, state, params, requires_grad, autocast)
         else:
