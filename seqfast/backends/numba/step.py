@@ -88,13 +88,15 @@ def _readable(t: Tensor, dtype: torch.dtype, what: str) -> Tensor:
 
 
 def _weights(layout: StepLayout, params, names, inputs: int, hidden: int) -> tuple[list[Tensor], list[int]]:
-    """(the tensors read, kept alive for the call; [w_ih, b_ih, w_hh, b_hh, *extras] addresses, zeros where
-    absent). Each one's size is checked: the kernels read them by address."""
+    """([w_ih, b_ih, w_hh, b_hh, *extras] as read (contiguous, of the step's dtype; None where absent), kept alive
+    for the call; their addresses, zeros where absent). Each one's size is checked: the kernels read them by
+    address."""
     dtype, width = layout.dtype, layout.gates * hidden
     tensors, addresses = [], []
     for i, n in ((layout.w_ih, width * inputs), (layout.b_ih, width), (layout.w_hh, width * hidden),
                  (layout.b_hh, width), *zip(layout.extras, (k * hidden for k in layout.widths), strict=True)):
         if i < 0:
+            tensors.append(None)
             addresses.append(_zeros_address(dtype, n))
             continue
         t = _readable(params[i], dtype, names[i])
@@ -193,9 +195,16 @@ class _Step(torch.autograd.Function):
         d_state = [torch.empty_like(s) for s in state]
         need_dx, need_dw = needs[0], any(needs[1 + n_state:])
         dx = torch.empty_like(x) if need_dx else torch.empty(0, dtype=dtype)
-        # in the kernel's order: d_W_ih, d_W_hh, d_b_ih, d_b_hh, the extras'
-        sizes = [(width, x.shape[1]), (width, hidden), (width,), (width,), *((k * hidden,) for k in layout.widths)]
-        d_weights = [torch.empty(size if need_dw else (0,), dtype=dtype) for size in sizes]
+        # in the kernel's order: d_W_ih, d_W_hh, d_b_ih, d_b_hh, the extras'; each shaped as its parameter (the
+        # kernel writes an absent one's too)
+        if need_dw:
+            w_ih, b_ih, w_hh, b_hh, *extras = kept
+            sizes = ((width,), (width,), *((k * hidden,) for k in layout.widths))
+            d_weights = [torch.empty_like(w_ih), torch.empty_like(w_hh),
+                         *(torch.empty(size, dtype=dtype) if t is None else torch.empty_like(t)
+                           for t, size in zip((b_ih, b_hh, *extras), sizes, strict=True))]
+        else:
+            d_weights = [torch.empty(0, dtype=dtype)] * (4 + len(layout.widths))
         layout.module.step_backward(layout.fn, batch, x.shape[1], hidden, x.data_ptr(), *weights,
                                     *(s.data_ptr() for s in state), work.data_ptr(),
                                     *(g.data_ptr() for g in d_new), *(d.data_ptr() for d in d_state), dx.data_ptr(),
@@ -204,8 +213,7 @@ class _Step(torch.autograd.Function):
         d_w_ih, d_w_hh, d_b_ih, d_b_hh, *d_extras = d_weights
         by_index = {layout.w_ih: d_w_ih, layout.b_ih: d_b_ih, layout.w_hh: d_w_hh, layout.b_hh: d_b_hh}
         by_index.update(zip(layout.extras, d_extras, strict=True))
-        g_params = [by_index[i].view(p.shape) if need else None
-                    for i, (p, need) in enumerate(zip(params, needs[1 + n_state:], strict=True))]
+        g_params = [by_index[i] if need else None for i, need in enumerate(needs[1 + n_state:])]
         g_state = [d if need else None for d, need in zip(d_state, needs[1:1 + n_state], strict=True)]
         return (None, None, None, None, dx if need_dx else None, *g_state, *g_params)
 
