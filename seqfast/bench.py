@@ -86,7 +86,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cells", type=_csv, default=None, metavar="A,B",
                         help="cells to time (default: every registered cell)")
     parser.add_argument("--backends", type=_csv, default=None, metavar="A,B",
-                        help="seqfast backends to time against torch.nn (default: every registered backend)")
+                        help="seqfast backends to time against torch.nn (default: every registered backend); "
+                             "`auto` times the default choice, its selection included")
     parser.add_argument("--modes", type=_csv, default=list(MODES), metavar="M,M",
                         help="inference (forward under no_grad) and/or training (forward + backward); default both")
     # "tiny" is for tests and is left out of the help on purpose
@@ -586,7 +587,8 @@ def plot_report(results: list[Measurement], backends: list[str], shapes: list[Sh
 def _check_names(kind: str, wanted: list[str] | None, known: list[str]) -> list[str]:
     if wanted is None:
         return known
-    unknown = [w for w in wanted if w not in known]
+    allowed = [*known, "auto"] if kind == "backends" else known  # auto: timed where asked for
+    unknown = [w for w in wanted if w not in allowed]
     if unknown:
         raise ValueError(f"unknown {kind} {unknown}; registered {kind}: {known}")
     return list(dict.fromkeys(wanted))

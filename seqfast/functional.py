@@ -139,9 +139,15 @@ def _token_backends() -> tuple[Backend, ...]:
     return _tokens[1]
 
 
+def selection_stamp() -> tuple:
+    """What a remembered decision depends on beside its query and the requested name: the registry generation
+    and the selection tokens of the backends that have one."""
+    return (registry.generation, *(b.selection_token() for b in _token_backends()))
+
+
 def _select(query: Query, requested: str | None) -> tuple[Backend, Choice]:
     choice = resolve_choice(query.cell.name, query.cell.env_name, requested)  # sources can change at any time
-    key = (query, choice.name, registry.generation, *(b.selection_token() for b in _token_backends()))
+    key = (query, choice.name, *selection_stamp())
     backend = _decisions.get(key)
     if backend is None or registry.backends.get(backend.name) is not backend:
         backend = _decide(query, choice)

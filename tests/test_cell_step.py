@@ -213,3 +213,116 @@ def test_bench_step_loop_times_the_cells_against_torch_nns():
     by_backend = {m.backend: m for m in results}
     assert by_backend[TORCH_NN].ok and by_backend["native"].ok and by_backend["torch"].ok
     assert by_backend["native"].max_abs_diff < 1e-5 and by_backend["torch"].max_abs_diff < 1e-5
+
+
+class _Counting(Backend):
+    """The torch backend's step, counted: which backend a cell's call ran on."""
+
+    calls = 0
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def scan(self, cell, x_proj, state0, weights, lengths, reverse):
+        return get_backend("torch").scan(cell, x_proj, state0, weights, lengths, reverse)
+
+    def step(self, cell, x, state, params, names):
+        type(self).calls += 1
+        return get_backend("torch").step(cell, x, state, params, names)
+
+
+@pytest.fixture
+def counting():
+    backend = seqfast.register_backend(_Counting("counting"))
+    _Counting.calls = 0
+    yield backend
+    registry.backends.pop("counting")
+    registry.generation += 1
+
+
+def test_a_cells_kept_decision_follows_every_source_of_the_choice(counting, monkeypatch, tmp_path):
+    # the backend a cell call runs on is kept per input kind; the choice's sources may change between calls
+    monkeypatch.chdir(tmp_path)
+    for var in ("SEQFAST_BACKEND", "SEQFAST_BACKEND_GRU", "SEQFAST_CONFIG"):
+        monkeypatch.delenv(var, raising=False)
+    ref, ours = _pair("gru", 3, 4, torch.float64, None)
+    x = torch.randn(2, 3, dtype=torch.float64)
+
+    def runs_on_counting() -> bool:
+        before = _Counting.calls
+        torch.testing.assert_close(ours(x), ref(x))
+        return _Counting.calls == before + 1
+
+    assert not runs_on_counting()
+    with seqfast.use_backend("counting"):
+        assert runs_on_counting()
+    with seqfast.use_backend({"gru": "counting"}):
+        assert runs_on_counting()
+    assert not runs_on_counting()
+    monkeypatch.setenv("SEQFAST_BACKEND", "counting")
+    assert runs_on_counting()
+    monkeypatch.setenv("SEQFAST_BACKEND_GRU", "torch")
+    assert not runs_on_counting()
+    monkeypatch.delenv("SEQFAST_BACKEND_GRU")
+    monkeypatch.delenv("SEQFAST_BACKEND")
+    assert not runs_on_counting()
+    (tmp_path / "seqfast.toml").write_text('backend = "counting"\n')
+    assert runs_on_counting()
+    (tmp_path / "seqfast.toml").unlink()
+    assert not runs_on_counting()
+    ours.backend = "counting"
+    assert runs_on_counting()
+
+
+def test_a_cells_kept_decision_follows_a_backend_registered_in_its_place(counting):
+    ref, ours = _pair("lstm", 3, 4, torch.float64, "counting")
+    x = torch.randn(2, 3, dtype=torch.float64)
+    torch.testing.assert_close(ours(x), ref(x))
+
+    class Replacement(_Counting):
+        calls = 0
+
+    seqfast.register_backend(Replacement("counting"), replace=True)
+    torch.testing.assert_close(ours(x), ref(x))
+    assert (_Counting.calls, Replacement.calls) == (1, 1)
+
+
+@pytest.mark.parametrize("cell", list(KINDS))
+@pytest.mark.parametrize("backend", [backend_param("numba"), backend_param("native"), backend_param("torch"),
+                                     pytest.param(None, id="auto")])
+def test_a_cell_called_with_changing_batch_dtype_and_grad_matches_torch_nn(backend, cell):
+    # each call kind (batch, dtype, device, grad) keeps its own decision; the parameters are read on every call
+    ref, ours = _pair(cell, 3, 5, torch.float32, backend)
+    gen = torch.Generator().manual_seed(3)
+    n_states = 2 if cell == "lstm" else 1
+    for dtype, batch in ((torch.float32, 2), (torch.float32, 7), (torch.float32, 2), (torch.float64, 7),
+                         (torch.float64, 1), (torch.float32, 2)):
+        for module in (ref, ours):
+            module.to(dtype)
+        x = torch.randn(batch, 3, generator=gen, dtype=dtype)
+        hx = tuple(torch.randn(batch, 5, generator=gen, dtype=dtype) for _ in range(n_states))
+        with torch.no_grad():
+            for w, g in zip(_outputs(ref(x, hx if n_states > 1 else hx[0])),
+                            _outputs(ours(x, hx if n_states > 1 else hx[0])), strict=True):
+                torch.testing.assert_close(g, w, **TOL[dtype])
+        want_out, want_grads = _run(ref, x, hx)
+        got_out, got_grads = _run(ours, x, hx)
+        torch.testing.assert_close(got_out, want_out, **TOL[dtype])
+        torch.testing.assert_close(got_grads, want_grads, **TOL[dtype])
+        with torch.no_grad():
+            for module in (ref, ours):
+                module.weight_hh.mul_(0.9)  # in place, between calls of the same kind
+
+
+@pytest.mark.parametrize("backend", [backend_param("numba")])
+def test_numba_inference_steps_return_states_of_their_own(backend):
+    # an inference step reuses its scratch buffer: the states it returns must not alias it or each other
+    _, ours = _pair("lstm", 3, 4, torch.float32, backend)
+    x = torch.randn(2, 3)
+    with torch.no_grad():
+        h1, c1 = ours(x)
+        kept = h1.clone(), c1.clone()
+        h2, c2 = ours(x * 2)
+    torch.testing.assert_close((h1, c1), kept)
+    pointers = {t.untyped_storage().data_ptr() for t in (h1, c1, h2, c2)}
+    assert len(pointers) == 4

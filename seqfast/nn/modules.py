@@ -20,7 +20,8 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from .._memo import memo
 from ..cells.common import RECURRENT_MASK, ZONEOUT_MASKS
-from ..functional import InputError, check_lengths, select_backend
+from ..config import resolve_choice
+from ..functional import InputError, check_lengths, select_backend, selection_stamp
 from ..registry import CellSpec, Query, Weights, get_cell, registry
 
 __all__ = ["Recurrent", "RNN", "LSTM", "GRU", "RecurrentCell", "RNNCell", "LSTMCell", "GRUCell", "Stateful"]
@@ -56,11 +57,15 @@ def _weight(module: nn.Module, name: str) -> Tensor:
 
 
 _autocast_devices: dict[str, bool] = {}  # device type -> whether torch.autocast exists for it
+# one call answering "is autocast on for any device" (a private torch function: where absent, assume it may be)
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
 
 
 def _autocast_dtype(x: Tensor) -> torch.dtype | None:
     """The dtype torch.autocast runs a recurrence on x in, or None outside autocast. As for torch's own ops, only
     floating inputs other than float64 are cast."""
+    if not _any_autocast():
+        return None
     device = x.device.type
     available = _autocast_devices.get(device)
     if available is None:
@@ -146,7 +151,7 @@ class _PicklesCellByName:
     its functions, so `torch.load(weights_only=True)` needs only the module classes allow-listed. Per-call
     caches and the parameters' init functions are derived from the cell and rebuilt on load."""
 
-    _DERIVED = ("_queries", "_scan_names_cache", "_inits", "_step_queries")
+    _DERIVED = ("_queries", "_scan_names_cache", "_inits", "_step_plans")
 
     def __getstate__(self):
         state = dict(super().__getstate__())
@@ -797,37 +802,54 @@ class RecurrentCell(_PicklesCellByName, nn.Module):
 
     def forward(self, input: Tensor, hx=None):
         # the per-call path is kept to a few attribute reads: at small sizes a step's kernel takes microseconds
-        if not isinstance(input, Tensor) or input.dim() not in (1, 2):
-            got = f"{input.dim()}-D" if isinstance(input, Tensor) else type(input).__name__
+        dim = input.dim() if isinstance(input, Tensor) else None
+        if dim != 2 and dim != 1:
+            got = f"{dim}-D" if dim is not None else type(input).__name__
             raise InputError(f"{type(self).__name__}: Expected input to be 1-D or 2-D, got {got}")
-        batched = input.dim() == 2
+        batched = dim == 2
         x = input if batched else input.unsqueeze(0)
         names = self._names
         get = self._parameters.get
         # getattr for a parametrized weight (torch.nn.utils.parametrize), which is absent from _parameters
         params = [p if (p := get(n)) is not None else getattr(self, n) for n in names]
         weight = params[0]
-        if x.shape[1] != self.input_size or x.dtype != weight.dtype or x.device != weight.device:
+        device = x.device
+        if x.shape[1] != self.input_size or x.dtype != weight.dtype or device != weight.device:
             self._input_error(x, weight)
         if hx is None:
             state = tuple(x.new_zeros(x.shape[0], self.hidden_size) for _ in self.cell.state_names)
         else:
-            state = self._checked_state(hx, x, batched)
+            state = self._checked_state(hx, x, batched, device)
         requires_grad = torch.is_grad_enabled() and (
-            x.requires_grad or any(s.requires_grad for s in state) or any(p.requires_grad for p in params))
-        autocast = _autocast_dtype(x)
+            x.requires_grad or _any_requires_grad(state) or _any_requires_grad(params))
+        autocast = _autocast_dtype(x) if _any_autocast() else None
         if autocast is not None:
             final = self._step_autocast(x, state, params, requires_grad, autocast)
         else:
-            query = self.__dict__.get("_step_queries", _NO_QUERIES).get((x.shape[0], x.dtype, x.device,
-                                                                         requires_grad))
-            if query is None:
-                query = self._step_query(x, requires_grad)
-            backend, _ = select_backend(query, self.backend)
-            final = backend.step(self.cell, x, state, params, names)
+            final = self._step_backend(x, device, requires_grad).step(self.cell, x, state, params, names)
         if not batched:
             final = tuple(s.squeeze(0) for s in final)
         return final[0] if len(final) == 1 else final
+
+    def _step_backend(self, x: Tensor, device: torch.device, requires_grad: bool):
+        """select_backend's decision for this call, kept per (batch, dtype, device, grad) with the choice it was made
+        for and the selection stamp: a call only resolves where the choice comes from (the argument, use_backend(),
+        the environment, the config file), any of which may change between calls, and compares."""
+        if torch.compiler.is_compiling():  # no module state changes in a traced graph
+            return select_backend(self._step_query(x, requires_grad), self.backend)[0]
+        cell = self.cell
+        choice = resolve_choice(cell.name, cell.env_name, self.backend)
+        stamp = selection_stamp()
+        key = (x.shape[0], x.dtype, device, requires_grad)
+        plan = self.__dict__.get("_step_plans", _NO_QUERIES).get(key)
+        if plan is not None and plan[0] is choice and plan[1] == stamp:
+            return plan[2]
+        backend, choice = select_backend(self._step_query(x, requires_grad), self.backend)
+        plans = self.__dict__.setdefault("_step_plans", {})
+        if len(plans) >= 64:
+            plans.clear()
+        plans[key] = (choice, stamp, backend)
+        return backend
 
     def _step_autocast(self, x: Tensor, state: tuple[Tensor, ...], params: list[Tensor], requires_grad: bool,
                        autocast: torch.dtype) -> tuple[Tensor, ...]:
@@ -841,14 +863,9 @@ class RecurrentCell(_PicklesCellByName, nn.Module):
         return tuple(s.to(d) for s, d in zip(final, dtypes, strict=True))
 
     def _step_query(self, x: Tensor, requires_grad: bool, autocast: torch.dtype | None = None) -> Query:
-        query = Query(cell=self.cell, device=x.device.type, dtype=autocast or x.dtype, hidden_size=self.hidden_size,
-                      input_size=self.input_size, batch_size=x.shape[0], seq_len=1, requires_grad=requires_grad,
-                      level="step")
-        if autocast is None and not torch.compiler.is_compiling():  # no module state changes in a traced graph
-            # one Query per (batch, dtype, device, grad), kept: building the frozen dataclass costs more than a lookup
-            memo(self.__dict__.setdefault("_step_queries", {}), (x.shape[0], x.dtype, x.device, requires_grad),
-                 lambda: query, limit=64)
-        return query
+        return Query(cell=self.cell, device=x.device.type, dtype=autocast or x.dtype, hidden_size=self.hidden_size,
+                     input_size=self.input_size, batch_size=x.shape[0], seq_len=1, requires_grad=requires_grad,
+                     level="step")
 
     def _input_error(self, x: Tensor, weight: Tensor) -> None:
         owner = type(self).__name__
@@ -859,21 +876,29 @@ class RecurrentCell(_PicklesCellByName, nn.Module):
             raise InputError(f"{owner}: input must have the type {weight.dtype}, got type {x.dtype}")
         raise InputError(f"{owner}: input is on {x.device} but the parameters are on {weight.device}")
 
-    def _checked_state(self, hx, x: Tensor, batched: bool) -> tuple[Tensor, ...]:
-        owner = type(self).__name__
+    def _checked_state(self, hx, x: Tensor, batched: bool, device: torch.device) -> tuple[Tensor, ...]:
         states = (hx,) if isinstance(hx, Tensor) else tuple(hx)
-        if len(states) != self.cell.num_states or not all(isinstance(s, Tensor) for s in states):
-            raise InputError(f"{owner}: hx: expected {self.cell.num_states} state tensor(s) "
-                             f"{self.cell.state_names}, got {type(hx).__name__} of length {len(states)}")
+        cell = self.cell
         want = (x.shape[0], self.hidden_size) if batched else (self.hidden_size,)
-        dtype, device = x.dtype, x.device
-        for name, s in zip(self.cell.state_names, states, strict=True):
+        if len(states) != cell.num_states:
+            self._state_error(hx, states, want, x)
+        dtype = x.dtype
+        for s in states:
+            if not isinstance(s, Tensor) or s.shape != want or s.dtype != dtype or s.device != device:
+                self._state_error(hx, states, want, x)
+        return states if batched else tuple(s.unsqueeze(0) for s in states)
+
+    def _state_error(self, hx, states: tuple, want: tuple[int, ...], x: Tensor) -> None:
+        owner, cell = type(self).__name__, self.cell
+        if len(states) != cell.num_states or not all(isinstance(s, Tensor) for s in states):
+            raise InputError(f"{owner}: hx: expected {cell.num_states} state tensor(s) {cell.state_names}, got "
+                             f"{type(hx).__name__} of length {len(states)}")
+        for name, s in zip(cell.state_names, states, strict=True):
             if s.shape != want:
                 raise InputError(f"{owner}: hx: expected {name} of shape {want}, got {tuple(s.shape)}")
-            if s.dtype != dtype or s.device != device:
+            if s.dtype != x.dtype or s.device != x.device:
                 raise InputError(f"{owner}: hx: expected {name} as {x.dtype} on {x.device} like the input, "
                                  f"got {s.dtype} on {s.device}")
-        return states if batched else tuple(s.unsqueeze(0) for s in states)
 
 
 class RNNCell(RecurrentCell):

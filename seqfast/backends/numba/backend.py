@@ -13,8 +13,8 @@ from .availability import DTYPES, numba_missing
 from .codegen import CodegenError, check_cell, preactivation_only
 
 _CONSUME = Ownership.CONSUME  # a module constant: an Enum attribute costs ~60 ns a read
-_MISSING = object()
-_step_layouts: dict[tuple, object] = {}  # NumbaBackend.step's per-call lookup of step.step_layout
+# NumbaBackend.step's per-call lookup: (step.step_layout's layout, step.run_step), step.py imported on first use
+_step_plans: dict[tuple, tuple] = {}
 
 
 class NumbaBackend(FusedBackend):
@@ -62,19 +62,18 @@ class NumbaBackend(FusedBackend):
     def step(self, cell: CellSpec, x: Tensor, state: tuple[Tensor, ...], params, names) -> tuple[Tensor, ...]:
         # one kernel call each way (step.py); the scan with T=1 where those kernels do not apply
         key = (cell, x.dtype, tuple(names))
-        layout = _step_layouts.get(key, _MISSING)
-        if layout is _MISSING:
-            from .step import step_layout
+        plan = _step_plans.get(key)
+        if plan is None:
+            from .step import run_step, step_layout
 
-            layout = step_layout(cell, x.dtype, names)
-            if len(_step_layouts) > 256:
-                _step_layouts.clear()
-            _step_layouts[key] = layout
+            plan = (step_layout(cell, x.dtype, names), run_step)
+            if len(_step_plans) > 256:
+                _step_plans.clear()
+            _step_plans[key] = plan
+        layout, run_step = plan
         if (layout is None or not x.shape[0] or not x.shape[1] or _transforms_active()
                 or torch.compiler.is_compiling()):
             return super().step(cell, x, state, params, names)
-        from .step import run_step
-
         return run_step(layout, cell, x, state, params, names)
 
     # --- the fused scan (scan.py) ------------------------------------------------------------------------------

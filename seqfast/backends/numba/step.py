@@ -10,6 +10,7 @@ one-step kernels, the backend's default step (its scan with T=1) runs instead.
 
 from __future__ import annotations
 
+import threading
 from typing import NamedTuple
 
 import torch
@@ -79,52 +80,82 @@ def _zeros_address(dtype: torch.dtype, n: int) -> int:
 def _readable(t: Tensor, dtype: torch.dtype, what: str) -> Tensor:
     """t itself when the kernels can read it by address (C-contiguous, on the CPU, of the step's dtype), else a
     contiguous copy; a tensor of another dtype or device raises, as torch.nn's kernels do."""
+    if t.dtype is dtype and t.is_cpu and t.is_contiguous():
+        return t
     if t.dtype != dtype or not t.is_cpu:
         raise RuntimeError(f"numba backend: {what} is {t.dtype} on {t.device}, expected {dtype} on cpu like the input")
     return t if t.is_contiguous() else t.contiguous()
 
 
 def _weights(layout: StepLayout, params, names, inputs: int, hidden: int) -> tuple[list[Tensor], list[int]]:
-    """(the tensors read, kept alive for the call; [w_ih, b_ih, w_hh, b_hh, *extras] addresses, zeros where
-    absent). Each one's size is checked: the kernels read them by address."""
+    """([w_ih, b_ih, w_hh, b_hh, *extras] as read (contiguous, of the step's dtype; None where absent), kept alive
+    for the call; their addresses, zeros where absent). Each one's size is checked: the kernels read them by
+    address."""
     dtype, width = layout.dtype, layout.gates * hidden
     tensors, addresses = [], []
     for i, n in ((layout.w_ih, width * inputs), (layout.b_ih, width), (layout.w_hh, width * hidden),
                  (layout.b_hh, width), *zip(layout.extras, (k * hidden for k in layout.widths), strict=True)):
         if i < 0:
+            tensors.append(None)
             addresses.append(_zeros_address(dtype, n))
-        else:
-            t = _readable(params[i], dtype, names[i])
-            if t.numel() != n:
-                raise RuntimeError(f"numba backend: {names[i]} has shape {tuple(t.shape)}, expected {n} elements "
-                                   f"for input size {inputs} and hidden size {hidden}")
-            tensors.append(t)
-            addresses.append(t.data_ptr())
+            continue
+        t = _readable(params[i], dtype, names[i])
+        if t.numel() != n:
+            raise RuntimeError(f"numba backend: {names[i]} has shape {tuple(t.shape)}, expected {n} elements "
+                               f"for input size {inputs} and hidden size {hidden}")
+        tensors.append(t)
+        addresses.append(t.data_ptr())
     return tensors, addresses
+
+
+def _any_requires_grad(tensors) -> bool:
+    for t in tensors:
+        if t.requires_grad:
+            return True
+    return False
 
 
 def run_step(layout: StepLayout, cell: CellSpec, x: Tensor, state: tuple[Tensor, ...], params, names
              ) -> tuple[Tensor, ...]:
     """The new states; differentiable (through _Step) when grad mode is on and any input requires grad."""
-    if torch.is_grad_enabled() and (x.requires_grad or any(s.requires_grad for s in state)
-                                    or any(p.requires_grad for p in params)):
+    if torch.is_grad_enabled() and (x.requires_grad or _any_requires_grad(state) or _any_requires_grad(params)):
         if cell.pointwise.backward is None:
             raise RuntimeError(f"numba backend: cell {cell.name!r} has no pointwise backward")
         return _Step.apply(layout, cell, names, len(state), x, *state, *params)
-    return _forward(layout, x, state, params, names)[0]
+    return _forward(layout, x, state, params, names, _scratch)[0]
 
 
-def _forward(layout: StepLayout, x: Tensor, state, params, names):
-    """-> (new states, work [2, B, G*H]: x W_ih^T and h W_hh^T, what the backward reads)."""
+_scratch_by_thread: dict[tuple, Tensor] = {}
+
+
+def _scratch(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """The work buffer of an inference step, kept per thread and reused: nothing reads it after the call, and the
+    kernel writes it before reading it."""
+    key = (threading.get_ident(), dtype, shape)
+    work = _scratch_by_thread.get(key)
+    if work is None:
+        if len(_scratch_by_thread) >= 64:
+            _scratch_by_thread.clear()
+        work = _scratch_by_thread[key] = torch.empty(shape, dtype=dtype)
+    return work
+
+
+def _fresh(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    return torch.empty(shape, dtype=dtype)
+
+
+def _forward(layout: StepLayout, x: Tensor, state, params, names, work_buffer=_fresh):
+    """-> (new states, work [2, B, G*H]: x W_ih^T and h W_hh^T, what the backward reads). work_buffer(shape,
+    dtype) gives work: a fresh tensor where the backward keeps it."""
     dtype = layout.dtype
     batch, hidden = x.shape[0], state[0].shape[1]
     kept, weights = _weights(layout, params, names, x.shape[1], hidden)
     x = _readable(x, dtype, "input")
     state = [_readable(s, dtype, "hx") for s in state]
-    new = [torch.empty((batch, hidden), dtype=dtype) for _ in state]
-    work = torch.empty((2, batch, layout.gates * hidden), dtype=dtype)
+    new = [torch.empty_like(s) for s in state]  # contiguous [B, H]: the states are, once readable
+    work = work_buffer((2, batch, layout.gates * hidden), dtype)
     layout.module.step_forward(layout.fn, batch, x.shape[1], hidden, x.data_ptr(), *weights,
-                               *(s.data_ptr() for s in state), *(n.data_ptr() for n in new), work.data_ptr())
+                               *[s.data_ptr() for s in state], *[n.data_ptr() for n in new], work.data_ptr())
     return tuple(new), work
 
 
@@ -158,15 +189,22 @@ class _Step(torch.autograd.Function):
         work = ctx.work.clone() if _graph_retained() else ctx.work
         kept, weights = _weights(layout, params, names, x.shape[1], hidden)
         x = _readable(x, dtype, "input")
-        state = [_readable(s, dtype, "hx") for s in state]
-        d_new = [torch.zeros((batch, hidden), dtype=dtype) if g is None else _readable(g, dtype, "a gradient")
-                 for g in grads]
-        d_state = [torch.empty((batch, hidden), dtype=dtype) for _ in range(n_state)]
+        state = [_readable(s, dtype, "hx") for s in state]  # contiguous [B, H]: what empty_like copies below
+        d_new = [torch.zeros_like(s) if g is None else _readable(g, dtype, "a gradient")
+                 for g, s in zip(grads, state, strict=True)]
+        d_state = [torch.empty_like(s) for s in state]
         need_dx, need_dw = needs[0], any(needs[1 + n_state:])
-        dx = torch.empty(x.shape if need_dx else (0,), dtype=dtype)
-        # in the kernel's order: d_W_ih, d_W_hh, d_b_ih, d_b_hh, the extras'
-        sizes = [(width, x.shape[1]), (width, hidden), (width,), (width,), *((k * hidden,) for k in layout.widths)]
-        d_weights = [torch.empty(size if need_dw else (0,), dtype=dtype) for size in sizes]
+        dx = torch.empty_like(x) if need_dx else torch.empty(0, dtype=dtype)
+        # in the kernel's order: d_W_ih, d_W_hh, d_b_ih, d_b_hh, the extras'; each shaped as its parameter (the
+        # kernel writes an absent one's too)
+        if need_dw:
+            w_ih, b_ih, w_hh, b_hh, *extras = kept
+            sizes = ((width,), (width,), *((k * hidden,) for k in layout.widths))
+            d_weights = [torch.empty_like(w_ih), torch.empty_like(w_hh),
+                         *(torch.empty(size, dtype=dtype) if t is None else torch.empty_like(t)
+                           for t, size in zip((b_ih, b_hh, *extras), sizes, strict=True))]
+        else:
+            d_weights = [torch.empty(0, dtype=dtype)] * (4 + len(layout.widths))
         layout.module.step_backward(layout.fn, batch, x.shape[1], hidden, x.data_ptr(), *weights,
                                     *(s.data_ptr() for s in state), work.data_ptr(),
                                     *(g.data_ptr() for g in d_new), *(d.data_ptr() for d in d_state), dx.data_ptr(),
@@ -175,8 +213,7 @@ class _Step(torch.autograd.Function):
         d_w_ih, d_w_hh, d_b_ih, d_b_hh, *d_extras = d_weights
         by_index = {layout.w_ih: d_w_ih, layout.b_ih: d_b_ih, layout.w_hh: d_w_hh, layout.b_hh: d_b_hh}
         by_index.update(zip(layout.extras, d_extras, strict=True))
-        g_params = [by_index[i].view(p.shape) if need else None
-                    for i, (p, need) in enumerate(zip(params, needs[1 + n_state:], strict=True))]
+        g_params = [by_index[i] if need else None for i, need in enumerate(needs[1 + n_state:])]
         g_state = [d if need else None for d, need in zip(d_state, needs[1:1 + n_state], strict=True)]
         return (None, None, None, None, dx if need_dx else None, *g_state, *g_params)
 
