@@ -9,7 +9,8 @@ Every time is the median of triton.testing.do_bench (CUDA events, L2 flushed bet
 torch.no_grad(); training is forward + backward of the whole module with a fixed output gradient (parameter
 gradients accumulate; nothing is zeroed inside the timed region for either side). Before timing, each row checks
 that both modules agree (max |difference| of the outputs is printed) so a fast wrong kernel cannot hide. The
-`path` column is the triton backend's own path_for (weights on chip, or hidden dimension tiled).
+`path` column is the triton backend's own path (weights on chip, hidden dimension tiled, or with
+SEQFAST_TRITON_COOPERATIVE=1 the cooperative kernels where the grid can be resident).
 The first call of a shape compiles its kernels; do_bench's warm-up absorbs it.
 """
 
@@ -76,7 +77,10 @@ def _row(cell: str, dtype_name: str, mode: str, T: int, B: int, H: int, device: 
     query = Query(seqfast.get_cell(cell), device=device, dtype=dtype, hidden_size=H, batch_size=B, seq_len=T,
                   requires_grad=mode == "train")
     backend = seqfast.get_backend("triton")
-    row["path"] = "on-chip" if backend.plan(query.cell, H, dtype).on_chip else "tiled"
+    if backend.cooperative_plan(query.cell, B, H, dtype)[0] is not None:  # SEQFAST_TRITON_COOPERATIVE=1
+        row["path"] = "cooperative"
+    else:
+        row["path"] = "on-chip" if backend.plan(query.cell, H, dtype).on_chip else "tiled"
     reasons = backend.not_supported_reasons(query)
     if reasons:
         row["error"] = "; ".join(reasons)

@@ -104,6 +104,7 @@ def main() -> None:
     import torch.nn.functional as F
 
     import seqfast
+    from seqfast.backends.fused_contract import Ownership, ScanInputs
     from seqfast.backends.numba import buffers, gemm, schedule
 
     cell = seqfast.get_cell(args.cell)
@@ -115,15 +116,15 @@ def main() -> None:
     w_hh, b_hh = torch.randn(G * H, H) / H**0.5, torch.randn(G * H) / H**0.5
     x_proj = F.linear(x, w_ih, b_ih)
     zeros = [torch.zeros(B, H) for _ in range(S)]
+    inputs = ScanInputs(cell, x_proj, zeros, [w_hh, b_hh], None, False)
     grad_out = torch.ones(T, B, H)
 
     def scan_forward(need_saved: bool):
-        return backend.forward(cell, x_proj, zeros, [w_hh, b_hh], None, False, need_saved)
+        return backend.forward(inputs, need_saved)
 
     def scan_backward() -> None:
-        out, final, saved = scan_forward(True)
-        backend.backward(cell, x_proj, zeros, [w_hh, b_hh], None, False, out, final, saved, grad_out, [None] * S,
-                         saved_mode="consume")
+        out, _, saved = scan_forward(True)
+        backend.backward(inputs, out, saved, grad_out, [None] * S, saved_mode=Ownership.CONSUME)
 
     if args.what == "parts":
         d_gates = torch.randn(T * B, G * H)

@@ -137,26 +137,25 @@ class Measurement:
 
 def torch_nn_module(cell: str, input_size: int, hidden_size: int) -> torch.nn.Module | None:
     """torch.nn's own module for a cell with a fused torch.nn kernel (CellSpec.native_mode), else None."""
-    mode = registry.get_cell(cell).native_mode
-    if mode == "LSTM":
-        return torch.nn.LSTM(input_size, hidden_size)
-    if mode == "GRU":
-        return torch.nn.GRU(input_size, hidden_size)
-    if mode in ("RNN_TANH", "RNN_RELU"):
-        return torch.nn.RNN(input_size, hidden_size, nonlinearity=mode[4:].lower())
-    return None
+    return _torch_nn(cell, input_size, hidden_size, step=False)
 
 
 def torch_nn_cell(cell: str, input_size: int, hidden_size: int) -> torch.nn.Module | None:
     """torch.nn's own cell (LSTMCell, GRUCell, RNNCell) for a cell with a fused torch.nn kernel, else None."""
-    mode = registry.get_cell(cell).native_mode
-    if mode == "LSTM":
-        return torch.nn.LSTMCell(input_size, hidden_size)
-    if mode == "GRU":
-        return torch.nn.GRUCell(input_size, hidden_size)
-    if mode in ("RNN_TANH", "RNN_RELU"):
-        return torch.nn.RNNCell(input_size, hidden_size, nonlinearity=mode[4:].lower())
-    return None
+    return _torch_nn(cell, input_size, hidden_size, step=True)
+
+
+# CellSpec.native_mode -> torch.nn's class name (+ "Cell" for the one-step class) and its options
+_TORCH_NN = {"LSTM": ("LSTM", {}), "GRU": ("GRU", {}), "RNN_TANH": ("RNN", {"nonlinearity": "tanh"}),
+             "RNN_RELU": ("RNN", {"nonlinearity": "relu"})}
+
+
+def _torch_nn(cell: str, input_size: int, hidden_size: int, step: bool) -> torch.nn.Module | None:
+    known = _TORCH_NN.get(registry.get_cell(cell).native_mode)
+    if known is None:
+        return None
+    name, options = known
+    return getattr(torch.nn, name + ("Cell" if step else ""))(input_size, hidden_size, **options)
 
 
 def _step_loop(cell: torch.nn.Module) -> torch.nn.Module:

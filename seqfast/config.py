@@ -261,6 +261,9 @@ SETTINGS: Mapping[str, Setting] = MappingProxyType({
                                  "sgemm kernels directly on non-Intel CPUs"),
     "triton_tile": Setting("SEQFAST_TRITON_TILE", "int", None, "triton's hidden tile size (a power of two >= 16; "
                            "default: chosen per shape)", minimum=16),
+    "triton_cooperative": Setting("SEQFAST_TRITON_COOPERATIVE", "bool", False, "triton splits each step's hidden "
+                                  "units across the GPU's SMs (cooperative kernels, a grid barrier per step) where "
+                                  "the grid can be resident", key="triton_cooperative"),
     "triton_interpret": Setting("TRITON_INTERPRET", "bool", False, "triton kernels run on CPU tensors through "
                                 "Triton's interpreter (tests)"),
 })

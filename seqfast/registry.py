@@ -65,6 +65,12 @@ class Backend:
     A backend implements `scan` (one layer, one direction; see seqfast.functional.scan for the contract), or
     `run_stack` (a whole multi-layer module at once) when its kernels own the input projection (native). `step`
     (one step of one layer, what the cells call) runs either with T=1 unless the backend has a cheaper one.
+
+    The seam modules call, after select_backend, and nothing else of a backend: `run_stack` where `has_stack()`,
+    else `layer` per layer-direction (the input projection, then `scan`; zero states as None where
+    `accepts_zero_state`); `scan_states` for return_states; `step` for the cells and Recurrent.step. `layer` and
+    `step` have defaults here built on `scan` (or `run_stack`), so a backend overrides them only where its kernels
+    do better; `scan_states` is implemented by the backends that declare the "return_states" option.
     """
 
     name: str = ""

@@ -33,11 +33,13 @@ class PointwiseTorchBackend(FusedBackend):
             return None
         return (torch.arange(steps, device=device).unsqueeze(1) < lengths.to(device).unsqueeze(0)).unsqueeze(-1)
 
-    def forward(self, cell, x_proj, state0, weights, lengths, reverse, need_saved):
-        w_hh, b_hh = weights[0], weights[1]
+    def forward(self, inputs, need_saved):
+        self.decline_unsupported(inputs)
+        cell, x_proj, lengths, reverse = inputs.cell, inputs.x_proj, inputs.lengths, inputs.reverse
+        w_hh, b_hh = inputs.weights[0], inputs.weights[1]
         x = reverse_within_lengths(x_proj, lengths) if reverse else x_proj
         active = self._mask(lengths, x.shape[0], x.device)
-        state, outs, before, hgs = tuple(state0), [], [], []
+        state, outs, before, hgs = tuple(inputs.state0), [], [], []
         for t in range(x.shape[0]):
             hg = torch.nn.functional.linear(state[0], w_hh, b_hh)
             new = cell.pointwise.forward(TORCH_MATH, x[t].chunk(cell.num_gates, 1), hg.chunk(cell.num_gates, 1),
@@ -61,9 +63,10 @@ class PointwiseTorchBackend(FusedBackend):
     def saved_shapes(self, cell, steps, batch, hidden):
         return [(steps, batch, cell.num_gates * hidden)] + [(steps, batch, hidden)] * cell.num_states
 
-    def backward(self, cell, x_proj, state0, weights, lengths, reverse, outputs, final, saved, grad_outputs,
-                 grad_final, saved_mode="keep"):
-        w_hh, b_hh = weights[0], weights[1]
+    def backward(self, inputs, outputs, saved, grad_outputs, grad_final, saved_mode="keep", x_proj_mode="keep"):
+        self.decline_unsupported(inputs, backward=True)
+        cell, x_proj, lengths, reverse = inputs.cell, inputs.x_proj, inputs.lengths, inputs.reverse
+        w_hh, b_hh = inputs.weights[0], inputs.weights[1]
         hgs, befores = saved[0], saved[1:]
         x = reverse_within_lengths(x_proj, lengths) if reverse else x_proj
         g_out = reverse_within_lengths(grad_outputs, lengths) if reverse else grad_outputs

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ..registry import Backend, CellSpec, Weights, get_cell
-from .fused_contract import Ownership, unpack_saved
+from .fused_contract import Ownership, ScanInputs, unpack_saved
 from .reference import TorchBackend
 from .states import states_after_steps
 
@@ -31,15 +31,19 @@ from .states import states_after_steps
 class FusedBackend(Backend):
     """Base class of fused backends. Subclasses implement forward, saved_shapes and backward.
 
-    Capabilities, declared as class attributes (what the glue below may hand forward() and backward()):
+    forward() and backward() take the scan as one ScanInputs (fused_contract.py). What the glue below may hand
+    them beyond the plain scan contract is declared by these capability flags, and only here:
     - accepts_zero_state (Backend's): scan() and layer() take state0=None for zero initial states. True for every
-      fused backend: where forward() cannot take None, scan() makes the zeros.
-    - forward_accepts_zero_state: forward() itself takes state0=None, in eager inference (else scan() makes the
-      zeros first).
-    - fuses_input_bias: forward() and backward() take x_bias= (the input projection's [G*H] bias, added as the
-      kernel reads x_proj, its gradient summed there too), backward() takes x_proj_mode=, and forward() takes
-      state0=None in training too: layer() then runs the projection inside one autograd node. A backend without
-      it declines a non-None x_bias with an error.
+      fused backend: where forward() cannot take None, the glue makes the zeros.
+    - forward_accepts_zero_state: forward() and backward() take ScanInputs.state0=None (zero initial states;
+      the glue then drops whatever state gradients backward() returns).
+    - fuses_input_bias: forward() and backward() take ScanInputs.x_bias (the input projection's [G*H] bias, added
+      as the kernel reads x_proj, its gradient summed there too), and layer() runs the projection inside one
+      autograd node, handing backward() x_proj_mode=. Requires forward_accepts_zero_state (checked at
+      registration).
+    - backward_reads_x_proj(cell) False: backward() takes ScanInputs.x_proj=None.
+    A backend without a capability declines its input: decline_unsupported(inputs) raises a ValueError naming
+    it. saved_mode= and x_proj_mode= permit writing over buffers and never oblige, so every backend takes them.
     """
 
     needs_pointwise = True
@@ -60,34 +64,43 @@ class FusedBackend(Backend):
     }
 
     # --- what a subclass implements ---------------------------------------------------------------------------
-    def forward(self, cell: CellSpec, x_proj: Tensor, state0: list[Tensor] | None, weights: list[Tensor | None],
-                lengths: Tensor | None, reverse: bool, need_saved: bool, x_bias: Tensor | None = None
-                ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    def forward(self, inputs: ScanInputs, need_saved: bool) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         """-> (outputs [T, B, H_out], final states, tensors saved for backward ([] unless need_saved)).
-        state0 is None (zero states) only in eager calls: inference, for backends that set
-        forward_accepts_zero_state, and layer() training, for those that set fuses_input_bias (which also take
-        x_bias=, a [G*H] bias that x_proj does not include yet; None everywhere else)."""
+        inputs.state0 is None (zero states) only for backends with forward_accepts_zero_state, inputs.x_bias set
+        only for those with fuses_input_bias (see the class docstring)."""
         raise NotImplementedError
 
     def saved_shapes(self, cell: CellSpec, steps: int, batch: int, hidden: int) -> list[tuple[int, ...]]:
         """Shapes of what forward saves when need_saved is True (the fake kernel allocates these)."""
         raise NotImplementedError
 
-    def backward(self, cell: CellSpec, x_proj: Tensor, state0: list[Tensor] | None, weights: list[Tensor | None],
-                 lengths: Tensor | None, reverse: bool, outputs: Tensor, final: list[Tensor], saved: list[Tensor],
-                 grad_outputs: Tensor | None, grad_final: list[Tensor | None], saved_mode: Ownership = Ownership.KEEP,
-                 x_bias: Tensor | None = None, x_proj_mode: Ownership = Ownership.KEEP
-                 ) -> tuple[Tensor, list[Tensor], list[Tensor | None]]:
-        """-> (grad of x_proj, grad of each state0, grad of each weight (None where the weight is None), and
-        with x_bias= (fuses_input_bias backends) one more at the end of the weights' list: x_bias's).
-        grad_outputs and grad_final entries may be None (that output was not used: zero gradient).
+    def backward(self, inputs: ScanInputs, outputs: Tensor, saved: list[Tensor], grad_outputs: Tensor | None,
+                 grad_final: list[Tensor | None], saved_mode: Ownership = Ownership.KEEP,
+                 x_proj_mode: Ownership = Ownership.KEEP) -> tuple[Tensor, list[Tensor], list[Tensor | None]]:
+        """-> (grad of x_proj, grad of each state0 (ignored where inputs.state0 is None), grad of each weight
+        (None where the weight is None), and with inputs.x_bias one more at the end of the weights' list: x_bias's).
+        inputs are forward()'s, outputs and saved what it returned. grad_outputs and grad_final entries
+        may be None (that output was not used: zero gradient).
 
         saved_mode: who owns the saved tensors (Ownership): KEEP for the custom op, whose inputs must not change,
         and a graph retained for another backward; CONSUME where they are read for the last time, so the backward
-        may use them as scratch. x_proj_mode (fuses_input_bias backends): CONSUME where x_proj is layer()'s own
-        projection, read for the last time (its d_x_proj may then be written over it). CONSUME permits, never
-        obliges: a backend may treat it as KEEP."""
+        may use them as scratch. x_proj_mode: CONSUME where x_proj is layer()'s own projection, read for the last
+        time (its d_x_proj may then be written over it). CONSUME permits, never obliges: a backend may treat it
+        as KEEP."""
         raise NotImplementedError
+
+    def decline_unsupported(self, inputs: ScanInputs, backward: bool = False) -> None:
+        """Raise a ValueError for the first input this backend's capability flags decline (see the class
+        docstring); a backend lacking a capability calls it on entry to forward() and backward()."""
+        if inputs.x_bias is not None and not self.fuses_input_bias:
+            raise ValueError(f"{self.name} backend: x_bias must be None (fuses_input_bias is False: x_proj includes "
+                             f"its bias), got a tensor of shape {tuple(inputs.x_bias.shape)}")
+        if inputs.state0 is None and not self.forward_accepts_zero_state:
+            raise ValueError(f"{self.name} backend: state0 must be a list of {inputs.cell.num_states} [B, H] "
+                             "tensors (forward_accepts_zero_state is False), got None")
+        if backward and inputs.x_proj is None and self.backward_reads_x_proj(inputs.cell):
+            raise ValueError(f"{self.name} backend: backward needs x_proj (backward_reads_x_proj is True for cell "
+                             f"{inputs.cell.name!r}), got None")
 
     def backward_reads_x_proj(self, cell: CellSpec) -> bool:
         """False where backward() takes x_proj=None (what forward saved holds all it needs): layer() then lets
@@ -108,6 +121,9 @@ class FusedBackend(Backend):
 
     # --- the Backend interface ----------------------------------------------------------------------------------
     def on_register(self) -> None:
+        if self.fuses_input_bias and not self.forward_accepts_zero_state:
+            raise ValueError(f"fused backend {self.name!r}: fuses_input_bias requires forward_accepts_zero_state "
+                             "(layer() hands forward() state0=None for zero states)")
         _ops_for(self)  # defined now: torch.compile cannot trace torch.library's op definition later
 
     def layer(self, cell: CellSpec, x: Tensor, weight_ih: Tensor, bias_ih: Tensor | None,
@@ -125,8 +141,8 @@ class FusedBackend(Backend):
             return result[0], tuple(result[1:-1])
         steps, batch, _ = x.shape
         x_proj = self.project(x.flatten(0, 1), weight_ih).unflatten(0, (steps, batch))
-        out, final, _ = self.forward(cell, x_proj, None if state0 is None else list(state0), wlist, lengths,
-                                     reverse, False, x_bias=bias_ih)
+        out, final, _ = self.forward(ScanInputs(cell, x_proj, None if state0 is None else list(state0), wlist,
+                                                lengths, reverse, bias_ih), False)
         return out, tuple(final)
 
     def scan(self, cell: CellSpec, x_proj: Tensor, state0: tuple[Tensor, ...] | None, weights: Weights,
@@ -141,8 +157,8 @@ class FusedBackend(Backend):
             state0 = tuple(x_proj.new_zeros(x_proj.shape[1], hidden) for _ in cell.state_names)
         if not compiling:
             if not need_saved:  # eager inference needs neither autograd nor the custom op's dispatch
-                out, final, _ = self.forward(cell, x_proj, None if state0 is None else list(state0), wlist, lengths,
-                                             reverse, False)
+                out, final, _ = self.forward(ScanInputs(cell, x_proj, None if state0 is None else list(state0),
+                                                        wlist, lengths, reverse), False)
                 return out, tuple(final)
             # eager training: the same forward/backward through a plain autograd.Function, which costs a few
             # hundred microseconds less per call than the custom op's Python dispatch and pytree handling
@@ -158,7 +174,7 @@ class FusedBackend(Backend):
                     lengths: Tensor | None, reverse: bool) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...]]:
         """Backend.scan_states (inference), from the states forward saves for the backward."""
         wlist = [weights.get(n) for n in cell.recurrent_param_names(proj=False)]
-        out, final, saved = self.forward(cell, x_proj, list(state0), wlist, lengths, reverse, True)
+        out, final, saved = self.forward(ScanInputs(cell, x_proj, list(state0), wlist, lengths, reverse), True)
         states = states_after_steps(saved[self.saved_states_at], final, lengths, reverse, self.saved_states_by)
         return out, tuple(final), states
 
@@ -175,8 +191,8 @@ class _EagerScan(torch.autograd.Function):
 
     @staticmethod
     def forward(backend, cell, lengths, reverse, n_state, x_proj, *tensors):
-        state0, weights = list(tensors[:n_state]), list(tensors[n_state:])
-        out, final, saved = backend.forward(cell, x_proj, state0, weights, lengths, reverse, True)
+        scan_inputs = ScanInputs(cell, x_proj, list(tensors[:n_state]), list(tensors[n_state:]), lengths, reverse)
+        out, final, saved = backend.forward(scan_inputs, True)
         return (out, *final, saved)
 
     @staticmethod
@@ -198,9 +214,9 @@ class _EagerScan(torch.autograd.Function):
             return None, None, None, None, None, *grads
         # the saved tensors may serve as scratch unless the graph is retained for another backward
         saved_mode = _KEEP if _graph_retained() else _CONSUME
-        gx, gstate, gweights = ctx.backend.backward(ctx.cell, kept.x_proj, kept.state0, kept.weights, kept.lengths,
-                                                    ctx.reverse, kept.outputs, kept.final, kept.saved,
-                                                    grad_out.contiguous(), list(grad_final), saved_mode=saved_mode)
+        scan_inputs = ScanInputs(ctx.cell, kept.x_proj, kept.state0, kept.weights, kept.lengths, ctx.reverse)
+        gx, gstate, gweights = ctx.backend.backward(scan_inputs, kept.outputs, kept.saved, grad_out.contiguous(),
+                                                    list(grad_final), saved_mode=saved_mode)
         return None, None, None, None, None, gx, *gstate, *gweights
 
 
@@ -213,11 +229,10 @@ class _EagerLayer(torch.autograd.Function):
 
     @staticmethod
     def forward(backend, cell, lengths, reverse, n_state, x, weight_ih, bias_ih, *tensors):
-        state0, weights = list(tensors[:n_state]), list(tensors[n_state:])
         steps, batch, _ = x.shape
         x_proj = backend.project(x.flatten(0, 1), weight_ih).unflatten(0, (steps, batch))
-        out, final, saved = backend.forward(cell, x_proj, state0 or None, weights, lengths, reverse, True,
-                                            x_bias=bias_ih)
+        out, final, saved = backend.forward(ScanInputs(cell, x_proj, list(tensors[:n_state]) or None,
+                                                       list(tensors[n_state:]), lengths, reverse, bias_ih), True)
         # x_proj travels to setup_context with the saved list; it is None where the backward does not read it
         return (out, *final, [x_proj if backend.backward_reads_x_proj(cell) else None, *saved])
 
@@ -249,10 +264,11 @@ class _EagerLayer(torch.autograd.Function):
                                           ctx.needs_input_grad[5:], [grad_out, *grad_final])
             return None, None, None, None, None, *grads
         saved_mode = _KEEP if _graph_retained() else _CONSUME
+        scan_inputs = ScanInputs(ctx.cell, kept.x_proj, kept.state0 or None, kept.weights, kept.lengths,
+                                 ctx.reverse, bias_ih)
         gx_proj, gstate, gweights = ctx.backend.backward(
-            ctx.cell, kept.x_proj, kept.state0 or None, kept.weights, kept.lengths, ctx.reverse, kept.outputs,
-            kept.final, kept.saved, None if grad_out is None else grad_out.contiguous(), list(grad_final),
-            saved_mode=saved_mode, x_bias=bias_ih, x_proj_mode=saved_mode)  # x_proj is this node's own
+            scan_inputs, kept.outputs, kept.saved, None if grad_out is None else grad_out.contiguous(),
+            list(grad_final), saved_mode=saved_mode, x_proj_mode=saved_mode)  # x_proj is this node's own
         g_bias_ih = gweights.pop() if bias_ih is not None else None
         flat = gx_proj.view(-1, gx_proj.shape[2])  # x_proj itself may not have been kept
         needs = ctx.needs_input_grad
@@ -355,8 +371,8 @@ def _define_ops(backend: FusedBackend) -> tuple:
     @torch.library.custom_op(prefix, mutates_args=())
     def scan_op(cell: str, x_proj: Tensor, state0: list[Tensor], weights: list[Tensor],
                 lengths: Optional[Tensor], reverse: bool, need_saved: bool) -> list[Tensor]:  # noqa: UP045
-        out, final, saved = backend.forward(get_cell(cell), x_proj, list(state0), _unplaceholder(weights), lengths,
-                                            reverse, need_saved)
+        scan_inputs = ScanInputs(get_cell(cell), x_proj, list(state0), _unplaceholder(weights), lengths, reverse)
+        out, final, saved = backend.forward(scan_inputs, need_saved)
         # custom ops may not return their inputs: a state untouched by the kernel must be a copy
         inputs = {id(t) for t in (x_proj, *state0)}
         return [t.clone() if id(t) in inputs else t for t in (out, *final, *saved)]
@@ -374,16 +390,15 @@ def _define_ops(backend: FusedBackend) -> tuple:
 
     @torch.library.custom_op(prefix + "_backward", mutates_args=())
     def scan_backward_op(cell: str, x_proj: Tensor, state0: list[Tensor], weights: list[Tensor],
-                         lengths: Optional[Tensor], reverse: bool, outputs: Tensor, final: list[Tensor],  # noqa: UP045
+                         lengths: Optional[Tensor], reverse: bool, outputs: Tensor,  # noqa: UP045
                          saved: list[Tensor], grad_outputs: Tensor, grad_final: list[Tensor]) -> list[Tensor]:
-        gx, gstate, gweights = backend.backward(get_cell(cell), x_proj, list(state0), _unplaceholder(weights),
-                                                lengths, reverse, outputs, list(final), list(saved), grad_outputs,
-                                                list(grad_final))
+        scan_inputs = ScanInputs(get_cell(cell), x_proj, list(state0), _unplaceholder(weights), lengths, reverse)
+        gx, gstate, gweights = backend.backward(scan_inputs, outputs, list(saved), grad_outputs, list(grad_final))
         return [gx, *gstate, *(torch.zeros_like(w) if w.numel() == 0 else g
                                for g, w in zip(gweights, weights, strict=True))]
 
     @scan_backward_op.register_fake
-    def _(cell, x_proj, state0, weights, lengths, reverse, outputs, final, saved, grad_outputs, grad_final):
+    def _(cell, x_proj, state0, weights, lengths, reverse, outputs, saved, grad_outputs, grad_final):
         return [torch.empty_like(x_proj), *(torch.empty_like(s) for s in state0),
                 *(torch.empty_like(w) for w in weights)]
 
@@ -401,7 +416,7 @@ def _define_ops(backend: FusedBackend) -> tuple:
         grad_final = [g if g is not None else torch.zeros_like(f)
                       for g, f in zip(grads[1 : 1 + n_state], kept.final, strict=True)]
         flat = scan_backward_op(ctx.cell, kept.x_proj, kept.state0, kept.weights, kept.lengths, ctx.reverse,
-                                kept.outputs, kept.final, kept.saved, grad_out.contiguous(), grad_final)
+                                kept.outputs, kept.saved, grad_out.contiguous(), grad_final)
         return None, flat[0], list(flat[1 : 1 + n_state]), list(flat[1 + n_state :]), None, None, None
 
     scan_op.register_autograd(backward, setup_context=setup_context)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .. import LSTM
-from .common import DemoOptions, DemoResult, TrainLog, backend_in_use, pyplot, save_figure, seed_everything, train
+from .common import DemoOptions, DemoResult, backend_in_use, optimizer_step, pyplot, save_figure, seed_everything, train
 
 HELD_OUT = 0.05
 UNKNOWN = "\x00"  # stands for characters the training part never shows
@@ -117,15 +117,10 @@ def run(options: DemoOptions) -> DemoResult:
         window = torch.stack([data[s:s + steps + 1] for s in starts.tolist()])
         logits, _ = model(window[:, :-1])
         loss = nn.functional.cross_entropy(logits.flatten(0, 1), window[:, 1:].flatten())
-        optimizer.zero_grad()
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        return loss.item() / math.log(2)
+        return optimizer_step(loss, model, optimizer, schedule, 1.0) / math.log(2)
 
     start = time.perf_counter()
-    log = train(epochs, per_epoch, step, options, f"char LSTM H={hidden}", TrainLog())
+    log = train(epochs, per_epoch, step, options, f"char LSTM H={hidden}")
     train_seconds = time.perf_counter() - start
     model.eval()
     bits = model_bits(model, torch.from_numpy(test_ids), columns=16)

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .. import LSTM
-from .common import DemoOptions, DemoResult, TrainLog, backend_in_use, pyplot, save_figure, seed_everything, train
+from .common import DemoOptions, DemoResult, backend_in_use, optimizer_step, pyplot, save_figure, seed_everything, train
 
 HELD_OUT = 0.15
 STEPS = {"C": 0, "D": 2, "E": 4, "F": 5, "G": 7, "A": 9, "B": 11}
@@ -205,15 +205,10 @@ def run(options: DemoOptions) -> DemoResult:
         logits, _ = model(ids[:, :-1], lengths - 1)
         mask = torch.arange(ids.shape[1] - 1) < (lengths - 1)[:, None]
         loss = nn.functional.cross_entropy(logits[mask], ids[:, 1:][mask])
-        optimizer.zero_grad()
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        return loss.item()
+        return optimizer_step(loss, model, optimizer, schedule, 1.0)
 
     start = time.perf_counter()
-    log = train(epochs, per_epoch, step, options, f"melody LSTM H={hidden}", TrainLog())
+    log = train(epochs, per_epoch, step, options, f"melody LSTM H={hidden}")
     train_seconds = time.perf_counter() - start
     model.eval()
     accuracy, perplexity = model_scores(model, test_ids)

@@ -108,6 +108,19 @@ def train(epochs: int, steps_per_epoch: int, step: Callable[[int, int], float], 
     return log
 
 
+def optimizer_step(loss: torch.Tensor, model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedule,
+                   max_norm: float | None) -> float:
+    """Backpropagate `loss`, clip the gradients' norm to `max_norm` (None: no clipping), then step `optimizer` and
+    its learning-rate `schedule`; returns the loss's value."""
+    optimizer.zero_grad()
+    loss.backward()
+    if max_norm is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    optimizer.step()
+    schedule.step()
+    return loss.item()
+
+
 def pyplot():
     """matplotlib's pyplot on the Agg backend: demos write files and never open a window."""
     import matplotlib

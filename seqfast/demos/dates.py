@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..seq2seq import Seq2Seq
-from .common import DemoOptions, DemoResult, TrainLog, backend_in_use, pyplot, save_figure, seed_everything, train
+from .common import DemoOptions, DemoResult, backend_in_use, optimizer_step, pyplot, save_figure, seed_everything, train
 
 LOCALES = ("en_US", "en_GB", "de_DE", "fr_FR", "es_ES", "it_IT", "nl_NL", "pt_BR", "sv_SE", "da_DK", "fi_FI",
            "pl_PL")
@@ -200,16 +200,11 @@ def run(options: DemoOptions) -> DemoResult:
         n = int(src_lengths[idx].max())
         logits = model(src[idx, :n], src_lengths[idx], tgt_in[idx])
         loss = F.cross_entropy(logits.flatten(0, 1), tgt_out[idx].flatten())
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        return loss.item()
+        return optimizer_step(loss, model, optimizer, schedule, 1.0)
 
     model.train()
     start = time.perf_counter()
-    log = train(epochs, steps, step, options, "seq2seq LSTM", TrainLog())
+    log = train(epochs, steps, step, options, "seq2seq LSTM")
     train_seconds = time.perf_counter() - start
 
     model.eval()

@@ -35,8 +35,8 @@ from .common import (
     DemoOptions,
     DemoResult,
     MissingDependencyError,
-    TrainLog,
     backend_in_use,
+    optimizer_step,
     pyplot,
     save_figure,
     seed_everything,
@@ -211,16 +211,11 @@ def run(options: DemoOptions) -> DemoResult:
         targets = [train_labels[j] for j in idx]
         log_probs = model(x, lengths)
         loss = ctc(log_probs.transpose(0, 1), torch.cat(targets), lengths, torch.tensor([len(t) for t in targets]))
-        optimizer.zero_grad()
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-        optimizer.step()
-        schedule.step()
-        return loss.item()
+        return optimizer_step(loss, model, optimizer, schedule, 5.0)
 
     model.train()
     start = time.perf_counter()
-    log = train(epochs, steps, step, options, "BiGRU + CTC", TrainLog())
+    log = train(epochs, steps, step, options, "BiGRU + CTC")
     train_seconds = time.perf_counter() - start
 
     model.eval()

@@ -82,14 +82,9 @@ def direct_kernels() -> dict[str, int]:
     """{"avx512": address, "avx2": address}: MKL's own sgemm kernels for those instruction sets that the kernels may
     call directly, where sgemm_ would take a generic path (empty where none may).
 
-    MKL's sgemm_ sends a non-Intel CPU down a generic path. On this AMD Zen 4 the direct kernels ran the scans'
-    per-step products faster, one thread, GFLOP/s (2026-11-26, `benchmarks/numba_breakdown.py kernels T,B,I,H`,
-    LSTM at B64 H512 / B64 H256 / B32 H128, one row range of two):
-    - forward, hg = h @ W_hh^T as T,N over W_hh: sgemm_ 81-84 / 78-87 / 80-84, AVX2 87-93 / 86-97 / 87-96,
-      AVX-512 69-71 / 83-88 / 86-94; as N,N over a transposed W_hh: AVX-512 90-97 / 99-100 / 105-111, sgemm_ 63 /
-      70 / 63, AVX2 32-85;
-    - backward, d_h += d_hg @ W_hh (N,N): sgemm_ 79-84 / 86-91 / 81-82, AVX2 68-92 / 100-104 / 108, AVX-512
-      110-111 / 111 / 111.
+    MKL's sgemm_ sends a non-Intel CPU down a generic path, and on an AMD Zen 4 these kernels ran the scans'
+    per-step products faster (figures: benchmarks/RESULTS.md, "Measurements behind design choices"; command:
+    `benchmarks/numba_breakdown.py kernels T,B,I,H`), the AVX-512 one fastest as N,N over a transposed W_hh.
     So the forward runs N,N on the AVX-512 kernel (is_avx512_kernel) and T,N on the others. Both kernels are
     sequential (no threads of their own), safe to call from several threads at once, and read their integers as
     8 bytes (which _fortran_gemm passes to every routine). They are MKL's internal entry points, so one is used
@@ -216,17 +211,13 @@ def _fortran_gemm(typingctx, fn, transa, transb, m, n, k, alpha, a, lda, b, ldb,
 
 _N, _T = ord("N"), ord("T")
 
-# Against sgemm_ (or dgemm_; see loop_gemm for MKL's own kernels), a per-step GEMM runs as the numba loop below
-# instead (measured in the forward kernel, one thread, 2026-11-25): always up to this many multiply-adds, where
-# MKL's fixed cost dominates (B1 H32 LSTM: 0.27-0.32 vs 0.64-0.70 us per step; B4 H64: 2.2 vs 3.4 us) ...
+# Against sgemm_ (or dgemm_; see loop_gemm for MKL's own kernels) a per-step GEMM runs as the numba loop below
+# where MKL's fixed cost per call dominates: always up to this many multiply-adds ...
 SMALL_GEMM = 65536
-# ... and at any size while W_hh stays in this core's 1 MiB L2 with room to spare: B16 H128 LSTM, W 256 KiB, 29 vs
-# 34 us per step. At H = 256 (W 1 MiB) the two were even and at H = 512 MKL won, so MKL keeps those.
+# ... and at any size while W_hh stays well inside one core's L2 (above it MKL won) ...
 LOOP_GEMM_MAX_WEIGHT_BYTES = 256 * 1024
-# The backward's d_h += d_hg W_hh (K = G*H summed, N = H wide) keeps its rows of c and b short, and there the loop
-# held on longer against sgemm_'s generic path (2026-11-26, B64, whole backward scans): LSTM H256 (W 1 MiB)
-# 46.6 ms either way, LSTM H512 (4 MiB) 84 vs 91-93 ms and, in benchmarks/numba_breakdown.py gemm, 80 vs 81; GRU
-# H512 (3 MiB) 62-68 vs 66-69; LSTM H1024 (16 MiB) 154 vs 146, MKL's.
+# ... and, in the backward's d_h += d_hg W_hh, whose rows of c and b are short, up to a larger W_hh. These limits
+# are the crossovers `benchmarks/numba_breakdown.py gemm` and whole scans measured (benchmarks/RESULTS.md).
 LOOP_GEMM_BWD_MAX_WEIGHT_BYTES = 4 * 1024 * 1024
 
 
@@ -236,9 +227,8 @@ def loop_gemm(kernel: str, fn: int, rows: int, width: int, hidden: int, itemsize
     if fn == 0:
         return True
     if is_avx512_kernel(fn):
-        # MKL's AVX-512 kernel, called directly, beats the loop from two rows up, in whole training and inference
-        # steps as well as alone; on one row (a matrix-vector product) its call costs more than the loop saves
-        # (B1 H64 / H128 backward scans: 0.31 / 0.70 against 0.28 / 0.62 ms)
+        # MKL's AVX-512 kernel, called directly, beats the loop from two rows up; on one row (a matrix-vector
+        # product) its call costs more than the loop saves
         return rows == 1
     # sgemm_ and dgemm_, measured with the forward's product as T,N over W_hh (the AVX2 kernel, unmeasured against
     # the loop, keeps their rules)
@@ -325,9 +315,9 @@ def loop_nn_acc(a, b, c):
     """c[M, N] += a[M, K] @ b[K, N] as a loop LLVM vectorizes over N: for GEMMs where it beats MKL, or without MKL.
 
     Blocks of four rows and eight k-steps: each vector of b loaded serves 32 multiply-adds, and c is loaded and
-    stored once per eight k-steps. That reaches ~85-105 GFLOP/s per core here against MKL's 62-66 at the per-step
-    shapes of H = 128 (16 rows). Every output still adds its k terms in order, one after another; where the
-    compiler fuses multiply-adds may differ from a plain loop's, so the last bit can."""
+    stored once per eight k-steps, which outruns MKL's per-call path at the per-step shapes of H <= 128. Every
+    output still adds its k terms in order, one after another; where the compiler fuses multiply-adds may differ
+    from a plain loop's, so the last bit can."""
     m, k = a.shape
     n = b.shape[1]
     k8 = k - k % 8

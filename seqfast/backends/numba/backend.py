@@ -7,7 +7,7 @@ from torch import Tensor
 
 from ...registry import CellSpec, Query
 from ..fused import FusedBackend, _transforms_active
-from ..fused_contract import Ownership
+from ..fused_contract import Ownership, ScanInputs
 from . import gemm, scan
 from .availability import DTYPES, numba_missing
 from .codegen import CodegenError, check_cell, preactivation_only
@@ -92,15 +92,12 @@ class NumbaBackend(FusedBackend):
         return ((gemm.mm(grad, weight_ih) if need_x else None),
                 (gemm.weight_gradient(grad, x) if need_weight else None))
 
-    def forward(self, cell: CellSpec, x_proj: Tensor, state0: list[Tensor] | None, weights: list[Tensor | None],
-                lengths: Tensor | None, reverse: bool, need_saved: bool, x_bias: Tensor | None = None
-                ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-        return scan.forward(cell, x_proj, state0, weights, lengths, reverse, need_saved, x_bias)
+    # every capability of FusedBackend's contract is implemented: zero states, x_bias, x_proj=None (preactivation
+    # cells), and both ownership modes
+    def forward(self, inputs: ScanInputs, need_saved: bool) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        return scan.forward(inputs, need_saved)
 
-    def backward(self, cell: CellSpec, x_proj: Tensor, state0: list[Tensor] | None, weights: list[Tensor | None],
-                 lengths: Tensor | None, reverse: bool, outputs: Tensor, final: list[Tensor], saved: list[Tensor],
-                 grad_outputs: Tensor | None, grad_final: list[Tensor | None], saved_mode: Ownership = Ownership.KEEP,
-                 x_bias: Tensor | None = None, x_proj_mode: Ownership = Ownership.KEEP
-                 ) -> tuple[Tensor, list[Tensor], list[Tensor | None]]:
-        return scan.backward(cell, x_proj, state0, weights, lengths, reverse, outputs, final, saved, grad_outputs,
-                             grad_final, saved_mode == _CONSUME, x_bias, x_proj_mode == _CONSUME)
+    def backward(self, inputs: ScanInputs, outputs: Tensor, saved: list[Tensor], grad_outputs: Tensor | None,
+                 grad_final: list[Tensor | None], saved_mode: Ownership = Ownership.KEEP,
+                 x_proj_mode: Ownership = Ownership.KEEP) -> tuple[Tensor, list[Tensor], list[Tensor | None]]:
+        return scan.backward(inputs, saved, grad_outputs, grad_final, saved_mode == _CONSUME, x_proj_mode == _CONSUME)

@@ -2,12 +2,9 @@
 
 A training step allocates tens of MB (the outputs, what the forward saves, the backward's d_x_proj). glibc hands
 allocations this large back to the kernel when they are freed (mmap, or a trimmed heap), so the next step
-page-faults all of it in again: measured at T200 B32 H128 and T100 B64 H256, 1,000-5,000 faults and up to 17 ms of
-system time per LSTM training step (torch.nn's own LSTM pays 8,000-16,000 faults, 18-45 ms, at the same shapes).
-Whether it happens depended on what the process had allocated before, so the same step took 127 or 139 ms.
-Buffers of a few hundred KiB suffer it too: an LSTM training step at T100 B8 H64 (outputs 200 KiB, saved
-tensors 400 and 800 KiB) page-faulted 90-390 times in some processes and none in others, 1.76-2.15 against
-1.57-1.67 ms a step (2026-11-26); pooled from 64 KiB, it faulted in none (1.55-1.61 ms).
+page-faults all of it in again, at a cost of up to milliseconds of system time a step, depending on what the
+process had allocated before. Buffers of a few hundred KiB suffer it too, so the pool starts at 64 KiB (the
+figures: benchmarks/RESULTS.md, "Measurements behind design choices").
 
 The pool keeps a few buffers of at least MIN_BYTES and hands out tensors viewing them. A buffer is free again
 once nothing refers to it: every tensor made from it holds a numpy view whose base is the buffer, so its Python

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from ...registry import CellSpec
+from ..fused_contract import ScanInputs
 from . import buffers, schedule
 from .availability import DTYPES, numba_missing
 from .codegen import dx_is_dhg, kernels, per_unit_width, preactivation_only
@@ -81,11 +82,10 @@ def prepare(cell: CellSpec, x_proj: Tensor | None, weights: list[Tensor | None],
     return module, plan, x_np, arrays, lens
 
 
-def forward(cell: CellSpec, x_proj: Tensor, state0: list[Tensor] | None, weights: list[Tensor | None],
-            lengths: Tensor | None, reverse: bool, need_saved: bool, x_bias: Tensor | None = None
-            ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+def forward(inputs: ScanInputs, need_saved: bool) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """FusedBackend.forward on the numba kernels."""
-    module, plan, x_np, arrays, lens = prepare(cell, x_proj, weights, lengths, x_bias)
+    cell, x_proj, state0, reverse = inputs.cell, inputs.x_proj, inputs.state0, inputs.reverse
+    module, plan, x_np, arrays, lens = prepare(cell, x_proj, inputs.weights, inputs.lengths, inputs.x_bias)
     steps, batch, width = x_np.shape
     dtype = x_proj.dtype
     new = buffers.new
@@ -109,17 +109,16 @@ def forward(cell: CellSpec, x_proj: Tensor, state0: list[Tensor] | None, weights
     return out[0], [s[0] for s in states], [s[0] for s in saved]
 
 
-def backward(cell: CellSpec, x_proj: Tensor, state0: list[Tensor] | None, weights: list[Tensor | None],
-             lengths: Tensor | None, reverse: bool, outputs: Tensor, final: list[Tensor], saved: list[Tensor],
-             grad_outputs: Tensor | None, grad_final: list[Tensor | None], consume_saved: bool,
-             x_bias: Tensor | None, consume_x_proj: bool) -> tuple[Tensor, list[Tensor], list[Tensor | None]]:
+def backward(inputs: ScanInputs, saved: list[Tensor], grad_outputs: Tensor | None, grad_final: list[Tensor | None],
+             consume_saved: bool, consume_x_proj: bool) -> tuple[Tensor, list[Tensor], list[Tensor | None]]:
     """FusedBackend.backward on the numba kernels. consume_saved: the saved products may be written over;
     consume_x_proj: d_x_proj may be written over x_proj (layer()'s own projection, read for the last time)."""
+    cell, x_proj, weights, reverse, x_bias = inputs.cell, inputs.x_proj, inputs.weights, inputs.reverse, inputs.x_bias
     if cell.pointwise is None or cell.pointwise.backward is None:
         raise RuntimeError(f"numba backend: cell {cell.name!r} has no pointwise backward")
     preact = preactivation_only(cell)  # the forward saved whole pre-activations: x_proj is not read
     module, plan, x_np, (x_bias_np, w, bias, *extras), lens = prepare(
-        cell, None if preact else x_proj, weights, lengths, x_bias, like=saved[1] if preact else None)
+        cell, None if preact else x_proj, weights, inputs.lengths, x_bias, like=saved[1] if preact else None)
     dtype, hidden, dtype_name = saved[0].dtype, plan.hidden, plan.dtype_name
     steps, batch, width = saved[1].shape if preact else x_np.shape
     saved_st = saved[0].detach().contiguous()

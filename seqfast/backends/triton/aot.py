@@ -5,7 +5,9 @@ tuple handling, dot shapes, LLVM and ptxas failures) nor show register use. This
 shape would launch, for e.g. sm_90, with the ptxas bundled in Triton, and reads registers and spills (local
 memory) from the cubin with the bundled cuobjdump, so CI without a GPU still proves they build.
 Run `python -m seqfast.backends.triton.aot lstm:64:float32 gru:300:bfloat16:16 ...` (cell:hidden:dtype[:tile];
-prints JSON). TRITON_INTERPRET must be unset: Triton builds its own helpers for one mode when it is imported.
+prints JSON); `--cooperative BATCH` compiles the cooperative kernels (coop_kernels.py) a batch of BATCH rows would
+launch instead, in their GPU mode (the grid barrier in the kernel). TRITON_INTERPRET must be unset: Triton builds
+its own helpers for one mode when it is imported.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ import tempfile
 import torch
 
 from ...registry import CellSpec
-from .backend import _RECURRENCE_CODE, TritonBackend, interpreting
+from .backend import _MARGIN, _RECURRENCE_CODE, TritonBackend, _shared_memory_budget, interpreting
 from .codegen import load_kernels
+from .cooperative import device_sm_count, plan_cooperative
 
 __all__ = ["compile_for_target"]
 
@@ -47,11 +50,14 @@ def _resource_usage(cubin: bytes) -> dict[str, int]:
 
 def compile_for_target(backend: TritonBackend, cell: CellSpec, hidden: int, dtype: torch.dtype = torch.float32,
                        *, arch: int = 90, lengths: bool = True, reverse: bool = False, bias: bool = True,
-                       ) -> dict[str, dict[str, int]]:
+                       cooperative_batch: int | None = None) -> dict[str, dict[str, int]]:
     """Compile the kernels `backend` would launch for `cell` at `hidden`, `dtype` for CUDA sm_`arch`.
 
     Returns {kernel name: {"ptx_lines", "cubin_bytes", "shared_bytes", "registers", "spill_bytes"}}; raises if
     any stage fails. A launch needs shared_bytes within the device's shared memory per block (227 KiB on sm_90).
+    cooperative_batch: compile coop_forward / coop_backward for that batch size instead (ValueError where the
+    co-residency guard declines the shape); their grid needs one program per SM resident, so registers x threads
+    must fit one SM's register file as well.
     """
     if interpreting():
         # triton.language's own jit helpers were built for the interpreter when triton was imported
@@ -67,8 +73,19 @@ def compile_for_target(backend: TritonBackend, cell: CellSpec, hidden: int, dtyp
         ON_CHIP=plan.on_chip, BLOCK_B=plan.block_b, BLOCK_H=plan.block_h, BLOCK_K=plan.block_k, DOT_F32=False,
         PRECISION=backend.dot_precision(dtype), ROUND_HG=dtype != torch.float32,
     )
+    names, options = ("scan_forward", "scan_backward"), {"num_warps": plan.num_warps, "num_stages": plan.num_stages}
+    if cooperative_batch is not None:
+        coop, why = plan_cooperative(cell, cooperative_batch, hidden, dtype, sm_count=device_sm_count(),
+                                     budget=_shared_memory_budget() - _MARGIN, block_b=backend.block_b)
+        if coop is None:
+            raise ValueError(f"cooperative kernels decline {cell.name} at hidden {hidden}, batch "
+                             f"{cooperative_batch}: {why}")
+        constants = coop.constants()
+        options = {k: constants.pop(k) for k in ("num_warps", "num_stages")}
+        consts.update(constants, GRID_BARRIER=True, PHASE=0)  # the GPU mode: every step in one launch
+        names = ("coop_forward", "coop_backward")
     results = {}
-    for name in ("scan_forward", "scan_backward"):
+    for name in names:
         fn = getattr(kernels, name, None)
         if fn is None:
             continue
@@ -76,20 +93,25 @@ def compile_for_target(backend: TritonBackend, cell: CellSpec, hidden: int, dtyp
         for arg in fn.arg_names:
             if arg in consts:
                 signature[arg], constexprs[arg] = "constexpr", consts[arg]
-            elif arg in ("T", "B", "H"):
+            elif arg in ("T", "B", "H", "STEP0", "STEPS"):
                 signature[arg] = "i32"
             elif arg == "LEN":
                 signature[arg] = "*i64"
+            elif arg == "BAR":
+                signature[arg] = "*i32"
             elif arg == "WS" or arg.startswith("DP_"):
                 signature[arg] = "*fp32"
             else:
                 signature[arg] = "*" + _TYPES[dtype]
         src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": plan.num_warps,
-                                                                                  "num_stages": plan.num_stages})
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
         cubin = compiled.asm.get("cubin", b"")
         info = {"ptx_lines": compiled.asm["ptx"].count("\n"), "cubin_bytes": len(cubin),
-                "shared_bytes": int(compiled.metadata.shared)}  # Triton's dynamic shared memory
+                "shared_bytes": int(compiled.metadata.shared),  # Triton's dynamic shared memory
+                "threads": options["num_warps"] * 32}
+        if name.startswith("coop_"):  # the grid barrier: a release add, then acquire loads
+            ptx = compiled.asm["ptx"]
+            info["grid_barrier"] = bool(re.search(r"\.release\.", ptx) and re.search(r"\.acquire\.", ptx))
         info.update(_resource_usage(cubin) if cubin else {})
         results[name] = info
     return results
@@ -101,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("configs", nargs="+", help="cell:hidden:dtype[:tile], e.g. lstm:64:float32 gru:33:bfloat16:16")
     parser.add_argument("--arch", type=int, default=90)
+    parser.add_argument("--cooperative", type=int, metavar="BATCH", help="the cooperative kernels for this batch")
     args = parser.parse_args(argv)
     out = []
     for config in args.configs:
@@ -108,9 +131,15 @@ def main(argv: list[str] | None = None) -> int:
         backend = TritonBackend()
         backend.tile_hidden = int(tile[0]) if tile else None
         spec, dt = seqfast.get_cell(cell), getattr(torch, dtype)
-        kernels = compile_for_target(backend, spec, int(hidden), dt, arch=args.arch)
+        kernels = compile_for_target(backend, spec, int(hidden), dt, arch=args.arch,
+                                     cooperative_batch=args.cooperative)
         plan = backend.plan(spec, int(hidden), dt)
-        out.append({"config": config, "on_chip": plan.on_chip, "kernels": kernels})
+        entry = {"config": config, "on_chip": plan.on_chip, "kernels": kernels}
+        if args.cooperative is not None:
+            backend.cooperative = True
+            entry["path"] = backend.cooperative_plan(spec, args.cooperative, int(hidden), dt)[0].describe(
+                device_sm_count())
+        out.append(entry)
     json.dump(out, sys.stdout)
     print()
     return 0

@@ -18,8 +18,9 @@ from torch import Tensor
 from ...config import reader, setting
 from ...registry import CellSpec, Query
 from ..fused import FusedBackend
-from ..fused_contract import Ownership
+from ..fused_contract import Ownership, ScanInputs
 from .codegen import CodegenError, generate_source, load_kernels, param_layout
+from .cooperative import CoopPlan, device_sm_count, launch_cooperative, plan_cooperative
 
 __all__ = ["TritonBackend", "KernelPlan", "interpreting"]
 
@@ -92,12 +93,6 @@ class KernelPlan:
         return f"persistent, {what}, {rows}"
 
 
-def _decline_x_bias(x_bias: Tensor | None) -> None:
-    if x_bias is not None:
-        raise ValueError("triton backend: x_bias must be None (fuses_input_bias is False: x_proj includes its bias), "
-                         f"got a tensor of shape {tuple(x_bias.shape)}")
-
-
 class TritonBackend(FusedBackend):
     name = "triton"
     description = "persistent fused Triton kernels (CUDA; CPU via TRITON_INTERPRET=1), any cell with pointwise math"
@@ -112,6 +107,10 @@ class TritonBackend(FusedBackend):
     block_b: int = 16  # tl.dot needs M >= 16
     # force the tiled path with this tile size (tests, experiments); also SEQFAST_TRITON_TILE
     tile_hidden: int | None = None
+    # the cooperative kernels (coop_kernels.py): None follows SEQFAST_TRITON_COOPERATIVE (off by default)
+    cooperative: bool | None = None
+    sm_count: int | None = None  # programs a cooperative grid may use; None: the device's SM count
+    sequential: bool | None = None  # cooperative steps as separate launches; None: under the interpreter
 
     def __init__(self) -> None:
         self._codegen_reasons: dict[CellSpec, str | None] = {}  # frozen dataclass: hashed by value
@@ -190,6 +189,21 @@ class TritonBackend(FusedBackend):
         per_stage = (g * tile * tile + g * bb * tile) * 4  # weight tiles and the backward's d_hg tiles
         return KernelPlan(False, bb, tile, tile, 4, weight_bytes, stages(per_stage, 0))
 
+    def cooperative_plan(self, cell: CellSpec, batch: int, hidden: int, dtype: torch.dtype
+                         ) -> tuple[CoopPlan | None, str | None]:
+        """(the cooperative grid for this shape, None) when the cooperative kernels are on and the grid can be
+        resident; (None, why not) when they are on but cannot run it; (None, None) when they are off."""
+        enabled = self.cooperative if self.cooperative is not None else setting("triton_cooperative")
+        if not enabled:
+            return None, None
+        budget = (self.on_chip_bytes if self.on_chip_bytes is not None else _shared_memory_budget()) - _MARGIN
+        coop, why = plan_cooperative(cell, batch, hidden, dtype, sm_count=self._sm_count(), budget=budget,
+                                     block_b=self.block_b)
+        return coop, (why or None)
+
+    def _sm_count(self) -> int:
+        return self.sm_count if self.sm_count is not None else device_sm_count()
+
     def dot_precision(self, dtype: torch.dtype) -> str:
         """tl.dot's input precision. float32 follows torch.backends.cudnn.allow_tf32, the switch torch.nn's cuDNN
         RNNs obey: TF32 when allowed (the default), else 3xTF32 (float32 accuracy on tensor cores; plain "ieee"
@@ -200,7 +214,13 @@ class TritonBackend(FusedBackend):
 
     def path_for(self, query: Query) -> str:
         """Which kernel path `query` takes (printed by `seqfast info`)."""
-        text = self.plan(query.cell, query.hidden_size, query.dtype).describe(query.cell, query.hidden_size)
+        coop, why = self.cooperative_plan(query.cell, query.batch_size or 1, query.hidden_size, query.dtype)
+        if coop is not None:
+            text = coop.describe(self._sm_count())
+        else:
+            text = self.plan(query.cell, query.hidden_size, query.dtype).describe(query.cell, query.hidden_size)
+            if why:
+                text += f" (cooperative kernels declined: {why})"
         if query.device != "cuda":
             text += " (CPU interpreter)"
         return text
@@ -244,13 +264,12 @@ class TritonBackend(FusedBackend):
         grid = (-(-batch // plan.block_b),)
         return steps, batch, hidden, by_name, layout, params, lengths, plan, consts, grid
 
-    def forward(self, cell: CellSpec, x_proj: Tensor, state0: list[Tensor], weights: list[Tensor | None],
-                lengths: Tensor | None, reverse: bool, need_saved: bool, x_bias: Tensor | None = None
-                ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-        _decline_x_bias(x_bias)
+    def forward(self, inputs: ScanInputs, need_saved: bool) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        self.decline_unsupported(inputs)  # x_bias and zero states (state0=None)
+        cell, x_proj, state0, reverse = inputs.cell, inputs.x_proj, inputs.state0, inputs.reverse
         kernels = load_kernels(cell)
         steps, batch, hidden, by_name, _, params, lengths, plan, consts, grid = self._common(
-            cell, x_proj, weights, lengths)
+            cell, x_proj, inputs.weights, inputs.lengths)
         x = x_proj.contiguous()
         dummy = x
         if batch == 0:  # no program to launch
@@ -269,8 +288,9 @@ class TritonBackend(FusedBackend):
             hg_save, sv = saved[0], list(saved[1].unbind(0))
             if stages:
                 vs = list(saved[2].unbind(0))
+        coop, _ = self.cooperative_plan(cell, batch, hidden, x.dtype)
         ws = state_ws = dummy
-        if not plan.on_chip:
+        if not plan.on_chip or coop is not None:
             # the states [2, S, B, H] (ping-pong by step parity); a staged cell's stage vectors [stages, B, H]
             # and one step's hg [G, B, H] after them (see kernels.py)
             size = 2 * cell.num_states * batch * hidden
@@ -278,31 +298,34 @@ class TritonBackend(FusedBackend):
             ws = torch.empty(size + extra, dtype=torch.float32, device=x.device)
             state_ws = ws[:size].view(2, cell.num_states, batch, hidden)
             state_ws[0].copy_(torch.stack(states))
-        kernels.scan_forward[grid](
-            x, dummy if w_hh is None else w_hh.contiguous(), dummy if b_hh is None else b_hh.contiguous(),
-            dummy if lengths is None else lengths, out, hg_save, ws,
-            *params, *states, *finals, *sv, *vs,
-            steps, batch, hidden,
-            REVERSE=bool(reverse), HAS_BIAS=b_hh is not None, SAVE=need_saved, ROUND_HG=x.dtype != torch.float32,
-            **consts,
-        )
-        if not plan.on_chip:
+        head = (x, dummy if w_hh is None else w_hh.contiguous(), dummy if b_hh is None else b_hh.contiguous(),
+                dummy if lengths is None else lengths, out, hg_save, ws)
+        flags = dict(REVERSE=bool(reverse), HAS_BIAS=b_hh is not None, SAVE=need_saved,
+                     ROUND_HG=x.dtype != torch.float32)
+        if coop is None:
+            kernels.scan_forward[grid](*head, *params, *states, *finals, *sv, *vs, steps, batch, hidden, **flags,
+                                       **consts)
+        else:
+            launch_cooperative(kernels.coop_forward, coop, cell, head, (*params, *sv), (steps, batch, hidden),
+                               {**flags, **consts}, whole={"GRID_BARRIER": True}, per_step=[{"GRID_BARRIER": False}],
+                               sequential=self.sequential, interpret=interpreting())
+        if not plan.on_chip or coop is not None:
             for final, value in zip(finals, state_ws[steps % 2].unbind(0), strict=True):
                 final.copy_(value)
         return out, finals, saved
 
-    def backward(self, cell: CellSpec, x_proj: Tensor, state0: list[Tensor], weights: list[Tensor | None],
-                 lengths: Tensor | None, reverse: bool, outputs: Tensor, final: list[Tensor], saved: list[Tensor],
-                 grad_outputs: Tensor, grad_final: list[Tensor], saved_mode: Ownership = Ownership.KEEP,
-                 x_bias: Tensor | None = None, x_proj_mode: Ownership = Ownership.KEEP
-                 ) -> tuple[Tensor, list[Tensor], list[Tensor | None]]:
+    def backward(self, inputs: ScanInputs, outputs: Tensor, saved: list[Tensor], grad_outputs: Tensor | None,
+                 grad_final: list[Tensor | None], saved_mode: Ownership = Ownership.KEEP,
+                 x_proj_mode: Ownership = Ownership.KEEP) -> tuple[Tensor, list[Tensor], list[Tensor | None]]:
         # saved_mode and x_proj_mode permit writing over buffers; these kernels never do
-        _decline_x_bias(x_bias)
+        self.decline_unsupported(inputs, backward=True)  # x_bias, zero states and x_proj=None
+        cell, x_proj, state0, weights, reverse = (inputs.cell, inputs.x_proj, inputs.state0, inputs.weights,
+                                                  inputs.reverse)
         kernels = load_kernels(cell)
         if not hasattr(kernels, "scan_backward"):
             raise RuntimeError(f"cell {cell.name!r} has no pointwise backward; the triton backend cannot train it")
         steps, batch, hidden, by_name, layout, params, lengths, plan, consts, grid = self._common(
-            cell, x_proj, weights, lengths)
+            cell, x_proj, weights, inputs.lengths)
         x = x_proj.contiguous()
         if batch == 0:
             return torch.zeros_like(x), [torch.zeros_like(s) for s in state0], [
@@ -316,19 +339,23 @@ class TritonBackend(FusedBackend):
         ds0 = [torch.empty_like(s) for s in state0]
         # per-unit parameter gradients, summed over time in the kernel, per batch row (summed here)
         dp = [torch.zeros(batch, hidden, dtype=torch.float32, device=x.device) for _ in layout]
+        coop, _ = self.cooperative_plan(cell, batch, hidden, x.dtype)
         ws = x
-        if not plan.on_chip:
+        if not plan.on_chip or coop is not None:
             ws = torch.stack(gf).float().contiguous()
         w_arg = x if w_hh is None else w_hh.contiguous()
         if cell.recurrence == "dense":  # each gate's block transposed (see kernels.py)
             w_arg = w_hh.view(cell.num_gates, hidden, hidden).transpose(1, 2).contiguous()
-        kernels.scan_backward[grid](
-            x, w_arg, x if lengths is None else lengths, hg_save, go, dx, dhg,
-            ws, *params, *sv_all.unbind(0), *gf, *ds0, *dp,
-            steps, batch, hidden,
-            REVERSE=bool(reverse), **consts,
-        )
-        if not plan.on_chip:
+        head = (x, w_arg, x if lengths is None else lengths, hg_save, go, dx, dhg, ws)
+        if coop is None:
+            kernels.scan_backward[grid](*head, *params, *sv_all.unbind(0), *gf, *ds0, *dp, steps, batch, hidden,
+                                        REVERSE=bool(reverse), **consts)
+        else:  # phase 1: the pointwise backward of each slice; phase 2: the recurrent product (coop_kernels.py)
+            launch_cooperative(kernels.coop_backward, coop, cell, head, (*params, *sv_all.unbind(0), *dp),
+                               (steps, batch, hidden), {"REVERSE": bool(reverse), **consts}, whole={"PHASE": 0},
+                               per_step=[{"PHASE": 1}, {"PHASE": 2}], sequential=self.sequential,
+                               interpret=interpreting())
+        if not plan.on_chip or coop is not None:
             for d, value in zip(ds0, ws.unbind(0), strict=True):
                 d.copy_(value)
         grads: dict[str, Tensor | None] = {}

@@ -7,11 +7,11 @@ Anything else it reads (a helper function, an object) or any construct outside t
 CodegenError, which the backend reports as its reason for not running the cell.
 The tuples xg, hg, state, params (and d_new_state) stay tuples: the kernels build them from block variables and
 Triton passes tuples to jit functions, so the cell's code runs as written. A staged cell's Stage functions become
-pw_stage<k> and pw_stage<k>_backward the same way. The kernel templates (kernels.py) are expanded for the cell's
-number of gates, states, per-unit parameter values and stages by the shared expander
-(seqfast/backends/codegen/template.py), and the whole module is written by the shared loader to the cache directory
-(`<seqfast cache>/triton`: Triton needs inspectable source) and imported, with its `triton.jit` chosen by the
-loader (compiler or interpreter).
+pw_stage<k> and pw_stage<k>_backward the same way. The kernel templates (kernels.py; coop_kernels.py for cells
+without stages) are expanded for the cell's number of gates, states, per-unit parameter values and stages by the
+shared expander (seqfast/backends/codegen/template.py), and the whole module is written by the shared loader to
+the cache directory (`<seqfast cache>/triton`: Triton needs inspectable source) and imported, with its
+`triton.jit` chosen by the loader (compiler or interpreter).
 Nothing here imports triton until a module is loaded.
 """
 
@@ -28,6 +28,7 @@ from ...registry import CellSpec
 from ..codegen import CodegenError, Markers, expand, load_module
 from ..codegen import cache_dir as _cache_dir
 from ..pointwise_source import parse_pointwise, per_unit_rows
+from .coop_kernels import COOP_BACKWARD_TEMPLATE, COOP_FORWARD_TEMPLATE, COOP_PRELUDE
 from .kernels import BACKWARD_TEMPLATE, FORWARD_TEMPLATE, MATH_EXTENSIONS, MATH_PRELUDE
 
 __all__ = ["CodegenError", "param_layout", "generate_source", "load_kernels", "cache_dir"]
@@ -155,6 +156,12 @@ def generate_source(cell: CellSpec) -> str:
     if bwd_src is not None:
         parts.append(expand(BACKWARD_TEMPLATE, name="BACKWARD_TEMPLATE", markers=markers, blocks=blocks,
                             tokens=tokens))
+    if not pw.stages:  # the cooperative kernels exchange h once per step, with no stage vectors (coop_kernels.py)
+        parts += [COOP_PRELUDE, expand(COOP_FORWARD_TEMPLATE, name="COOP_FORWARD_TEMPLATE", markers=markers,
+                                       blocks=blocks, tokens=tokens)]
+        if bwd_src is not None:
+            parts.append(expand(COOP_BACKWARD_TEMPLATE, name="COOP_BACKWARD_TEMPLATE", markers=markers,
+                                blocks=blocks, tokens=tokens))
     return "\n".join(parts) + "\n"
 
 

@@ -68,9 +68,9 @@ def test_layer_projection_takes_its_gradient_only_when_the_graph_is_freed(monkey
     seen: list[tuple[str, bool]] = []
     real = numba_backend.NumbaBackend.backward
 
-    def spy(self, cell, x_proj, *args, **kwargs):
-        result = real(self, cell, x_proj, *args, **kwargs)
-        seen.append((kwargs.get("x_proj_mode", "keep"), result[0].data_ptr() == x_proj.data_ptr()))
+    def spy(self, inputs, *args, **kwargs):
+        result = real(self, inputs, *args, **kwargs)
+        seen.append((kwargs.get("x_proj_mode", "keep"), result[0].data_ptr() == inputs.x_proj.data_ptr()))
         return result
 
     monkeypatch.setattr(numba_backend.NumbaBackend, "backward", spy)

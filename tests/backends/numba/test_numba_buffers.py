@@ -11,6 +11,7 @@ numba = pytest.importorskip("numba")
 
 from numba_cases import TOL, fresh_plans, make_inputs  # noqa: E402, F401 (autouse fixture)
 
+from seqfast.backends.fused_contract import ScanInputs  # noqa: E402
 from seqfast.backends.numba import buffers, schedule, views  # noqa: E402
 
 
@@ -26,7 +27,8 @@ def test_buffers_several_threads_write_start_on_a_cache_line(monkeypatch, thread
     cell = seqfast.get_cell("lstm")
     x, state0, weights, _ = make_inputs(cell, 5, 6, 3, torch.float32, seed=2)
     wlist = [weights["weight_hh"], weights["bias_hh"]]
-    out, final, saved = backend.forward(cell, x, list(state0), wlist, None, False, True)
+    inputs = ScanInputs(cell, x, list(state0), wlist, None, False)
+    out, final, saved = backend.forward(inputs, True)
     made = [out, *final, *saved]
     if threads == 2:
         assert all(t.data_ptr() % 64 == 0 for t in made)
@@ -35,8 +37,7 @@ def test_buffers_several_threads_write_start_on_a_cache_line(monkeypatch, thread
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
     for got, want in zip(final, ref_final, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    g_x, g_state, _ = backend.backward(cell, x, list(state0), wlist, None, False, out, final, saved,
-                                       torch.ones_like(out), [None, None])
+    g_x, g_state, _ = backend.backward(inputs, out, saved, torch.ones_like(out), [None, None])
     if threads == 2:
         assert all(g.data_ptr() % 64 == 0 for g in [g_x, *g_state])
     final[0].add_(1.0)  # a result may be changed in place like any tensor
