@@ -3,8 +3,8 @@
 Per step, one kernel call does the recurrent product (MKL ?gemm_ from libtorch, called from inside the numba loop;
 no Python round trip) and the cell's pointwise math fused over every (row, unit). The input projection stays one
 big GEMM over all steps (in FusedBackend.layer, without its bias, which the kernels add); the backward forms
-dW_hh as one GEMM over all steps after the loop (gemm.weight_gradient). Kernels are generated per cell from one
-template (codegen.py) and cached on disk across processes.
+dW_hh as one GEMM over all steps after the loop (gemm.weight_gradient). Kernels are generated per cell from
+template files (templates/*.py.tmpl) and cached on disk across processes.
 
 Threads (one pool for everything): the numba kernels are single-threaded (no parallel=True, so numba's threading
 layer never starts). A scan splits its batch into row ranges, one per torch intra-op thread (torch.get_num_threads(),
@@ -20,7 +20,10 @@ The modules, by job:
     buffers.py       the pool of large kernel buffers
     views.py         numpy views of weights and states, placeholders for absent ones
     step.py          one step of a cell (RecurrentCell) as one kernel call each way
-    codegen.py       kernel generation from the cell's pointwise code, and the disk cache
+    codegen.py       the generated kernel modules: loading (shared loader, disk cache) and the team entries
+    pointwise.py     the cell's pointwise functions compiled for numba, and what their source tells
+    layout.py        scratch rows, kernel arguments and argument-block slots, shared by kernels and callers
+    assemble.py      a cell's kernel module expanded from the templates in templates/
     _blas.py, _team.py, _math.py   numba intrinsics: the GEMMs, the OpenMP team, the float32 math
     tuning.py        where `auto` prefers numba
 

@@ -1,0 +1,1 @@
+"""Kernel templates of the numba backend (*.py.tmpl), expanded by assemble.py."""
