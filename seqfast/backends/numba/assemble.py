@@ -208,4 +208,10 @@ def generate_weight_grad_source(dtype: str) -> str:
                           _template("weight_grad", None, {}), _team("weight_grad", WEIGHT_GRAD_PARAMS)]) + "\n"
 
 
-__all__ = ["generate_source", "generate_weight_grad_source", "layout_of"]
+def generate_projection_source(dtype: str) -> str:
+    """The module holding `project`, the small input projection, for a dtype."""
+    return "\n\n\n".join([_prelude(f"the small input projection, {dtype}", None, dtype, [], False),
+                            _template("project", None, {})]) + "\n"
+
+
+__all__ = ["generate_source", "generate_weight_grad_source", "generate_projection_source", "layout_of"]

@@ -31,7 +31,7 @@ from types import ModuleType
 from ...registry import CellSpec
 from ..codegen import CodegenError, cache_dir, load_module
 from ..codegen.loader import module_path
-from .assemble import generate_source, generate_weight_grad_source
+from .assemble import generate_projection_source, generate_source, generate_weight_grad_source
 from .pointwise import check_cell, dx_is_dhg, per_unit_width, preactivation_only, step_supported
 
 TEMPLATE_VERSION = "23"
@@ -60,6 +60,11 @@ def weight_grad_kernels(dtype: str) -> ModuleType:
     return _generated(("weight_grad", dtype), f"weight_grad_{dtype}", lambda: generate_weight_grad_source(dtype))
 
 
+def projection_kernels(dtype: str) -> ModuleType:
+    """The compiled-on-demand module of `project` (the small input projection) for a dtype."""
+    return _generated(("project", dtype), f"project_{dtype}", lambda: generate_projection_source(dtype))
+
+
 def _generated(key: tuple, prefix: str, source_of) -> ModuleType:
     """The generated module under `key`, loaded with numba's on-disk cache where it can keep one: the injected
     `_CACHE` chooses, and numba refuses to cache when it finds no writable place for its index, in which case
@@ -79,7 +84,6 @@ def _generated(key: tuple, prefix: str, source_of) -> ModuleType:
     return module
 
 
-generated_module = _generated  # for the other generated modules of the backend (gemm.py's projection)
 
 
 def is_compiled(cell: CellSpec, dtype: str, kernel_names: tuple[str, ...]) -> bool:
@@ -115,5 +119,5 @@ def entry_address(module: ModuleType, kernel: str) -> int:
 
 
 __all__ = ["CodegenError", "check_cell", "dx_is_dhg", "per_unit_width", "preactivation_only", "step_supported",
-           "generate_source", "generate_weight_grad_source", "kernels", "weight_grad_kernels", "is_compiled",
-           "entry_address", "TEMPLATE_VERSION"]
+           "generate_source", "generate_weight_grad_source", "kernels", "weight_grad_kernels", "projection_kernels",
+           "is_compiled", "entry_address", "TEMPLATE_VERSION"]
