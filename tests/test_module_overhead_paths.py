@@ -12,6 +12,7 @@ from torch.nn.utils import parametrize
 
 import seqfast
 from seqfast.config import getenv, resolve_choice
+from seqfast.registry import Backend, get_backend, registry
 
 NATIVE = backend_param("native")
 
@@ -116,3 +117,111 @@ def test_zero_states_and_single_layer_weights_match_torch_nn(kind):
         want, want_state = ref(x)
         assert_close(out, want, f"output for input {shape}")
         assert_close(state, want_state, f"state for input {shape}")
+
+
+class _Counting(Backend):
+    """The torch backend's scan, counted: which backend a sequence module's call ran on."""
+
+    calls = 0
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def scan(self, cell, x_proj, state0, weights, lengths, reverse):
+        type(self).calls += 1
+        return get_backend("torch").scan(cell, x_proj, state0, weights, lengths, reverse)
+
+
+@pytest.fixture
+def counting():
+    backend = seqfast.register_backend(_Counting("counting"))
+    _Counting.calls = 0
+    yield backend
+    registry.backends.pop("counting")
+    registry.generation += 1
+
+
+def test_a_modules_kept_decision_follows_every_source_of_the_choice(counting, monkeypatch, tmp_path):
+    # the backend a module call runs on is kept per input kind; the choice's sources may change between calls
+    monkeypatch.chdir(tmp_path)
+    for var in ("SEQFAST_BACKEND", "SEQFAST_BACKEND_GRU", "SEQFAST_CONFIG"):
+        monkeypatch.delenv(var, raising=False)
+    ref, ours = _pair("GRU", 3, 4, backend=None)
+    x = torch.randn(5, 2, 3)
+
+    def runs_on_counting() -> bool:
+        before = _Counting.calls
+        with torch.no_grad():
+            assert_close(ours(x)[0], ref(x)[0], "GRU output")
+        return _Counting.calls == before + 1
+
+    assert not runs_on_counting()
+    with seqfast.use_backend("counting"):
+        assert runs_on_counting()
+    with seqfast.use_backend({"gru": "counting"}):
+        assert runs_on_counting()
+    assert not runs_on_counting()
+    monkeypatch.setenv("SEQFAST_BACKEND", "counting")
+    assert runs_on_counting()
+    monkeypatch.setenv("SEQFAST_BACKEND_GRU", "torch")
+    assert not runs_on_counting()
+    monkeypatch.delenv("SEQFAST_BACKEND_GRU")
+    monkeypatch.delenv("SEQFAST_BACKEND")
+    assert not runs_on_counting()
+    (tmp_path / "seqfast.toml").write_text('backend = "counting"\n')
+    assert runs_on_counting()
+    (tmp_path / "seqfast.toml").unlink()
+    assert not runs_on_counting()
+    ours.backend = "counting"
+    assert runs_on_counting()
+
+
+def test_a_modules_kept_decision_follows_a_backend_registered_in_its_place(counting):
+    ref, ours = _pair("LSTM", 3, 4, backend="counting")
+    x = torch.randn(5, 2, 3)
+    assert_close(ours(x)[0], ref(x)[0], "LSTM output")
+
+    class Replacement(_Counting):
+        calls = 0
+
+    seqfast.register_backend(Replacement("counting"), replace=True)
+    assert_close(ours(x)[0], ref(x)[0], "LSTM output on the replacement")
+    assert (_Counting.calls, Replacement.calls) == (1, 1)
+
+
+@pytest.mark.parametrize("backend", [NATIVE, backend_param("numba"), backend_param("torch"),
+                                     pytest.param(None, id="auto")])
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_a_module_called_with_changing_shapes_dtype_grad_and_lengths_matches_torch_nn(kind, backend):
+    # each call kind (shape, dtype, device, grad) keeps its own decision; the parameters are read on every call
+    ref, ours = _pair(kind, 3, 5, backend=backend)
+    gen = torch.Generator().manual_seed(3)
+    tol = {torch.float32: {"rtol": 1e-4, "atol": 1e-5}, torch.float64: {"rtol": 1e-9, "atol": 1e-10}}
+    for dtype, steps, batch, with_lengths in ((torch.float32, 4, 2, False), (torch.float32, 6, 3, True),
+                                              (torch.float32, 4, 2, False), (torch.float64, 6, 3, False),
+                                              (torch.float64, 4, 1, True), (torch.float32, 4, 2, True)):
+        for module in (ref, ours):
+            module.to(dtype)
+        x = torch.randn(steps, batch, 3, generator=gen, dtype=dtype)
+        lengths = steps - torch.arange(batch) % steps if with_lengths else None
+        packed = None if lengths is None else nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
+        with torch.no_grad():
+            got = ours(x, lengths=lengths)
+            want = ref(x if packed is None else packed)
+        want_out = want[0] if packed is None else nn.utils.rnn.pad_packed_sequence(want[0], total_length=steps)[0]
+        torch.testing.assert_close(got[0], want_out, **tol[dtype])
+        torch.testing.assert_close(got[1], want[1], **tol[dtype])
+        x_grad = x.clone().requires_grad_()
+        ours(x_grad, lengths=lengths)[0].sin().sum().backward()
+        x_ref = x.clone().requires_grad_()
+        out_ref = ref(x_ref if packed is None else
+                      nn.utils.rnn.pack_padded_sequence(x_ref, lengths, enforce_sorted=False))[0]
+        if packed is not None:
+            out_ref = nn.utils.rnn.pad_packed_sequence(out_ref, total_length=steps)[0]
+        out_ref.sin().sum().backward()
+        torch.testing.assert_close(x_grad.grad, x_ref.grad, **tol[dtype])
+        torch.testing.assert_close(ours.weight_hh_l0.grad, ref.weight_hh_l0.grad, **tol[dtype])
+        with torch.no_grad():
+            for module in (ref, ours):
+                module.zero_grad()
+                module.weight_hh_l0.mul_(0.9)  # in place, between calls of the same kind
