@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_close, backend_param
+from conftest import CountingBackend, assert_close, backend_param, walk_the_sources_of_a_gru_choice
 from torch import nn
 from torch.nn.utils import parametrize
 
 import seqfast
 from seqfast.config import getenv, resolve_choice
-from seqfast.registry import Backend, get_backend, registry
 
 NATIVE = backend_param("native")
 
@@ -119,61 +118,16 @@ def test_zero_states_and_single_layer_weights_match_torch_nn(kind):
         assert_close(state, want_state, f"state for input {shape}")
 
 
-class _Counting(Backend):
-    """The torch backend's scan, counted: which backend a sequence module's call ran on."""
-
-    calls = 0
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def scan(self, cell, x_proj, state0, weights, lengths, reverse):
-        type(self).calls += 1
-        return get_backend("torch").scan(cell, x_proj, state0, weights, lengths, reverse)
-
-
-@pytest.fixture
-def counting():
-    backend = seqfast.register_backend(_Counting("counting"))
-    _Counting.calls = 0
-    yield backend
-    registry.backends.pop("counting")
-    registry.generation += 1
-
-
 def test_a_modules_kept_decision_follows_every_source_of_the_choice(counting, monkeypatch, tmp_path):
     # the backend a module call runs on is kept per input kind; the choice's sources may change between calls
-    monkeypatch.chdir(tmp_path)
-    for var in ("SEQFAST_BACKEND", "SEQFAST_BACKEND_GRU", "SEQFAST_CONFIG"):
-        monkeypatch.delenv(var, raising=False)
     ref, ours = _pair("GRU", 3, 4, backend=None)
     x = torch.randn(5, 2, 3)
 
-    def runs_on_counting() -> bool:
-        before = _Counting.calls
+    def call() -> None:
         with torch.no_grad():
             assert_close(ours(x)[0], ref(x)[0], "GRU output")
-        return _Counting.calls == before + 1
 
-    assert not runs_on_counting()
-    with seqfast.use_backend("counting"):
-        assert runs_on_counting()
-    with seqfast.use_backend({"gru": "counting"}):
-        assert runs_on_counting()
-    assert not runs_on_counting()
-    monkeypatch.setenv("SEQFAST_BACKEND", "counting")
-    assert runs_on_counting()
-    monkeypatch.setenv("SEQFAST_BACKEND_GRU", "torch")
-    assert not runs_on_counting()
-    monkeypatch.delenv("SEQFAST_BACKEND_GRU")
-    monkeypatch.delenv("SEQFAST_BACKEND")
-    assert not runs_on_counting()
-    (tmp_path / "seqfast.toml").write_text('backend = "counting"\n')
-    assert runs_on_counting()
-    (tmp_path / "seqfast.toml").unlink()
-    assert not runs_on_counting()
-    ours.backend = "counting"
-    assert runs_on_counting()
+    walk_the_sources_of_a_gru_choice(ours, call, monkeypatch, tmp_path)
 
 
 def test_a_modules_kept_decision_follows_a_backend_registered_in_its_place(counting):
@@ -181,12 +135,12 @@ def test_a_modules_kept_decision_follows_a_backend_registered_in_its_place(count
     x = torch.randn(5, 2, 3)
     assert_close(ours(x)[0], ref(x)[0], "LSTM output")
 
-    class Replacement(_Counting):
+    class Replacement(CountingBackend):
         calls = 0
 
     seqfast.register_backend(Replacement("counting"), replace=True)
     assert_close(ours(x)[0], ref(x)[0], "LSTM output on the replacement")
-    assert (_Counting.calls, Replacement.calls) == (1, 1)
+    assert (CountingBackend.calls, Replacement.calls) == (1, 1)
 
 
 @pytest.mark.parametrize("backend", [NATIVE, backend_param("numba"), backend_param("torch"),
