@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import seqfast  # noqa: E402
-from seqfast.registry import registry  # noqa: E402
+from seqfast.registry import Backend, get_backend, registry  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -110,3 +110,64 @@ def assert_close(actual, expected, what: str, dtype=torch.float32):
 
 def flat_state(state):
     return torch.cat([s.reshape(-1) for s in state]) if isinstance(state, tuple) else state.reshape(-1)
+
+
+class CountingBackend(Backend):
+    """The torch backend's scan and step, counted: which backend a module's or a cell's call ran on."""
+
+    calls = 0
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def scan(self, cell, x_proj, state0, weights, lengths, reverse):
+        type(self).calls += 1
+        return get_backend("torch").scan(cell, x_proj, state0, weights, lengths, reverse)
+
+    def step(self, cell, x, state, params, names):
+        type(self).calls += 1
+        return get_backend("torch").step(cell, x, state, params, names)
+
+
+@pytest.fixture
+def counting():
+    """CountingBackend registered as "counting" for the test."""
+    backend = seqfast.register_backend(CountingBackend("counting"))
+    CountingBackend.calls = 0
+    yield backend
+    registry.backends.pop("counting")
+    registry.generation += 1
+
+
+def walk_the_sources_of_a_gru_choice(module, call, monkeypatch, tmp_path) -> None:
+    """A GRU module (or cell) with no backend= must run on "counting" exactly while a source of the choice names it:
+    use_backend(), SEQFAST_BACKEND (unless SEQFAST_BACKEND_GRU names another), a config file, the backend
+    attribute. call() runs the module once, checking its result."""
+    monkeypatch.chdir(tmp_path)
+    for var in ("SEQFAST_BACKEND", "SEQFAST_BACKEND_GRU", "SEQFAST_CONFIG"):
+        monkeypatch.delenv(var, raising=False)
+
+    def runs_on_counting() -> bool:
+        before = CountingBackend.calls
+        call()
+        return CountingBackend.calls == before + 1
+
+    assert not runs_on_counting()
+    with seqfast.use_backend("counting"):
+        assert runs_on_counting()
+    with seqfast.use_backend({"gru": "counting"}):
+        assert runs_on_counting()
+    assert not runs_on_counting()
+    monkeypatch.setenv("SEQFAST_BACKEND", "counting")
+    assert runs_on_counting()
+    monkeypatch.setenv("SEQFAST_BACKEND_GRU", "torch")
+    assert not runs_on_counting()
+    monkeypatch.delenv("SEQFAST_BACKEND_GRU")
+    monkeypatch.delenv("SEQFAST_BACKEND")
+    assert not runs_on_counting()
+    (tmp_path / "seqfast.toml").write_text('backend = "counting"\n')
+    assert runs_on_counting()
+    (tmp_path / "seqfast.toml").unlink()
+    assert not runs_on_counting()
+    module.backend = "counting"
+    assert runs_on_counting()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import all_backends, backend_param
+from conftest import CountingBackend, all_backends, backend_param, walk_the_sources_of_a_gru_choice
 
 import seqfast
 from seqfast.registry import Backend, CellSpec, get_backend, registry
@@ -215,63 +215,11 @@ def test_bench_step_loop_times_the_cells_against_torch_nns():
     assert by_backend["native"].max_abs_diff < 1e-5 and by_backend["torch"].max_abs_diff < 1e-5
 
 
-class _Counting(Backend):
-    """The torch backend's step, counted: which backend a cell's call ran on."""
-
-    calls = 0
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def scan(self, cell, x_proj, state0, weights, lengths, reverse):
-        return get_backend("torch").scan(cell, x_proj, state0, weights, lengths, reverse)
-
-    def step(self, cell, x, state, params, names):
-        type(self).calls += 1
-        return get_backend("torch").step(cell, x, state, params, names)
-
-
-@pytest.fixture
-def counting():
-    backend = seqfast.register_backend(_Counting("counting"))
-    _Counting.calls = 0
-    yield backend
-    registry.backends.pop("counting")
-    registry.generation += 1
-
-
 def test_a_cells_kept_decision_follows_every_source_of_the_choice(counting, monkeypatch, tmp_path):
     # the backend a cell call runs on is kept per input kind; the choice's sources may change between calls
-    monkeypatch.chdir(tmp_path)
-    for var in ("SEQFAST_BACKEND", "SEQFAST_BACKEND_GRU", "SEQFAST_CONFIG"):
-        monkeypatch.delenv(var, raising=False)
     ref, ours = _pair("gru", 3, 4, torch.float64, None)
     x = torch.randn(2, 3, dtype=torch.float64)
-
-    def runs_on_counting() -> bool:
-        before = _Counting.calls
-        torch.testing.assert_close(ours(x), ref(x))
-        return _Counting.calls == before + 1
-
-    assert not runs_on_counting()
-    with seqfast.use_backend("counting"):
-        assert runs_on_counting()
-    with seqfast.use_backend({"gru": "counting"}):
-        assert runs_on_counting()
-    assert not runs_on_counting()
-    monkeypatch.setenv("SEQFAST_BACKEND", "counting")
-    assert runs_on_counting()
-    monkeypatch.setenv("SEQFAST_BACKEND_GRU", "torch")
-    assert not runs_on_counting()
-    monkeypatch.delenv("SEQFAST_BACKEND_GRU")
-    monkeypatch.delenv("SEQFAST_BACKEND")
-    assert not runs_on_counting()
-    (tmp_path / "seqfast.toml").write_text('backend = "counting"\n')
-    assert runs_on_counting()
-    (tmp_path / "seqfast.toml").unlink()
-    assert not runs_on_counting()
-    ours.backend = "counting"
-    assert runs_on_counting()
+    walk_the_sources_of_a_gru_choice(ours, lambda: torch.testing.assert_close(ours(x), ref(x)), monkeypatch, tmp_path)
 
 
 def test_a_cells_kept_decision_follows_a_backend_registered_in_its_place(counting):
@@ -279,12 +227,12 @@ def test_a_cells_kept_decision_follows_a_backend_registered_in_its_place(countin
     x = torch.randn(2, 3, dtype=torch.float64)
     torch.testing.assert_close(ours(x), ref(x))
 
-    class Replacement(_Counting):
+    class Replacement(CountingBackend):
         calls = 0
 
     seqfast.register_backend(Replacement("counting"), replace=True)
     torch.testing.assert_close(ours(x), ref(x))
-    assert (_Counting.calls, Replacement.calls) == (1, 1)
+    assert (CountingBackend.calls, Replacement.calls) == (1, 1)
 
 
 @pytest.mark.parametrize("cell", list(KINDS))

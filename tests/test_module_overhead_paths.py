@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_close, backend_param
+from conftest import CountingBackend, assert_close, backend_param, walk_the_sources_of_a_gru_choice
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -116,3 +116,66 @@ def test_zero_states_and_single_layer_weights_match_torch_nn(kind):
         want, want_state = ref(x)
         assert_close(out, want, f"output for input {shape}")
         assert_close(state, want_state, f"state for input {shape}")
+
+
+def test_a_modules_kept_decision_follows_every_source_of_the_choice(counting, monkeypatch, tmp_path):
+    # the backend a module call runs on is kept per input kind; the choice's sources may change between calls
+    ref, ours = _pair("GRU", 3, 4, backend=None)
+    x = torch.randn(5, 2, 3)
+
+    def call() -> None:
+        with torch.no_grad():
+            assert_close(ours(x)[0], ref(x)[0], "GRU output")
+
+    walk_the_sources_of_a_gru_choice(ours, call, monkeypatch, tmp_path)
+
+
+def test_a_modules_kept_decision_follows_a_backend_registered_in_its_place(counting):
+    ref, ours = _pair("LSTM", 3, 4, backend="counting")
+    x = torch.randn(5, 2, 3)
+    assert_close(ours(x)[0], ref(x)[0], "LSTM output")
+
+    class Replacement(CountingBackend):
+        calls = 0
+
+    seqfast.register_backend(Replacement("counting"), replace=True)
+    assert_close(ours(x)[0], ref(x)[0], "LSTM output on the replacement")
+    assert (CountingBackend.calls, Replacement.calls) == (1, 1)
+
+
+@pytest.mark.parametrize("backend", [NATIVE, backend_param("numba"), backend_param("torch"),
+                                     pytest.param(None, id="auto")])
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_a_module_called_with_changing_shapes_dtype_grad_and_lengths_matches_torch_nn(kind, backend):
+    # each call kind (shape, dtype, device, grad) keeps its own decision; the parameters are read on every call
+    ref, ours = _pair(kind, 3, 5, backend=backend)
+    gen = torch.Generator().manual_seed(3)
+    tol = {torch.float32: {"rtol": 1e-4, "atol": 1e-5}, torch.float64: {"rtol": 1e-9, "atol": 1e-10}}
+    for dtype, steps, batch, with_lengths in ((torch.float32, 4, 2, False), (torch.float32, 6, 3, True),
+                                              (torch.float32, 4, 2, False), (torch.float64, 6, 3, False),
+                                              (torch.float64, 4, 1, True), (torch.float32, 4, 2, True)):
+        for module in (ref, ours):
+            module.to(dtype)
+        x = torch.randn(steps, batch, 3, generator=gen, dtype=dtype)
+        lengths = steps - torch.arange(batch) % steps if with_lengths else None
+        packed = None if lengths is None else nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
+        with torch.no_grad():
+            got = ours(x, lengths=lengths)
+            want = ref(x if packed is None else packed)
+        want_out = want[0] if packed is None else nn.utils.rnn.pad_packed_sequence(want[0], total_length=steps)[0]
+        torch.testing.assert_close(got[0], want_out, **tol[dtype])
+        torch.testing.assert_close(got[1], want[1], **tol[dtype])
+        x_grad = x.clone().requires_grad_()
+        ours(x_grad, lengths=lengths)[0].sin().sum().backward()
+        x_ref = x.clone().requires_grad_()
+        out_ref = ref(x_ref if packed is None else
+                      nn.utils.rnn.pack_padded_sequence(x_ref, lengths, enforce_sorted=False))[0]
+        if packed is not None:
+            out_ref = nn.utils.rnn.pad_packed_sequence(out_ref, total_length=steps)[0]
+        out_ref.sin().sum().backward()
+        torch.testing.assert_close(x_grad.grad, x_ref.grad, **tol[dtype])
+        torch.testing.assert_close(ours.weight_hh_l0.grad, ref.weight_hh_l0.grad, **tol[dtype])
+        with torch.no_grad():
+            for module in (ref, ours):
+                module.zero_grad()
+                module.weight_hh_l0.mul_(0.9)  # in place, between calls of the same kind

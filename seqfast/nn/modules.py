@@ -122,6 +122,27 @@ def _torch_nn_autocast_dtypes(cell: CellSpec, device: str, dtype: torch.dtype, a
     return memo(_composite_dtypes, (cell, dtype, autocast, proj, kind == "cell"), composite)
 
 
+def _remembered_backend(module: nn.Module, store: str, key: tuple, make_query, *query_args):
+    """select_backend's decision for a module call, kept in module.__dict__[store] by `key` (what the Query is a
+    function of) with the choice it was made for and the selection stamp: a call only resolves where the choice
+    comes from (the backend= argument, use_backend(), the environment, the config file), any of which may change
+    between calls, and compares. make_query(*query_args) builds the Query where no decision applies."""
+    if torch.compiler.is_compiling():  # no module state changes in a traced graph
+        return select_backend(make_query(*query_args), module.backend)[0]
+    cell = module.cell
+    choice = resolve_choice(cell.name, cell.env_name, module.backend)
+    stamp = selection_stamp()
+    plan = module.__dict__.get(store, _NO_QUERIES).get(key)
+    if plan is not None and plan[0] is choice and plan[1] == stamp:
+        return plan[2]
+    backend, choice = select_backend(make_query(*query_args), module.backend)
+    plans = module.__dict__.setdefault(store, {})
+    if len(plans) >= 64:  # shapes vary without bound in some programs
+        plans.clear()
+    plans[key] = (choice, stamp, backend)
+    return backend
+
+
 class _ParamFactory:
     """Creates a layer-direction's parameters in torch.nn's order: w_ih, w_hh, b_ih, b_hh, extras, w_hr."""
 
@@ -449,10 +470,8 @@ class Recurrent(_PicklesCellByName, nn.Module):
             state0 = tuple(x.new_zeros(self.num_layers, x.shape[0], size) for size in self._state_sizes())
         requires_grad = torch.is_grad_enabled() and (
             x.requires_grad or _any_requires_grad(state0) or _any_requires_grad(self._parameters.values()))
-        query = Query(cell=self.cell, device=x.device.type, dtype=x.dtype, hidden_size=self.hidden_size,
-                      input_size=self.input_size, batch_size=x.shape[0], seq_len=1, proj_size=self.proj_size,
-                      requires_grad=requires_grad, level="step")
-        backend, _ = select_backend(query, self.backend)
+        backend = _remembered_backend(self, "_step_plans", (x.shape[0], x.dtype, x.device, requires_grad),
+                                      self._step_query, x, requires_grad)
         finals: list[list[Tensor]] = [[] for _ in self.cell.state_names]
         layer_input = x
         for layer, names in enumerate(self._all_weights):
@@ -468,6 +487,11 @@ class Recurrent(_PicklesCellByName, nn.Module):
         if not batched:
             layer_input, final = layer_input.squeeze(0), tuple(s.squeeze(1) for s in final)
         return layer_input, (final[0] if self.cell.num_states == 1 else final)
+
+    def _step_query(self, x: Tensor, requires_grad: bool) -> Query:
+        return Query(cell=self.cell, device=x.device.type, dtype=x.dtype, hidden_size=self.hidden_size,
+                     input_size=self.input_size, batch_size=x.shape[0], seq_len=1, proj_size=self.proj_size,
+                     requires_grad=requires_grad, level="step")
 
     def _options(self, return_states: bool) -> frozenset[str]:
         """The module options (Query.options) this call needs: none in the common case."""
@@ -516,22 +540,20 @@ class Recurrent(_PicklesCellByName, nn.Module):
     def _query(self, x: Tensor, state0: tuple[Tensor, ...] | None, level: str, dtype: torch.dtype | None = None,
                options: frozenset[str] = frozenset()) -> Query:
         """dtype: the one the recurrence runs in where it is not x's (torch.autocast's)."""
-        dtype = dtype or x.dtype
-        requires_grad = torch.is_grad_enabled() and (
+        return self._new_query(x, self._requires_grad(x, state0), level, dtype or x.dtype, options)
+
+    def _requires_grad(self, x: Tensor, state0: tuple[Tensor, ...] | None) -> bool:
+        return torch.is_grad_enabled() and (
             x.requires_grad or (state0 is not None and _any_requires_grad(state0))
             or _any_requires_grad(self.parameters() if self._modules else self._parameters.values()))
-        if torch.compiler.is_compiling():  # no module state changes inside a traced graph
-            return self._new_query(x, requires_grad, level, dtype, options)
-        # one Query per input shape, kept: building the frozen dataclass costs more than the lookup (keyed by the
-        # device itself: its .type costs more than the hash)
-        queries = self.__dict__.get("_queries")
-        if queries is None:
-            queries = self.__dict__["_queries"] = {}
-        key = (x.shape, dtype, x.device, requires_grad, level, options)
-        query = queries.get(key)
-        if query is None:
-            query = memo(queries, key, lambda: self._new_query(x, requires_grad, level, dtype, options), limit=64)
-        return query
+
+    def _module_backend(self, x: Tensor, state0: tuple[Tensor, ...] | None, dtype: torch.dtype,
+                        options: frozenset[str]):
+        """The backend that runs this forward call, kept per (input shape, dtype, device, grad, options) (see
+        _remembered_backend); dtype is the one the recurrence runs in (torch.autocast's where on)."""
+        requires_grad = self._requires_grad(x, state0)
+        return _remembered_backend(self, "_queries", (x.shape, dtype, x.device, requires_grad, options),
+                                   self._new_query, x, requires_grad, "module", dtype, options)
 
     def _new_query(self, x: Tensor, requires_grad: bool, level: str, dtype: torch.dtype,
                    options: frozenset[str] = frozenset()) -> Query:
@@ -553,7 +575,7 @@ class Recurrent(_PicklesCellByName, nn.Module):
     def _run(self, x: Tensor, lengths: Tensor | None, state0: tuple[Tensor, ...] | None,
              options: frozenset[str] = frozenset()):
         autocast = _autocast_dtype(x)
-        backend, _ = select_backend(self._query(x, state0, "module", autocast, options), self.backend)
+        backend = self._module_backend(x, state0, autocast or x.dtype, options)
         param = self._dropconnect_param() if self.weight_dropout and self.training else None
         if autocast is None:
             if options:
@@ -832,24 +854,9 @@ class RecurrentCell(_PicklesCellByName, nn.Module):
         return final[0] if len(final) == 1 else final
 
     def _step_backend(self, x: Tensor, device: torch.device, requires_grad: bool):
-        """select_backend's decision for this call, kept per (batch, dtype, device, grad) with the choice it was made
-        for and the selection stamp: a call only resolves where the choice comes from (the argument, use_backend(),
-        the environment, the config file), any of which may change between calls, and compares."""
-        if torch.compiler.is_compiling():  # no module state changes in a traced graph
-            return select_backend(self._step_query(x, requires_grad), self.backend)[0]
-        cell = self.cell
-        choice = resolve_choice(cell.name, cell.env_name, self.backend)
-        stamp = selection_stamp()
-        key = (x.shape[0], x.dtype, device, requires_grad)
-        plan = self.__dict__.get("_step_plans", _NO_QUERIES).get(key)
-        if plan is not None and plan[0] is choice and plan[1] == stamp:
-            return plan[2]
-        backend, choice = select_backend(self._step_query(x, requires_grad), self.backend)
-        plans = self.__dict__.setdefault("_step_plans", {})
-        if len(plans) >= 64:
-            plans.clear()
-        plans[key] = (choice, stamp, backend)
-        return backend
+        """select_backend's decision for this call, kept per (batch, dtype, device, grad) (see _remembered_backend)."""
+        return _remembered_backend(self, "_step_plans", (x.shape[0], x.dtype, device, requires_grad),
+                                   self._step_query, x, requires_grad)
 
     def _step_autocast(self, x: Tensor, state: tuple[Tensor, ...], params: list[Tensor], requires_grad: bool,
                        autocast: torch.dtype) -> tuple[Tensor, ...]:

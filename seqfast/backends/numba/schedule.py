@@ -109,6 +109,11 @@ _plans: dict[tuple, Plan] = {}
 
 def plan(dtype_name: str, steps: int, batch: int, width: int, hidden: int, num_states: int = 1) -> Plan:
     """The plan of a scan of this shape, memoised (clear_plans() forgets them)."""
+    key = (dtype_name, steps, batch, width, hidden, num_states, num_threads())
+    found = _plans.get(key)
+    if found is not None:  # every scan asks: spared building make() below
+        return found
+
     def make() -> Plan:
         from ._blas import gemm_address, is_avx512_kernel
 
@@ -121,7 +126,7 @@ def plan(dtype_name: str, steps: int, batch: int, width: int, hidden: int, num_s
                     dtype_name, np.full(batch, steps, dtype=np.int64), (zero,) * num_states,
                     np.zeros(width, dtype=dtype_name), np.array(ranges, dtype=np.int64).reshape(-1, 2))
 
-    return memo(_plans, (dtype_name, steps, batch, width, hidden, num_states, num_threads()), make)
+    return memo(_plans, key, make)
 
 
 def clear_plans() -> None:
