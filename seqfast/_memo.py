@@ -1,4 +1,5 @@
-"""One bounded memo for the per-call fast paths (backend choices, queries, scan plans, constant arrays).
+"""Helpers of the per-call fast paths: one bounded memo (backend choices, queries, scan plans, constant arrays)
+and the requires-grad test every call makes.
 
 Every module call looks these up; building them again each time cost a microsecond or more apiece. Keys can vary
 without bound in some programs (every sequence length a new shape), so a full table is simply emptied.
@@ -20,3 +21,12 @@ def memo(table: dict, key: Hashable, make: Callable[[], V], limit: int = 256) ->
             table.clear()
         value = table[key] = make()
     return value
+
+
+def any_requires_grad(tensors) -> bool:
+    """Whether any of the tensors requires grad. A loop, not any() over a generator: it runs on every call (and
+    torch.compile traces it)."""
+    for t in tensors:
+        if t.requires_grad:
+            return True
+    return False

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
+from .._memo import any_requires_grad as _any_requires_grad
 from .._memo import memo
 from ..cells.common import RECURRENT_MASK, ZONEOUT_MASKS
 from ..config import resolve_choice
@@ -25,14 +26,6 @@ from ..functional import InputError, check_lengths, select_backend, selection_st
 from ..registry import CellSpec, Query, Weights, get_cell, registry
 
 __all__ = ["Recurrent", "RNN", "LSTM", "GRU", "RecurrentCell", "RNNCell", "LSTMCell", "GRUCell", "Stateful"]
-
-
-def _any_requires_grad(tensors) -> bool:
-    # a loop, not any() over a generator: it runs on every module call (and torch.compile traces it)
-    for t in tensors:
-        if t.requires_grad:
-            return True
-    return False
 
 
 def _check_int(owner: str, name: str, value, low: int, error: type[Exception] = ValueError) -> None:
@@ -844,7 +837,7 @@ class RecurrentCell(_PicklesCellByName, nn.Module):
             state = self._checked_state(hx, x, batched, device)
         requires_grad = torch.is_grad_enabled() and (
             x.requires_grad or _any_requires_grad(state) or _any_requires_grad(params))
-        autocast = _autocast_dtype(x) if _any_autocast() else None
+        autocast = _autocast_dtype(x)
         if autocast is not None:
             final = self._step_autocast(x, state, params, requires_grad, autocast)
         else:

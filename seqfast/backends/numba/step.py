@@ -16,6 +16,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from ..._memo import any_requires_grad as _any_requires_grad
 from ...registry import CellSpec
 from ..fused import _grads_by_recomputing, _graph_retained, _transforms_active
 from ..reference import TorchBackend
@@ -106,13 +107,6 @@ def _weights(layout: StepLayout, params, names, inputs: int, hidden: int) -> tup
         tensors.append(t)
         addresses.append(t.data_ptr())
     return tensors, addresses
-
-
-def _any_requires_grad(tensors) -> bool:
-    for t in tensors:
-        if t.requires_grad:
-            return True
-    return False
 
 
 def run_step(layout: StepLayout, cell: CellSpec, x: Tensor, state: tuple[Tensor, ...], params, names
