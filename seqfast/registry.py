@@ -11,7 +11,7 @@ import contextvars
 import copy
 import importlib.metadata
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -236,6 +236,18 @@ class Backend:
         weights.update(by_name)
         _, final = self.layer(cell, x.unsqueeze(0), weight_ih, bias_ih, state, weights, None, False)
         return tuple(final)
+
+    def step_runner(self, cell: CellSpec, dtype: torch.dtype, names: Sequence[str]
+                    ) -> Callable[[Tensor, tuple[Tensor, ...], Sequence[Tensor]], tuple[Tensor, ...]]:
+        """step(cell, ·, ·, ·, names) for inputs of `dtype`, as a function of (x, state, params), for callers that
+        run many steps of one layer (the cells, Recurrent.step): a backend binds its per-layout work into it once.
+        The default calls step."""
+        names = tuple(names)
+
+        def run(x: Tensor, state: tuple[Tensor, ...], params: Sequence[Tensor]) -> tuple[Tensor, ...]:
+            return self.step(cell, x, state, params, names)
+
+        return run
 
     def __repr__(self) -> str:
         return f"<seqfast backend {self.name!r}>"

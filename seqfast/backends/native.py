@@ -57,7 +57,15 @@ class NativeBackend(Backend):
         return out, tuple(h.index_select(1, unorder) for h in result[1:])
 
     def step(self, cell: CellSpec, x: Tensor, state: tuple[Tensor, ...], params, names) -> tuple[Tensor, ...]:
+        return self.step_runner(cell, x.dtype, names)(x, state, params)
+
+    def step_runner(self, cell: CellSpec, dtype: torch.dtype, names):
         # params are in torch.nn's order, which is the cell kernels' (w_ih, w_hh, b_ih, b_hh; no biases: None)
         if cell.native_mode == "LSTM":
-            return _VF.lstm_cell(x, state, *params)
-        return (_CELL_KERNELS[cell.native_mode](x, state[0], *params),)
+            return _lstm_step
+        kernel = _CELL_KERNELS[cell.native_mode]
+        return lambda x, state, params: (kernel(x, state[0], *params),)
+
+
+def _lstm_step(x: Tensor, state: tuple[Tensor, ...], params) -> tuple[Tensor, ...]:
+    return _VF.lstm_cell(x, state, *params)

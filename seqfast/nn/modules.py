@@ -115,13 +115,15 @@ def _torch_nn_autocast_dtypes(cell: CellSpec, device: str, dtype: torch.dtype, a
     return memo(_composite_dtypes, (cell, dtype, autocast, proj, kind == "cell"), composite)
 
 
-def _remembered_backend(module: nn.Module, store: str, key: tuple, make_query, *query_args):
+def _remembered_backend(module: nn.Module, store: str, key: tuple, make_query, *query_args, then=None):
     """select_backend's decision for a module call, kept in module.__dict__[store] by `key` (what the Query is a
     function of) with the choice it was made for and the selection stamp: a call only resolves where the choice
     comes from (the backend= argument, use_backend(), the environment, the config file), any of which may change
-    between calls, and compares. make_query(*query_args) builds the Query where no decision applies."""
+    between calls, and compares. make_query(*query_args) builds the Query where no decision applies. With `then`,
+    what is kept and returned is then(backend) (a step runner, made once per decision)."""
     if torch.compiler.is_compiling():  # no module state changes in a traced graph
-        return select_backend(make_query(*query_args), module.backend)[0]
+        backend = select_backend(make_query(*query_args), module.backend)[0]
+        return backend if then is None else then(backend)
     cell = module.cell
     choice = resolve_choice(cell.name, cell.env_name, module.backend)
     stamp = selection_stamp()
@@ -129,11 +131,12 @@ def _remembered_backend(module: nn.Module, store: str, key: tuple, make_query, *
     if plan is not None and plan[0] is choice and plan[1] == stamp:
         return plan[2]
     backend, choice = select_backend(make_query(*query_args), module.backend)
+    kept = backend if then is None else then(backend)
     plans = module.__dict__.setdefault(store, {})
     if len(plans) >= 64:  # shapes vary without bound in some programs
         plans.clear()
-    plans[key] = (choice, stamp, backend)
-    return backend
+    plans[key] = (choice, stamp, kept)
+    return kept
 
 
 class _ParamFactory:
@@ -463,14 +466,15 @@ class Recurrent(_PicklesCellByName, nn.Module):
             state0 = tuple(x.new_zeros(self.num_layers, x.shape[0], size) for size in self._state_sizes())
         requires_grad = torch.is_grad_enabled() and (
             x.requires_grad or _any_requires_grad(state0) or _any_requires_grad(self._parameters.values()))
-        backend = _remembered_backend(self, "_step_plans", (x.shape[0], x.dtype, x.device, requires_grad),
-                                      self._step_query, x, requires_grad)
+        # every layer's parameters have the same base names (weight_ih, ...): one runner serves them all
+        base_names = [n[: -len("_l0")] for n in self._all_weights[0]]
+        run = _remembered_backend(self, "_step_plans", (x.shape[0], x.dtype, x.device, requires_grad),
+                                  self._step_query, x, requires_grad,
+                                  then=lambda backend: backend.step_runner(self.cell, x.dtype, base_names))
         finals: list[list[Tensor]] = [[] for _ in self.cell.state_names]
         layer_input = x
         for layer, names in enumerate(self._all_weights):
-            suffix = f"_l{layer}"
-            new = backend.step(self.cell, layer_input, tuple(s[layer] for s in state0),
-                               [self._param(n) for n in names], [n[: -len(suffix)] for n in names])
+            new = run(layer_input, tuple(s[layer] for s in state0), [self._param(n) for n in names])
             for store, s in zip(finals, new, strict=True):
                 store.append(s)
             layer_input = new[0]
@@ -828,28 +832,29 @@ class RecurrentCell(_PicklesCellByName, nn.Module):
         # getattr for a parametrized weight (torch.nn.utils.parametrize), which is absent from _parameters
         params = [p if (p := get(n)) is not None else getattr(self, n) for n in names]
         weight = params[0]
-        device = x.device
-        if x.shape[1] != self.input_size or x.dtype != weight.dtype or device != weight.device:
+        dtype = x.dtype
+        if x.shape[1] != self.input_size or dtype != weight.dtype or not (
+                (x.is_cpu and weight.is_cpu) or x.device == weight.device):
             self._input_error(x, weight)
         if hx is None:
             state = tuple(x.new_zeros(x.shape[0], self.hidden_size) for _ in self.cell.state_names)
         else:
-            state = self._checked_state(hx, x, batched, device)
+            state = self._checked_state(hx, x, batched)
         requires_grad = torch.is_grad_enabled() and (
             x.requires_grad or _any_requires_grad(state) or _any_requires_grad(params))
         autocast = _autocast_dtype(x)
         if autocast is not None:
             final = self._step_autocast(x, state, params, requires_grad, autocast)
         else:
-            final = self._step_backend(x, device, requires_grad).step(self.cell, x, state, params, names)
+            run = _remembered_backend(self, "_step_plans", (x.shape[0], dtype, x.device, requires_grad),
+                                      self._step_query, x, requires_grad, then=self._step_runner_for(dtype))
+            final = run(x, state, params)
         if not batched:
             final = tuple(s.squeeze(0) for s in final)
         return final[0] if len(final) == 1 else final
 
-    def _step_backend(self, x: Tensor, device: torch.device, requires_grad: bool):
-        """select_backend's decision for this call, kept per (batch, dtype, device, grad) (see _remembered_backend)."""
-        return _remembered_backend(self, "_step_plans", (x.shape[0], x.dtype, device, requires_grad),
-                                   self._step_query, x, requires_grad)
+    def _step_runner_for(self, dtype: torch.dtype):
+        return lambda backend: backend.step_runner(self.cell, dtype, self._names)
 
     def _step_autocast(self, x: Tensor, state: tuple[Tensor, ...], params: list[Tensor], requires_grad: bool,
                        autocast: torch.dtype) -> tuple[Tensor, ...]:
@@ -876,15 +881,15 @@ class RecurrentCell(_PicklesCellByName, nn.Module):
             raise InputError(f"{owner}: input must have the type {weight.dtype}, got type {x.dtype}")
         raise InputError(f"{owner}: input is on {x.device} but the parameters are on {weight.device}")
 
-    def _checked_state(self, hx, x: Tensor, batched: bool, device: torch.device) -> tuple[Tensor, ...]:
+    def _checked_state(self, hx, x: Tensor, batched: bool) -> tuple[Tensor, ...]:
         states = (hx,) if isinstance(hx, Tensor) else tuple(hx)
-        cell = self.cell
         want = (x.shape[0], self.hidden_size) if batched else (self.hidden_size,)
-        if len(states) != cell.num_states:
+        if len(states) != self.cell.num_states:
             self._state_error(hx, states, want, x)
-        dtype = x.dtype
+        dtype, cpu = x.dtype, x.is_cpu
         for s in states:
-            if not isinstance(s, Tensor) or s.shape != want or s.dtype != dtype or s.device != device:
+            if not isinstance(s, Tensor) or s.shape != want or s.dtype != dtype or not (
+                    (cpu and s.is_cpu) or s.device == x.device):
                 self._state_error(hx, states, want, x)
         return states if batched else tuple(s.unsqueeze(0) for s in states)
 

@@ -72,3 +72,18 @@ def test_a_parameter_of_another_dtype_raises(backend):
     ours.bias_hh.data = ours.bias_hh.data.float()
     with pytest.raises(RuntimeError, match="bias_hh is torch.float32 on cpu, expected torch.float64"):
         ours(torch.randn(2, 3, dtype=torch.float64))
+
+
+def test_a_weight_replaced_between_forward_and_backward_is_read_as_torch_nn_reads_it(backend):
+    """The backward reuses the addresses its forward read, unless a weight's .data was swapped in between."""
+    ref, ours = _pair()
+    grads = []
+    for module in (ref, ours):
+        x = torch.randn(2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        h = torch.randn(2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2), requires_grad=True)
+        loss = _loss(module(x, (h, h)))
+        module.weight_hh.data = torch.linspace(-1, 1, module.weight_hh.numel(), dtype=torch.float64).view_as(
+            module.weight_hh)
+        loss.backward()
+        grads.append([x.grad, h.grad, *(p.grad for p in module.parameters())])
+    torch.testing.assert_close(grads[1], grads[0])

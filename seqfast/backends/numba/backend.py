@@ -13,8 +13,8 @@ from .availability import DTYPES, numba_missing
 from .codegen import CodegenError, check_cell, preactivation_only
 
 _CONSUME = Ownership.CONSUME  # a module constant: an Enum attribute costs ~60 ns a read
-# NumbaBackend.step's per-call lookup: (step.step_layout's layout, step.run_step), step.py imported on first use
-_step_plans: dict[tuple, tuple] = {}
+# NumbaBackend.step_runner by (cell, dtype, names), for direct calls of step
+_step_runners: dict[tuple, object] = {}
 
 
 class NumbaBackend(FusedBackend):
@@ -60,21 +60,29 @@ class NumbaBackend(FusedBackend):
 
     # --- one step (the cells) ----------------------------------------------------------------------------------
     def step(self, cell: CellSpec, x: Tensor, state: tuple[Tensor, ...], params, names) -> tuple[Tensor, ...]:
-        # one kernel call each way (step.py); the scan with T=1 where those kernels do not apply
         key = (cell, x.dtype, tuple(names))
-        plan = _step_plans.get(key)
-        if plan is None:
-            from .step import run_step, step_layout
+        run = _step_runners.get(key)
+        if run is None:
+            if len(_step_runners) > 256:
+                _step_runners.clear()
+            run = _step_runners[key] = self.step_runner(cell, x.dtype, names)
+        return run(x, state, params)
 
-            plan = (step_layout(cell, x.dtype, names), run_step)
-            if len(_step_plans) > 256:
-                _step_plans.clear()
-            _step_plans[key] = plan
-        layout, run_step = plan
-        if (layout is None or not x.shape[0] or not x.shape[1] or _transforms_active()
-                or torch.compiler.is_compiling()):
-            return super().step(cell, x, state, params, names)
-        return run_step(layout, cell, x, state, params, names)
+    def step_runner(self, cell: CellSpec, dtype: torch.dtype, names):
+        # one kernel call each way (step.py); the scan with T=1 where those kernels do not apply
+        from .step import run_step, step_layout
+
+        names = tuple(names)
+        layout = step_layout(cell, dtype, names)
+        scan_step = super().step
+
+        def run(x: Tensor, state: tuple[Tensor, ...], params) -> tuple[Tensor, ...]:
+            if (layout is None or not x.shape[0] or not x.shape[1] or _transforms_active()
+                    or torch.compiler.is_compiling()):
+                return scan_step(cell, x, state, params, names)
+            return run_step(layout, cell, x, state, params, names)
+
+        return run
 
     # --- the fused scan (scan.py) ------------------------------------------------------------------------------
     def saved_shapes(self, cell: CellSpec, steps: int, batch: int, hidden: int) -> list[tuple[int, ...]]:

@@ -40,6 +40,7 @@ class StepLayout(NamedTuple):
     extras: tuple[int, ...]  # per Pointwise.params entry: index into params, or -1 (absent: zeros)
     widths: tuple[int, ...]  # k of each [k*H] extra
     gates: int
+    slots: dict  # (input size, hidden size) -> ((index into params or -1, elements), ...) in the kernels' order
 
 
 _layouts: dict[tuple, StepLayout | None] = {}
@@ -60,7 +61,7 @@ def step_layout(cell: CellSpec, dtype: torch.dtype, names) -> StepLayout | None:
         layout = StepLayout(kernels(cell, dtype_name), fn, dtype, index["weight_ih"], index.get("bias_ih", -1),
                             index["weight_hh"], index.get("bias_hh", -1),
                             tuple(index.get(n, -1) for n in pw.params),
-                            tuple(per_unit_width(cell, n) for n in pw.params), cell.num_gates)
+                            tuple(per_unit_width(cell, n) for n in pw.params), cell.num_gates, {})
     if len(_layouts) > 256:
         _layouts.clear()
     _layouts[key] = layout
@@ -88,19 +89,34 @@ def _readable(t: Tensor, dtype: torch.dtype, what: str) -> Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
 
+def _slots(layout: StepLayout, inputs: int, hidden: int) -> tuple[tuple[int, int], ...]:
+    """((index into params, or -1 where absent; elements), ...) for w_ih, b_ih, w_hh, b_hh and the extras."""
+    slots = layout.slots.get((inputs, hidden))
+    if slots is None:
+        width = layout.gates * hidden
+        sizes = (width * inputs, width, width * hidden, width, *(k * hidden for k in layout.widths))
+        order = (layout.w_ih, layout.b_ih, layout.w_hh, layout.b_hh, *layout.extras)
+        if len(layout.slots) >= 64:
+            layout.slots.clear()
+        slots = layout.slots[(inputs, hidden)] = tuple(zip(order, sizes, strict=True))
+    return slots
+
+
 def _weights(layout: StepLayout, params, names, inputs: int, hidden: int) -> tuple[list[Tensor], list[int]]:
     """([w_ih, b_ih, w_hh, b_hh, *extras] as read (contiguous, of the step's dtype; None where absent), kept alive
     for the call; their addresses, zeros where absent). Each one's size is checked: the kernels read them by
     address."""
-    dtype, width = layout.dtype, layout.gates * hidden
+    dtype = layout.dtype
     tensors, addresses = [], []
-    for i, n in ((layout.w_ih, width * inputs), (layout.b_ih, width), (layout.w_hh, width * hidden),
-                 (layout.b_hh, width), *zip(layout.extras, (k * hidden for k in layout.widths), strict=True)):
+    for i, n in _slots(layout, inputs, hidden):
         if i < 0:
             tensors.append(None)
             addresses.append(_zeros_address(dtype, n))
             continue
-        t = _readable(params[i], dtype, names[i])
+        t = params[i]
+        # the usual case, checked inline: a step's few microseconds of Python are most of its time at small sizes
+        if t.dtype is not dtype or not t.is_cpu or not t.is_contiguous():
+            t = _readable(t, dtype, names[i])
         if t.numel() != n:
             raise RuntimeError(f"numba backend: {names[i]} has shape {tuple(t.shape)}, expected {n} elements "
                                f"for input size {inputs} and hidden size {hidden}")
@@ -115,7 +131,7 @@ def run_step(layout: StepLayout, cell: CellSpec, x: Tensor, state: tuple[Tensor,
     if torch.is_grad_enabled() and (x.requires_grad or _any_requires_grad(state) or _any_requires_grad(params)):
         if cell.pointwise.backward is None:
             raise RuntimeError(f"numba backend: cell {cell.name!r} has no pointwise backward")
-        return _Step.apply(layout, cell, names, len(state), x, *state, *params)
+        return _apply_step(layout, cell, names, len(state), x, *state, *params)
     return _forward(layout, x, state, params, names, _scratch)[0]
 
 
@@ -139,18 +155,19 @@ def _fresh(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
 
 
 def _forward(layout: StepLayout, x: Tensor, state, params, names, work_buffer=_fresh):
-    """-> (new states, work [2, B, G*H]: x W_ih^T and h W_hh^T, what the backward reads). work_buffer(shape,
-    dtype) gives work: a fresh tensor where the backward keeps it."""
+    """-> (new states, work [2, B, G*H]: x W_ih^T and h W_hh^T, what the backward reads, the weights as read,
+    their addresses). work_buffer(shape, dtype) gives work: a fresh tensor where the backward keeps it."""
     dtype = layout.dtype
-    batch, hidden = x.shape[0], state[0].shape[1]
-    kept, weights = _weights(layout, params, names, x.shape[1], hidden)
-    x = _readable(x, dtype, "input")
-    state = [_readable(s, dtype, "hx") for s in state]
+    batch, inputs, hidden = x.shape[0], x.shape[1], state[0].shape[1]
+    kept, weights = _weights(layout, params, names, inputs, hidden)
+    if x.dtype is not dtype or not x.is_cpu or not x.is_contiguous():
+        x = _readable(x, dtype, "input")
+    state = [s if s.dtype is dtype and s.is_cpu and s.is_contiguous() else _readable(s, dtype, "hx") for s in state]
     new = [torch.empty_like(s) for s in state]  # contiguous [B, H]: the states are, once readable
     work = work_buffer((2, batch, layout.gates * hidden), dtype)
-    layout.module.step_forward(layout.fn, batch, x.shape[1], hidden, x.data_ptr(), *weights,
+    layout.module.step_forward(layout.fn, batch, inputs, hidden, x.data_ptr(), *weights,
                                *[s.data_ptr() for s in state], *[n.data_ptr() for n in new], work.data_ptr())
-    return tuple(new), work
+    return tuple(new), work, kept, weights
 
 
 class _Step(torch.autograd.Function):
@@ -159,16 +176,20 @@ class _Step(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, layout, cell, names, n_state, x, *tensors):
-        new, work = _forward(layout, x, tensors[:n_state], tensors[n_state:], names)
+        new, work, kept, weights = _forward(layout, x, tensors[:n_state], tensors[n_state:], names)
         ctx.layout, ctx.cell, ctx.names, ctx.n_state, ctx.work = layout, cell, names, n_state, work
-        ctx.save_for_backward(x, *tensors)  # version checks: an in-place change before backward raises
+        # the backward reads the weights the forward read, by the same addresses: aliases keep that memory even
+        # where a weight's .data is replaced in between (torch.nn's backward, too, reads the forward's weights);
+        # an in-place change raises through the version check of the tensors saved below
+        ctx.kept, ctx.weights = [t if t is None else t.detach() for t in kept], weights
+        ctx.save_for_backward(x, *tensors)
         return new
 
     @staticmethod
     def backward(ctx, *grads):
         layout, n_state, names = ctx.layout, ctx.n_state, ctx.names
         x, *tensors = ctx.saved_tensors
-        state, params = tensors[:n_state], tensors[n_state:]
+        state = tensors[:n_state]
         needs = ctx.needs_input_grad[4:]
         if torch.is_grad_enabled() or _transforms_active():
             def step(x, *t):
@@ -180,15 +201,18 @@ class _Step(torch.autograd.Function):
         batch, hidden = x.shape[0], state[0].shape[1]
         width = layout.gates * hidden
         # the kernel overwrites work with d_xg, d_hg: a copy when the graph is kept for another backward
-        work = ctx.work.clone() if _graph_retained() else ctx.work
-        kept, weights = _weights(layout, params, names, x.shape[1], hidden)
+        retained = _graph_retained()
+        work = ctx.work.clone() if retained else ctx.work
+        kept, weights = ctx.kept, ctx.weights
+        if not retained:  # the node may outlive this backward: let go of what only it needed
+            ctx.kept = ctx.weights = ctx.work = None
         x = _readable(x, dtype, "input")
         state = [_readable(s, dtype, "hx") for s in state]  # contiguous [B, H]: what empty_like copies below
         d_new = [torch.zeros_like(s) if g is None else _readable(g, dtype, "a gradient")
                  for g, s in zip(grads, state, strict=True)]
         d_state = [torch.empty_like(s) for s in state]
         need_dx, need_dw = needs[0], any(needs[1 + n_state:])
-        dx = torch.empty_like(x) if need_dx else torch.empty(0, dtype=dtype)
+        dx = torch.empty_like(x) if need_dx else _empty(dtype)
         # in the kernel's order: d_W_ih, d_W_hh, d_b_ih, d_b_hh, the extras'; each shaped as its parameter (the
         # kernel writes an absent one's too)
         if need_dw:
@@ -198,12 +222,11 @@ class _Step(torch.autograd.Function):
                          *(torch.empty(size, dtype=dtype) if t is None else torch.empty_like(t)
                            for t, size in zip((b_ih, b_hh, *extras), sizes, strict=True))]
         else:
-            d_weights = [torch.empty(0, dtype=dtype)] * (4 + len(layout.widths))
+            d_weights = [_empty(dtype)] * (4 + len(layout.widths))
         layout.module.step_backward(layout.fn, batch, x.shape[1], hidden, x.data_ptr(), *weights,
-                                    *(s.data_ptr() for s in state), work.data_ptr(),
-                                    *(g.data_ptr() for g in d_new), *(d.data_ptr() for d in d_state), dx.data_ptr(),
-                                    *(d.data_ptr() for d in d_weights), need_dx, need_dw)
-        del kept
+                                    *[s.data_ptr() for s in state], work.data_ptr(),
+                                    *[g.data_ptr() for g in d_new], *[d.data_ptr() for d in d_state], dx.data_ptr(),
+                                    *[d.data_ptr() for d in d_weights], need_dx, need_dw)
         d_w_ih, d_w_hh, d_b_ih, d_b_hh, *d_extras = d_weights
         by_index = {layout.w_ih: d_w_ih, layout.b_ih: d_b_ih, layout.w_hh: d_w_hh, layout.b_hh: d_b_hh}
         by_index.update(zip(layout.extras, d_extras, strict=True))
@@ -211,5 +234,21 @@ class _Step(torch.autograd.Function):
         g_state = [d if need else None for d, need in zip(d_state, needs[1:1 + n_state], strict=True)]
         return (None, None, None, None, dx if need_dx else None, *g_state, *g_params)
 
+
+_empties: dict[torch.dtype, Tensor] = {}
+
+
+def _empty(dtype: torch.dtype) -> Tensor:
+    """A 0-element tensor: an output the kernel is told not to write."""
+    empty = _empties.get(dtype)
+    if empty is None:
+        empty = _empties[dtype] = torch.empty(0, dtype=dtype)
+    return empty
+
+
+# autograd.Function.apply without its Python wrapper, which binds arguments for the setup_context form and unwraps
+# dead torch.func wrappers, neither of which applies here: _Step is ctx-form, and NumbaBackend.step sends calls
+# under torch.func transforms to the scan instead.
+_apply_step = super(torch.autograd.Function, _Step).apply
 
 __all__ = ["run_step", "step_layout", "StepLayout"]
