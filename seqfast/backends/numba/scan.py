@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ...registry import CellSpec
 from ..fused_contract import ScanInputs
-from . import buffers, schedule
+from . import buffers, gemm_choice, schedule
 from .availability import DTYPES, numba_missing
 from .codegen import dx_is_dhg, kernels, per_unit_width, preactivation_only
 from .gemm import mm, weight_gradient
@@ -105,8 +105,27 @@ def forward(inputs: ScanInputs, need_saved: bool) -> tuple[Tensor, list[Tensor],
         stages = len(cell.pointwise.stages)
         if stages:  # the stages' vectors: saved, or one reused step (like hg)
             args += (saved[2][1] if saved else new((stages, 1, batch, plan.hidden), dtype, shared)[1],)
-        schedule.launch(module, "forward", plan, plan.loop_forward, args)
+        small = plan.loop_forward
+        if plan.measure_forward is not None and not stages:
+            small = _measured_loop(module, plan, args, x_np, lens, out[1])
+        schedule.launch(module, "forward", plan, small, args)
     return out[0], [s[0] for s in states], [s[0] for s in saved]
+
+
+def _measured_loop(module, plan: schedule.Plan, args: tuple, x_np: np.ndarray, lens: np.ndarray,
+                   out: np.ndarray) -> bool:
+    """The forward GEMM's choice for the plan's shape, measured (gemm_choice) on inference runs of this call's own
+    first steps: they write the call's outputs, which the call itself then writes again."""
+    steps, batch, width = x_np.shape
+    k = gemm_choice.timing_steps(steps, batch, width, plan.hidden)
+    name, n = plan.dtype_name, len(args)
+    # args end with lens, reverse, out, hg, saved_st, need_saved, preact, forward_nn: see forward() above
+    timing = (x_np[:k], *args[1:n - 8], np.minimum(lens, k), args[n - 7], out[:k], NO_PRODUCTS[name],
+              NO_SAVED[name], False, False, plan.forward_nn)
+    loop = gemm_choice.choose(plan.measure_forward, plan.loop_forward,
+                              lambda small: schedule.launch(module, "forward", plan, small, timing))
+    schedule.clear_plans()  # made again with the choice
+    return loop
 
 
 def backward(inputs: ScanInputs, saved: list[Tensor], grad_outputs: Tensor | None, grad_final: list[Tensor | None],

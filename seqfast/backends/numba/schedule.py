@@ -22,6 +22,7 @@ import torch
 
 from ..._memo import memo
 from ...config import setting
+from . import gemm_choice
 from .codegen import entry_address
 
 # Below this much work per thread (multiply-adds of the recurrent GEMM over all steps) the second thread costs
@@ -64,13 +65,20 @@ _forced_loop_gemm: list[bool | None] = [None]
 
 def use_loop_gemm(kernel: str, fn: int, ranges: list[tuple[int, int]], width: int, hidden: int,
                   itemsize: int) -> bool:
-    """Run a scan's per-step GEMMs as the blocked numba loop (the kernels' `small` flag): see _blas.loop_gemm,
-    unless forced_loop_gemm() says otherwise."""
+    """Run a scan's per-step GEMMs as the blocked numba loop (the kernels' `small` flag): what forced_loop_gemm()
+    says, else the forward's measured choice (gemm_choice), else the static rule, _blas.loop_gemm."""
     if _forced_loop_gemm[0] is not None:
         return _forced_loop_gemm[0]
     from ._blas import loop_gemm
 
-    return loop_gemm(kernel, fn, max(hi - lo for lo, hi in ranges), width, hidden, itemsize)
+    rows = max(hi - lo for lo, hi in ranges)
+    measured = gemm_choice.decided(gemm_key(fn, rows, width, hidden, itemsize)) if kernel == "forward" else None
+    return loop_gemm(kernel, fn, rows, width, hidden, itemsize) if measured is None else measured
+
+
+def gemm_key(fn: int, rows: int, width: int, hidden: int, itemsize: int) -> tuple:
+    """What the forward's GEMM choice is measured for: the BLAS routine and the shape one thread multiplies."""
+    return fn, rows, width, hidden, itemsize
 
 
 @contextlib.contextmanager
@@ -94,6 +102,7 @@ class Plan(NamedTuple):
     fn: int  # the BLAS GEMM's address (0: none)
     ranges: list[tuple[int, int]]  # batch rows per thread
     loop_forward: bool  # the per-step GEMM as the numba loop, in the forward scan
+    measure_forward: tuple | None  # gemm_choice's key while loop_forward is the static rule's, unmeasured
     loop_backward: bool  # and in the backward scan
     forward_nn: bool  # the forward's MKL call takes W_hh transposed (N,N), see _blas.is_avx512_kernel
     hidden: int
@@ -121,7 +130,11 @@ def plan(dtype_name: str, steps: int, batch: int, width: int, hidden: int, num_s
         ranges = row_ranges(batch, steps * width * hidden)
         itemsize = 4 if dtype_name == "float32" else 8
         zero = np.zeros((batch, hidden), dtype=dtype_name)
+        key = gemm_key(fn, max(hi - lo for lo, hi in ranges), width, hidden, itemsize)
+        unmeasured = (fn and batch and _forced_loop_gemm[0] is None and gemm_choice.decided(key) is None
+                      and gemm_choice.may_measure())
         return Plan(fn, ranges, use_loop_gemm("forward", fn, ranges, width, hidden, itemsize),
+                    key if unmeasured else None,
                     use_loop_gemm("backward", fn, ranges, width, hidden, itemsize), is_avx512_kernel(fn), hidden,
                     dtype_name, np.full(batch, steps, dtype=np.int64), (zero,) * num_states,
                     np.zeros(width, dtype=dtype_name), np.array(ranges, dtype=np.int64).reshape(-1, 2))

@@ -1,0 +1,146 @@
+"""The forward's per-step GEMM, numba loop or MKL, measured on this machine (gemm_choice)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import seqfast
+
+numba = pytest.importorskip("numba")
+
+from numba_cases import fresh_plans  # noqa: E402, F401 (autouse fixture)
+
+from seqfast.backends.numba import _blas, gemm_choice, schedule  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _no_choices():
+    gemm_choice.forget()
+    yield
+    gemm_choice.forget()
+    schedule.clear_plans()
+
+
+def _timed(costs: dict[bool, float], monkeypatch):
+    """run(loop) for choose(), advancing a fake clock by costs[loop]; records the ways run."""
+    now, ran = [0.0], []
+    monkeypatch.setattr(gemm_choice, "_clock", lambda: now[0])
+
+    def run(loop: bool) -> None:
+        ran.append(loop)
+        now[0] += costs[loop]
+
+    return run, ran
+
+
+@pytest.mark.parametrize("static", [True, False])
+@pytest.mark.parametrize("other_faster_by, switches", [(1.05, False), (1.25, True)])
+def test_the_static_choice_stands_unless_the_other_is_clearly_faster(monkeypatch, static, other_faster_by,
+                                                                     switches) -> None:
+    run, ran = _timed({static: other_faster_by, not static: 1.0}, monkeypatch)
+    key = ("test", static, other_faster_by)
+    choice = gemm_choice.choose(key, static, run)
+    assert choice == ((not static) if switches else static)
+    assert gemm_choice.decided(key) == choice
+    assert ran.count(True) == ran.count(False) == 1 + gemm_choice.ROUNDS  # one untimed run each, then rounds
+    assert gemm_choice.choose(key, static, run) == choice and len(ran) == 2 * (1 + gemm_choice.ROUNDS)
+
+
+def _lstm_call(batch: int, hidden: int, steps: int = 12):
+    torch.manual_seed(0)
+    ours = seqfast.LSTM(hidden, hidden, backend="numba")
+    ref = torch.nn.LSTM(hidden, hidden)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(steps, batch, hidden)
+    return ours, ref, x
+
+
+def _plan_of(batch: int, hidden: int, steps: int = 12) -> schedule.Plan:
+    return schedule.plan("float32", steps, batch, 4 * hidden, hidden, 2)
+
+
+@pytest.mark.parametrize("faster", [True, False], ids=["loop-faster", "mkl-faster"])
+def test_a_measured_choice_runs_and_the_result_does_not_change(monkeypatch, faster: bool) -> None:
+    if not _blas.gemm_address("float32"):
+        pytest.skip("no MKL in this torch: the loop is the only GEMM")
+    monkeypatch.setenv("SEQFAST_CALIBRATE", "1")
+    ours, ref, x = _lstm_call(batch=6, hidden=24)
+    plan = _plan_of(6, 24)
+    assert plan.measure_forward is not None
+    launched = []
+    real_launch = schedule.launch
+
+    def launch(module, kernel, plan, small, args, sums=()):
+        launched.append((kernel, small, args[0].shape[0]))
+        return real_launch(module, kernel, plan, small, args, sums)
+
+    monkeypatch.setattr(schedule, "launch", launch)
+    costs = {faster: 1.0, not faster: 2.0}
+    now = [0.0]
+    monkeypatch.setattr(gemm_choice, "_clock", lambda: now[0])
+    monkeypatch.setattr(gemm_choice, "choose", _charging(gemm_choice.choose, costs, now))
+    with torch.no_grad():
+        out, (h, c) = ours(x)
+        want, (h_ref, c_ref) = ref(x)
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close((h, c), (h_ref, c_ref))
+    assert gemm_choice.decided(plan.measure_forward) is faster
+    *timing, call = launched
+    assert len(timing) == 2 * (1 + gemm_choice.ROUNDS)  # timing runs of the call's first steps, both ways
+    assert sorted(small for _, small, _ in timing) == [False] * (len(timing) // 2) + [True] * (len(timing) // 2)
+    steps = gemm_choice.timing_steps(x.shape[0], 6, 4 * 24, 24)
+    assert {entry[2] for entry in timing} == {steps}
+    assert call == ("forward", faster, x.shape[0])  # then the call itself, the measured way
+    again = _plan_of(6, 24)
+    assert again.measure_forward is None and again.loop_forward is faster
+    launched.clear()
+    with torch.no_grad():
+        ours(x)
+    assert launched == [("forward", faster, x.shape[0])]  # measured once per shape
+
+
+def _charging(choose, costs, now):
+    """choose() whose runs advance the fake clock by costs[loop] after running for real."""
+    def charged(key, static, run):
+        def timed_run(loop: bool) -> None:
+            run(loop)
+            now[0] += costs[loop]
+        return choose(key, static, timed_run)
+    return charged
+
+
+def test_nothing_is_measured_with_calibration_off_or_a_forced_gemm(monkeypatch) -> None:
+    monkeypatch.setenv("SEQFAST_CALIBRATE", "0")
+    ours, _, x = _lstm_call(batch=5, hidden=20)
+    assert _plan_of(5, 20).measure_forward is None
+    with torch.no_grad():
+        ours(x)
+    assert gemm_choice._decided == {}
+    monkeypatch.setenv("SEQFAST_CALIBRATE", "1")
+    with schedule.forced_loop_gemm(False):
+        assert _plan_of(5, 20).measure_forward is None
+        with torch.no_grad():
+            ours(x)
+    assert gemm_choice._decided == {}
+
+
+def test_timing_on_the_first_steps_leaves_lengths_and_both_directions_right(monkeypatch) -> None:
+    """Timing runs take fewer steps than the call (lengths clipped to them); the call's results are torch.nn's."""
+    monkeypatch.setenv("SEQFAST_CALIBRATE", "1")
+    steps, batch, hidden = 40, 64, 64
+    assert gemm_choice.timing_steps(steps, batch, 4 * hidden, hidden) < steps
+    torch.manual_seed(1)
+    ours = seqfast.LSTM(hidden, hidden, bidirectional=True, backend="numba")
+    ref = torch.nn.LSTM(hidden, hidden, bidirectional=True)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(steps, batch, hidden)
+    lengths = torch.randint(1, steps + 1, (batch,))
+    with torch.no_grad():
+        out, (h, c) = ours(x, lengths=lengths)
+        packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
+        want, (h_ref, c_ref) = ref(packed)
+        want, _ = torch.nn.utils.rnn.pad_packed_sequence(want, total_length=steps)
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=2e-5)
+    torch.testing.assert_close((h, c), (h_ref, c_ref), rtol=1e-4, atol=2e-5)
+    assert gemm_choice._decided or not _blas.gemm_address("float32")
