@@ -1,16 +1,17 @@
-"""Whether a forward scan's per-step product h W_hh^T runs as the numba loop or in MKL: measured on this machine.
+"""Whether a scan's per-step products run as the numba loop or in MKL: measured on this machine.
 
 Where the two cross over depends on the CPU (its vector width, its caches, the code path MKL takes on it), and the
 static rule (_blas.loop_gemm) was fitted on AVX-512 CPUs. So the first forward scan of a shape in a process (its
-rows per thread, width, hidden size and dtype) first runs a few of its own steps both ways, interleaved, and the
-faster is kept for the process, as torch.backends.cudnn.benchmark picks convolution algorithms. The static rule's
-choice stands unless the other is MARGIN faster. The timing runs are inference runs of the call's own first steps
-(the same compiled kernel, whose loop-or-MKL flag is an argument: nothing is compiled for them), and the call
-itself runs afterwards, so only the rounding of its product can depend on the outcome.
+rows per thread, width, hidden size, dtype and BLAS routine), and the first backward scan, first run a few of the
+call's own steps both ways, interleaved, and the faster is kept for the process, as torch.backends.cudnn.benchmark
+picks convolution algorithms. The static rule's choice stands unless the other is MARGIN faster. The timing runs
+use the same compiled kernel (its loop-or-MKL flag is an argument: nothing is compiled for them): the forward's
+are inference runs writing the call's own outputs, which the call writes again afterwards; the backward's read
+copies of what its kernel overwrites and write scratch buffers (scan.py). Only the rounding of a call's products
+can depend on the outcome.
 
 Nothing is timed where `auto`'s calibration is off (SEQFAST_CALIBRATE=0, `calibrate = false`), while torch.compile
-traces, or inside torch.func transforms; the static rule applies there. The backward's products (d_h += d_hg W_hh,
-which the kernel computes over buffers it overwrites) keep the static rule.
+traces, or inside torch.func transforms; the static rule applies there.
 """
 
 from __future__ import annotations

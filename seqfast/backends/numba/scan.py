@@ -128,6 +128,29 @@ def _measured_loop(module, plan: schedule.Plan, args: tuple, x_np: np.ndarray, l
     return loop
 
 
+def _measured_backward_loop(module, plan: schedule.Plan, args: tuple, extras: int, preact: bool, write_dx: bool,
+                            sums: list[np.ndarray]) -> bool:
+    """The backward GEMM's choice for the plan's shape, measured (gemm_choice) on runs over this call's first steps
+    that read copies of what the kernel overwrites and write scratch buffers: the call's own inputs stay as
+    they are."""
+    x_np, saved_st, lens, reverse, grad_out = args[0], args[4 + extras], args[5 + extras], args[6 + extras], \
+        args[7 + extras]
+    steps, batch = saved_st.shape[1], saved_st.shape[2]
+    hgd = args[-2]
+    k = gemm_choice.timing_steps(steps, batch, hgd.shape[2], plan.hidden)
+    hgd_k = hgd[:k].copy()  # d_hg is written over it
+    dx_k = np.empty(hgd_k.shape, dtype=plan.dtype_name) if write_dx else hgd_k  # d_x_proj: [k, B, G*H]
+    # args: x, x_bias, w, bias, *extras, saved_st, lens, reverse, grad_out, *d_final, *d_states, dx, write_dx,
+    # hgd, preact (see backward() above)
+    timing = (x_np if preact else x_np[:k], *args[1:4 + extras], np.ascontiguousarray(saved_st[:, :k]),
+              np.minimum(lens, k), reverse, grad_out[:k], *args[8 + extras:-4], dx_k, write_dx, hgd_k, preact)
+    scratch = tuple(np.zeros_like(part) for part in sums)
+    loop = gemm_choice.choose(plan.measure_backward, plan.loop_backward,
+                              lambda small: schedule.launch(module, "backward", plan, small, timing, scratch))
+    schedule.clear_plans()
+    return loop
+
+
 def backward(inputs: ScanInputs, saved: list[Tensor], grad_outputs: Tensor | None, grad_final: list[Tensor | None],
              consume_saved: bool, consume_x_proj: bool) -> tuple[Tensor, list[Tensor], list[Tensor | None]]:
     """FusedBackend.backward on the numba kernels. consume_saved: the saved products may be written over;
@@ -174,7 +197,10 @@ def backward(inputs: ScanInputs, saved: list[Tensor], grad_outputs: Tensor | Non
     if batch > 0:
         args = (x_np, x_bias_np, w, bias, *extras, saved_st.numpy(), lens, bool(reverse), grad_out, *d_final,
                 *(d[1] for d in d_states), dx[1], write_dx, hgd_np, preact)
-        schedule.launch(module, "backward", plan, plan.loop_backward, args, tuple(sums))
+        small = plan.loop_backward
+        if plan.measure_backward is not None and not cell.pointwise.stages:
+            small = _measured_backward_loop(module, plan, args, len(extras), preact, write_dx, sums)
+        schedule.launch(module, "backward", plan, small, args, tuple(sums))
     d_bias, d_x_bias, *d_extras = (part[0] if count == 1 else part.sum(0) for part in sums)
     grads: list[Tensor | None] = [None] * len(weights)
     if weights and weights[0] is not None:

@@ -72,13 +72,14 @@ def use_loop_gemm(kernel: str, fn: int, ranges: list[tuple[int, int]], width: in
     from ._blas import loop_gemm
 
     rows = max(hi - lo for lo, hi in ranges)
-    measured = gemm_choice.decided(gemm_key(fn, rows, width, hidden, itemsize)) if kernel == "forward" else None
+    measured = gemm_choice.decided(gemm_key(kernel, fn, rows, width, hidden, itemsize))
     return loop_gemm(kernel, fn, rows, width, hidden, itemsize) if measured is None else measured
 
 
-def gemm_key(fn: int, rows: int, width: int, hidden: int, itemsize: int) -> tuple:
-    """What the forward's GEMM choice is measured for: the BLAS routine and the shape one thread multiplies."""
-    return fn, rows, width, hidden, itemsize
+def gemm_key(kernel: str, fn: int, rows: int, width: int, hidden: int, itemsize: int) -> tuple:
+    """What a scan's GEMM choice is measured for: the kernel ("forward" / "backward"), the BLAS routine and the
+    shape one thread multiplies."""
+    return kernel, fn, rows, width, hidden, itemsize
 
 
 @contextlib.contextmanager
@@ -104,6 +105,7 @@ class Plan(NamedTuple):
     loop_forward: bool  # the per-step GEMM as the numba loop, in the forward scan
     measure_forward: tuple | None  # gemm_choice's key while loop_forward is the static rule's, unmeasured
     loop_backward: bool  # and in the backward scan
+    measure_backward: tuple | None  # as measure_forward
     forward_nn: bool  # the forward's MKL call takes W_hh transposed (N,N), see _blas.is_avx512_kernel
     hidden: int
     dtype_name: str
@@ -130,12 +132,13 @@ def plan(dtype_name: str, steps: int, batch: int, width: int, hidden: int, num_s
         ranges = row_ranges(batch, steps * width * hidden)
         itemsize = 4 if dtype_name == "float32" else 8
         zero = np.zeros((batch, hidden), dtype=dtype_name)
-        key = gemm_key(fn, max(hi - lo for lo, hi in ranges), width, hidden, itemsize)
-        unmeasured = (fn and batch and _forced_loop_gemm[0] is None and gemm_choice.decided(key) is None
-                      and gemm_choice.may_measure())
-        return Plan(fn, ranges, use_loop_gemm("forward", fn, ranges, width, hidden, itemsize),
-                    key if unmeasured else None,
-                    use_loop_gemm("backward", fn, ranges, width, hidden, itemsize), is_avx512_kernel(fn), hidden,
+        measure = bool(fn and batch and _forced_loop_gemm[0] is None) and gemm_choice.may_measure()
+        keys = [gemm_key(kernel, fn, max(hi - lo for lo, hi in ranges), width, hidden, itemsize)
+                for kernel in ("forward", "backward")]
+        forward_key, backward_key = (key if measure and gemm_choice.decided(key) is None else None for key in keys)
+        return Plan(fn, ranges, use_loop_gemm("forward", fn, ranges, width, hidden, itemsize), forward_key,
+                    use_loop_gemm("backward", fn, ranges, width, hidden, itemsize), backward_key,
+                    is_avx512_kernel(fn), hidden,
                     dtype_name, np.full(batch, steps, dtype=np.int64), (zero,) * num_states,
                     np.zeros(width, dtype=dtype_name), np.array(ranges, dtype=np.int64).reshape(-1, 2))
 

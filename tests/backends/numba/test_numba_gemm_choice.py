@@ -144,3 +144,45 @@ def test_timing_on_the_first_steps_leaves_lengths_and_both_directions_right(monk
     torch.testing.assert_close(out, want, rtol=1e-4, atol=2e-5)
     torch.testing.assert_close((h, c), (h_ref, c_ref), rtol=1e-4, atol=2e-5)
     assert gemm_choice._decided or not _blas.gemm_address("float32")
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_the_backward_is_measured_on_copies_and_its_gradients_are_torch_nns(monkeypatch, cell: str) -> None:
+    """Training: the forward and the backward each measure their GEMM once per shape, on the call's first steps;
+    what the backward's kernel overwrites is copied for its timing runs, so every gradient is torch.nn's."""
+    if not _blas.gemm_address("float32"):
+        pytest.skip("no MKL in this torch: the loop is the only GEMM")
+    monkeypatch.setenv("SEQFAST_CALIBRATE", "1")
+    steps, batch, hidden = 30, 64, 48
+    torch.manual_seed(2)
+    kind = {"lstm": "LSTM", "gru": "GRU"}[cell]
+    ours = getattr(seqfast, kind)(hidden, hidden, backend="numba")
+    ref = getattr(torch.nn, kind)(hidden, hidden)
+    ref.load_state_dict(ours.state_dict())
+    gates = seqfast.get_cell(cell).num_gates
+    assert gemm_choice.timing_steps(steps, batch, gates * hidden, hidden) < steps
+    launched = []
+    real_launch = schedule.launch
+
+    def launch(module, kernel, plan, small, args, sums=()):
+        launched.append(kernel)
+        return real_launch(module, kernel, plan, small, args, sums)
+
+    monkeypatch.setattr(schedule, "launch", launch)
+    x = torch.randn(steps, batch, hidden)
+    lengths = torch.randint(1, steps + 1, (batch,))
+    grads = []
+    for module in (ours, ref):
+        xx = x.clone().requires_grad_()
+        if module is ours:
+            out, _ = module(xx, lengths=lengths)
+        else:
+            packed = torch.nn.utils.rnn.pack_padded_sequence(xx, lengths, enforce_sorted=False)
+            out, _ = torch.nn.utils.rnn.pad_packed_sequence(module(packed)[0], total_length=steps)
+        (out * torch.linspace(-1, 1, hidden)).sum().backward()
+        grads.append([xx.grad, *(p.grad for p in module.parameters())])
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)
+    runs = 2 * (1 + gemm_choice.ROUNDS) + 1
+    assert launched == ["forward"] * runs + ["backward"] * runs
+    keys = [key for key in gemm_choice._decided if key[0] == "backward"]
+    assert len(keys) == 1
