@@ -287,3 +287,25 @@ def test_tune_fills_the_table_and_info_shows_it(calibrated, capsys) -> None:
     out = capsys.readouterr().out
     assert "auto's calibration: on (environment variable SEQFAST_CALIBRATE)" in out
     assert all(label in out for label in decisions)
+
+
+def test_a_cell_is_timed_as_a_loop_of_steps(calibrated, monkeypatch) -> None:
+    """A step-level query times calibration.STEP_LOOP chained steps per run: each step takes the state the step
+    before it returned."""
+    calls = count_timings(monkeypatch)
+    seen = []
+    real_step = TorchBackend.step
+
+    def step(self, cell, x, state, params, names):
+        seen.append(state[0])
+        out = real_step(self, cell, x, state, params, names)
+        seen.append(out[0])
+        return out
+
+    monkeypatch.setattr(TorchBackend, "step", step)
+    entry = calibration.calibrate(query(steps=1, level="step", requires_grad=True))
+    assert calls and entry["shape"][0] == calibration.STEP_LOOP
+    assert len(seen) % (2 * calibration.STEP_LOOP) == 0 and len(seen) >= 4 * calibration.STEP_LOOP
+    for run in range(len(seen) // (2 * calibration.STEP_LOOP)):
+        chain = seen[run * 2 * calibration.STEP_LOOP:(run + 1) * 2 * calibration.STEP_LOOP]
+        assert all(chain[2 * t + 1] is chain[2 * t + 2] for t in range(calibration.STEP_LOOP - 1))
