@@ -24,6 +24,7 @@ import json
 import math
 import os
 import platform
+import random
 import statistics
 import sys
 import tempfile
@@ -361,10 +362,13 @@ def measure_case(cell: str, backends: Sequence[str], shape: Shape, mode: str, *,
     rounds = max((count for *_, count in live), default=0)
     if on_step and live:
         on_step(f"timing {len(live)} interleaved")
+    order = random.Random(seed)
     for r in range(rounds):
-        # rotate the order each round, so no candidate always runs right after the same neighbour
-        shift = r % max(len(live), 1)
-        for m, fn, count in live[shift:] + live[:shift]:
+        # a new order each round: what runs just before a call (an OpenMP team left spinning, a cache another
+        # candidate filled) slows or speeds it, so no candidate may always follow the same one
+        shuffled = live[:]
+        order.shuffle(shuffled)
+        for m, fn, count in shuffled:
             if r < count:
                 m.times_s.append(_timed(fn)[0])
     for m, _, _ in live:

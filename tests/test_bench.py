@@ -103,3 +103,27 @@ def test_parse_shapes() -> None:
     with pytest.raises(Exception, match="T,B,I,H"):
         bench.parse_shapes("1,2,3")
     assert len(bench.GRIDS["small"]) == 3 and len(bench.GRIDS["full"]) == 5
+
+
+def test_no_candidate_always_runs_right_after_the_same_one(monkeypatch) -> None:
+    """What runs just before a timed call changes its time (an OpenMP team left spinning): the timing rounds
+    draw a new order each round, so every candidate follows several different ones."""
+    order = []
+    timed = bench._timed
+
+    def recording(fn):
+        order.append(fn)
+        return timed(fn)
+
+    monkeypatch.setattr(bench, "_timed", recording)
+    results = bench.measure_case("gru", ["torch", "native"], (3, 2, 3, 4), "inference", repeats=12, min_repeats=12,
+                                 max_seconds=1.0, seed=0, onnx=False)
+    timed_calls = order[2 * len(results):]  # after each candidate's first and warm calls
+    assert len(timed_calls) == 12 * len(results)
+    rounds = [timed_calls[i:i + len(results)] for i in range(0, len(timed_calls), len(results))]
+    predecessors: dict = {}  # within a round (a rotated order would always give the same one)
+    for r in rounds:
+        for previous, current in zip(r, r[1:], strict=False):
+            predecessors.setdefault(current, set()).add(previous)
+    assert len({tuple(map(id, r)) for r in rounds}) > 1
+    assert len(predecessors) == len(results) and all(len(p) >= 2 for p in predecessors.values())
