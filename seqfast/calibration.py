@@ -55,9 +55,15 @@ SLOW_FACTOR = 2.0  # a candidate this much slower than the best after MIN_ROUNDS
 # the static rule's choice stands unless another candidate's best run is this much faster: a busy machine can make
 # any one run slow, and a decision is kept on disk, so noise must not flip it
 MARGIN = 1.10
-MAX_STEPS = 64
-# Multiply-adds of one timed run's forward (projection and recurrence); fewer steps are run where each step is
-# large, since the per-step cost sets the ratio once a few steps amortize the fixed costs.
+MAX_STEPS = 256
+# A timed run takes the bucket's representative steps in full where their forward (projection and recurrence)
+# stays within LONG_RUN_WORK multiply-adds: a backend's per-step cost can grow with the sequence (oneDNN's LSTM
+# training at B32 H128 ran 0.22 ms a step at T64 and 0.32 at T200, its workspace outgrowing the caches). Larger
+# runs take fewer steps, WORK_PER_RUN's worth (at least MIN_STEPS), the per-step cost setting the ratio there.
+LONG_RUN_WORK = 1 << 30
+# Before long runs, one run of this many steps (or WORK_PER_RUN's worth, if more) rules out the candidates more
+# than SLOW_FACTOR slower: enough steps for a per-step Python loop to show against fused kernels
+SCREEN_STEPS = 16
 WORK_PER_RUN = 1 << 24
 MIN_STEPS = 4
 # A cell (level "step") is timed as this many steps in a loop, each feeding the next its state, as cells run: one
@@ -92,8 +98,8 @@ class Bucket(NamedTuple):
 
 # Nearby shapes share a decision: the backends' relative speed changes slowly with size (GEMM efficiency, per-step
 # overhead against per-step work), so batch, input, hidden and projection sizes round to the nearest power of two
-# (a bucket spans a factor of two). Steps only amortize fixed costs, so they round to the nearest power of four,
-# and every sequence from 32 steps up shares one bucket: per-step costs dominate every backend there.
+# (a bucket spans a factor of two). Steps round to the nearest power of four, and every sequence from 128 steps up
+# shares one bucket: fixed costs are amortized there, and what grows with the sequence shows at 256 steps.
 def _pow2(n: int) -> int:
     return 1 << max(0, round(math.log2(n)))
 
@@ -314,9 +320,21 @@ def calibrate(query: Query, backends: list[Backend] | None = None, *, force: boo
         names = {b.name for b in backends}
         if not force and _stored(decisions, bucket, names) is not None:
             return decisions[bucket.label]
-        steps = STEP_LOOP if bucket.level == "step" else _timed_steps(bucket, query.cell.num_gates)
+        gates = query.cell.num_gates
+        steps = STEP_LOOP if bucket.level == "step" else _timed_steps(bucket, gates)
+        short = steps if bucket.level == "step" else min(steps, max(SCREEN_STEPS, _short_steps(bucket, gates)))
         with stored_only():  # a backend that selects inside its own run gets the static rule
-            seconds = _time_candidates({b.name: _runner(b, query, bucket, steps) for b in backends})
+            ruled_out = {}
+            if steps > short and len(backends) > 1:
+                # long runs only for the candidates a short run leaves in the race (the reference backend's
+                # Python loop would spend seconds on them); the others keep their short time, scaled
+                quick = _time_candidates({b.name: _runner(b, query, bucket, short) for b in backends},
+                                         min_rounds=1, max_rounds=1)
+                fastest = min(quick.values())
+                ruled_out = {n: t * steps / short for n, t in quick.items() if t > SLOW_FACTOR * fastest}
+            seconds = _time_candidates({b.name: _runner(b, query, bucket, steps) for b in backends
+                                        if b.name not in ruled_out})
+            seconds.update(ruled_out)
         rank = {b.name: b.auto_rank(query) for b in backends}
         best = min(seconds, key=lambda n: (seconds[n], -rank[n], n))  # ties: the static rule's order
         static = max(rank, key=lambda n: (rank[n], n))
@@ -329,28 +347,40 @@ def calibrate(query: Query, backends: list[Backend] | None = None, *, force: boo
         return entry
 
 
+def _per_step_work(bucket: Bucket, gates: int) -> int:
+    """Multiply-adds of one step's forward: its share of the input projection and the recurrent product."""
+    return bucket.batch * gates * bucket.hidden_size * (bucket.hidden_size + (bucket.input_size or 0))
+
+
 def _timed_steps(bucket: Bucket, gates: int) -> int:
-    width = gates * bucket.hidden_size
-    per_step = bucket.batch * width * (bucket.hidden_size + (bucket.input_size or 0))
-    return min(bucket.steps, max(MIN_STEPS, WORK_PER_RUN // max(1, per_step)))
+    """The steps of a timed run: the representative's, unless their work exceeds LONG_RUN_WORK."""
+    if bucket.steps * _per_step_work(bucket, gates) <= LONG_RUN_WORK:
+        return bucket.steps
+    return _short_steps(bucket, gates)
 
 
-def _time_candidates(runs: dict[str, Callable[[], None]]) -> dict[str, float]:
+def _short_steps(bucket: Bucket, gates: int) -> int:
+    """WORK_PER_RUN's worth of steps (at least MIN_STEPS, at most the representative's)."""
+    return min(bucket.steps, max(MIN_STEPS, WORK_PER_RUN // max(1, _per_step_work(bucket, gates))))
+
+
+def _time_candidates(runs: dict[str, Callable[[], None]], min_rounds: int = MIN_ROUNDS,
+                     max_rounds: int = MAX_ROUNDS) -> dict[str, float]:
     """The best time of each run: one untimed warm-up each (JIT compiles, first-call caches), then interleaved
     rounds, alternating the order, until the budget is spent; a candidate clearly slower than the best is
-    settled after MIN_ROUNDS."""
+    settled after min_rounds."""
     for run in runs.values():
         run()
     best = dict.fromkeys(runs, math.inf)
     active, spent = list(runs), 0.0
-    for round_ in range(MAX_ROUNDS):
+    for round_ in range(max_rounds):
         for name in (active if round_ % 2 == 0 else active[::-1]):
             start = _clock()
             runs[name]()
             elapsed = _clock() - start
             best[name] = min(best[name], elapsed)
             spent += elapsed
-        if round_ + 1 < MIN_ROUNDS:
+        if round_ + 1 < min_rounds:
             continue
         fastest = min(best.values())
         active = [n for n in active if best[n] <= SLOW_FACTOR * fastest]

@@ -103,7 +103,8 @@ def test_nearby_shapes_share_a_bucket() -> None:
     label = lambda **kw: calibration.bucket_of(query(**kw)).label  # noqa: E731
     assert label(batch=4) == label(batch=5) != label(batch=6) == label(batch=8)
     assert label(hidden=80) == label(hidden=64) != label(hidden=100)
-    assert label(steps=40) == label(steps=500) == label(steps=64) != label(steps=20)
+    assert label(steps=40) == label(steps=64) != label(steps=20)
+    assert label(steps=200) == label(steps=5000) == label(steps=256) != label(steps=64)
     assert label(requires_grad=True) != label()
     assert calibration.bucket_of(Query(seqfast.get_cell("lstm"), hidden_size=8)) is None  # no shape: static
     assert calibration.bucket_of(query(batch=0)) is None
@@ -309,3 +310,41 @@ def test_a_cell_is_timed_as_a_loop_of_steps(calibrated, monkeypatch) -> None:
     for run in range(len(seen) // (2 * calibration.STEP_LOOP)):
         chain = seen[run * 2 * calibration.STEP_LOOP:(run + 1) * 2 * calibration.STEP_LOOP]
         assert all(chain[2 * t + 1] is chain[2 * t + 2] for t in range(calibration.STEP_LOOP - 1))
+
+
+def test_a_run_takes_the_whole_representative_sequence_unless_it_is_large() -> None:
+    """A bucket's steps are timed in full where the forward's work stays within LONG_RUN_WORK (a per-step cost
+    that grows with the sequence then shows); a larger run takes WORK_PER_RUN's worth of steps."""
+    small = calibration.bucket_of(query(steps=200, batch=32, hidden=128, input_size=128, cell="lstm"))
+    assert small.steps == 256 and calibration._timed_steps(small, 4) == 256
+    large = calibration.bucket_of(query(steps=200, batch=64, hidden=512, input_size=512, cell="lstm"))
+    steps = calibration._timed_steps(large, 4)
+    assert calibration.MIN_STEPS <= steps < large.steps
+    assert steps * 64 * 4 * 512 * 1024 <= max(calibration.WORK_PER_RUN, calibration.MIN_STEPS * 64 * 4 * 512 * 1024)
+
+
+def test_long_runs_only_for_candidates_a_short_run_leaves_in_the_race(calibrated, monkeypatch) -> None:
+    """Where the representative is timed in full, a short run first rules out the clearly slower candidates;
+    they keep their short time, scaled, so the stored entry still names every candidate."""
+    steps_run = {}
+    real_runner = calibration._runner
+
+    def runner(backend, q, bucket, steps):
+        run = real_runner(backend, q, bucket, steps)
+
+        def counted():
+            steps_run.setdefault(backend.name, set()).add(steps)
+            run()
+        return counted
+
+    monkeypatch.setattr(calibration, "_runner", runner)
+    q = query(steps=200, batch=2, hidden=4)
+    bucket = calibration.bucket_of(q)
+    monkeypatch.setattr(calibration, "WORK_PER_RUN", bucket.batch * 4 * (4 + 2) * 4)  # short runs of 4 steps
+    monkeypatch.setattr(calibration, "SCREEN_STEPS", 8)  # screened on 8
+    assert calibration._timed_steps(bucket, 1) == 256 and calibration._short_steps(bucket, 1) == 4
+    entry = calibration.calibrate(q)
+    assert steps_run["torch"] == {8, 256}  # in the race: short, then long runs
+    assert steps_run["slowpoke"] == {8}  # 1.0 s a scan on the fake clock: ruled out by the short run
+    assert set(entry["seconds"]) == {"torch", "slowpoke"} and entry["backend"] == "torch"
+    assert entry["seconds"]["slowpoke"] >= 1.0 * 256 / 8
