@@ -105,6 +105,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--step-loop", action="store_true",
                         help="time the cells (torch.nn's LSTMCell, ... against seqfast's), stepped T times in a "
                              "Python loop, instead of the sequence modules")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
+                        help="the modules' and inputs' dtype (default float32; ONNX Runtime is timed in float32)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE",
                         help="write the results as JSON to FILE (or stdout with --json alone or --json -)")
@@ -261,35 +263,43 @@ def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - start, result
 
 
-def _query_fields(shape: Shape, training: bool, step_loop: bool = False) -> dict[str, Any]:
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def _query_fields(shape: Shape, training: bool, step_loop: bool = False,
+                  dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     steps, batch, inputs, hidden = shape
-    return {"dtype": torch.float32, "hidden_size": hidden, "input_size": inputs, "batch_size": batch,
+    return {"dtype": dtype, "hidden_size": hidden, "input_size": inputs, "batch_size": batch,
             "seq_len": 1 if step_loop else steps, "requires_grad": training,
             "level": "step" if step_loop else "module"}
 
 
-def auto_choice(cell: str, shape: Shape, training: bool, step_loop: bool = False) -> str:
+def auto_choice(cell: str, shape: Shape, training: bool, step_loop: bool = False,
+                dtype: torch.dtype = torch.float32) -> str:
     """What a module (or with step_loop a cell) with backend=None would run on this input: every source of choice
     in force, then auto."""
     try:
-        return current_backend(cell, "cpu", **_query_fields(shape, training, step_loop))
+        return current_backend(cell, "cpu", **_query_fields(shape, training, step_loop, dtype))
     except (BackendNotSupportedError, ValueError) as exc:
         return "error: " + str(exc).splitlines()[0]
 
 
 def measure_case(cell: str, backends: Sequence[str], shape: Shape, mode: str, *, repeats: int, min_repeats: int,
                  max_seconds: float, seed: int, on_step: Callable[[str], None] | None = None,
-                 step_loop: bool = False, onnx: bool = True) -> list[Measurement]:
+                 step_loop: bool = False, onnx: bool = True, dtype: torch.dtype = torch.float32
+                 ) -> list[Measurement]:
     """Time torch.nn, ONNX Runtime (if `onnx`, inference of the sequence modules) and every backend on one (cell,
     shape, mode); interleaved rounds, medians. step_loop: the cells, stepped T times in a Python loop, instead of
     the sequence modules."""
     training = mode == "training"
     steps, batch, inputs, hidden = shape
-    reasons = explain(cell, device="cpu", **_query_fields(shape, training, step_loop))
+    reasons = explain(cell, device="cpu", **_query_fields(shape, training, step_loop, dtype))
     torch.manual_seed(seed)
     reference = (torch_nn_cell if step_loop else torch_nn_module)(cell, inputs, hidden)
+    if reference is not None:
+        reference = reference.to(dtype)
     state = reference.state_dict() if reference is not None else None
-    x = torch.randn(steps, batch, inputs, generator=torch.Generator().manual_seed(seed + 1))
+    x = torch.randn(steps, batch, inputs, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
 
     results: list[Measurement] = []
     candidates: list[tuple[Measurement, Callable[[], torch.Tensor]]] = []
@@ -304,6 +314,8 @@ def measure_case(cell: str, backends: Sequence[str], shape: Shape, mode: str, *,
         results.append(m)
         if training:
             m.reason = "ONNX Runtime is timed for inference only"
+        elif dtype != torch.float32:
+            m.reason = "ONNX Runtime is timed in float32 only"
         elif reference is None:
             m.reason = f"nothing to export: torch.nn has no module for cell {cell!r}"
         else:
@@ -325,7 +337,7 @@ def measure_case(cell: str, backends: Sequence[str], shape: Shape, mode: str, *,
             continue
         torch.manual_seed(seed)
         try:
-            model = (RecurrentCell if step_loop else Recurrent)(cell, inputs, hidden, backend=name)
+            model = (RecurrentCell if step_loop else Recurrent)(cell, inputs, hidden, backend=name, dtype=dtype)
             if state is None:  # a cell without torch.nn: every backend shares the first backend's weights
                 state = model.state_dict()
             model.load_state_dict(state)
@@ -437,7 +449,8 @@ def build_report(args: argparse.Namespace, results: list[Measurement], auto: lis
         "settings": {"cells": args.cells, "backends": args.backends, "modes": args.modes, "grid": args.grid,
                      "shapes": [list(s) for s in shapes], "repeats": args.repeats, "min_repeats": args.min_repeats,
                      "max_seconds": args.max_seconds, "seed": args.seed,
-                     "step_loop": getattr(args, "step_loop", False), "onnxruntime": not args.no_onnxruntime},
+                     "step_loop": getattr(args, "step_loop", False), "onnxruntime": not args.no_onnxruntime,
+                     "dtype": getattr(args, "dtype", "float32")},
         "results": rows,
         "auto": auto,
         "wall_seconds": round(wall_s, 3),
@@ -620,6 +633,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     shapes = args.shapes or GRIDS[args.grid]
     args.step_loop = getattr(args, "step_loop", False)  # a Namespace built by hand may lack it
+    args.dtype = getattr(args, "dtype", "float32")
+    dtype = DTYPES[args.dtype]
     args.cells, args.backends, args.modes = cells, backends, modes
 
     env = environment()
@@ -630,8 +645,8 @@ def run(args: argparse.Namespace) -> int:
                   f"(interop {env['torch_interop_threads']}, torch defaults{extra})", highlight=False)
     versus = TORCH_NN if args.no_onnxruntime else f"{TORCH_NN} and {ONNXRUNTIME} (inference)"
     console.print(f"cells: {', '.join(cells)}; backends: {', '.join(backends)} vs {versus}; modes: "
-                  f"{', '.join(modes)}; {len(shapes)} shapes (T B I H); up to {args.repeats} interleaved calls "
-                  f"each, at most ~{args.max_seconds:g} s per candidate", highlight=False)
+                  f"{', '.join(modes)}; {args.dtype}; {len(shapes)} shapes (T B I H); up to {args.repeats} "
+                  f"interleaved calls each, at most ~{args.max_seconds:g} s per candidate", highlight=False)
 
     cases = [(c, s, m) for c in cells for s in shapes for m in modes]
     results: list[Measurement] = []
@@ -645,12 +660,12 @@ def run(args: argparse.Namespace) -> int:
             label = f"{cell} {shape_label(shape)} {mode}"
             progress.update(task, description=label)
             auto.append({"cell": cell, "mode": mode, "shape": list(shape),
-                         "backend": auto_choice(cell, shape, mode == "training", args.step_loop)})
+                         "backend": auto_choice(cell, shape, mode == "training", args.step_loop, dtype)})
             results += measure_case(
                 cell, backends, shape, mode, repeats=args.repeats, min_repeats=args.min_repeats,
                 max_seconds=args.max_seconds, seed=args.seed, onnx=not args.no_onnxruntime,
                 on_step=lambda name, label=label: progress.update(task, description=f"{label}: {name}"),
-                step_loop=args.step_loop)
+                step_loop=args.step_loop, dtype=dtype)
             progress.advance(task)
     wall = time.perf_counter() - start
     report = build_report(args, results, auto, shapes, wall)

@@ -127,3 +127,16 @@ def test_no_candidate_always_runs_right_after_the_same_one(monkeypatch) -> None:
             predecessors.setdefault(current, set()).add(previous)
     assert len({tuple(map(id, r)) for r in rounds}) > 1
     assert len(predecessors) == len(results) and all(len(p) >= 2 for p in predecessors.values())
+
+
+def test_float64_runs_every_candidate_in_float64(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    assert run_bench(["--cells", "gru", "--backends", "torch,numba", "--dtype", "float64", "--json", str(out),
+                      *FAST]) == 0
+    report = json.loads(out.read_text())
+    assert report["settings"]["dtype"] == "float64"
+    rows = [r for r in report["results"] if r["shape"]["T"] == 5]
+    onnx = [r for r in rows if r["backend"] == bench.ONNXRUNTIME and r["mode"] == "inference"]
+    assert onnx and all("float32 only" in r["reason"] for r in onnx)
+    timed = [r for r in rows if r["backend"] in ("torch", "numba") and r["median_s"] is not None]
+    assert timed and all(r["max_abs_diff"] < 1e-9 for r in timed)  # float32 would differ by ~1e-7
