@@ -17,10 +17,9 @@ from .views import host
 
 # Below this many multiply-adds a torch GEMM (the input projection, its gradients, d_W_hh) runs on one MKL thread
 # (MKL_Set_Num_Threads_Local, on the calling thread only), so it never waits for torch's OpenMP worker to get a
-# core. With another process keeping one of the two cores busy, a T100 B1 H32 LSTM training step (three 0.41M-MAC
-# GEMMs) took 782 us with them on two threads and 486 us on one, inference 195 and 99 us (2026-11-26; torch.nn
-# 1136 and 541). With both cores free one thread costs ~2 us a GEMM at that size (11.1 against 9.2 us alone) and
-# 7 us at 0.82M (20.5 against 13.3), hence the low threshold: on the grid, the B1 H32 point only.
+# core: on a busy 2-core machine that wait cost more than the second thread saves at these sizes, while with both
+# cores free one thread costs a few microseconds a GEMM (figures in benchmarks/RESULTS.md). On the grid, the B1 H32
+# point only.
 SMALL_TORCH_GEMM = 1 << 19  # read on each call
 
 # From this many outputs the input projection runs on oneDNN's linear (T100 B16 H256 up); below it MKL was as fast
@@ -60,14 +59,25 @@ def _small_projection(x: Tensor, weight_ih: Tensor) -> Tensor | None:
     """x @ weight_ih^T by MKL's own kernel (_blas.SGEMM_KERNEL) for a small float32 product, or None where that
     kernel is not in use or the operands are not contiguous. Called from compiled code (templates/project.py.tmpl),
     it wakes no OpenMP team and changes no MKL thread setting, which at these sizes cost more than the product."""
-    from ._blas import SGEMM, SGEMM_KERNEL  # here, not at import: _blas imports numba
-
-    if SGEMM_KERNEL == SGEMM or not (x.is_contiguous() and weight_ih.is_contiguous()) or not x.shape[0]:
+    blas = _blas_module or _blas_module_load()  # not at import: _blas imports numba
+    sgemm_kernel = blas.SGEMM_KERNEL
+    if sgemm_kernel == blas.SGEMM or not (x.is_contiguous() and weight_ih.is_contiguous()) or not x.shape[0]:
         return None
     out = np.empty((x.shape[0], weight_ih.shape[0]), dtype=np.float32)
     kernel = _project_kernel or _project_kernel_load()
-    kernel(SGEMM_KERNEL, x.detach().numpy(), host(weight_ih), out)
+    kernel(sgemm_kernel, (x.detach() if x.requires_grad else x).numpy(), host(weight_ih), out)
     return torch.from_numpy(out)
+
+
+_blas_module = None
+
+
+def _blas_module_load():
+    global _blas_module
+    from . import _blas
+
+    _blas_module = _blas
+    return _blas
 
 
 _project_kernel = None
