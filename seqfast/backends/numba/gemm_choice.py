@@ -10,8 +10,9 @@ are inference runs writing the call's own outputs, which the call writes again a
 copies of what its kernel overwrites and write scratch buffers (scan.py). Only the rounding of a call's products
 can depend on the outcome.
 
-Nothing is timed where `auto`'s calibration is off (SEQFAST_CALIBRATE=0, `calibrate = false`), while torch.compile
-traces, or inside torch.func transforms; the static rule applies there.
+Only dense recurrences of unstaged cells are timed (the others have no per-step product, or products of column
+blocks that keep the static rule). Nothing is timed where `auto`'s calibration is off (SEQFAST_CALIBRATE=0,
+`calibrate = false`), while torch.compile traces, or inside torch.func transforms; the static rule applies there.
 """
 
 from __future__ import annotations

@@ -106,7 +106,7 @@ def forward(inputs: ScanInputs, need_saved: bool) -> tuple[Tensor, list[Tensor],
         if stages:  # the stages' vectors: saved, or one reused step (like hg)
             args += (saved[2][1] if saved else new((stages, 1, batch, plan.hidden), dtype, shared)[1],)
         small = plan.loop_forward
-        if plan.measure_forward is not None and not stages:
+        if plan.measure_forward is not None and not stages and cell.recurrence == "dense":
             small = _measured_loop(module, plan, args, x_np, lens, out[1])
         schedule.launch(module, "forward", plan, small, args)
     return out[0], [s[0] for s in states], [s[0] for s in saved]
@@ -198,7 +198,7 @@ def backward(inputs: ScanInputs, saved: list[Tensor], grad_outputs: Tensor | Non
         args = (x_np, x_bias_np, w, bias, *extras, saved_st.numpy(), lens, bool(reverse), grad_out, *d_final,
                 *(d[1] for d in d_states), dx[1], write_dx, hgd_np, preact)
         small = plan.loop_backward
-        if plan.measure_backward is not None and not cell.pointwise.stages:
+        if plan.measure_backward is not None and not cell.pointwise.stages and cell.recurrence == "dense":
             small = _measured_backward_loop(module, plan, args, len(extras), preact, write_dx, sums)
         schedule.launch(module, "backward", plan, small, args, tuple(sums))
     d_bias, d_x_bias, *d_extras = (part[0] if count == 1 else part.sum(0) for part in sums)
