@@ -180,6 +180,12 @@ def gemm_address(dtype_name: str) -> int:
     return _found("SGEMM_KERNEL") if dtype_name == "float32" else _found("DGEMM")
 
 
+def threaded_gemm_address(dtype_name: str) -> int:
+    """MKL's Fortran ?gemm_ for this dtype, which spreads a large product over MKL's threads (the kernels called
+    directly run on the calling thread only); 0 where there is no MKL."""
+    return _found("SGEMM") if dtype_name == "float32" else _found("DGEMM")
+
+
 @intrinsic
 def _fortran_gemm(typingctx, fn, transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
     """Call the Fortran ?gemm_ at address `fn`; a, b, c are data addresses; scalars are passed by reference."""
@@ -344,6 +350,6 @@ def loop_nn_acc(a, b, c):
 
 
 __all__ = ["SGEMM", "DGEMM", "SGEMM_KERNEL", "is_avx512_kernel", "SMALL_GEMM", "LOOP_GEMM_MAX_WEIGHT_BYTES",  # noqa: F822
-           "LOOP_GEMM_BWD_MAX_WEIGHT_BYTES", "loop_gemm", "gemm_address", "gemm_nt", "gemm_nn", "gemm_nn_acc",
-           "gemm_nt_cols", "gemm_nn_acc_cols",
+           "LOOP_GEMM_BWD_MAX_WEIGHT_BYTES", "loop_gemm", "gemm_address", "threaded_gemm_address", "gemm_nt",
+           "gemm_nn", "gemm_nn_acc", "gemm_nt_cols", "gemm_nn_acc_cols",
            "gemm_tn_rows", "loop_nn_acc", "single_threaded_blas"]

@@ -20,7 +20,8 @@ from ..._memo import any_requires_grad as _any_requires_grad
 from ...registry import CellSpec
 from ..fused import _grads_by_recomputing, _graph_retained, _transforms_active
 from ..reference import TorchBackend
-from ._blas import gemm_address
+from . import gemm
+from ._blas import gemm_address, threaded_gemm_address
 from .codegen import kernels, per_unit_width, step_supported
 
 _REFERENCE = TorchBackend()
@@ -31,7 +32,8 @@ class StepLayout(NamedTuple):
     per (cell, dtype, names)."""
 
     module: object  # the generated kernel module
-    fn: int  # the BLAS GEMM's address
+    fn: int  # the BLAS GEMM's address, for products below gemm.SMALL_TORCH_GEMM multiply-adds
+    threaded_fn: int  # for larger ones: MKL's ?gemm_, which uses MKL's threads
     dtype: torch.dtype
     w_ih: int  # index into params
     b_ih: int  # -1: absent (zeros)
@@ -58,8 +60,8 @@ def step_layout(cell: CellSpec, dtype: torch.dtype, names) -> StepLayout | None:
     if fn and step_supported(cell):
         index = {n: i for i, n in enumerate(names)}
         pw = cell.pointwise
-        layout = StepLayout(kernels(cell, dtype_name), fn, dtype, index["weight_ih"], index.get("bias_ih", -1),
-                            index["weight_hh"], index.get("bias_hh", -1),
+        layout = StepLayout(kernels(cell, dtype_name), fn, threaded_gemm_address(dtype_name), dtype,
+                            index["weight_ih"], index.get("bias_ih", -1), index["weight_hh"], index.get("bias_hh", -1),
                             tuple(index.get(n, -1) for n in pw.params),
                             tuple(per_unit_width(cell, n) for n in pw.params), cell.num_gates, {})
     if len(_layouts) > 256:
@@ -125,6 +127,14 @@ def _weights(layout: StepLayout, params, names, inputs: int, hidden: int) -> tup
     return tensors, addresses
 
 
+def _gemm_for(layout: StepLayout, batch: int, inputs: int, hidden: int) -> int:
+    """The GEMM for a step's products: the layout's own for small ones, MKL's threaded ?gemm_ from
+    gemm.SMALL_TORCH_GEMM multiply-adds (the threshold torch's own small GEMMs keep to one thread below)."""
+    if batch * max(inputs, hidden) * layout.gates * hidden < gemm.SMALL_TORCH_GEMM:
+        return layout.fn
+    return layout.threaded_fn
+
+
 def run_step(layout: StepLayout, cell: CellSpec, x: Tensor, state: tuple[Tensor, ...], params, names
              ) -> tuple[Tensor, ...]:
     """The new states; differentiable (through _Step) when grad mode is on and any input requires grad."""
@@ -165,8 +175,9 @@ def _forward(layout: StepLayout, x: Tensor, state, params, names, work_buffer=_f
     state = [s if s.dtype is dtype and s.is_cpu and s.is_contiguous() else _readable(s, dtype, "hx") for s in state]
     new = [torch.empty_like(s) for s in state]  # contiguous [B, H]: the states are, once readable
     work = work_buffer((2, batch, layout.gates * hidden), dtype)
-    layout.module.step_forward(layout.fn, batch, inputs, hidden, x.data_ptr(), *weights,
-                               *[s.data_ptr() for s in state], *[n.data_ptr() for n in new], work.data_ptr())
+    layout.module.step_forward(_gemm_for(layout, batch, inputs, hidden), batch, inputs, hidden, x.data_ptr(),
+                               *weights, *[s.data_ptr() for s in state], *[n.data_ptr() for n in new],
+                               work.data_ptr())
     return tuple(new), work, kept, weights
 
 
@@ -223,7 +234,8 @@ class _Step(torch.autograd.Function):
                            for t, size in zip((b_ih, b_hh, *extras), sizes, strict=True))]
         else:
             d_weights = [_empty(dtype)] * (4 + len(layout.widths))
-        layout.module.step_backward(layout.fn, batch, x.shape[1], hidden, x.data_ptr(), *weights,
+        layout.module.step_backward(_gemm_for(layout, batch, x.shape[1], hidden), batch, x.shape[1], hidden,
+                                    x.data_ptr(), *weights,
                                     *[s.data_ptr() for s in state], work.data_ptr(),
                                     *[g.data_ptr() for g in d_new], *[d.data_ptr() for d in d_state], dx.data_ptr(),
                                     *[d.data_ptr() for d in d_weights], need_dx, need_dw)
