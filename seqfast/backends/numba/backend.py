@@ -10,7 +10,7 @@ from ..fused import FusedBackend, _transforms_active
 from ..fused_contract import Ownership, ScanInputs
 from . import gemm, scan
 from .availability import DTYPES, numba_missing
-from .codegen import CodegenError, check_cell, preactivation_only
+from .codegen import CodegenError, check_cell, preactivation_only, step_supported
 
 _CONSUME = Ownership.CONSUME  # a module constant: an Enum attribute costs ~60 ns a read
 # NumbaBackend.step_runner by (cell, dtype, names), for direct calls of step
@@ -56,6 +56,8 @@ class NumbaBackend(FusedBackend):
         from .codegen import is_compiled
 
         kernel_names = ("forward", "backward") if query.requires_grad else ("forward",)
+        if query.level == "step" and step_supported(query.cell):  # the cells run the one-step kernels
+            kernel_names = tuple(f"step_{k}" for k in kernel_names)
         return not is_compiled(query.cell, DTYPES[query.dtype], kernel_names)
 
     # --- one step (the cells) ----------------------------------------------------------------------------------

@@ -87,16 +87,20 @@ def _generated(key: tuple, prefix: str, source_of) -> ModuleType:
 
 
 def is_compiled(cell: CellSpec, dtype: str, kernel_names: tuple[str, ...]) -> bool:
-    """Whether the named kernels ("forward", "backward") of a cell can run without a JIT compile: compiled in this
-    process, or held by numba's disk cache (loading from it takes a fraction of a second, compiling seconds)."""
+    """Whether the named kernels of a cell can run without a JIT compile: compiled in this process, or held by
+    numba's disk cache (loading from it takes a fraction of a second, compiling seconds). Scans ("forward",
+    "backward") run as their cfunc entry and launcher; the one-step kernels ("step_forward", "step_backward") are
+    called as they are."""
+    functions = [f for k in kernel_names
+                 for f in ((f"{k}_entry", f"{k}_launch") if k in ("forward", "backward") else (k,))]
     module = _modules.get((cell, dtype))
-    if module is not None and all((id(module), k) in _entries for k in kernel_names):
+    if module is not None and all((id(module), k) in _entries if k in ("forward", "backward")
+                                  else bool(getattr(module, k).signatures) for k in kernel_names):
         return True
     path = module_path(_BACKEND, f"{cell.name}_{dtype}", generate_source(cell, dtype), _depends_on())
     index = cache_dir(_BACKEND) / "__pycache__"
     tag = f"py{sys.version_info[0]}{sys.version_info[1]}"
-    return path.exists() and all(any(index.glob(f"{path.stem}.{k}_{part}-*.{tag}.nbi"))
-                                 for k in kernel_names for part in ("entry", "launch"))
+    return path.exists() and all(any(index.glob(f"{path.stem}.{f}-*.{tag}.nbi")) for f in functions)
 
 
 _entries: dict[tuple[int, str], int] = {}

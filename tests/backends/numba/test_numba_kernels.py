@@ -320,3 +320,28 @@ def test_unwritable_cache_dir_falls_back(tmp_path) -> None:
 
 
 
+
+
+def test_cells_need_the_one_step_kernels_compiled_not_the_scans(tmp_path, monkeypatch) -> None:
+    """auto's calibration asks needs_compile before timing numba: for a cell (level "step") that is the one-step
+    kernels, which a cell runs, not the scans."""
+    monkeypatch.setenv("SEQFAST_CACHE_DIR", str(tmp_path))  # nothing compiled on disk for this cell
+    cell = dataclasses.replace(seqfast.get_cell("rnn_tanh"), name="test_numba_needs_compile_rnn")
+    seqfast.register_cell(cell, replace=True)
+    try:
+        backend = seqfast.get_backend("numba")
+        step = seqfast.Query(cell, hidden_size=3, input_size=2, batch_size=2, seq_len=1, level="step")
+        module = seqfast.Query(cell, hidden_size=3, input_size=2, batch_size=2, seq_len=4)
+        assert backend.needs_compile(step) and backend.needs_compile(module)
+        ours = seqfast.RecurrentCell(cell.name, 2, 3, backend="numba")
+        with torch.no_grad():
+            ours(torch.randn(2, 2))
+        assert not backend.needs_compile(step)
+        assert backend.needs_compile(module)  # the scans are still uncompiled
+        assert backend.needs_compile(dataclasses.replace(step, requires_grad=True))  # and the step's backward
+    finally:
+        from seqfast.registry import registry
+
+        del registry.cells[cell.name]
+        registry.cell_origin.pop(cell.name, None)
+        registry.generation += 1
