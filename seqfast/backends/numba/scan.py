@@ -98,55 +98,37 @@ def forward(inputs: ScanInputs, need_saved: bool) -> tuple[Tensor, list[Tensor],
     if batch > 0:
         # the per-step products: saved for the backward (dense), else a reused [1, B, G*H] scratch buffer
         # that the kernel allocates per thread
-        hg = saved[1][1] if len(saved) > 1 else NO_PRODUCTS[plan.dtype_name]
-        args = (x_np, *arrays, *init, *(s[1] for s in states), lens, bool(reverse), out[1], hg,
-                saved[0][1] if saved else NO_SAVED[plan.dtype_name], bool(need_saved),
-                bool(need_saved) and preactivation_only(cell), plan.forward_nn)
+        name = plan.dtype_name
         stages = len(cell.pointwise.stages)
-        if stages:  # the stages' vectors: saved, or one reused step (like hg)
-            args += (saved[2][1] if saved else new((stages, 1, batch, plan.hidden), dtype, shared)[1],)
+
+        def args_for(x, lens, out, hg, saved_st, need_saved):  # the kernel's arguments, in its order
+            args = (x, *arrays, *init, *(s[1] for s in states), lens, bool(reverse), out, hg, saved_st,
+                    bool(need_saved), bool(need_saved) and preactivation_only(cell), plan.forward_nn)
+            if stages:  # the stages' vectors: saved, or one reused step (like hg)
+                args += (saved[2][1] if saved else new((stages, 1, batch, plan.hidden), dtype, shared)[1],)
+            return args
+
+        # the per-step products: saved for the backward (dense), else a reused [1, B, G*H] scratch buffer
+        # that the kernel allocates per thread
+        args = args_for(x_np, lens, out[1], saved[1][1] if len(saved) > 1 else NO_PRODUCTS[name],
+                        saved[0][1] if saved else NO_SAVED[name], need_saved)
         small = plan.loop_forward
         if plan.measure_forward is not None and not stages and cell.recurrence == "dense":
-            small = _measured_loop(module, plan, args, x_np, lens, out[1])
+            # measured (gemm_choice) on inference runs of this call's first steps: they write the call's
+            # outputs, which the call itself then writes again
+            k = gemm_choice.timing_steps(steps, batch, width, plan.hidden)
+            timing = args_for(x_np[:k], np.minimum(lens, k), out[1][:k], NO_PRODUCTS[name], NO_SAVED[name], False)
+            small = _measured(module, "forward", plan, timing)
         schedule.launch(module, "forward", plan, small, args)
     return out[0], [s[0] for s in states], [s[0] for s in saved]
 
 
-def _measured_loop(module, plan: schedule.Plan, args: tuple, x_np: np.ndarray, lens: np.ndarray,
-                   out: np.ndarray) -> bool:
-    """The forward GEMM's choice for the plan's shape, measured (gemm_choice) on inference runs of this call's own
-    first steps: they write the call's outputs, which the call itself then writes again."""
-    steps, batch, width = x_np.shape
-    k = gemm_choice.timing_steps(steps, batch, width, plan.hidden)
-    name, n = plan.dtype_name, len(args)
-    # args end with lens, reverse, out, hg, saved_st, need_saved, preact, forward_nn: see forward() above
-    timing = (x_np[:k], *args[1:n - 8], np.minimum(lens, k), args[n - 7], out[:k], NO_PRODUCTS[name],
-              NO_SAVED[name], False, False, plan.forward_nn)
-    loop = gemm_choice.choose(plan.measure_forward, plan.loop_forward,
-                              lambda small: schedule.launch(module, "forward", plan, small, timing))
-    schedule.clear_plans()  # made again with the choice
-    return loop
-
-
-def _measured_backward_loop(module, plan: schedule.Plan, args: tuple, extras: int, preact: bool, write_dx: bool,
-                            sums: list[np.ndarray]) -> bool:
-    """The backward GEMM's choice for the plan's shape, measured (gemm_choice) on runs over this call's first steps
-    that read copies of what the kernel overwrites and write scratch buffers: the call's own inputs stay as
-    they are."""
-    x_np, saved_st, lens, reverse, grad_out = args[0], args[4 + extras], args[5 + extras], args[6 + extras], \
-        args[7 + extras]
-    steps, batch = saved_st.shape[1], saved_st.shape[2]
-    hgd = args[-2]
-    k = gemm_choice.timing_steps(steps, batch, hgd.shape[2], plan.hidden)
-    hgd_k = hgd[:k].copy()  # d_hg is written over it
-    dx_k = np.empty(hgd_k.shape, dtype=plan.dtype_name) if write_dx else hgd_k  # d_x_proj: [k, B, G*H]
-    # args: x, x_bias, w, bias, *extras, saved_st, lens, reverse, grad_out, *d_final, *d_states, dx, write_dx,
-    # hgd, preact (see backward() above)
-    timing = (x_np if preact else x_np[:k], *args[1:4 + extras], np.ascontiguousarray(saved_st[:, :k]),
-              np.minimum(lens, k), reverse, grad_out[:k], *args[8 + extras:-4], dx_k, write_dx, hgd_k, preact)
-    scratch = tuple(np.zeros_like(part) for part in sums)
-    loop = gemm_choice.choose(plan.measure_backward, plan.loop_backward,
-                              lambda small: schedule.launch(module, "backward", plan, small, timing, scratch))
+def _measured(module, kernel: str, plan: schedule.Plan, timing: tuple, sums: tuple = ()) -> bool:
+    """The loop-or-MKL choice for `kernel` at the plan's shape (gemm_choice), timed on `timing`'s arguments;
+    the plans are made again with it."""
+    key, static = ((plan.measure_forward, plan.loop_forward) if kernel == "forward"
+                   else (plan.measure_backward, plan.loop_backward))
+    loop = gemm_choice.choose(key, static, lambda small: schedule.launch(module, kernel, plan, small, timing, sums))
     schedule.clear_plans()
     return loop
 
@@ -195,11 +177,22 @@ def backward(inputs: ScanInputs, saved: list[Tensor], grad_outputs: Tensor | Non
     sums = [np.zeros((count, width)), np.zeros((count, width)),
             *(np.zeros((count, e.shape[0]), dtype=dtype_name) for e in extras)]
     if batch > 0:
-        args = (x_np, x_bias_np, w, bias, *extras, saved_st.numpy(), lens, bool(reverse), grad_out, *d_final,
-                *(d[1] for d in d_states), dx[1], write_dx, hgd_np, preact)
+        def args_for(x, saved_st, lens, grad_out, dx, hgd):  # the kernel's arguments, in its order
+            return (x, x_bias_np, w, bias, *extras, saved_st, lens, bool(reverse), grad_out, *d_final,
+                    *(d[1] for d in d_states), dx, write_dx, hgd, preact)
+
+        saved_np = saved_st.numpy()
+        args = args_for(x_np, saved_np, lens, grad_out, dx[1], hgd_np)
         small = plan.loop_backward
         if plan.measure_backward is not None and not cell.pointwise.stages and cell.recurrence == "dense":
-            small = _measured_backward_loop(module, plan, args, len(extras), preact, write_dx, sums)
+            # measured (gemm_choice) on runs over this call's first steps that read copies of what the kernel
+            # overwrites and write scratch buffers: the call's own inputs stay as they are
+            k = gemm_choice.timing_steps(steps, batch, width, hidden)
+            hgd_k = hgd_np[:k].copy()  # d_hg is written over it
+            timing = args_for(x_np if preact else x_np[:k], np.ascontiguousarray(saved_np[:, :k]),
+                              np.minimum(lens, k), grad_out[:k],
+                              np.empty_like(hgd_k) if write_dx else hgd_k, hgd_k)  # d_x_proj: [k, B, G*H]
+            small = _measured(module, "backward", plan, timing, tuple(np.zeros_like(part) for part in sums))
         schedule.launch(module, "backward", plan, small, args, tuple(sums))
     d_bias, d_x_bias, *d_extras = (part[0] if count == 1 else part.sum(0) for part in sums)
     grads: list[Tensor | None] = [None] * len(weights)

@@ -325,7 +325,9 @@ def test_unwritable_cache_dir_falls_back(tmp_path) -> None:
 def test_cells_need_the_one_step_kernels_compiled_not_the_scans(tmp_path, monkeypatch) -> None:
     """auto's calibration asks needs_compile before timing numba: for a cell (level "step") that is the one-step
     kernels, which a cell runs, not the scans."""
-    monkeypatch.setenv("SEQFAST_CACHE_DIR", str(tmp_path))  # nothing compiled on disk for this cell
+    from seqfast.backends.codegen import loader
+
+    monkeypatch.setitem(loader._dirs, "numba", tmp_path)  # an empty kernel cache: nothing compiled on disk
     cell = dataclasses.replace(seqfast.get_cell("rnn_tanh"), name="test_numba_needs_compile_rnn")
     seqfast.register_cell(cell, replace=True)
     try:
