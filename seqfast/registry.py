@@ -27,6 +27,7 @@ from .spec import (
     ParamSpec,
     Pointwise,
     Query,
+    Stack,
     Stage,
     Weights,
     uniform_init,
@@ -41,6 +42,7 @@ __all__ = [
     "Pointwise",
     "CellSpec",
     "Query",
+    "Stack",
     "Weights",
     "uniform_init",
     "RECURRENCE_KINDS",
@@ -218,6 +220,16 @@ class Backend:
                   *, num_layers: int, bidirectional: bool, dropout: float, training: bool, proj_size: int
                   ) -> tuple[Tensor, tuple[Tensor, ...]]:
         raise NotImplementedError
+
+    def stack_runner(self, cell: CellSpec, dtype: torch.dtype, stack: Stack) -> Callable[..., Any] | None:
+        """A function run(x, state0, params) -> (output, final states) for one module's calls of one input shape,
+        or None (the default: every call goes through run_stack or layer). The module calls it only for x
+        [T, B, I] (batch_first input as a transposed view) without lengths, module options, autocast or
+        inter-layer dropout; state0 is None (zeros) or one [layers * directions, B, H] tensor per state; params
+        are run_stack's. run may return None for a call it declines, which then takes the usual path. A backend
+        binds its per-shape work into it once (the numba backend: plans, the weights' numpy views, the kernels'
+        arguments) and must still see every parameter as it is at the call (replaced, moved, updated in place)."""
+        return None
 
     def step(self, cell: CellSpec, x: Tensor, state: tuple[Tensor, ...], params: Sequence[Tensor],
              names: Sequence[str]) -> tuple[Tensor, ...]:

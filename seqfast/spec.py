@@ -11,15 +11,15 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
 if TYPE_CHECKING:
     from torch import Tensor
 
-__all__ = ["ParamSpec", "Stage", "Pointwise", "CellSpec", "Weights", "Query", "uniform_init", "RECURRENCE_KINDS",
-           "NAME_RE"]
+__all__ = ["ParamSpec", "Stage", "Pointwise", "CellSpec", "Weights", "Query", "Stack", "uniform_init",
+           "RECURRENCE_KINDS", "NAME_RE"]
 
 RECURRENCE_KINDS = ("dense", "diagonal", "none")
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")  # cell and backend names
@@ -185,6 +185,15 @@ class Weights(dict):
             return self[name]
         except KeyError:
             raise AttributeError(name) from None
+
+
+class Stack(NamedTuple):
+    """A module's layers as Backend.stack_runner binds them."""
+
+    num_layers: int
+    bidirectional: bool
+    requires_grad: bool  # whether the calls build an autograd graph
+    names: tuple[tuple[str, ...], ...]  # per layer-direction: its parameters' base names, in torch.nn's order
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from .._memo import memo
 from ..cells.common import RECURRENT_MASK, ZONEOUT_MASKS
 from ..config import resolve_choice
 from ..functional import InputError, check_lengths, select_backend, selection_stamp
-from ..registry import CellSpec, Query, Weights, get_cell, registry
+from ..registry import CellSpec, Query, Stack, Weights, get_cell, registry
 
 __all__ = ["Recurrent", "RNN", "LSTM", "GRU", "RecurrentCell", "RNNCell", "LSTMCell", "GRUCell", "Stateful"]
 
@@ -304,6 +304,11 @@ class Recurrent(_PicklesCellByName, nn.Module):
                 self._all_weights.append(names)
         self.reset_parameters()
 
+    def _apply(self, fn, *args, **kwargs):
+        # .to(), .double(), .cuda(), ...: the kept decisions' stack runners may hold views of the old parameters
+        self.__dict__.pop("_queries", None)
+        return super()._apply(fn, *args, **kwargs)
+
     def reset_parameters(self) -> None:
         """torch.nn's initialisation: every parameter U(-1/sqrt(H), 1/sqrt(H)) unless its ParamSpec says else."""
         stdv = 1.0 / self.hidden_size**0.5 if self.hidden_size > 0 else 0
@@ -546,11 +551,24 @@ class Recurrent(_PicklesCellByName, nn.Module):
 
     def _module_backend(self, x: Tensor, state0: tuple[Tensor, ...] | None, dtype: torch.dtype,
                         options: frozenset[str]):
-        """The backend that runs this forward call, kept per (input shape, dtype, device, grad, options) (see
-        _remembered_backend); dtype is the one the recurrence runs in (torch.autocast's where on)."""
+        """(the backend that runs this forward call, its stack runner or None), kept per (input shape, dtype,
+        device, grad, options) (see _remembered_backend); dtype is the one the recurrence runs in (torch.autocast's
+        where on)."""
         requires_grad = self._requires_grad(x, state0)
+
+        def bind(backend):
+            if options or torch.compiler.is_compiling():
+                return backend, None
+            return backend, backend.stack_runner(self.cell, dtype, self._stack_layout(requires_grad))
+
         return _remembered_backend(self, "_queries", (x.shape, dtype, x.device, requires_grad, options),
-                                   self._new_query, x, requires_grad, "module", dtype, options)
+                                   self._new_query, x, requires_grad, "module", dtype, options, then=bind)
+
+    def _stack_layout(self, requires_grad: bool) -> Stack:
+        suffix_from = len("weight_ih")  # every layer-direction's first name is weight_ih + its suffix
+        names = tuple(tuple(name[: len(name) - len(names[0]) + suffix_from] for name in names)
+                      for names in self._all_weights)
+        return Stack(self.num_layers, self.bidirectional, requires_grad, names)
 
     def _new_query(self, x: Tensor, requires_grad: bool, level: str, dtype: torch.dtype,
                    options: frozenset[str] = frozenset()) -> Query:
@@ -572,11 +590,16 @@ class Recurrent(_PicklesCellByName, nn.Module):
     def _run(self, x: Tensor, lengths: Tensor | None, state0: tuple[Tensor, ...] | None,
              options: frozenset[str] = frozenset()):
         autocast = _autocast_dtype(x)
-        backend = self._module_backend(x, state0, autocast or x.dtype, options)
+        backend, runner = self._module_backend(x, state0, autocast or x.dtype, options)
         param = self._dropconnect_param() if self.weight_dropout and self.training else None
         if autocast is None:
             if options:
                 return self._run_layers(backend, x, lengths, state0, param or self._param, options)
+            if (runner is not None and lengths is None and param is None
+                    and not (self.dropout and self.training and self.num_layers > 1)):
+                result = runner(x, state0, self._stack_params())
+                if result is not None:
+                    return result
             return self._run_on(backend, x, lengths, state0, param)
         # as torch.nn does under autocast: the recurrence in the autocast dtype (inputs, states and weights cast;
         # autograd casts their gradients back), the results in the dtypes torch.nn returns

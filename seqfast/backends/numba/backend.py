@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ...registry import CellSpec, Query
+from ...registry import CellSpec, Query, Stack
 from ..fused import FusedBackend, _transforms_active
 from ..fused_contract import Ownership, ScanInputs
 from . import gemm, scan
@@ -85,6 +85,12 @@ class NumbaBackend(FusedBackend):
             return run_step(layout, cell, x, state, params, names)
 
         return run
+
+    # --- a module's inference calls (stack.py) -------------------------------------------------------------------
+    def stack_runner(self, cell: CellSpec, dtype: torch.dtype, stack: Stack):
+        from .stack import stack_runner
+
+        return stack_runner(cell, dtype, stack)
 
     # --- the fused scan (scan.py) ------------------------------------------------------------------------------
     def saved_shapes(self, cell: CellSpec, steps: int, batch: int, hidden: int) -> list[tuple[int, ...]]:

@@ -101,12 +101,12 @@ def forward(inputs: ScanInputs, need_saved: bool) -> tuple[Tensor, list[Tensor],
         name = plan.dtype_name
         stages = len(cell.pointwise.stages)
 
-        def args_for(x, lens, out, hg, saved_st, need_saved):  # the kernel's arguments, in its order
-            args = (x, *arrays, *init, *(s[1] for s in states), lens, bool(reverse), out, hg, saved_st,
-                    bool(need_saved), bool(need_saved) and preactivation_only(cell), plan.forward_nn)
-            if stages:  # the stages' vectors: saved, or one reused step (like hg)
-                args += (saved[2][1] if saved else new((stages, 1, batch, plan.hidden), dtype, shared)[1],)
-            return args
+        def args_for(x, lens, out, hg, saved_st, need_saved):
+            # the stages' vectors: saved, or one reused step (like hg)
+            vectors = (saved[2][1] if saved else new((stages, 1, batch, plan.hidden), dtype, shared)[1]
+                       ) if stages else None
+            return forward_args(cell, plan, x, arrays, init, [s[1] for s in states], lens, reverse, out, hg,
+                                saved_st, need_saved, vectors)
 
         # the per-step products: saved for the backward (dense), else a reused [1, B, G*H] scratch buffer
         # that the kernel allocates per thread
@@ -121,6 +121,16 @@ def forward(inputs: ScanInputs, need_saved: bool) -> tuple[Tensor, list[Tensor],
             small = _measured(module, "forward", plan, timing)
         schedule.launch(module, "forward", plan, small, args)
     return out[0], [s[0] for s in states], [s[0] for s in saved]
+
+
+def forward_args(cell: CellSpec, plan: schedule.Plan, x: np.ndarray, arrays: list[np.ndarray], init, finals,
+                 lens: np.ndarray, reverse: bool, out: np.ndarray, hg: np.ndarray, saved_st: np.ndarray,
+                 need_saved: bool, stage_vectors: np.ndarray | None) -> tuple:
+    """The forward kernel's arguments, in its order: x_proj, prepare()'s arrays, the initial states, the arrays the
+    final states go to, lengths, ..., and for a cell with stages their vectors."""
+    args = (x, *arrays, *init, *finals, lens, bool(reverse), out, hg, saved_st, bool(need_saved),
+            bool(need_saved) and preactivation_only(cell), plan.forward_nn)
+    return args if stage_vectors is None else (*args, stage_vectors)
 
 
 def _measured(module, kernel: str, plan: schedule.Plan, timing: tuple, sums: tuple = ()) -> bool:

@@ -225,6 +225,17 @@ def launch(module, kernel: str, plan: Plan, small: bool, args: tuple, sums: tupl
     launch_ranges(module, kernel, plan.fn, plan.ranges, plan.range_array, small, args, sums)
 
 
+def launcher(module, kernel: str, plan: Plan, small: bool) -> Callable[..., None]:
+    """launch(module, kernel, plan, small, args) as a function of *args, its launcher and addresses looked up
+    once (for callers that run one plan many times)."""
+    team = team_addresses()
+    if team is None:
+        return lambda *args: launch(module, kernel, plan, small, args)
+    gomp, thread_num, mkl_local = team
+    call, entry = getattr(module, kernel + "_launch"), entry_address(module, kernel)
+    return lambda *args: call(gomp, entry, thread_num, mkl_local, plan.range_array, plan.fn, small, *args)
+
+
 def launch_ranges(module, kernel: str, fn: int, ranges: list[tuple[int, int]], range_array: np.ndarray,
                   small: bool, args: tuple, sums: tuple = ()) -> None:
     """launch() with the GEMM and the ranges given (kernels that run outside a scan's plan: weight_grad)."""

@@ -25,7 +25,7 @@ def _forget(key: int):
     return lambda _ref: _views.pop(key, None)
 
 
-def _layout(t: Tensor) -> tuple:
+def layout(t: Tensor) -> tuple:
     """What decides how a view reads t's memory: data_ptr (storage and offset), shape, strides and dtype."""
     return t.data_ptr(), t.shape, t.stride(), t.dtype
 
@@ -33,13 +33,13 @@ def _layout(t: Tensor) -> tuple:
 def host(t: Tensor) -> np.ndarray:
     """A numpy array of t's data (a view when t is contiguous, cached while t lives)."""
     hit = _views.get(id(t))
-    if hit is not None and hit[0]() is t and hit[1] == _layout(t):
+    if hit is not None and hit[0]() is t and hit[1] == layout(t):
         return hit[2]
     array = t.detach().contiguous().numpy()
     if t.is_contiguous() and not t.is_inference():  # a copy would go stale; inference tensors allow no weakref
         if len(_views) > 1024:
             _views.clear()
-        _views[id(t)] = (weakref.ref(t, _forget(id(t))), _layout(t), array)
+        _views[id(t)] = (weakref.ref(t, _forget(id(t))), layout(t), array)
     return array
 
 

@@ -1,0 +1,155 @@
+"""The numba backend's stack runner (stack.py): a module's inference calls bound to their shape. Every call must
+match torch.nn and the torch reference as the general path does, and see every change to the parameters and the
+plan; calls it does not take (training, lengths, options) go the general way."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_close, backend_param
+from torch import nn
+
+import seqfast
+from seqfast.backends.fused import FusedBackend
+from seqfast.backends.numba import schedule
+
+pytestmark = pytest.mark.parametrize("backend", [backend_param("numba")])
+
+
+@pytest.fixture
+def general_calls(monkeypatch):
+    """How many layer-directions ran through FusedBackend.layer (the general path), per call."""
+    calls = []
+    real = FusedBackend.layer
+
+    def layer(self, *args, **kwargs):
+        calls.append(1)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(FusedBackend, "layer", layer)
+    return calls
+
+
+def _pair(kind: str, *args, **kwargs):
+    torch.manual_seed(0)
+    ref = getattr(nn, kind)(*args, **kwargs)
+    ours = getattr(seqfast, kind)(*args, backend="numba", **kwargs)
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("layout", [
+    {"num_layers": 1}, {"num_layers": 2, "bidirectional": True}, {"num_layers": 3, "batch_first": True},
+    {"num_layers": 2, "bias": False, "nonlinearity": "relu"}])
+def test_inference_calls_match_torch_nn_and_skip_the_general_path(backend, kind, layout, general_calls):
+    if "nonlinearity" in layout and kind != "RNN":
+        layout = {k: v for k, v in layout.items() if k != "nonlinearity"}
+    ref, ours = _pair(kind, 5, 6, **layout)
+    gen = torch.Generator().manual_seed(1)
+    layers = layout["num_layers"] * (2 if layout.get("bidirectional") else 1)
+    states = 2 if kind == "LSTM" else 1
+    with torch.no_grad():
+        for call, shape in enumerate([(4, 3, 5), (4, 3, 5), (1, 1, 5), (7, 5), (4, 3, 5)]):
+            x = torch.randn(*shape, generator=gen)
+            batch = 1 if x.dim() == 2 else shape[0 if layout.get("batch_first") else 1]
+            hx = [torch.randn(layers, batch, 6, generator=gen) for _ in range(states)]
+            if x.dim() == 2:
+                hx = [h[:, 0] for h in hx]
+            hx = None if call % 2 else (tuple(hx) if states == 2 else hx[0])
+            general_calls.clear()
+            got, want = ours(x, hx), ref(x, hx)
+            assert_close(got[0], want[0], f"output of call {call}, input {shape}")
+            assert_close(got[1], want[1], f"final states of call {call}, input {shape}")
+            if call:  # the first call of a shape may measure its GEMM choice on the general path
+                assert general_calls == [] or shape != (4, 3, 5), f"call {call} ran the general path"
+    assert not general_calls
+
+
+def test_every_change_to_a_parameter_or_the_plan_shows_through(backend, general_calls):
+    ref, ours = _pair("LSTM", 4, 4, num_layers=2)
+    x = torch.randn(6, 3, 4)
+
+    def check(what: str) -> None:
+        with torch.no_grad():
+            general_calls.clear()
+            got, want = ours(x), ref(x)
+            assert_close(got[0], want[0], what)
+            assert_close(got[1], want[1], what)
+            assert not general_calls, f"{what}: ran the general path"
+
+    with torch.no_grad():
+        ours(x)
+    check("a second call")
+    with torch.no_grad():
+        for module in (ref, ours):
+            module.weight_hh_l1.add_(0.25)  # in place, as an optimizer step
+    check("after an in-place update")
+    new = torch.randn(16, 4)
+    for module in (ref, ours):
+        module.weight_ih_l0 = nn.Parameter(new.clone())
+    check("after replacing weight_ih_l0")
+    for module in (ref, ours):
+        module.bias_hh_l0.data = torch.randn(16)
+        ours.bias_hh_l0.data = ref.bias_hh_l0.data.clone()
+    check("after bias_hh_l0.data = ...")
+    ours.weight_ih_l1.data = ours.weight_ih_l1.data.view(4, 16).t()  # same data pointer, a transposed layout
+    ref.weight_ih_l1.data = ours.weight_ih_l1.data.clone()
+    with torch.no_grad():
+        got, want = ours(x), ref(x)
+    assert_close(got[0], want[0], "after a transposed .data view")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        check("on one thread")
+    finally:
+        torch.set_num_threads(threads)
+    for module in (ref, ours):
+        module.double()
+    with torch.no_grad():
+        got, want = ours(x.double()), ref(x.double())
+    assert_close(got[0], want[0], "after .double()", torch.float64)
+
+
+def test_a_plan_made_again_is_bound_again(backend, general_calls):
+    ref, ours = _pair("GRU", 3, 5)
+    x = torch.randn(5, 2, 3)
+    with torch.no_grad():
+        ours(x)
+        ours(x)
+        schedule.clear_plans()
+        general_calls.clear()
+        got = ours(x)
+    assert_close(got[0], ref(x)[0], "after the plans were cleared")
+
+
+def test_training_lengths_and_options_take_the_general_path(backend, general_calls):
+    ref, ours = _pair("LSTM", 3, 4)
+    x = torch.randn(5, 2, 3)
+    ours(x)[0].sum().backward()
+    assert general_calls == [1]
+    with torch.no_grad():
+        general_calls.clear()
+        ours(x, lengths=torch.tensor([5, 3]))
+        assert general_calls == [1]
+        states = ours(x, return_states=True)[2]
+    assert states[0].shape == (1, 5, 2, 4)
+
+
+# every kind the kernels take: dense, staged (gru_reset_before), none (mingru), diagonal (indrnn), extras (peephole)
+@pytest.mark.parametrize("cell", ["lstm", "gru_reset_before", "mingru", "indrnn", "peephole_lstm"])
+def test_every_cell_matches_the_torch_reference(backend, cell, general_calls):
+    torch.manual_seed(0)
+    ours = seqfast.Recurrent(cell, 3, 5, num_layers=2, bidirectional=True, backend="numba")
+    ref = seqfast.Recurrent(cell, 3, 5, num_layers=2, bidirectional=True, backend="torch")
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(6, 4, 3)
+    hx = tuple(torch.randn(4, 4, 5) for _ in range(ours.cell.num_states))
+    with torch.no_grad():
+        for call in range(3):
+            general_calls.clear()
+            got = ours(x, hx if call else None)
+            want = ref(x, hx if call else None)
+            assert_close(got[0], want[0], f"{cell} output, call {call}")
+            assert_close(got[1], want[1], f"{cell} final states, call {call}")
+    assert not general_calls
