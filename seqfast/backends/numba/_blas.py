@@ -297,56 +297,75 @@ def gemm_nn_acc_cols(fn, a, a0, b, c, one):
 
 @njit(inline="always")
 def _row_block_nn_acc(a, b, c, i, p):
-    """c[i:i+4, :] += a[i:i+4, p:p+8] @ b[p:p+8, :]: 32 multiply-adds per loaded vector of b's rows."""
+    """c[i:i+4, :] += a[i:i+4, p:p+4] @ b[p:p+4, :]: 16 multiply-adds per loaded vector of b's rows."""
     n = b.shape[1]
-    a0, a1, a2, a3, a4, a5, a6, a7 = (a[i, p], a[i, p + 1], a[i, p + 2], a[i, p + 3],
-                                      a[i, p + 4], a[i, p + 5], a[i, p + 6], a[i, p + 7])
-    e0, e1, e2, e3, e4, e5, e6, e7 = (a[i + 1, p], a[i + 1, p + 1], a[i + 1, p + 2], a[i + 1, p + 3],
-                                      a[i + 1, p + 4], a[i + 1, p + 5], a[i + 1, p + 6], a[i + 1, p + 7])
-    f0, f1, f2, f3, f4, f5, f6, f7 = (a[i + 2, p], a[i + 2, p + 1], a[i + 2, p + 2], a[i + 2, p + 3],
-                                      a[i + 2, p + 4], a[i + 2, p + 5], a[i + 2, p + 6], a[i + 2, p + 7])
-    g0, g1, g2, g3, g4, g5, g6, g7 = (a[i + 3, p], a[i + 3, p + 1], a[i + 3, p + 2], a[i + 3, p + 3],
-                                      a[i + 3, p + 4], a[i + 3, p + 5], a[i + 3, p + 6], a[i + 3, p + 7])
+    a0, a1, a2, a3 = a[i, p], a[i, p + 1], a[i, p + 2], a[i, p + 3]
+    e0, e1, e2, e3 = a[i + 1, p], a[i + 1, p + 1], a[i + 1, p + 2], a[i + 1, p + 3]
+    f0, f1, f2, f3 = a[i + 2, p], a[i + 2, p + 1], a[i + 2, p + 2], a[i + 2, p + 3]
+    g0, g1, g2, g3 = a[i + 3, p], a[i + 3, p + 1], a[i + 3, p + 2], a[i + 3, p + 3]
     for j in range(n):
         b0, b1, b2, b3 = b[p, j], b[p + 1, j], b[p + 2, j], b[p + 3, j]
-        b4, b5, b6, b7 = b[p + 4, j], b[p + 5, j], b[p + 6, j], b[p + 7, j]
-        c[i, j] = c[i, j] + a0 * b0 + a1 * b1 + a2 * b2 + a3 * b3 + a4 * b4 + a5 * b5 + a6 * b6 + a7 * b7
-        c[i + 1, j] = c[i + 1, j] + e0 * b0 + e1 * b1 + e2 * b2 + e3 * b3 + e4 * b4 + e5 * b5 + e6 * b6 + e7 * b7
-        c[i + 2, j] = c[i + 2, j] + f0 * b0 + f1 * b1 + f2 * b2 + f3 * b3 + f4 * b4 + f5 * b5 + f6 * b6 + f7 * b7
-        c[i + 3, j] = c[i + 3, j] + g0 * b0 + g1 * b1 + g2 * b2 + g3 * b3 + g4 * b4 + g5 * b5 + g6 * b6 + g7 * b7
+        c[i, j] = c[i, j] + a0 * b0 + a1 * b1 + a2 * b2 + a3 * b3
+        c[i + 1, j] = c[i + 1, j] + e0 * b0 + e1 * b1 + e2 * b2 + e3 * b3
+        c[i + 2, j] = c[i + 2, j] + f0 * b0 + f1 * b1 + f2 * b2 + f3 * b3
+        c[i + 3, j] = c[i + 3, j] + g0 * b0 + g1 * b1 + g2 * b2 + g3 * b3
+
+
+@njit(inline="always")
+def _pair_block_nn_acc(a, b, c, i, p):
+    """c[i:i+2, :] += a[i:i+2, p:p+4] @ b[p:p+4, :]."""
+    n = b.shape[1]
+    a0, a1, a2, a3 = a[i, p], a[i, p + 1], a[i, p + 2], a[i, p + 3]
+    e0, e1, e2, e3 = a[i + 1, p], a[i + 1, p + 1], a[i + 1, p + 2], a[i + 1, p + 3]
+    for j in range(n):
+        b0, b1, b2, b3 = b[p, j], b[p + 1, j], b[p + 2, j], b[p + 3, j]
+        c[i, j] = c[i, j] + a0 * b0 + a1 * b1 + a2 * b2 + a3 * b3
+        c[i + 1, j] = c[i + 1, j] + e0 * b0 + e1 * b1 + e2 * b2 + e3 * b3
+
+
+@njit(inline="always")
+def _k_tail_nn_acc(a, b, c, r0, r1, p0):
+    """c[r0:r1, :] += a[r0:r1, p0:] @ b[p0:, :], one k-step at a time (the k-steps a block leaves)."""
+    n = b.shape[1]
+    for r in range(r0, r1):
+        for p in range(p0, a.shape[1]):
+            av = a[r, p]
+            for j in range(n):
+                c[r, j] += av * b[p, j]
 
 
 @njit(inline="always")
 def loop_nn_acc(a, b, c):
     """c[M, N] += a[M, K] @ b[K, N] as a loop LLVM vectorizes over N: for GEMMs where it beats MKL, or without MKL.
 
-    Blocks of four rows and eight k-steps: each vector of b loaded serves 32 multiply-adds, and c is loaded and
-    stored once per eight k-steps, which outruns MKL's per-call path at the per-step shapes of H <= 128. Every
-    output still adds its k terms in order, one after another; where the compiler fuses multiply-adds may differ
-    from a plain loop's, so the last bit can."""
+    Blocks of four rows (then two) by four k-steps: each vector of b loaded serves 16 (8) multiply-adds, and the
+    values of a that a block multiplies by stay in registers (eight k-steps' 32 values do not fit AVX2's 16 vector
+    registers, and spill). A last single row takes eight k-steps a pass, its eight values fitting. Every output
+    still adds its k terms in order, one after another; where the compiler fuses multiply-adds may differ from a
+    plain loop's, so the last bit can."""
     m, k = a.shape
     n = b.shape[1]
+    k4 = k - k % 4
     k8 = k - k % 8
     m4 = m - m % 4
+    m2 = m - m % 2
     for i in range(0, m4, 4):
-        for p in range(0, k8, 8):
+        for p in range(0, k4, 4):
             _row_block_nn_acc(a, b, c, i, p)
-        for r in range(i, i + 4):
-            for p in range(k8, k):
-                av = a[r, p]
-                for j in range(n):
-                    c[r, j] += av * b[p, j]
-    for i in range(m4, m):  # leftover rows, one at a time, still eight k-steps per pass
+        _k_tail_nn_acc(a, b, c, i, i + 4, k4)
+    if m4 < m2:  # a leftover pair of rows
+        for p in range(0, k4, 4):
+            _pair_block_nn_acc(a, b, c, m4, p)
+        _k_tail_nn_acc(a, b, c, m4, m2, k4)
+    if m2 < m:  # a single leftover row, eight k-steps per pass
+        i = m - 1
         for p in range(0, k8, 8):
             a0, a1, a2, a3 = a[i, p], a[i, p + 1], a[i, p + 2], a[i, p + 3]
             a4, a5, a6, a7 = a[i, p + 4], a[i, p + 5], a[i, p + 6], a[i, p + 7]
             for j in range(n):
                 c[i, j] = (c[i, j] + a0 * b[p, j] + a1 * b[p + 1, j] + a2 * b[p + 2, j] + a3 * b[p + 3, j]
                            + a4 * b[p + 4, j] + a5 * b[p + 5, j] + a6 * b[p + 6, j] + a7 * b[p + 7, j])
-        for p in range(k8, k):
-            av = a[i, p]
-            for j in range(n):
-                c[i, j] += av * b[p, j]
+        _k_tail_nn_acc(a, b, c, i, m, k8)
 
 
 __all__ = ["SGEMM", "DGEMM", "SGEMM_KERNEL", "is_avx512_kernel", "SMALL_GEMM", "LOOP_GEMM_MAX_WEIGHT_BYTES",  # noqa: F822

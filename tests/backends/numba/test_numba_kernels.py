@@ -177,11 +177,13 @@ def _blocked(a, b, c):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
 def test_loop_gemm_blocks_and_leftovers(dtype) -> None:
-    """The blocked loop GEMM (four rows, eight k-steps) against a float64 product, at shapes with leftover rows and
-    k-steps, a lone row, and widths that are not a multiple of the vector length."""
+    """The blocked loop GEMM (blocks of four and two rows by four k-steps, a lone row by eight) against a float64
+    product, at every row count up to 11 (each mix of blocks and a lone row), k-steps left over by either block
+    size, and widths that are not a multiple of the vector length."""
     rng = np.random.default_rng(0)
     tol = 2e-5 if dtype == np.float32 else 1e-12
-    for m, k, n in [(1, 8, 5), (3, 7, 33), (4, 16, 17), (6, 17, 64), (9, 40, 3), (5, 3, 128)]:
+    shapes = [(m, k, n) for m in range(1, 12) for k, n in ((8, 5), (7, 33), (17, 64), (3, 128), (13, 16))]
+    for m, k, n in shapes + [(9, 40, 3), (4, 16, 17)]:
         a, b = rng.standard_normal((m, k)).astype(dtype), rng.standard_normal((k, n)).astype(dtype)
         c0 = rng.standard_normal((m, n)).astype(dtype)
         got = c0.copy()
