@@ -43,7 +43,7 @@ from typing import NamedTuple
 import torch
 
 from .config import cache_root, calibration_setting
-from .registry import Backend, Query, Weights, registry
+from .registry import Backend, Query, Stack, Weights, registry
 
 __all__ = ["Bucket", "bucket_of", "choose", "calibrate", "candidates", "table", "table_path", "machine_key",
            "forget"]
@@ -426,12 +426,14 @@ def _runner(backend: Backend, query: Query, bucket: Bucket, steps: int) -> Calla
         x = rand(steps, batch, bucket.input_size, scale=1.0).detach()
         weight_ih, bias_ih = rand(gates * hidden, bucket.input_size), rand(gates * hidden)
         leaves += [weight_ih, bias_ih]
-        if query.level == "step":  # what the cells call: torch.nn's parameter order, no projection
-            named = [("weight_ih", weight_ih), ("weight_hh", weights["weight_hh"]), ("bias_ih", bias_ih),
-                     ("bias_hh", weights["bias_hh"]),
-                     *[(n, w) for n, w in weights.items() if n not in ("weight_hh", "bias_hh")]]
-            named = [(n, w) for n, w in named if w is not None]
-            names, params = [n for n, _ in named], [w for _, w in named]
+        # torch.nn's parameter order: w_ih, w_hh, b_ih, b_hh, extras, w_hr
+        named = [("weight_ih", weight_ih), ("weight_hh", weights["weight_hh"]), ("bias_ih", bias_ih),
+                 ("bias_hh", weights["bias_hh"]),
+                 *[(n, w) for n, w in weights.items() if n not in ("weight_hh", "bias_hh", "weight_hr")],
+                 *([("weight_hr", weights["weight_hr"])] if proj else [])]
+        named = [(n, w) for n, w in named if w is not None]
+        names, params = [n for n, _ in named], [w for _, w in named]
+        if query.level == "step":  # what the cells call
             state0 = tuple(torch.zeros(batch, s, device=device, dtype=dtype) for s in sizes)
 
             def call() -> tuple[torch.Tensor, ...]:
@@ -439,17 +441,19 @@ def _runner(backend: Backend, query: Query, bucket: Bucket, steps: int) -> Calla
                 for t in range(steps):
                     state = backend.step(cell, x[t], state, params, names)
                 return state
-        elif backend.has_stack():  # torch.nn's parameter order: w_ih, w_hh, b_ih, b_hh, extras, w_hr
-            params = [weight_ih, *[w for w in (weights["weight_hh"],) if w is not None], bias_ih,
-                      *[w for n, w in weights.items() if n not in ("weight_hh", "weight_hr") and w is not None],
-                      *([weights["weight_hr"]] if proj else [])]
+        elif backend.has_stack():
             stacked = tuple(torch.zeros(1, batch, s, device=device, dtype=dtype) for s in sizes)
             call = lambda: backend.run_stack(cell, x, None, stacked, [params], num_layers=1,  # noqa: E731
                                              bidirectional=False, dropout=0.0, training=train, proj_size=proj)
         else:
             init = None if backend.accepts_zero_state else tuple(
                 torch.zeros(batch, s, device=device, dtype=dtype) for s in sizes)
-            call = lambda: backend.layer(cell, x, weight_ih, bias_ih, init, weights, None, False)  # noqa: E731
+            # as a module calls it: through the backend's stack runner where it has one and takes the call
+            stack_run = backend.stack_runner(cell, dtype, Stack(1, False, train, (tuple(names),)))
+
+            def call() -> tuple:
+                return ((stack_run(x, None, [params]) if stack_run is not None else None)
+                        or backend.layer(cell, x, weight_ih, bias_ih, init, weights, None, False))
 
     def run() -> None:
         with contextlib.ExitStack() as stack:

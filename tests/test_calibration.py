@@ -348,3 +348,37 @@ def test_long_runs_only_for_candidates_a_short_run_leaves_in_the_race(calibrated
     assert steps_run["slowpoke"] == {8}  # 1.0 s a scan on the fake clock: ruled out by the short run
     assert set(entry["seconds"]) == {"torch", "slowpoke"} and entry["backend"] == "torch"
     assert entry["seconds"]["slowpoke"] >= 1.0 * 256 / 8
+
+
+def test_a_module_query_is_timed_through_the_backends_stack_runner(calibrated, monkeypatch) -> None:
+    """What a module runs, calibration times: a backend's stack runner (bound to a one-layer stack in torch.nn's
+    parameter order), and layer() where the runner declines the call."""
+    bound, ran, declined = [], [], [False]
+
+    def stack_runner(self, cell, dtype, stack):
+        bound.append(stack)
+
+        def run(x, state0, params):
+            if declined[0]:
+                return None
+            ran.append([tuple(p.shape) for p in params[0]])
+            zeros = (torch.zeros(x.shape[1], params[0][1].shape[1], dtype=x.dtype),)
+            return self.layer(cell, x, params[0][0], params[0][2], zeros, seqfast.Weights(
+                weight_hh=params[0][1], bias_hh=params[0][3]), None, False)
+
+        return run
+
+    monkeypatch.setattr(Slow, "stack_runner", stack_runner, raising=False)
+    calibration.calibrate(query(batch=3, hidden=5, input_size=2))
+    assert bound and bound[0].names == (("weight_ih", "weight_hh", "bias_ih", "bias_hh"),)
+    assert bound[0].num_layers == 1 and not bound[0].bidirectional and not bound[0].requires_grad
+    bucket = calibration.bucket_of(query(batch=3, hidden=5, input_size=2))
+    hidden, inputs = bucket.hidden_size, bucket.input_size
+    assert ran and ran[0] == [(hidden, inputs), (hidden, hidden), (hidden,), (hidden,)]
+    layers = []
+    real_layer = TorchBackend.layer
+    monkeypatch.setattr(Slow, "layer", lambda self, *a: layers.append(1) or real_layer(self, *a), raising=False)
+    declined[0] = True
+    ran.clear()
+    calibration.calibrate(query(batch=40, hidden=24, input_size=2))  # another bucket: timed anew
+    assert layers and not ran  # declined: the general path ran
