@@ -6,6 +6,8 @@ time loop.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -59,22 +61,14 @@ def _small_projection(x: Tensor, weight_ih: Tensor) -> Tensor | None:
     """x @ weight_ih^T by MKL's own kernel (_blas.SGEMM_KERNEL) for a small float32 product, or None where that
     kernel is not in use or the operands are not contiguous. Called from compiled code (templates/project.py.tmpl),
     it wakes no OpenMP team and changes no MKL thread setting, which at these sizes cost more than the product."""
-    if not (x.is_contiguous() and weight_ih.is_contiguous()):
-        return None
-    out = small_projection_host((x.detach() if x.requires_grad else x).numpy(), host(weight_ih))
-    return None if out is None else torch.from_numpy(out)
-
-
-def small_projection_host(x: np.ndarray, weight_ih: np.ndarray) -> np.ndarray | None:
-    """_small_projection on contiguous float32 numpy arrays x [N, I] and weight_ih [G*H, I]."""
     blas = _blas_module or _blas_module_load()  # not at import: _blas imports numba
     sgemm_kernel = blas.SGEMM_KERNEL
-    if sgemm_kernel == blas.SGEMM or not x.shape[0]:
+    if sgemm_kernel == blas.SGEMM or not (x.is_contiguous() and weight_ih.is_contiguous()) or not x.shape[0]:
         return None
     out = np.empty((x.shape[0], weight_ih.shape[0]), dtype=np.float32)
     kernel = _project_kernel or _project_kernel_load()
-    kernel(sgemm_kernel, x, weight_ih, out)
-    return out
+    kernel(sgemm_kernel, (x.detach() if x.requires_grad else x).numpy(), host(weight_ih), out)
+    return torch.from_numpy(out)
 
 
 _blas_module = None
@@ -115,13 +109,23 @@ def input_projection(x: Tensor, weight_ih: Tensor) -> Tensor:
     return mm(x, weight_ih.t(), out=buffers.empty(shape, x.dtype))
 
 
-def input_projection_host(x: np.ndarray, weight_ih: Tensor, weight_host: np.ndarray) -> np.ndarray:
-    """input_projection of a contiguous numpy x [N, I], as a numpy array; weight_host is weight_ih's numpy view."""
-    if x.dtype == np.float32 and x.shape[0] * weight_host.shape[0] * x.shape[1] < SMALL_TORCH_GEMM:
-        out = small_projection_host(x, weight_host)
-        if out is not None:
+def host_projector(rows: int, weight_ih: Tensor, weight_host: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """input_projection of a contiguous numpy x [rows, ...] (its last dimension the input size), as a function
+    returning a numpy [rows, G*H]: the choice of GEMM made once for the shape. weight_host: weight_ih's numpy
+    view, which the function keeps."""
+    inputs, width = weight_host.shape[1], weight_host.shape[0]
+    blas = _blas_module or _blas_module_load()
+    if (weight_host.dtype == np.float32 and rows and rows * width * inputs < SMALL_TORCH_GEMM
+            and blas.SGEMM_KERNEL != blas.SGEMM):
+        kernel, fn = _project_kernel or _project_kernel_load(), blas.SGEMM_KERNEL
+
+        def small(x: np.ndarray) -> np.ndarray:
+            out = np.empty((rows, width), dtype=np.float32)
+            kernel(fn, x.reshape(rows, inputs), weight_host, out)
             return out
-    return input_projection(torch.from_numpy(x), weight_ih).numpy()
+
+        return small
+    return lambda x: input_projection(torch.from_numpy(x.reshape(rows, inputs)), weight_ih).numpy()
 
 
 _output_ranges: dict[tuple, tuple] = {}

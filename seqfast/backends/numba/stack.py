@@ -6,7 +6,8 @@ of kernels. A runner keeps, per layer-direction, what scan.forward works out fro
 prepare()'s arrays, weight_ih's numpy view), and per call projects, allocates and launches on numpy arrays, making
 tensors of the results only. Each call compares the parameters' layouts (data pointer, shape, strides, dtype) and
 the plan (thread count, GEMM choice) with the bound ones and binds again on any change; in-place updates show
-through the views. A call the general path must see first (its GEMM choice not yet measured) is declined.
+through the views. A call the general path must see first (its GEMM choice not yet measured) is declined, and so
+is one with a non-contiguous parameter (its array would be a copy, blind to in-place updates).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from ...registry import CellSpec, Stack
 from ..fused import _transforms_active
 from . import buffers, schedule
 from .availability import DTYPES
-from .gemm import input_projection_host
+from .gemm import host_projector
 from .scan import forward_args, prepare
 from .views import NO_PRODUCTS, NO_SAVED, host, layout
 
@@ -29,7 +30,7 @@ def stack_runner(cell: CellSpec, dtype: torch.dtype, stack: Stack):
     if stack.requires_grad or dtype not in DTYPES or any("weight_hr" in names for names in stack.names):
         return None
     dtype_name = DTYPES[dtype]
-    directions = 2 if stack.bidirectional else 1
+    gates, num_states = cell.num_gates, cell.num_states
     stages = len(cell.pointwise.stages)
     measured = cell.recurrence == "dense" and not stages  # scan.forward measures its GEMM choice for these
     no_products, no_saved = NO_PRODUCTS[dtype_name], NO_SAVED[dtype_name]
@@ -37,47 +38,53 @@ def stack_runner(cell: CellSpec, dtype: torch.dtype, stack: Stack):
     # per layer-direction: where weight_ih, bias_ih and each weight the scan takes sit among its parameters
     positions = [(names.index("weight_ih"), _position(names, "bias_ih"), [_position(names, n) for n in recurrent])
                  for names in stack.names]
+    directions = 2 if stack.bidirectional else 1
+    layers = [[(layer * directions + d, d == 1) for d in range(directions)] for layer in range(stack.num_layers)]
+    first_ih = positions[0][0]
     bound: list[tuple | None] = [None] * len(positions)
 
     def bind(index: int, params: list[Tensor], plan: schedule.Plan, steps: int, batch: int) -> tuple:
+        if not all(t.is_contiguous() for t in params):  # views would be copies, blind to in-place updates
+            bound[index] = found = (tuple(map(layout, params)), plan, None, None, None, None)
+            return found
         ih, bias_ih, weights = positions[index]
-        like = torch.empty((steps, batch, plan.hidden * cell.num_gates), dtype=dtype)  # prepare() reads its shape
+        like = torch.empty((steps, batch, plan.hidden * gates), dtype=dtype)  # prepare() reads its shape
         module, _, _, arrays, lens = prepare(cell, None, [None if i is None else params[i] for i in weights], None,
                                              None if bias_ih is None else params[bias_ih], like=like)
         launch = schedule.launcher(module, "forward", plan, plan.loop_forward)
-        bound[index] = found = (tuple(map(layout, params)), plan, launch, arrays, lens, host(params[ih]))
+        project = host_projector(steps * batch, params[ih], host(params[ih]))
+        bound[index] = found = (tuple(map(layout, params)), plan, launch, arrays, lens, project)
         return found
 
     def run(x: Tensor, state0: tuple[Tensor, ...] | None, params: list[list[Tensor]]):
         steps, batch = x.shape[0], x.shape[1]
-        width = params[0][positions[0][0]].shape[0]
-        hidden = width // cell.num_gates
-        plan = schedule.plan(dtype_name, steps, batch, width, hidden, cell.num_states)
+        width = params[0][first_ih].shape[0]
+        hidden = width // gates
+        plan = schedule.plan(dtype_name, steps, batch, width, hidden, num_states)
         if not batch or (measured and plan.measure_forward is not None) or _transforms_active():
             return None
         shared = len(plan.ranges) > 1
-        finals = [buffers.new((len(params), batch, hidden), dtype, shared) for _ in range(cell.num_states)]
+        finals = [buffers.new((len(params), batch, hidden), dtype, shared) for _ in range(num_states)]
         inits = None if state0 is None else [s.detach().contiguous().numpy() for s in state0]
         if x.requires_grad or not x.is_contiguous():  # batch_first input comes as a transposed view
             x = x.detach().contiguous()
         layer_input = x.numpy()
-        for layer in range(stack.num_layers):
+        for layer in layers:
             outputs = []
-            for direction in range(directions):
-                index = layer * directions + direction
+            for index, reverse in layer:
                 p = params[index]
                 found = bound[index]
                 if found is None or found[1] is not plan or found[0] != tuple(map(layout, p)):
                     found = bind(index, p, plan, steps, batch)
-                launch, arrays, lens, weight_ih = found[2:]
-                x_proj = input_projection_host(layer_input.reshape(steps * batch, -1), p[positions[index][0]],
-                                               weight_ih)
+                launch, arrays, lens, project = found[2:]
+                if launch is None:
+                    return None
                 out = buffers.new((steps, batch, hidden), dtype, shared)
                 vectors = buffers.new((stages, 1, batch, hidden), dtype, shared)[1] if stages else None
-                launch(*forward_args(cell, plan, x_proj.reshape(steps, batch, width), arrays,
+                launch(*forward_args(cell, plan, project(layer_input).reshape(steps, batch, width), arrays,
                                      plan.zero_states if inits is None else [s[index] for s in inits],
-                                     [f[1][index] for f in finals], lens, direction == 1, out[1], no_products,
-                                     no_saved, False, vectors))
+                                     [f[1][index] for f in finals], lens, reverse, out[1], no_products, no_saved,
+                                     False, vectors))
                 outputs.append(out)
             layer_input = outputs[0][1] if directions == 1 else np.concatenate([o[1] for o in outputs], axis=2)
         output = outputs[0][0] if directions == 1 else torch.from_numpy(layer_input)

@@ -98,6 +98,14 @@ def test_every_change_to_a_parameter_or_the_plan_shows_through(backend, general_
     with torch.no_grad():
         got, want = ours(x), ref(x)
     assert_close(got[0], want[0], "after a transposed .data view")
+    with torch.no_grad():  # a non-contiguous weight updated in place: the call must read it anew
+        for module in (ref, ours):
+            module.weight_ih_l1.mul_(-2.0)
+        got, want = ours(x), ref(x)
+    assert_close(got[0], want[0], "after an in-place update of a non-contiguous weight")
+    for module in (ref, ours):
+        module.weight_ih_l1.data = module.weight_ih_l1.data.contiguous()
+    check("with the weight contiguous again")
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
