@@ -117,13 +117,21 @@ def _config_file() -> tuple[str, os.stat_result, bool] | None:
         except OSError as exc:
             raise FileNotFoundError(f"SEQFAST_CONFIG names {named!r}, which cannot be read: {exc}") from exc
     for candidate in ("seqfast.toml", "pyproject.toml"):
-        if not os.access(candidate, os.F_OK):  # absent, the usual case: no exception to build (~1.5 us)
+        # a file seen last time is stat'ed at once (one call instead of two); one absent last time is probed with
+        # access(), which builds no exception when it is still absent (~1.5 us saved)
+        if not _seen.get(candidate) and not os.access(candidate, os.F_OK):
             continue
         try:
-            return candidate, os.stat(candidate), False
+            st = os.stat(candidate)
         except OSError:
+            _seen[candidate] = False
             continue
+        _seen[candidate] = True
+        return candidate, st, False
     return None
+
+
+_seen: dict[str, bool] = {}  # whether each candidate config file existed at the last look (a guess, not a cache)
 
 
 _file_cache: dict[tuple, tuple[Path | None, str | None, dict[str, str]]] = {}
