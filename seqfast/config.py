@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,31 +109,46 @@ def context_choices() -> Mapping[str, str]:
     return _context.get()
 
 
+# The config file in force is looked up again at most this often (a changed or new file, or another working
+# directory, applies from the next look; forget_config_file() makes the next selection look): a look is one to
+# three system calls, which on every selection cost a cell step more than its own Python (RESULTS.md).
+CONFIG_LOOK_SECONDS = 1.0
+_clock = time.monotonic
+_last_look: list = [None, -math.inf, None]  # [SEQFAST_CONFIG at the look, its time, what it found]
+
+
 def _config_file() -> tuple[str, os.stat_result, bool] | None:
     """(the config file in force, its stat, named by SEQFAST_CONFIG?); None when there is none. Called on every
-    selection: stat only."""
+    selection: looked up again once CONFIG_LOOK_SECONDS have passed or SEQFAST_CONFIG changed."""
     named = getenv("SEQFAST_CONFIG")
+    now = _clock()
+    last = _last_look
+    if last[0] == named and now - last[1] < CONFIG_LOOK_SECONDS:
+        return last[2]
+    found = _look_for_config_file(named)
+    _last_look[:] = [named, now, found]
+    return found
+
+
+def _look_for_config_file(named: str) -> tuple[str, os.stat_result, bool] | None:
     if named:
         try:
             return named, os.stat(named), True
         except OSError as exc:
             raise FileNotFoundError(f"SEQFAST_CONFIG names {named!r}, which cannot be read: {exc}") from exc
     for candidate in ("seqfast.toml", "pyproject.toml"):
-        # a file seen last time is stat'ed at once (one call instead of two); one absent last time is probed with
-        # access(), which builds no exception when it is still absent (~1.5 us saved)
-        if not _seen.get(candidate) and not os.access(candidate, os.F_OK):
+        if not os.access(candidate, os.F_OK):  # absent, the usual case: no exception to build (~1.5 us)
             continue
         try:
-            st = os.stat(candidate)
+            return candidate, os.stat(candidate), False
         except OSError:
-            _seen[candidate] = False
             continue
-        _seen[candidate] = True
-        return candidate, st, False
     return None
 
 
-_seen: dict[str, bool] = {}  # whether each candidate config file existed at the last look (a guess, not a cache)
+def forget_config_file() -> None:
+    """Look for the config file again on the next selection (after writing one, or changing directory)."""
+    _last_look[:] = [None, -math.inf, None]
 
 
 _file_cache: dict[tuple, tuple[Path | None, str | None, dict[str, str]]] = {}
@@ -260,7 +277,8 @@ SETTINGS: Mapping[str, Setting] = MappingProxyType({
     "cache_dir": Setting("SEQFAST_CACHE_DIR", "path", None, "seqfast's cache directory (default: "
                          "$XDG_CACHE_HOME/seqfast, else ~/.cache/seqfast)"),
     "config": Setting("SEQFAST_CONFIG", "path", None, "the config file (default: ./seqfast.toml, else [tool.seqfast] "
-                      "in ./pyproject.toml)"),
+                      "in ./pyproject.toml; looked for again at most once a second, at once when this variable "
+                      "changes)"),
     "disable_plugins": Setting("SEQFAST_DISABLE_PLUGINS", "bool", False, "skip loading seqfast.plugins entry points"),
     "numba_threads": Setting("SEQFAST_NUMBA_THREADS", "int", None, "threads a numba scan may use (default: "
                              "torch.get_num_threads())", minimum=1),

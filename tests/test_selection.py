@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import seqfast
-from seqfast import BackendNotSupportedError, CellSpec, use_backend
+from seqfast import BackendNotSupportedError, CellSpec, config, use_backend
 from seqfast.config import resolve_choice
 from seqfast.registry import registry
 
@@ -77,6 +77,32 @@ def test_config_file_named_by_env_beats_local_files(monkeypatch, tmp_path):
     monkeypatch.setenv("SEQFAST_CONFIG", str(tmp_path / "missing.toml"))
     with pytest.raises(FileNotFoundError, match="SEQFAST_CONFIG names"):
         choice()
+
+
+def test_the_config_file_is_looked_for_once_an_interval(monkeypatch, tmp_path):
+    """Selections look for the config file again once config.CONFIG_LOOK_SECONDS have passed, at once when
+    SEQFAST_CONFIG changes or after forget_config_file(); in between they make no system call for it."""
+    now = [100.0]
+    monkeypatch.setattr(config, "CONFIG_LOOK_SECONDS", 1.0)
+    monkeypatch.setattr(config, "_clock", lambda: now[0])
+    config.forget_config_file()
+    assert choice().name == "auto"
+    looks = []
+    real_look = config._look_for_config_file
+    monkeypatch.setattr(config, "_look_for_config_file", lambda named: looks.append(named) or real_look(named))
+    (tmp_path / "seqfast.toml").write_text('backend = "native"\n')
+    now[0] += 0.5
+    assert choice().name == "auto" and not looks  # within the interval: the last look stands, no stat
+    now[0] += 0.6
+    assert choice().name == "native" and looks == [""]  # the interval passed: looked again
+    (tmp_path / "seqfast.toml").write_text('backend = "torch"\n')
+    assert choice().name == "native"
+    config.forget_config_file()
+    assert choice().name == "torch" and len(looks) == 2
+    other = tmp_path / "elsewhere.toml"
+    other.write_text('backend = "numba"\n')
+    monkeypatch.setenv("SEQFAST_CONFIG", str(other))
+    assert choice().name == "numba" and looks[-1] == str(other)  # a new SEQFAST_CONFIG is looked up at once
 
 
 def test_bad_config_file_is_a_clear_error(tmp_path):
