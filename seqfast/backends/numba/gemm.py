@@ -57,17 +57,26 @@ def onednn_linear():
     return _linear_op[0]
 
 
-def _small_projection(x: Tensor, weight_ih: Tensor) -> Tensor | None:
-    """x @ weight_ih^T by MKL's own kernel (_blas.SGEMM_KERNEL) for a small float32 product, or None where that
-    kernel is not in use or the operands are not contiguous. Called from compiled code (templates/project.py.tmpl),
-    it wakes no OpenMP team and changes no MKL thread setting, which at these sizes cost more than the product."""
+def _small_kernel(float32: bool, rows: int, width: int, inputs: int) -> int | None:
+    """The address of MKL's own kernel (_blas.SGEMM_KERNEL) where an input projection of [rows, inputs] by
+    [width, inputs]^T takes it: a float32 product under SMALL_TORCH_GEMM multiply-adds while that kernel is in
+    use; else None. Called from compiled code (templates/project.py.tmpl), it wakes no OpenMP team and changes no
+    MKL thread setting, which at these sizes cost more than the product."""
+    if not float32 or not rows or rows * width * inputs >= SMALL_TORCH_GEMM:
+        return None
     blas = _blas_module or _blas_module_load()  # not at import: _blas imports numba
-    sgemm_kernel = blas.SGEMM_KERNEL
-    if sgemm_kernel == blas.SGEMM or not (x.is_contiguous() and weight_ih.is_contiguous()) or not x.shape[0]:
+    return None if blas.SGEMM_KERNEL == blas.SGEMM else blas.SGEMM_KERNEL
+
+
+def _small_projection(x: Tensor, weight_ih: Tensor) -> Tensor | None:
+    """x @ weight_ih^T by _small_kernel's kernel, or None where it does not apply or the operands are not
+    contiguous."""
+    fn = _small_kernel(x.dtype == torch.float32, x.shape[0], weight_ih.shape[0], x.shape[1])
+    if fn is None or not (x.is_contiguous() and weight_ih.is_contiguous()):
         return None
     out = np.empty((x.shape[0], weight_ih.shape[0]), dtype=np.float32)
     kernel = _project_kernel or _project_kernel_load()
-    kernel(sgemm_kernel, (x.detach() if x.requires_grad else x).numpy(), host(weight_ih), out)
+    kernel(fn, (x.detach() if x.requires_grad else x).numpy(), host(weight_ih), out)
     return torch.from_numpy(out)
 
 
@@ -97,10 +106,9 @@ def input_projection(x: Tensor, weight_ih: Tensor) -> Tensor:
     be page-faulted in on every call)."""
     shape = (x.shape[0], weight_ih.shape[0])
     if x.dtype == torch.float32:
-        if shape[0] * shape[1] * x.shape[1] < SMALL_TORCH_GEMM:
-            small = _small_projection(x, weight_ih)
-            if small is not None:
-                return small
+        small = _small_projection(x, weight_ih)
+        if small is not None:
+            return small
         linear = onednn_linear()
         if linear is not None and shape[0] * shape[1] >= ONEDNN_MIN_OUTPUTS:
             return linear(x, weight_ih, None, "none", [], "")
@@ -114,10 +122,9 @@ def host_projector(rows: int, weight_ih: Tensor, weight_host: np.ndarray) -> Cal
     returning a numpy [rows, G*H]: the choice of GEMM made once for the shape. weight_host: weight_ih's numpy
     view, which the function keeps."""
     inputs, width = weight_host.shape[1], weight_host.shape[0]
-    blas = _blas_module or _blas_module_load()
-    if (weight_host.dtype == np.float32 and rows and rows * width * inputs < SMALL_TORCH_GEMM
-            and blas.SGEMM_KERNEL != blas.SGEMM):
-        kernel, fn = _project_kernel or _project_kernel_load(), blas.SGEMM_KERNEL
+    fn = _small_kernel(weight_host.dtype == np.float32, rows, width, inputs)
+    if fn is not None:
+        kernel = _project_kernel or _project_kernel_load()
 
         def small(x: np.ndarray) -> np.ndarray:
             out = np.empty((rows, width), dtype=np.float32)
