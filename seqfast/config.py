@@ -273,7 +273,7 @@ class Setting:
 # those too). TRITON_INTERPRET is triton's own variable, read here as triton reads it.
 SETTINGS: Mapping[str, Setting] = MappingProxyType({
     "calibrate": Setting("SEQFAST_CALIBRATE", "bool", True, "auto times the candidate backends per shape bucket, "
-                         "and numba its GEMM path per shape (else the static rules)", key="calibrate"),
+                         "and numba its GEMM paths per shape (else the static rules)", key="calibrate"),
     "cache_dir": Setting("SEQFAST_CACHE_DIR", "path", None, "seqfast's cache directory (default: "
                          "$XDG_CACHE_HOME/seqfast, else ~/.cache/seqfast)"),
     "config": Setting("SEQFAST_CONFIG", "path", None, "the config file (default: ./seqfast.toml, else [tool.seqfast] "

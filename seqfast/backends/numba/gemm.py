@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ..._memo import memo
-from . import buffers, schedule
+from . import buffers, gemm_choice, schedule
 from .codegen import projection_kernels, weight_grad_kernels
 from .views import host
 
@@ -24,9 +24,14 @@ from .views import host
 # point only.
 SMALL_TORCH_GEMM = 1 << 19  # read on each call
 
-# From this many outputs the input projection runs on oneDNN's linear (T100 B16 H256 up); below it MKL was as fast
-# or faster (T100 B8 H64 171 vs 190 us, B1 H32 12 vs 30 us).
+# The static rule for an input projection: from this many outputs oneDNN's linear (T100 B16 H256 up), below it MKL
+# (fitted on an AVX-512 AMD CPU; where calibration is on, the way is measured per shape, see projection_way)
 ONEDNN_MIN_OUTPUTS = 1 << 20
+# A projection's timing runs take at most this many of the call's rows: the fastest way changes with the rows (on
+# one CPU oneDNN led at 128 rows of a 512-by-2048 product, MKL from 512 rows on), and timing every row of a large
+# call would cost it several times over
+PROJECTION_TIMING_ROWS = 2048
+PROJECTION_MARGIN = 1.05
 
 
 def mm(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
@@ -59,19 +64,24 @@ def onednn_linear():
 
 def _small_kernel(float32: bool, rows: int, width: int, inputs: int) -> int | None:
     """The address of MKL's own kernel (_blas.SGEMM_KERNEL) where an input projection of [rows, inputs] by
-    [width, inputs]^T takes it: a float32 product under SMALL_TORCH_GEMM multiply-adds while that kernel is in
-    use; else None. Called from compiled code (templates/project.py.tmpl), it wakes no OpenMP team and changes no
-    MKL thread setting, which at these sizes cost more than the product."""
+    [width, inputs]^T takes it without measuring: a float32 product under SMALL_TORCH_GEMM multiply-adds while that
+    kernel is in use; else None. Called from compiled code (templates/project.py.tmpl), it wakes no OpenMP team and
+    changes no MKL thread setting, which at these sizes cost more than the product."""
     if not float32 or not rows or rows * width * inputs >= SMALL_TORCH_GEMM:
         return None
+    return _direct_kernel()
+
+
+def _direct_kernel() -> int | None:
+    """MKL's own sgemm kernel's address where the kernels use one (a non-Intel CPU), else None."""
     blas = _blas_module or _blas_module_load()  # not at import: _blas imports numba
     return None if blas.SGEMM_KERNEL == blas.SGEMM else blas.SGEMM_KERNEL
 
 
-def _small_projection(x: Tensor, weight_ih: Tensor) -> Tensor | None:
-    """x @ weight_ih^T by _small_kernel's kernel, or None where it does not apply or the operands are not
-    contiguous."""
-    fn = _small_kernel(x.dtype == torch.float32, x.shape[0], weight_ih.shape[0], x.shape[1])
+def _kernel_projection(x: Tensor, weight_ih: Tensor) -> Tensor | None:
+    """x @ weight_ih^T by MKL's own kernel on the calling thread, or None where there is none or the operands are
+    not contiguous float32."""
+    fn = _direct_kernel() if x.dtype == torch.float32 else None
     if fn is None or not (x.is_contiguous() and weight_ih.is_contiguous()):
         return None
     out = np.empty((x.shape[0], weight_ih.shape[0]), dtype=np.float32)
@@ -101,20 +111,54 @@ def _project_kernel_load():
 
 
 def input_projection(x: Tensor, weight_ih: Tensor) -> Tensor:
-    """x [N, I] @ weight_ih^T without its bias: oneDNN's linear for large float32 ones, MKL's own kernel for small
-    ones (_small_projection), else mm, into a pooled buffer from buffers.MIN_BYTES (a fresh one this large would
-    be page-faulted in on every call)."""
+    """x [N, I] @ weight_ih^T without its bias, the way projection_way picks; mm's result in a pooled buffer from
+    buffers.MIN_BYTES (a fresh one this large would be page-faulted in on every call)."""
+    return _project(projection_way(x, weight_ih), x, weight_ih)
+
+
+def _project(way: str, x: Tensor, weight_ih: Tensor) -> Tensor:
+    if way == "kernel":
+        out = _kernel_projection(x, weight_ih)
+        if out is not None:
+            return out
+    elif way == "onednn":
+        return onednn_linear()(x, weight_ih, None, "none", [], "")
     shape = (x.shape[0], weight_ih.shape[0])
-    if x.dtype == torch.float32:
-        small = _small_projection(x, weight_ih)
-        if small is not None:
-            return small
-        linear = onednn_linear()
-        if linear is not None and shape[0] * shape[1] >= ONEDNN_MIN_OUTPUTS:
-            return linear(x, weight_ih, None, "none", [], "")
     if shape[0] * shape[1] * x.dtype.itemsize < buffers.MIN_BYTES:
         return mm(x, weight_ih.t())
     return mm(x, weight_ih.t(), out=buffers.empty(shape, x.dtype))
+
+
+def projection_way(x: Tensor, weight_ih: Tensor) -> str:
+    """How x [N, I] @ weight_ih^T runs: "kernel" (MKL's own kernel on the calling thread), "mm" (torch's mm: MKL's
+    sgemm_ on torch's threads) or "onednn" (oneDNN's linear). A float32 product of SMALL_TORCH_GEMM multiply-adds
+    or more takes the way measured fastest for its shape bucket (gemm_choice), measured on this call where none
+    is yet; otherwise, and where calibration is off, the static rule: MKL's own kernel below SMALL_TORCH_GEMM, then
+    mm, and oneDNN from ONEDNN_MIN_OUTPUTS outputs."""
+    rows, width, inputs = x.shape[0], weight_ih.shape[0], x.shape[1]
+    float32 = x.dtype == torch.float32
+    if _small_kernel(float32, rows, width, inputs) is not None:
+        return "kernel"
+    linear = onednn_linear() if float32 else None
+    static = "onednn" if linear is not None and rows * width >= ONEDNN_MIN_OUTPUTS else "mm"
+    if not float32 or rows * width * inputs < SMALL_TORCH_GEMM:
+        return static
+    threads = torch.get_num_threads()
+    # MKL's own kernel runs on the calling thread only: a candidate where torch's GEMMs have one thread too
+    others = ("mm", *(("onednn",) if linear is not None else ()),
+              *(("kernel",) if threads == 1 and _direct_kernel() is not None else ()))
+    ways = (static, *(w for w in others if w != static))
+    if len(ways) == 1:
+        return static
+    bucket = min(1 << (rows - 1).bit_length(), PROJECTION_TIMING_ROWS)
+    key = ("projection", bucket, width, inputs, threads)
+    found = gemm_choice.decided(key)
+    if found is not None:
+        return found
+    if not gemm_choice.may_measure():
+        return static
+    sample = x[:PROJECTION_TIMING_ROWS]
+    return gemm_choice.choose(key, ways, lambda way: _project(way, sample, weight_ih), PROJECTION_MARGIN)
 
 
 def host_projector(rows: int, weight_ih: Tensor, weight_host: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:

@@ -1,18 +1,23 @@
-"""Whether a scan's per-step products run as the numba loop or in MKL: measured on this machine.
+"""GEMM choices measured on this machine: the scans' per-step products (numba loop or MKL) and the input projection
+(MKL's own kernel, torch's mm or oneDNN's linear).
 
-Where the two cross over depends on the CPU (its vector width, its caches, the code path MKL takes on it), and the
-static rule (_blas.loop_gemm) was fitted on AVX-512 CPUs. So the first forward scan of a shape in a process (its
-rows per thread, width, hidden size, dtype and BLAS routine), and the first backward scan, first run a few of the
-call's own steps both ways, interleaved, and the faster is kept for the process, as torch.backends.cudnn.benchmark
-picks convolution algorithms. The static rule's choice stands unless the other is MARGIN faster. The timing runs
-use the same compiled kernel (its loop-or-MKL flag is an argument: nothing is compiled for them): the forward's
-are inference runs writing the call's own outputs, which the call writes again afterwards; the backward's read
-copies of what its kernel overwrites and write scratch buffers (scan.py). Only the rounding of a call's products
-can depend on the outcome.
+Which is faster depends on the CPU (its vector width, its caches, the code path MKL and oneDNN take on it), and the
+static rules (_blas.loop_gemm, gemm.ONEDNN_MIN_OUTPUTS) were fitted on AVX-512 CPUs. So the first call of a shape
+in a process runs the candidates on its own data, interleaved, and keeps the fastest for the process, as
+torch.backends.cudnn.benchmark picks convolution algorithms; the static rule's choice stands unless another is
+clearly faster (MARGIN). Only the rounding of a call's products can depend on the outcome.
 
-Only dense recurrences of unstaged cells are timed (the others have no per-step product, or products of column
-blocks that keep the static rule). Nothing is timed where `auto`'s calibration is off (SEQFAST_CALIBRATE=0,
-`calibrate = false`), while torch.compile traces, or inside torch.func transforms; the static rule applies there.
+- Per-step products: the first forward scan of a shape (its rows per thread, width, hidden size, dtype and BLAS
+  routine), and the first backward scan, run a few of the call's own steps both ways. The timing runs use the same
+  compiled kernel (its loop-or-MKL flag is an argument: nothing is compiled for them): the forward's are inference
+  runs writing the call's own outputs, which the call writes again afterwards; the backward's read copies of what
+  its kernel overwrites and write scratch buffers (scan.py). Only dense recurrences of unstaged cells are timed (the
+  others have no per-step product, or products of column blocks that keep the static rule).
+- Input projections (gemm.py) of at least SMALL_TORCH_GEMM multiply-adds, per bucket of rows, width, input size
+  and thread count: the first call's product on at most gemm.PROJECTION_TIMING_ROWS of its rows, by each way.
+
+Nothing is timed where `auto`'s calibration is off (SEQFAST_CALIBRATE=0, `calibrate = false`), while torch.compile
+traces, or inside torch.func transforms; the static rules apply there.
 """
 
 from __future__ import annotations
@@ -36,8 +41,9 @@ _lock = threading.Lock()
 _clock: Callable[[], float] = time.perf_counter
 
 
-def decided(key: tuple) -> bool | None:
-    """The measured choice for a shape key (True: the loop), or None where none was made in this process."""
+def decided(key: tuple) -> object:
+    """The measured choice for a shape key (a way choose() was given), or None where none was made in this
+    process."""
     return _decided.get(key)
 
 
@@ -52,23 +58,24 @@ def timing_steps(steps: int, batch: int, width: int, hidden: int) -> int:
     return max(1, min(steps, max(MIN_STEPS, WORK_PER_RUN // max(1, batch * width * hidden))))
 
 
-def choose(key: tuple, static: bool, run: Callable[[bool], None]) -> bool:
-    """Time run(loop) both ways (one untimed run each, then ROUNDS interleaved runs, best of each), keep the
-    choice under `key` and return it (True: the loop)."""
+def choose(key: tuple, ways: tuple, run: Callable[[object], None], margin: float = MARGIN) -> object:
+    """Time run(way) for each of `ways` (one untimed run each, then ROUNDS interleaved runs, best of each), keep
+    the choice under `key` and return it: the fastest way where it is `margin` faster than ways[0] (the static
+    rule's), else ways[0]."""
     with _lock:
         known = _decided.get(key)
         if known is not None:
             return known
-        ways = (static, not static)
-        for loop in ways:
-            run(loop)
+        for way in ways:
+            run(way)
         best = dict.fromkeys(ways, math.inf)
         for round_ in range(ROUNDS):
-            for loop in (ways if round_ % 2 == 0 else ways[::-1]):
+            for way in (ways if round_ % 2 == 0 else ways[::-1]):
                 start = _clock()
-                run(loop)
-                best[loop] = min(best[loop], _clock() - start)
-        choice = (not static) if best[not static] * MARGIN < best[static] else static
+                run(way)
+                best[way] = min(best[way], _clock() - start)
+        fastest = min(ways, key=best.__getitem__)
+        choice = fastest if best[fastest] * margin < best[ways[0]] else ways[0]
         if len(_decided) >= 4096:  # shapes vary without bound in some programs
             _decided.clear()
         _decided[key] = choice

@@ -138,7 +138,8 @@ def _measured(module, kernel: str, plan: schedule.Plan, timing: tuple, sums: tup
     the plans are made again with it."""
     key, static = ((plan.measure_forward, plan.loop_forward) if kernel == "forward"
                    else (plan.measure_backward, plan.loop_backward))
-    loop = gemm_choice.choose(key, static, lambda small: schedule.launch(module, kernel, plan, small, timing, sums))
+    loop = gemm_choice.choose(key, (static, not static),
+                              lambda small: schedule.launch(module, kernel, plan, small, timing, sums))
     schedule.clear_plans()
     return loop
 

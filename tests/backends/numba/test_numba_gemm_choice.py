@@ -1,4 +1,5 @@
-"""The forward's per-step GEMM, numba loop or MKL, measured on this machine (gemm_choice)."""
+"""GEMM choices measured on this machine (gemm_choice): the scans' per-step GEMM, numba loop or MKL, and the
+input projection's way."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ numba = pytest.importorskip("numba")
 
 from numba_cases import fresh_plans  # noqa: E402, F401 (autouse fixture)
 
-from seqfast.backends.numba import _blas, gemm_choice, schedule  # noqa: E402
+from seqfast.backends.numba import _blas, gemm, gemm_choice, schedule  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -40,11 +41,24 @@ def test_the_static_choice_stands_unless_the_other_is_clearly_faster(monkeypatch
                                                                      switches) -> None:
     run, ran = _timed({static: other_faster_by, not static: 1.0}, monkeypatch)
     key = ("test", static, other_faster_by)
-    choice = gemm_choice.choose(key, static, run)
+    choice = gemm_choice.choose(key, (static, not static), run)
     assert choice == ((not static) if switches else static)
     assert gemm_choice.decided(key) == choice
     assert ran.count(True) == ran.count(False) == 1 + gemm_choice.ROUNDS  # one untimed run each, then rounds
-    assert gemm_choice.choose(key, static, run) == choice and len(ran) == 2 * (1 + gemm_choice.ROUNDS)
+    assert gemm_choice.choose(key, (static, not static), run) == choice and len(ran) == 2 * (1 + gemm_choice.ROUNDS)
+
+
+@pytest.mark.parametrize("costs, margin, expected", [
+    ({"a": 1.0, "b": 0.7, "c": 0.5}, 1.10, "c"),  # the fastest of three, clearly ahead of the static one
+    ({"a": 1.0, "b": 0.97, "c": 0.98}, 1.05, "a"),  # none clearly ahead: the static one stands
+    ({"a": 1.0, "b": 0.9, "c": 0.99}, 1.05, "b"),  # a smaller margin lets a 10% lead count
+])
+def test_the_fastest_of_several_ways_is_kept(monkeypatch, costs, margin, expected) -> None:
+    run, ran = _timed(costs, monkeypatch)
+    key = ("test", tuple(costs.values()), margin)
+    assert gemm_choice.choose(key, ("a", "b", "c"), run, margin) == expected
+    assert gemm_choice.decided(key) == expected
+    assert all(ran.count(way) == 1 + gemm_choice.ROUNDS for way in costs)
 
 
 def _lstm_call(batch: int, hidden: int, steps: int = 12):
@@ -113,11 +127,11 @@ def test_a_measured_choice_runs_and_the_result_does_not_change(monkeypatch, fast
 
 def _charging(choose, costs, now):
     """choose() whose runs advance the fake clock by costs[loop] after running for real."""
-    def charged(key, static, run):
-        def timed_run(loop: bool) -> None:
-            run(loop)
-            now[0] += costs[loop]
-        return choose(key, static, timed_run)
+    def charged(key, ways, run, *margin):
+        def timed_run(way) -> None:
+            run(way)
+            now[0] += costs[way]
+        return choose(key, ways, timed_run, *margin)
     return charged
 
 
@@ -197,3 +211,83 @@ def test_the_backward_is_measured_on_copies_and_its_gradients_are_torch_nns(monk
     assert launched == ["forward"] * runs + ["backward"] * runs
     keys = [key for key in gemm_choice._decided if key[0] == "backward"]
     assert len(keys) == 1
+
+
+def _projection_operands(rows: int, inputs: int = 64, width: int = 256, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(rows)
+    return (torch.randn(rows, inputs, generator=gen, dtype=dtype),
+            torch.randn(width, inputs, generator=gen, dtype=dtype))
+
+
+def _recorded_projections(monkeypatch) -> list[tuple[str, int]]:
+    """(way, rows) of every product gemm._project runs."""
+    ran = []
+    real = gemm._project
+    monkeypatch.setattr(gemm, "_project", lambda way, x, w: (ran.append((way, x.shape[0])), real(way, x, w))[1])
+    return ran
+
+
+@pytest.mark.parametrize("fastest", ["mm", "onednn", "kernel"])
+def test_a_projection_takes_the_way_measured_fastest_for_its_shape(monkeypatch, fastest: str) -> None:
+    """A large float32 projection times every way on at most PROJECTION_TIMING_ROWS of its rows, keeps the fastest
+    for its bucket of rows (measured once), and equals x W_ih^T whichever way runs."""
+    monkeypatch.setenv("SEQFAST_CALIBRATE", "1")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # MKL's own kernel is a candidate on one thread
+    x, weight = _projection_operands(3000)
+    ways = ("mm", *(("onednn",) if gemm.onednn_linear() is not None else ()),
+            *(("kernel",) if gemm._direct_kernel() is not None else ()))
+    if fastest not in ways:
+        pytest.skip(f"{fastest} is not available here")
+    costs = {way: (1.0 if way == fastest else 2.0) for way in ways}
+    now = [0.0]
+    monkeypatch.setattr(gemm_choice, "_clock", lambda: now[0])
+    monkeypatch.setattr(gemm_choice, "choose", _charging(gemm_choice.choose, costs, now))
+    ran = _recorded_projections(monkeypatch)
+    want = x.double().mm(weight.double().t()).float()
+    torch.testing.assert_close(gemm.input_projection(x, weight), want, rtol=1e-5, atol=1e-5)
+    *timing, call = ran
+    assert sorted(timing) == sorted((way, gemm.PROJECTION_TIMING_ROWS) for way in ways
+                                    for _ in range(1 + gemm_choice.ROUNDS))
+    assert call == (fastest, 3000)
+    ran.clear()
+    other_rows, _ = _projection_operands(2500)  # the same bucket: no timing again
+    torch.testing.assert_close(gemm.input_projection(other_rows, weight), other_rows.mm(weight.t()),
+                               rtol=1e-5, atol=1e-5)
+    assert ran == [(fastest, 2500)]
+
+
+def test_a_projection_keeps_the_static_rule_where_nothing_is_measured(monkeypatch) -> None:
+    """Calibration off, float64, or a product under SMALL_TORCH_GEMM: the static rule, and nothing is timed."""
+    ran = _recorded_projections(monkeypatch)
+    monkeypatch.setenv("SEQFAST_CALIBRATE", "0")
+    x, weight = _projection_operands(5000, width=256)  # 1.28M outputs: oneDNN's by the static rule
+    static = "onednn" if gemm.onednn_linear() is not None else "mm"
+    torch.testing.assert_close(gemm.input_projection(x, weight), x.mm(weight.t()), rtol=1e-5, atol=1e-5)
+    assert ran == [(static, 5000)]
+    monkeypatch.setenv("SEQFAST_CALIBRATE", "1")
+    ran.clear()
+    x64, w64 = _projection_operands(3000, dtype=torch.float64)
+    torch.testing.assert_close(gemm.input_projection(x64, w64), x64.mm(w64.t()))
+    small, w_small = _projection_operands(20)  # 0.33M multiply-adds
+    gemm.input_projection(small, w_small)
+    assert ran == [("mm", 3000), ("kernel" if gemm._direct_kernel() is not None else "mm", 20)]
+    assert gemm_choice._decided == {}
+
+
+def test_a_module_call_measures_its_projection_once(monkeypatch) -> None:
+    """Through the module (general path in training, the stack runner in inference) the projection is measured on
+    the first call of its shape and the results are torch.nn's."""
+    monkeypatch.setenv("SEQFAST_CALIBRATE", "1")
+    ran = _recorded_projections(monkeypatch)
+    torch.manual_seed(4)
+    ours = seqfast.GRU(64, 96, backend="numba")
+    ref = torch.nn.GRU(64, 96)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(40, 50, 64)  # 2000 rows by 288 by 64: 36.9M multiply-adds
+    with torch.no_grad():
+        for _ in range(2):
+            torch.testing.assert_close(ours(x), ref(x), rtol=1e-4, atol=2e-5)
+    assert [key for key in gemm_choice._decided if key[0] == "projection"] == [("projection", 2048, 288, 64,
+                                                                                 torch.get_num_threads())]
+    timing_runs = len(ran) - 2
+    assert timing_runs >= 2 * (1 + gemm_choice.ROUNDS) and {rows for _, rows in ran} == {2000}
