@@ -76,7 +76,7 @@ def collect_info() -> dict:
             "failed": [vars(f) for f in registry.plugin_failures],
             "disabled": setting("disable_plugins"),
         },
-        "config": {"file": str(path) if path else None, "backend": default, "backends": per_cell,
+        "config": {"file": str(path) if path else None, "backend": default, "backends": dict(per_cell),
                    "use_backend": dict(context_choices()), "environment": env},
     }
 

@@ -17,47 +17,18 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import math
 import os
-import sys
-import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 
+from ._env import ENV_DATA, getenv
 from ._memo import memo
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from .config_file import config_file_option, config_file_settings
 
 __all__ = ["Choice", "use_backend", "resolve_choice", "config_file_settings", "getenv", "config_file_option",
            "calibration_setting", "cache_root", "Setting", "SETTINGS", "setting", "setting_with_source", "reader"]
-
-# Every module call resolves its backend, which reads several environment variables; os.environ.get encodes the
-# name and decodes the value each time (~0.7 us). On POSIX CPython os.environ keeps its bytes dict in `_data`, kept
-# in step by os.environ's own setters (and so by monkeypatch.setenv), which reads ~20x faster.
-_ENV_DATA = getattr(os.environ, "_data", None) if os.name == "posix" else None
-_ENV_KEYS: dict[str, bytes] = {}
-_ENV_VALUES: dict[bytes, str] = {}  # decoded and stripped values, by their bytes (decoding costs ~0.3 us)
-
-
-def getenv(name: str) -> str:
-    """os.environ.get(name, "").strip(), fast."""
-    if _ENV_DATA is None:
-        return os.environ.get(name, "").strip()
-    key = _ENV_KEYS.get(name)
-    if key is None:
-        key = _ENV_KEYS[name] = os.fsencode(name)
-    value = _ENV_DATA.get(key)
-    if value is None:
-        return ""
-    text = _ENV_VALUES.get(value)
-    if text is None:
-        text = memo(_ENV_VALUES, value, lambda: os.fsdecode(value).strip())
-    return text
 
 ALL_CELLS = "*"
 
@@ -109,81 +80,6 @@ def context_choices() -> Mapping[str, str]:
     return _context.get()
 
 
-# The config file in force is looked up again at most this often (a changed or new file, or another working
-# directory, applies from the next look; forget_config_file() makes the next selection look): a look is one to
-# three system calls, which on every selection cost a cell step more than its own Python (RESULTS.md).
-CONFIG_LOOK_SECONDS = 1.0
-_clock = time.monotonic
-_last_look: list = [None, -math.inf, None]  # [SEQFAST_CONFIG at the look, its time, what it found]
-
-
-def _config_file() -> tuple[str, os.stat_result, bool] | None:
-    """(the config file in force, its stat, named by SEQFAST_CONFIG?); None when there is none. Called on every
-    selection: looked up again once CONFIG_LOOK_SECONDS have passed or SEQFAST_CONFIG changed."""
-    named = getenv("SEQFAST_CONFIG")
-    now = _clock()
-    last = _last_look
-    if last[0] == named and now - last[1] < CONFIG_LOOK_SECONDS:
-        return last[2]
-    found = _look_for_config_file(named)
-    _last_look[:] = [named, now, found]
-    return found
-
-
-def _look_for_config_file(named: str) -> tuple[str, os.stat_result, bool] | None:
-    if named:
-        try:
-            return named, os.stat(named), True
-        except OSError as exc:
-            raise FileNotFoundError(f"SEQFAST_CONFIG names {named!r}, which cannot be read: {exc}") from exc
-    for candidate in ("seqfast.toml", "pyproject.toml"):
-        if not os.access(candidate, os.F_OK):  # absent, the usual case: no exception to build (~1.5 us)
-            continue
-        try:
-            return candidate, os.stat(candidate), False
-        except OSError:
-            continue
-    return None
-
-
-def forget_config_file() -> None:
-    """Look for the config file again on the next selection (after writing one, or changing directory)."""
-    _last_look[:] = [None, -math.inf, None]
-
-
-_file_cache: dict[tuple, tuple[Path | None, str | None, dict[str, str]]] = {}
-
-
-def config_file_settings() -> tuple[Path | None, str | None, dict[str, str]]:
-    """(path, global backend, {cell: backend}) from the config file in force; cached until the file changes."""
-    found = _config_file()
-    if found is None:
-        return None, None, {}
-    name, st, named = found  # a named pyproject.toml is read whole, not as [tool.seqfast]
-    key = (named, st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)  # the file itself, wherever the cwd is
-    if key not in _file_cache:
-        path = Path(name).absolute()  # the cache is by file, which later calls may reach from another cwd
-        try:
-            data = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as exc:
-            raise ValueError(f"seqfast config file {str(path)!r} is not valid TOML: {exc}") from exc
-        relevant = True
-        if path.name == "pyproject.toml" and not named:
-            relevant = "seqfast" in data.get("tool", {})  # a project's pyproject without [tool.seqfast]
-            data = data.get("tool", {}).get("seqfast", {})
-        default = data.get("backend")
-        per_cell = data.get("backends", {})
-        if default is not None and not isinstance(default, str):
-            raise ValueError(f"seqfast config {str(path)!r}: 'backend' must be a string, got {default!r}")
-        if not isinstance(per_cell, dict) or not all(isinstance(v, str) for v in per_cell.values()):
-            raise ValueError(f"seqfast config {str(path)!r}: [backends] must map cell names to backend names")
-        _file_cache[key] = (
-            (path, default.strip().lower() if default else None,
-             {k.lower(): v.strip().lower() for k, v in per_cell.items()}) if relevant else (None, None, {})
-        )
-    return _file_cache[key]
-
-
 # Choices already made, by (name, source): every module call resolves one, and building the frozen dataclass
 # cost about a microsecond each time
 _choices: dict[tuple[str, str], Choice] = {}
@@ -213,8 +109,9 @@ def resolve_choice(cell_name: str, env_suffix: str, argument: str | None = None)
             return _choice(ctx[cell_name], f"use_backend({{{cell_name!r}: ...}})")
         if ALL_CELLS in ctx:
             return _choice(ctx[ALL_CELLS], "use_backend()")
-    for var in ("SEQFAST_BACKEND_" + env_suffix, "SEQFAST_BACKEND"):
-        value = getenv(var)
+    variables = _backend_variables.get(env_suffix) or _backend_variables_for(env_suffix)
+    for var, key in variables:
+        value = getenv(var) if ENV_DATA is None or key in ENV_DATA else ""  # unset, the usual case: one lookup
         if value:
             return _choice(value.lower(), "environment variable " + var)
     path, default, per_cell = config_file_settings()
@@ -227,30 +124,13 @@ def resolve_choice(cell_name: str, env_suffix: str, argument: str | None = None)
 
 _DEFAULT_CHOICE = Choice("auto", "default")
 
+# per cell's env_suffix: ((variable, its name as os.environ's bytes keys), ...) in precedence order
+_backend_variables: dict[str, tuple[tuple[str, bytes], ...]] = {}
 
-_option_cache: dict[tuple, tuple[Path | None, dict]] = {}
 
-
-def config_file_option(key: str) -> tuple[Path | None, object]:
-    """(path, value) of a top-level key of the config file in force (None where absent); read only when the file
-    changes. For settings read when a decision is made, not on every call."""
-    found = _config_file()
-    if found is None:
-        return None, None
-    name, st, named = found
-    cache_key = (named, st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
-    if cache_key not in _option_cache:
-        path = Path(name).absolute()
-        try:
-            data = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as exc:
-            raise ValueError(f"seqfast config file {str(path)!r} is not valid TOML: {exc}") from exc
-        if path.name == "pyproject.toml" and not named:
-            data = data.get("tool", {}).get("seqfast", {})
-        _option_cache.clear()  # one file is in force at a time
-        _option_cache[cache_key] = (path, data)
-    path, data = _option_cache[cache_key]
-    return (path, data[key]) if key in data else (None, None)
+def _backend_variables_for(env_suffix: str) -> tuple[tuple[str, bytes], ...]:
+    names = ("SEQFAST_BACKEND_" + env_suffix, "SEQFAST_BACKEND")
+    return memo(_backend_variables, env_suffix, lambda: tuple((n, os.fsencode(n)) for n in names), limit=1024)
 
 
 _TRUE, _FALSE = ("1", "true", "on", "yes"), ("0", "false", "off", "no")

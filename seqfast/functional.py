@@ -142,7 +142,11 @@ def _token_backends() -> tuple[Backend, ...]:
 def selection_stamp() -> tuple:
     """What a remembered decision depends on beside its query and the requested name: the registry generation
     and the selection tokens of the backends that have one."""
-    return (registry.generation, *(b.selection_token() for b in _token_backends()))
+    generation = registry.generation
+    backends = _tokens[1] if _tokens[0] == generation else _token_backends()
+    if len(backends) == 1:  # the usual case (triton): spared a generator
+        return generation, backends[0].selection_token()
+    return (generation, *[b.selection_token() for b in backends])
 
 
 def _select(query: Query, requested: str | None) -> tuple[Backend, Choice]:

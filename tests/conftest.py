@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import seqfast  # noqa: E402
-from seqfast import config  # noqa: E402
+from seqfast import config_file  # noqa: E402
 from seqfast.registry import Backend, get_backend, registry  # noqa: E402
 
 
@@ -33,7 +33,7 @@ def _clean_selection_env(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     # every selection looks for the config file (a test writes one and expects the next call to see it);
     # tests/test_selection.py tests the look's interval itself
-    monkeypatch.setattr(config, "CONFIG_LOOK_SECONDS", 0.0)
+    monkeypatch.setattr(config_file, "CONFIG_LOOK_SECONDS", 0.0)
 
 
 def all_backends() -> list[str]:

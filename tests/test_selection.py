@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import seqfast
-from seqfast import BackendNotSupportedError, CellSpec, config, use_backend
+from seqfast import BackendNotSupportedError, CellSpec, config_file, use_backend
 from seqfast.config import resolve_choice
 from seqfast.registry import registry
 
@@ -80,16 +80,16 @@ def test_config_file_named_by_env_beats_local_files(monkeypatch, tmp_path):
 
 
 def test_the_config_file_is_looked_for_once_an_interval(monkeypatch, tmp_path):
-    """Selections look for the config file again once config.CONFIG_LOOK_SECONDS have passed, at once when
+    """Selections look for the config file again once config_file.CONFIG_LOOK_SECONDS have passed, at once when
     SEQFAST_CONFIG changes or after forget_config_file(); in between they make no system call for it."""
     now = [100.0]
-    monkeypatch.setattr(config, "CONFIG_LOOK_SECONDS", 1.0)
-    monkeypatch.setattr(config, "_clock", lambda: now[0])
-    config.forget_config_file()
+    monkeypatch.setattr(config_file, "CONFIG_LOOK_SECONDS", 1.0)
+    monkeypatch.setattr(config_file, "_clock", lambda: now[0])
+    config_file.forget_config_file()
     assert choice().name == "auto"
     looks = []
-    real_look = config._look_for_config_file
-    monkeypatch.setattr(config, "_look_for_config_file", lambda named: looks.append(named) or real_look(named))
+    real_look = config_file._look_for_config_file
+    monkeypatch.setattr(config_file, "_look_for_config_file", lambda named: looks.append(named) or real_look(named))
     (tmp_path / "seqfast.toml").write_text('backend = "native"\n')
     now[0] += 0.5
     assert choice().name == "auto" and not looks  # within the interval: the last look stands, no stat
@@ -97,7 +97,7 @@ def test_the_config_file_is_looked_for_once_an_interval(monkeypatch, tmp_path):
     assert choice().name == "native" and looks == [""]  # the interval passed: looked again
     (tmp_path / "seqfast.toml").write_text('backend = "torch"\n')
     assert choice().name == "native"
-    config.forget_config_file()
+    config_file.forget_config_file()
     assert choice().name == "torch" and len(looks) == 2
     other = tmp_path / "elsewhere.toml"
     other.write_text('backend = "numba"\n')
@@ -260,7 +260,7 @@ def test_remembered_auto_decisions_follow_registrations(custom_cell):
 
 
 def test_fast_environment_reads_follow_every_change(monkeypatch):
-    """Selection reads the environment on every call through config.getenv (os.environ's own bytes dict)."""
+    """Selection reads the environment on every call through _env.getenv (os.environ's own bytes dict)."""
     from seqfast.config import getenv
 
     name = "SEQFAST_TEST_FAST_ENV"

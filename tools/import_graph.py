@@ -30,9 +30,9 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("calibration", ("seqfast.calibration",)),
     ("backends", ("seqfast.backends",)),
     ("registry", ("seqfast.registry",)),
-    ("config", ("seqfast.config",)),
+    ("config", ("seqfast.config", "seqfast.config_file")),
     ("cells", ("seqfast.cells",)),
-    ("records", ("seqfast.spec", "seqfast._memo", "seqfast._version")),
+    ("records", ("seqfast.spec", "seqfast._memo", "seqfast._env", "seqfast._version")),
 )
 
 
