@@ -4,6 +4,8 @@
     python benchmarks/numba_breakdown.py native 100,8,64,64        # seqfast on `native` vs torch.nn, in turn
     python benchmarks/numba_breakdown.py threads 200,8,64,64       # a forward scan on one thread vs two
     python benchmarks/numba_breakdown.py gemm 100,64,256,256       # per-step GEMM: numba loop vs MKL
+    python benchmarks/numba_breakdown.py projection 100,64,512,512 # the input projection by each way, and the
+                                                                   # way measured for it (gemm.projection_way)
     python benchmarks/numba_breakdown.py kernels 100,64,256,256    # per-step GEMMs, one thread: sgemm_ vs MKL's
                                                                    # AVX2 / AVX-512 kernels called directly
     python benchmarks/numba_breakdown.py faults 100,8,64,64        # training steps' page faults (getrusage)
@@ -91,7 +93,8 @@ def _kernel_gflops(T: int, B: int, G: int, H: int, repeats: int) -> dict[str, fl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["parts", "native", "threads", "gemm", "kernels", "faults", "busy"])
+    parser.add_argument("what", choices=["parts", "native", "threads", "gemm", "projection", "kernels", "faults",
+                                                    "busy"])
     parser.add_argument("shape", help="T,B,I,H")
     parser.add_argument("--cell", default="lstm", choices=["lstm", "gru", "rnn_tanh"])
     parser.add_argument("--repeats", type=int, default=9)
@@ -202,6 +205,18 @@ def main() -> None:
         finally:
             spinner.kill()
             gemm.SMALL_TORCH_GEMM = small
+    elif args.what == "projection":
+        rows = x.reshape(T * B, I)
+        ways = ["mm", *(["onednn"] if gemm.onednn_linear() is not None else []),
+                *(["kernel"] if gemm._direct_kernel() is not None else [])]
+        runs = {f"input projection by {way}": (lambda way=way: gemm._project(way, rows, w_ih)) for way in ways}
+        times = _medians_ms(runs, args.repeats)
+        os.environ["SEQFAST_CALIBRATE"] = "1"  # what a first call with calibration on measures
+        print(f"{args.cell} T{T} B{B} I{I} H{H}, torch {torch.__version__} ({torch.get_num_threads()} threads)")
+        for name, ms in times.items():
+            print(f"  {name:40s} {ms:9.3f} ms")
+        print(f"  measured way: {gemm.projection_way(rows, w_ih)}")
+        return
     elif args.what == "kernels":
         times = _kernel_gflops(T, B, G, H, args.repeats)
         print(f"per-step GEMMs of {args.cell} B{B} H{H} on one thread, one row range of the scan's, GFLOP/s "

@@ -31,7 +31,6 @@ ONEDNN_MIN_OUTPUTS = 1 << 20
 # one CPU oneDNN led at 128 rows of a 512-by-2048 product, MKL from 512 rows on), and timing every row of a large
 # call would cost it several times over
 PROJECTION_TIMING_ROWS = 2048
-PROJECTION_MARGIN = 1.05
 
 
 def mm(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
@@ -158,7 +157,7 @@ def projection_way(x: Tensor, weight_ih: Tensor) -> str:
     if not gemm_choice.may_measure():
         return static
     sample = x[:PROJECTION_TIMING_ROWS]
-    return gemm_choice.choose(key, ways, lambda way: _project(way, sample, weight_ih), PROJECTION_MARGIN)
+    return gemm_choice.choose(key, ways, lambda way: _project(way, sample, weight_ih))
 
 
 def host_projector(rows: int, weight_ih: Tensor, weight_host: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:

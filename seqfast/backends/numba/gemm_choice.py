@@ -58,9 +58,9 @@ def timing_steps(steps: int, batch: int, width: int, hidden: int) -> int:
     return max(1, min(steps, max(MIN_STEPS, WORK_PER_RUN // max(1, batch * width * hidden))))
 
 
-def choose(key: tuple, ways: tuple, run: Callable[[object], None], margin: float = MARGIN) -> object:
+def choose(key: tuple, ways: tuple, run: Callable[[object], None]) -> object:
     """Time run(way) for each of `ways` (one untimed run each, then ROUNDS interleaved runs, best of each), keep
-    the choice under `key` and return it: the fastest way where it is `margin` faster than ways[0] (the static
+    the choice under `key` and return it: the fastest way where it is MARGIN faster than ways[0] (the static
     rule's), else ways[0]."""
     with _lock:
         known = _decided.get(key)
@@ -75,7 +75,7 @@ def choose(key: tuple, ways: tuple, run: Callable[[object], None], margin: float
                 run(way)
                 best[way] = min(best[way], _clock() - start)
         fastest = min(ways, key=best.__getitem__)
-        choice = fastest if best[fastest] * margin < best[ways[0]] else ways[0]
+        choice = fastest if best[fastest] * MARGIN < best[ways[0]] else ways[0]
         if len(_decided) >= 4096:  # shapes vary without bound in some programs
             _decided.clear()
         _decided[key] = choice
