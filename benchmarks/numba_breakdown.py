@@ -2,6 +2,7 @@
 
     python benchmarks/numba_breakdown.py parts 100,64,256,256      # a training step, piece by piece
     python benchmarks/numba_breakdown.py native 100,8,64,64        # seqfast on `native` vs torch.nn, in turn
+                                                                   # (inference and training)
     python benchmarks/numba_breakdown.py threads 200,8,64,64       # a forward scan on one thread vs two
     python benchmarks/numba_breakdown.py gemm 100,64,256,256       # per-step GEMM: numba loop vs MKL
     python benchmarks/numba_breakdown.py projection 100,64,512,512 # the input projection by each way, and the
@@ -138,11 +139,22 @@ def main() -> None:
             "d_W_ih GEMM": lambda: d_gates.t().mm(x.view(T * B, I)),
         }, args.repeats)
     elif args.what == "native":
-        torch.set_grad_enabled(False)
         ref = getattr(torch.nn, {"lstm": "LSTM", "gru": "GRU", "rnn_tanh": "RNN"}[args.cell])(I, H)
         ours = seqfast.Recurrent(args.cell, I, H, backend="native")
         ours.load_state_dict(ref.state_dict())
-        times = _medians_ms({"torch.nn": lambda: ref(x), "seqfast on native": lambda: ours(x)}, args.repeats)
+
+        def infer(module) -> None:
+            with torch.no_grad():
+                module(x)
+
+        def train(module) -> None:
+            module(x)[0].sum().backward()
+
+        runs = {}
+        for mode, run in (("inference", infer), ("training", train)):
+            runs[f"torch.nn {mode}"] = lambda run=run: run(ref)
+            runs[f"seqfast on native {mode}"] = lambda run=run: run(ours)
+        times = _medians_ms(runs, args.repeats)
     elif args.what == "threads":
         runs = {}
         for threads in ("1", "2"):
