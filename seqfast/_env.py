@@ -1,4 +1,4 @@
-"""os.environ read fast: every module call resolves its backend, which reads several environment variables."""
+"""Environment reads for the hot path: getenv, os.environ.get through os.environ's own bytes dict."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""The config file in force (SEQFAST_CONFIG, else ./seqfast.toml, else [tool.seqfast] in ./pyproject.toml): found
-at most once a CONFIG_LOOK_SECONDS, read again only when it changes. seqfast.config says what it may hold."""
+"""The config file in force (SEQFAST_CONFIG, else ./seqfast.toml, else [tool.seqfast] in ./pyproject.toml): looked
+for at most once every CONFIG_LOOK_SECONDS, read again only when it changes. seqfast.config says what it may hold."""
 
 from __future__ import annotations
 

@@ -162,8 +162,9 @@ def projection_way(x: Tensor, weight_ih: Tensor) -> str:
 
 def host_projector(rows: int, weight_ih: Tensor, weight_host: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
     """input_projection of a contiguous numpy x [rows, ...] (its last dimension the input size), as a function
-    returning a numpy [rows, G*H]: the choice of GEMM made once for the shape. weight_host: weight_ih's numpy
-    view, which the function keeps."""
+    returning a numpy [rows, G*H]: bound to MKL's own kernel once for the shape where the static rule gives it
+    (a small product), else input_projection itself, whose way is measured per shape. weight_host: weight_ih's
+    numpy view, which the function keeps."""
     inputs, width = weight_host.shape[1], weight_host.shape[0]
     fn = _small_kernel(weight_host.dtype == np.float32, rows, width, inputs)
     if fn is not None:
