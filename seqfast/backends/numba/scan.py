@@ -59,6 +59,10 @@ def prepare(cell: CellSpec, x_proj: Tensor | None, weights: list[Tensor | None],
     plan = schedule.plan(DTYPES[src.dtype], steps, batch, width, width // cell.num_gates, cell.num_states)
     if len(weights) > 2 + len(cell.pointwise.params):
         raise ValueError("numba backend: proj_size (weight_hr) is not supported")
+    for t in (x_bias, *weights):  # the kernels read every array as the input's dtype, as torch.nn's do
+        if t is not None and (t.dtype != src.dtype or not t.is_cpu):
+            raise ValueError(f"numba backend: every parameter must be {src.dtype} on the CPU like the input, got one "
+                             f"of shape {tuple(t.shape)} as {t.dtype} on {t.device}")
     w = weights[0] if weights else None
     if w is None:
         shape = (width, plan.hidden) if cell.recurrence == "dense" else (width,)

@@ -7,7 +7,8 @@ prepare()'s arrays, weight_ih's numpy view), and per call projects, allocates an
 tensors of the results only. Each call compares the parameters' layouts (data pointer, shape, strides, dtype) and
 the plan (thread count, GEMM choice) with the bound ones and binds again on any change; in-place updates show
 through the views. A call the general path must see first (its GEMM choice not yet measured) is declined, and so
-is one with a non-contiguous parameter (its array would be a copy, blind to in-place updates).
+is one with a non-contiguous parameter (its array would be a copy, blind to in-place updates) or a parameter of
+another dtype or device (the general path's checks report it).
 """
 
 from __future__ import annotations
@@ -44,7 +45,9 @@ def stack_runner(cell: CellSpec, dtype: torch.dtype, stack: Stack):
     bound: list[tuple | None] = [None] * len(positions)
 
     def bind(index: int, params: list[Tensor], plan: schedule.Plan, steps: int, batch: int) -> tuple:
-        if not all(t.is_contiguous() for t in params):  # views would be copies, blind to in-place updates
+        # views of a non-contiguous parameter would be copies, blind to in-place updates; another dtype or device is
+        # the general path's to report
+        if not all(t.dtype == dtype and t.is_cpu and t.is_contiguous() for t in params):
             bound[index] = found = (tuple(map(layout, params)), plan, None, None, None, None)
             return found
         ih, bias_ih, weights = positions[index]

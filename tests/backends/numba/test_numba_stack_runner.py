@@ -4,6 +4,9 @@ plan; calls it does not take (training, lengths, options) go the general way."""
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import pytest
 import torch
 from conftest import assert_close, backend_param
@@ -12,6 +15,7 @@ from torch import nn
 import seqfast
 from seqfast.backends.fused import FusedBackend
 from seqfast.backends.numba import schedule
+from seqfast.functional import InputError
 
 pytestmark = pytest.mark.parametrize("backend", [backend_param("numba")])
 
@@ -161,3 +165,74 @@ def test_every_cell_matches_the_torch_reference(backend, cell, general_calls):
             assert_close(got[0], want[0], f"{cell} output, call {call}")
             assert_close(got[1], want[1], f"{cell} final states, call {call}")
     assert not general_calls
+
+
+@pytest.fixture
+def general_entries(monkeypatch):
+    """How many calls entered forward's general path (Recurrent._prepare) rather than a bound inference call."""
+    calls = []
+    real = seqfast.Recurrent._prepare
+
+    def prepare(self, *args, **kwargs):
+        calls.append(1)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(seqfast.Recurrent, "_prepare", prepare)
+    return calls
+
+
+def test_a_bound_inference_call_gives_way_wherever_the_general_path_differs(backend, general_entries, monkeypatch):
+    """A shape the stack runner took without autograd is called again without the general path's checks
+    (_bound_inference), and matches torch.nn; grad mode, autocast, another backend choice, dropout in training, a
+    changed weight dtype and another shape take the general path (with its results and errors). Copies and pickles
+    of a module holding bound calls work."""
+    ref, ours = _pair("LSTM", 3, 4, num_layers=2, batch_first=True)
+    x = torch.randn(2, 5, 3)
+    hx = (torch.randn(2, 2, 4), torch.randn(2, 2, 4))
+
+    def call(*args, general: bool, what: str, **kwargs):
+        general_entries.clear()
+        got, want = ours(*args, **kwargs), ref(*args, **kwargs)
+        assert_close(got[0], want[0], what)
+        assert_close(got[1], want[1], what)
+        assert general_entries == ([1] if general else []), f"{what}: general path {general_entries}"
+        return got
+
+    with torch.no_grad():
+        call(x, general=True, what="a first call")
+        call(x, general=False, what="the same shape again")
+        call(x, hx, general=False, what="with hx")
+        with pytest.raises(InputError, match=r"hx: expected h of shape \(2, 2, 4\), got \(2, 1, 4\)"):
+            ours(x, (hx[0][:, :1], hx[1]))
+        call(x[:1], general=True, what="another batch size")
+        call(x[:1], general=False, what="that batch size again")
+    call(x, general=True, what="grad mode on")
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(
+            seqfast.BackendNotSupportedError, match="torch.autocast"):
+        ours(x)  # the general path's answer (numba has no bfloat16), not a float32 run
+    monkeypatch.setenv("SEQFAST_BACKEND", "torch")  # a module with backend="numba": the argument still wins
+    with torch.no_grad():
+        call(x, general=False, what="an environment choice the argument beats")
+    ours.backend = "native"
+    with torch.no_grad():
+        call(x, general=True, what="backend changed to native")
+        call(x, general=True, what="native again (its calls take the general path)")
+    ours.backend = "numba"
+    for module in (ref, ours):
+        module.dropout = 0.5
+    torch.manual_seed(3)
+    with torch.no_grad():
+        general_entries.clear()
+        a, b = ours(x)[0], ours(x)[0]
+    assert general_entries == [1, 1] and not torch.equal(a, b), "inter-layer dropout in training mode"
+    ours.eval()
+    ref.eval()
+    with torch.no_grad():
+        call(x, general=False, what="eval mode: no dropout drawn, the bound call again")
+        blob = pickle.dumps(ours)
+        for other in (copy.deepcopy(ours), pickle.loads(blob)):
+            assert_close(other(x)[0], ref(x)[0], "a copy of a module with bound calls")
+        ours.weight_hh_l1.data = ours.weight_hh_l1.data.double()  # torch.nn raises for this too
+        with pytest.raises(ValueError, match=r"every parameter must be torch.float32 .* got one of shape \(16, 4\) "
+                                             r"as torch.float64"):
+            ours(x)
