@@ -120,10 +120,11 @@ def _remembered_backend(module: nn.Module, store: str, key: tuple, make_query, *
     function of) with the choice it was made for and the selection stamp: a call only resolves where the choice
     comes from (the backend= argument, use_backend(), the environment, the config file), any of which may change
     between calls, and compares. make_query(*query_args) builds the Query where no decision applies. With `then`,
-    what is kept and returned is then(backend) (a step runner, made once per decision)."""
+    what is kept and returned is then(backend, key) (a runner, made once per decision; a bound method, not a
+    closure made on every call)."""
     if torch.compiler.is_compiling():  # no module state changes in a traced graph
         backend = select_backend(make_query(*query_args), module.backend)[0]
-        return backend if then is None else then(backend)
+        return backend if then is None else then(backend, key)
     cell = module.cell
     choice = resolve_choice(cell.name, cell.env_name, module.backend)
     stamp = selection_stamp()
@@ -131,7 +132,7 @@ def _remembered_backend(module: nn.Module, store: str, key: tuple, make_query, *
     if plan is not None and plan[0] is choice and plan[1] == stamp:
         return plan[2]
     backend, choice = select_backend(make_query(*query_args), module.backend)
-    kept = backend if then is None else then(backend)
+    kept = backend if then is None else then(backend, key)
     plans = module.__dict__.setdefault(store, {})
     if len(plans) >= 64:  # shapes vary without bound in some programs
         plans.clear()
@@ -478,11 +479,8 @@ class Recurrent(_PicklesCellByName, nn.Module):
             state0 = tuple(x.new_zeros(self.num_layers, x.shape[0], size) for size in self._state_sizes())
         requires_grad = torch.is_grad_enabled() and (
             x.requires_grad or _any_requires_grad(state0) or _any_requires_grad(self._parameters.values()))
-        # every layer's parameters have the same base names (weight_ih, ...): one runner serves them all
-        base_names = [n[: -len("_l0")] for n in self._all_weights[0]]
         run = _remembered_backend(self, "_step_plans", (x.shape[0], x.dtype, x.device, requires_grad),
-                                  self._step_query, x, requires_grad,
-                                  then=lambda backend: backend.step_runner(self.cell, x.dtype, base_names))
+                                  self._step_query, x, requires_grad, then=self._layer_step_runner)
         finals: list[list[Tensor]] = [[] for _ in self.cell.state_names]
         layer_input = x
         for layer, names in enumerate(self._all_weights):
@@ -496,6 +494,10 @@ class Recurrent(_PicklesCellByName, nn.Module):
         if not batched:
             layer_input, final = layer_input.squeeze(0), tuple(s.squeeze(1) for s in final)
         return layer_input, (final[0] if self.cell.num_states == 1 else final)
+
+    def _layer_step_runner(self, backend, key: tuple):
+        # every layer's parameters have the same base names (weight_ih, ...): one runner serves them all
+        return backend.step_runner(self.cell, key[1], [n[: -len("_l0")] for n in self._all_weights[0]])
 
     def _step_query(self, x: Tensor, requires_grad: bool) -> Query:
         return Query(cell=self.cell, device=x.device.type, dtype=x.dtype, hidden_size=self.hidden_size,
@@ -562,14 +564,15 @@ class Recurrent(_PicklesCellByName, nn.Module):
         device, grad, options) (see _remembered_backend); dtype is the one the recurrence runs in (torch.autocast's
         where on)."""
         requires_grad = self._requires_grad(x, state0)
-
-        def bind(backend):
-            if options or torch.compiler.is_compiling():
-                return backend, None
-            return backend, backend.stack_runner(self.cell, dtype, self._stack_layout(requires_grad))
-
         return _remembered_backend(self, "_queries", (x.shape, dtype, x.device, requires_grad, options),
-                                   self._new_query, x, requires_grad, "module", dtype, options, then=bind)
+                                   self._new_query, x, requires_grad, "module", dtype, options,
+                                   then=self._with_stack_runner)
+
+    def _with_stack_runner(self, backend, key: tuple):
+        _, dtype, _, requires_grad, options = key
+        if options or torch.compiler.is_compiling():
+            return backend, None
+        return backend, backend.stack_runner(self.cell, dtype, self._stack_layout(requires_grad))
 
     def _stack_layout(self, requires_grad: bool) -> Stack:
         suffix_from = len("weight_ih")  # every layer-direction's first name is weight_ih + its suffix
@@ -919,14 +922,14 @@ class RecurrentCell(_PicklesCellByName, nn.Module):
             final = self._step_autocast(x, state, params, requires_grad, autocast)
         else:
             run = _remembered_backend(self, "_step_plans", (x.shape[0], dtype, x.device, requires_grad),
-                                      self._step_query, x, requires_grad, then=self._step_runner_for(dtype))
+                                      self._step_query, x, requires_grad, then=self._step_runner)
             final = run(x, state, params)
         if not batched:
             final = tuple(s.squeeze(0) for s in final)
         return final[0] if len(final) == 1 else final
 
-    def _step_runner_for(self, dtype: torch.dtype):
-        return lambda backend: backend.step_runner(self.cell, dtype, self._names)
+    def _step_runner(self, backend, key: tuple):
+        return backend.step_runner(self.cell, key[1], self._names)
 
     def _step_autocast(self, x: Tensor, state: tuple[Tensor, ...], params: list[Tensor], requires_grad: bool,
                        autocast: torch.dtype) -> tuple[Tensor, ...]:
