@@ -115,6 +115,14 @@ def _torch_nn_autocast_dtypes(cell: CellSpec, device: str, dtype: torch.dtype, a
     return memo(_composite_dtypes, (cell, dtype, autocast, proj, kind == "cell"), composite)
 
 
+def _selection(module: nn.Module) -> tuple:
+    """(the Choice a call of `module` resolves to now, the selection stamp): what a kept decision was made under and
+    must still match. The choice is resolved on every call: the backend= argument, use_backend(), the environment
+    and the config file may each change between calls."""
+    cell = module.cell
+    return resolve_choice(cell.name, cell.env_name, module.backend), selection_stamp()
+
+
 def _remembered_backend(module: nn.Module, store: str, key: tuple, make_query, *query_args, then=None):
     """select_backend's decision for a module call, kept in module.__dict__[store] by `key` (what the Query is a
     function of) with the choice it was made for and the selection stamp: a call only resolves where the choice
@@ -125,9 +133,7 @@ def _remembered_backend(module: nn.Module, store: str, key: tuple, make_query, *
     if torch.compiler.is_compiling():  # no module state changes in a traced graph
         backend = select_backend(make_query(*query_args), module.backend)[0]
         return backend if then is None else then(backend, key)
-    cell = module.cell
-    choice = resolve_choice(cell.name, cell.env_name, module.backend)
-    stamp = selection_stamp()
+    choice, stamp = _selection(module)
     plan = module.__dict__.get(store, _NO_QUERIES).get(key)
     if plan is not None and plan[0] is choice and plan[1] == stamp:
         return plan[2]
@@ -601,8 +607,7 @@ class Recurrent(_PicklesCellByName, nn.Module):
         calls = self.__dict__.setdefault("_inference_calls", {})
         if len(calls) >= 64:  # shapes vary without bound in some programs
             calls.clear()
-        cell = self.cell
-        calls[key] = (resolve_choice(cell.name, cell.env_name, self.backend), selection_stamp(), runner)
+        calls[key] = (*_selection(self), runner)
 
     def _bound_inference(self, input: Tensor, hx):
         """forward's result for an inference call (grad mode off) of an input shape, dtype and device whose last
@@ -616,15 +621,12 @@ class Recurrent(_PicklesCellByName, nn.Module):
         found = self.__dict__.get("_inference_calls", _NO_QUERIES).get((input.shape, input.dtype, input.device))
         if found is None:
             return None
-        choice, stamp, runner = found
-        cell = self.cell
-        if (resolve_choice(cell.name, cell.env_name, self.backend) is not choice or selection_stamp() != stamp
-                or _autocast_dtype(input) is not None or self.merge_mode != "concat"
+        if (_selection(self) != found[:2] or _autocast_dtype(input) is not None or self.merge_mode != "concat"
                 or (self.training and self._samples_dropout())):
             return None
         x = input.transpose(0, 1) if self.batch_first else input
         state0 = None if hx is None else self._unpack_hx(hx, x.shape[1], True, x)
-        result = runner(x, state0, self._stack_params())
+        result = found[2](x, state0, self._stack_params())
         if result is None:
             return None
         output, final = result
