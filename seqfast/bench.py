@@ -2,15 +2,19 @@
 
 For every chosen cell x shape x mode, torch.nn's module (for cells that have one) and one seqfast.Recurrent per
 backend are built with torch.nn's state_dict, then timed interleaved (round-robin, so drifting machine load hits
-every candidate alike) and summarised by medians. inference = forward under torch.no_grad(); training =
-forward + backward of output.sum(). With --step-loop the cells are timed instead: torch.nn's cell (LSTMCell, ...)
-against one seqfast.RecurrentCell per backend, stepped T times in a Python loop (hx=None first), the sum of every
-step's output as the result. Backends and cells come from the registry, so new and plugin ones appear by
-themselves; a combination the registry turns down is listed with its reasons instead of being run.
+every candidate alike) and summarised by medians. A sample of a call shorter than BURST_BELOW_S is the median of a
+burst of calls in a row, its first call not counted (it pays for what the candidate before left: threads to wake).
+inference = forward under torch.no_grad(); training = forward + backward of output.sum(). With --step-loop the
+cells are timed instead: torch.nn's cell (LSTMCell, ...) against one seqfast.RecurrentCell per backend, stepped T
+times in a Python loop (hx=None first), the sum of every step's output as the result. Backends and cells come
+from the registry, so new and plugin ones appear by themselves; a combination the registry turns down is listed
+with its reasons instead of being run.
 
 For inference, ONNX Runtime (what RNNs are commonly deployed with on CPU) is one more column: torch.nn's module
-exported with torch.onnx.export, run by onnxruntime.InferenceSession at torch's thread count, and checked against
-torch.nn's output before it is timed. Without onnxruntime (or the exporter's packages) the column says why.
+exported with torch.onnx.export, run by onnxruntime.InferenceSession at torch's thread count with its defaults
+(threads spinning between runs, as deployed), and checked against torch.nn's output before it is timed. Its spinning
+threads would slow whatever ran meanwhile, so its session is open only while it takes a sample (its place in each
+round drawn as the others'). Without onnxruntime (or the exporter's packages) the column says why.
 
 rich and matplotlib are imported only when the command runs: `seqfast info` imports this module too.
 Size: one command: its options, the interleaved timing, and the report of a run (table, JSON, plot).
@@ -46,6 +50,9 @@ __all__ = ["GRIDS", "MODES", "ONNXRUNTIME", "TORCH_NN", "add_arguments", "run", 
 TORCH_NN = "torch.nn"
 ONNXRUNTIME = "onnxruntime"
 ONNX_ATOL = 1e-5  # ONNX Runtime's output must match torch.nn's this closely before it is timed
+# A candidate whose warm call takes less than this is sampled in bursts of BURST_CALLS calls in a row (_sample)
+BURST_BELOW_S = 0.005
+BURST_CALLS = 4
 MODES = ("inference", "training")
 Shape = tuple[int, int, int, int]  # (T, B, I, H): steps, batch, input size, hidden size
 
@@ -223,38 +230,86 @@ def _export_onnx(model: torch.nn.Module, x: torch.Tensor, path: str) -> None:
     raise OnnxUnavailable("torch.onnx.export failed: " + "; ".join(errors))
 
 
-def onnxruntime_step_fn(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+class OnnxRuntimeRun:
+    """Inference of an exported torch.nn model by ONNX Runtime: calling it runs the session on its input.
+
+    The session has ONNX Runtime's defaults, as deployed, at torch's thread count: its threads spin between runs,
+    which keeps a run's second thread ready at small shapes, and which takes the cores from anything else running
+    meanwhile. So measure_case opens its session only while it takes a sample (_sample_apart): close() ends the
+    session and its threads, open() makes it anew."""
+
+    def __init__(self, path: str, x: torch.Tensor) -> None:
+        import onnxruntime
+
+        with open(path, "rb") as f:
+            self._model = f.read()
+        self._runtime, self._x = onnxruntime, x.numpy()
+        self.session = None
+        self.open()
+
+    def open(self) -> None:
+        options = self._runtime.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        self.session = self._runtime.InferenceSession(self._model, options, providers=["CPUExecutionProvider"])
+        self._feed = {self.session.get_inputs()[0].name: self._x}
+        self._output = self.session.get_outputs()[0].name
+
+    def close(self) -> None:
+        self.session = None
+
+    def __call__(self) -> torch.Tensor:
+        if self.session is None:
+            raise RuntimeError("the ONNX Runtime session is closed: open() it before running it")
+        return torch.from_numpy(self.session.run([self._output], self._feed)[0])
+
+
+def onnxruntime_step_fn(model: torch.nn.Module, x: torch.Tensor) -> OnnxRuntimeRun:
     """Inference of torch.nn's `model` on `x` by ONNX Runtime at torch's thread count, checked against torch.nn.
 
     Raises OnnxUnavailable (the reason) when onnxruntime is not installed or the export fails, and
     AssertionError when ONNX Runtime's output differs from torch.nn's by more than ONNX_ATOL.
     """
     try:
-        import onnxruntime
+        import onnxruntime  # noqa: F401
     except ImportError as exc:
         raise OnnxUnavailable(f"onnxruntime is not installed (pip install onnxruntime onnx onnxscript): {exc}") from exc
     model = model.eval()
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "model.onnx")
         _export_onnx(model, x, path)
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()
-        options.inter_op_num_threads = 1
-        # ONNX Runtime's threads spin after a run by default, taking the cores from whatever is timed next
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-    feed = {session.get_inputs()[0].name: x.numpy()}
-    output_name = session.get_outputs()[0].name
-
-    def inference() -> torch.Tensor:
-        return torch.from_numpy(session.run([output_name], feed)[0])
-
+        inference = OnnxRuntimeRun(path, x)
     with torch.no_grad():
         expected = model(x)[0]
-    diff = float((inference() - expected).abs().max())
+    try:
+        diff = float((inference() - expected).abs().max())
+    finally:
+        inference.close()  # opened again only while timed (measure_case)
     if not diff <= ONNX_ATOL:
         raise AssertionError(f"ONNX Runtime's output differs from {TORCH_NN}'s by {diff:.2e} (> {ONNX_ATOL:g})")
     return inference
+
+
+def _sample_apart(fn: OnnxRuntimeRun, burst: int) -> float:
+    """A sample of ONNX Runtime with its session open only meanwhile (its spinning threads end with it), after one
+    untimed call that makes its threads and buffers."""
+    fn.open()
+    try:
+        fn()
+        return _sample(fn, burst)
+    finally:
+        fn.close()
+
+
+def _sample(fn: Callable[[], Any], burst: int) -> float:
+    """One sample of fn: a call's time, or with burst > 1 the median over calls 2..burst of that many in a row.
+    The first call of a burst takes what the candidate before left (threads to wake, cores still taken by another
+    library's spinning threads, caches to refill) and is not counted: the sample is a call in steady use, as in a
+    program that calls the model again and again."""
+    if burst == 1:
+        return _timed(fn)[0]
+    times = [_timed(fn)[0] for _ in range(burst)]
+    return statistics.median(times[1:])
 
 
 def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
@@ -348,11 +403,14 @@ def measure_case(cell: str, backends: Sequence[str], shape: Shape, mode: str, *,
 
     # first call (JIT compile, autotune) and one warm call; a backend that fails here is reported, not fatal
     baseline_out = None
-    live: list[tuple[Measurement, Callable[[], torch.Tensor], int]] = []
+    live: list[tuple[Measurement, Callable[[], torch.Tensor], int, int]] = []
     for m, fn in candidates:
         if on_step:
             on_step(m.backend)
+        apart = isinstance(fn, OnnxRuntimeRun)
         try:
+            if apart:
+                fn.open()
             m.first_call_s, out = _timed(fn)
             warm_s, _ = _timed(fn)
         except BackendNotSupportedError as exc:
@@ -361,17 +419,21 @@ def measure_case(cell: str, backends: Sequence[str], shape: Shape, mode: str, *,
         except Exception as exc:  # shown in the table, the JSON and the exit code; never swallowed
             m.error = f"{type(exc).__name__}: {exc}"
             continue
+        finally:
+            if apart:
+                fn.close()
         out = out.detach()
         if baseline_out is None:
             baseline_out = out
         else:
             m.max_abs_diff = float((out - baseline_out).abs().max())
-        count = max(min_repeats, min(repeats, int(max_seconds / max(warm_s, 1e-9))))
+        burst = 1 if warm_s >= BURST_BELOW_S else BURST_CALLS
+        count = max(min_repeats, min(repeats, int(max_seconds / max(warm_s * burst, 1e-9))))
         if warm_s * count > 4 * max_seconds:  # calls of seconds (a loaded machine): fewer than --min-repeats
             count = max(1, int(4 * max_seconds / warm_s))
-        live.append((m, fn, count))
+        live.append((m, fn, count, burst))
 
-    rounds = max((count for *_, count in live), default=0)
+    rounds = max((count for _, _, count, _ in live), default=0)
     if on_step and live:
         on_step(f"timing {len(live)} interleaved")
     order = random.Random(seed)
@@ -380,10 +442,10 @@ def measure_case(cell: str, backends: Sequence[str], shape: Shape, mode: str, *,
         # candidate filled) slows or speeds it, so no candidate may always follow the same one
         shuffled = live[:]
         order.shuffle(shuffled)
-        for m, fn, count in shuffled:
+        for m, fn, count, burst in shuffled:
             if r < count:
-                m.times_s.append(_timed(fn)[0])
-    for m, _, _ in live:
+                m.times_s.append(_sample_apart(fn, burst) if isinstance(fn, OnnxRuntimeRun) else _sample(fn, burst))
+    for m, _, _, _ in live:
         m.median_s = statistics.median(m.times_s)
     base = results[0].median_s if results[0].backend == TORCH_NN else None
     onnx_base = next((m.median_s for m in results if m.backend == ONNXRUNTIME), None)

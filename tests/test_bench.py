@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from seqfast import bench
 from seqfast.registry import registry
@@ -109,16 +110,16 @@ def test_no_candidate_always_runs_right_after_the_same_one(monkeypatch) -> None:
     """What runs just before a timed call changes its time (an OpenMP team left spinning): the timing rounds
     draw a new order each round, so every candidate follows several different ones."""
     order = []
-    timed = bench._timed
+    sample = bench._sample
 
-    def recording(fn):
+    def recording(fn, burst):
         order.append(fn)
-        return timed(fn)
+        return sample(fn, burst)
 
-    monkeypatch.setattr(bench, "_timed", recording)
+    monkeypatch.setattr(bench, "_sample", recording)
     results = bench.measure_case("gru", ["torch", "native"], (3, 2, 3, 4), "inference", repeats=12, min_repeats=12,
                                  max_seconds=1.0, seed=0, onnx=False)
-    timed_calls = order[2 * len(results):]  # after each candidate's first and warm calls
+    timed_calls = order
     assert len(timed_calls) == 12 * len(results)
     rounds = [timed_calls[i:i + len(results)] for i in range(0, len(timed_calls), len(results))]
     predecessors: dict = {}  # within a round (a rotated order would always give the same one)
@@ -140,3 +141,60 @@ def test_float64_runs_every_candidate_in_float64(tmp_path: Path) -> None:
     assert onnx and all("float32 only" in r["reason"] for r in onnx)
     timed = [r for r in rows if r["backend"] in ("torch", "numba") and r["median_s"] is not None]
     assert timed and all(r["max_abs_diff"] < 1e-9 for r in timed)  # float32 would differ by ~1e-7
+
+
+def test_a_sample_of_a_short_call_is_the_median_of_a_burst_without_its_first_call(monkeypatch) -> None:
+    """The first call of a burst pays for what the candidate before left (threads to wake): not counted."""
+    times = iter([9.0, 3.0, 1.0, 2.0, 7.0])
+    monkeypatch.setattr(bench, "_timed", lambda fn: (next(times), None))
+    assert bench._sample(lambda: None, 4) == 2.0
+    assert bench._sample(lambda: None, 1) == 7.0
+
+
+def test_onnxruntime_is_timed_with_its_session_closed_while_others_run(monkeypatch) -> None:
+    """ONNX Runtime's threads spin between runs, taking the cores from whatever runs meanwhile: its session is open
+    only while it takes a sample (after one untimed call), and its samples are interleaved with the others'."""
+    events = []
+    runs = []
+
+    class FakeRun(bench.OnnxRuntimeRun):
+        def __init__(self, model, x) -> None:
+            self.model, self.x, self.session = model, x, None
+            runs.append(self)
+
+        def open(self) -> None:
+            events.append("open")
+            self.session = True
+
+        def close(self) -> None:
+            events.append("close")
+            self.session = None
+
+        def __call__(self):
+            assert self.session, "ONNX Runtime ran with its session closed"
+            events.append("onnx")
+            with torch.no_grad():
+                return self.model(self.x)[0]
+
+    monkeypatch.setattr(bench, "onnxruntime_step_fn", lambda model, x: FakeRun(model, x))
+    sample = bench._sample
+
+    def recording(fn, burst):
+        if not isinstance(fn, FakeRun):
+            assert not any(r.session for r in runs), "another candidate was timed while ONNX Runtime's was open"
+            events.append("other")
+        return sample(fn, burst)
+
+    monkeypatch.setattr(bench, "_sample", recording)
+    results = bench.measure_case("lstm", ["torch"], (3, 2, 3, 4), "inference", repeats=6, min_repeats=6,
+                                 max_seconds=1.0, seed=0, onnx=True)
+    onnx = next(m for m in results if m.backend == bench.ONNXRUNTIME)
+    assert onnx.ok and len(onnx.times_s) == 6 and runs[0].session is None
+    # each sample: open, an untimed call, a burst, close
+    sample_calls = ["open", "onnx"] + ["onnx"] * bench.BURST_CALLS + ["close"]
+    text = " ".join(events)
+    assert text.count(" ".join(sample_calls)) == 6
+    first, last = events.index("other"), len(events) - 1 - events[::-1].index("other")
+    assert "onnx" in events[first:last]  # interleaved with the others, not all before or after them
+    torch_nn = next(m for m in results if m.backend == bench.TORCH_NN)
+    assert onnx.vs_onnxruntime == 1.0 and torch_nn.vs_onnxruntime == onnx.median_s / torch_nn.median_s

@@ -47,10 +47,14 @@ def test_onnxruntime_output_is_checked_before_timing() -> None:
     pytest.importorskip("onnxruntime")
     model, x = torch.nn.GRU(3, 4), torch.randn(5, 2, 3)
     run = bench.onnxruntime_step_fn(model, x)
+    with pytest.raises(RuntimeError, match="session is closed"):  # its threads spin only while it is timed
+        run()
+    run.open()
     with torch.no_grad():
         torch.testing.assert_close(run(), model(x)[0], atol=bench.ONNX_ATOL, rtol=0)
         with pytest.raises(AssertionError, match="differs from torch.nn"):
             bench.onnxruntime_step_fn(_Mismatched(model), x)
+    run.close()
 
 
 class _Mismatched(torch.nn.Module):
