@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from . import calibration
 from ._version import __version__
 from .functional import BackendNotSupportedError, current_backend, explain
 from .nn import Recurrent, RecurrentCell
@@ -491,7 +492,10 @@ def environment() -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
+        "cpu_model": calibration.cpu_model(),
         "cpu_count": os.cpu_count(),
+        "numba": calibration.package_version("numba"),
+        "onnxruntime": calibration.package_version("onnxruntime"),
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),
         "environment": env,
@@ -512,7 +516,8 @@ def build_report(args: argparse.Namespace, results: list[Measurement], auto: lis
                      "shapes": [list(s) for s in shapes], "repeats": args.repeats, "min_repeats": args.min_repeats,
                      "max_seconds": args.max_seconds, "seed": args.seed,
                      "step_loop": getattr(args, "step_loop", False), "onnxruntime": not args.no_onnxruntime,
-                     "dtype": getattr(args, "dtype", "float32")},
+                     "dtype": getattr(args, "dtype", "float32"),
+                     "burst_below_s": BURST_BELOW_S, "burst_calls": BURST_CALLS},
         "results": rows,
         "auto": auto,
         "wall_seconds": round(wall_s, 3),
@@ -703,12 +708,13 @@ def run(args: argparse.Namespace) -> int:
     extra = "".join(f", {k}={v}" for k, v in env["environment"].items())
     console.print(f"[bold]seqfast bench[/] — seqfast {env['seqfast']}, torch {env['torch']}, python {env['python']}",
                   highlight=False)
-    console.print(f"{env['processor']}, {env['cpu_count']} CPUs; torch threads: {env['torch_threads']} "
-                  f"(interop {env['torch_interop_threads']}, torch defaults{extra})", highlight=False)
+    console.print(f"{env['cpu_model']} ({env['processor']}), {env['cpu_count']} CPUs; torch threads: "
+                  f"{env['torch_threads']} (interop {env['torch_interop_threads']}, torch defaults{extra})",
+                  highlight=False)
     versus = TORCH_NN if args.no_onnxruntime else f"{TORCH_NN} and {ONNXRUNTIME} (inference)"
     console.print(f"cells: {', '.join(cells)}; backends: {', '.join(backends)} vs {versus}; modes: "
                   f"{', '.join(modes)}; {args.dtype}; {len(shapes)} shapes (T B I H); up to {args.repeats} "
-                  f"interleaved calls each, at most ~{args.max_seconds:g} s per candidate", highlight=False)
+                  f"interleaved samples each, at most ~{args.max_seconds:g} s per candidate", highlight=False)
 
     cases = [(c, s, m) for c in cells for s in shapes for m in modes]
     results: list[Measurement] = []

@@ -46,7 +46,7 @@ from .config import cache_root, calibration_setting
 from .registry import Backend, Query, Stack, Weights, registry
 
 __all__ = ["Bucket", "bucket_of", "choose", "calibrate", "candidates", "table", "table_path", "machine_key",
-           "forget"]
+           "cpu_model", "package_version", "forget"]
 
 FORMAT = 1
 BUDGET_SECONDS = 0.1  # timed runs per bucket, all candidates together (at least one run each)
@@ -142,7 +142,8 @@ _unwritable: set[Path] = set()
 _cpu: list[str] = []
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what platform reports."""
     if not _cpu:
         model = ""
         try:
@@ -157,7 +158,8 @@ def _cpu_model() -> str:
     return _cpu[0]
 
 
-def _version(dist: str) -> str | None:
+def package_version(dist: str) -> str | None:
+    """An installed distribution's version, None where it is not installed."""
     try:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
@@ -168,8 +170,8 @@ def machine_key() -> dict:
     """What a calibration holds for: the CPU, its cores, torch's threads, the library versions."""
     from ._version import __version__
 
-    return {"cpu": _cpu_model(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "numba": _version("numba"), "seqfast": __version__}
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "numba": package_version("numba"), "seqfast": __version__}
 
 
 def table_path(key: dict | None = None) -> Path:

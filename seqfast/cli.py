@@ -8,7 +8,6 @@ import json
 import os
 import platform
 import sys
-from importlib import metadata
 
 import torch
 
@@ -19,18 +18,11 @@ from .functional import select_backend
 from .registry import Query, registry
 
 
-def _version(dist: str) -> str | None:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
-
-
 def collect_info() -> dict:
     """Everything `seqfast info` shows, as plain data."""
     versions = {"seqfast": __version__, "python": platform.python_version(), "torch": torch.__version__}
     for dist in ("numpy", "numba", "llvmlite", "triton"):
-        versions[dist] = _version(dist)
+        versions[dist] = calibration.package_version(dist)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     backends = {}
     for name, backend in registry.backends.items():

@@ -55,6 +55,9 @@ def test_json_and_plot_cover_every_backend(tmp_path: Path, capsys) -> None:
     assert rc == (1 if any(r["error"] for r in report["results"]) else 0)
     assert report["schema"] == "seqfast-bench/1"
     assert isinstance(report["env"]["torch_threads"], int) and report["env"]["torch_threads"] >= 1
+    # the figures name the CPU model and the libraries behind them, and how calls were sampled
+    assert report["env"]["cpu_model"] and report["env"]["numba"] and "onnxruntime" in report["env"]
+    assert report["settings"]["burst_calls"] == bench.BURST_CALLS
     assert report["settings"]["backends"] == list(registry.backends)
     assert report["settings"]["shapes"] == [[5, 2, 3, 4], [3, 1, 2, 3]]
     check_entries(report, ["lstm"], list(registry.backends), list(bench.MODES))
