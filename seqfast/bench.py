@@ -266,7 +266,8 @@ class OnnxRuntimeRun:
 
 
 def onnxruntime_step_fn(model: torch.nn.Module, x: torch.Tensor) -> OnnxRuntimeRun:
-    """Inference of torch.nn's `model` on `x` by ONNX Runtime at torch's thread count, checked against torch.nn.
+    """Inference of torch.nn's `model` on `x` by ONNX Runtime at torch's thread count, checked against torch.nn,
+    returned with its session closed (open() it to run it).
 
     Raises OnnxUnavailable (the reason) when onnxruntime is not installed or the export fails, and
     AssertionError when ONNX Runtime's output differs from torch.nn's by more than ONNX_ATOL.
