@@ -100,8 +100,9 @@ def _constants(lay: Layout | None, kernels: list[tuple[str, list[tuple[str, str]
         out += [(f"B_{k}", v) for k, v in BackwardRows.of(lay)._asdict().items()]
     out += [(f"BLOCK_{k}", v) for k, v in BLOCK()._asdict().items()]
     for kernel, params in kernels:
-        slots, _ = block_slots(params)
+        slots, size = block_slots(params)
         out += [(_slot_name(kernel, name), at) for name, at in slots.items()]
+        out.append((f"{kernel.upper()}_BLOCK_SIZE", size))
     return out
 
 
@@ -144,7 +145,7 @@ def _team(kernel: str, params: list[tuple[str, str]]) -> str:
                "@arg": [{"@arg": n, "@read": r} for n, r in reads]}
     tokens = {"PASSED": ", ".join(n for n, k in params if k not in ("lo", "hi")), "BLOCK_SIZE": str(size),
               "ARGS": ", ".join(n for n, _ in params)}
-    return _template("team", None, tokens, markers)
+    return _template("team", None, tokens, markers, flags={"PROJECT": kernel == "forward"})
 
 
 def _prelude(title: str, lay: Layout | None, dtype: str, constants: list[tuple[str, int]], scans: bool) -> str:

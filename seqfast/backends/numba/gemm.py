@@ -6,8 +6,6 @@ time loop.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import torch
 from torch import Tensor
@@ -158,25 +156,6 @@ def projection_way(x: Tensor, weight_ih: Tensor) -> str:
         return static
     sample = x[:PROJECTION_TIMING_ROWS]
     return gemm_choice.choose(key, ways, lambda way: _project(way, sample, weight_ih))
-
-
-def host_projector(rows: int, weight_ih: Tensor, weight_host: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
-    """input_projection of a contiguous numpy x [rows, ...] (its last dimension the input size), as a function
-    returning a numpy [rows, G*H]: bound to MKL's own kernel once for the shape where the static rule gives it
-    (a small product), else input_projection itself, whose way is measured per shape. weight_host: weight_ih's
-    numpy view, which the function keeps."""
-    inputs, width = weight_host.shape[1], weight_host.shape[0]
-    fn = _small_kernel(weight_host.dtype == np.float32, rows, width, inputs)
-    if fn is not None:
-        kernel = _project_kernel or _project_kernel_load()
-
-        def small(x: np.ndarray) -> np.ndarray:
-            out = np.empty((rows, width), dtype=np.float32)
-            kernel(fn, x.reshape(rows, inputs), weight_host, out)
-            return out
-
-        return small
-    return lambda x: input_projection(torch.from_numpy(x.reshape(rows, inputs)), weight_ih).numpy()
 
 
 _output_ranges: dict[tuple, tuple] = {}

@@ -225,15 +225,14 @@ def launch(module, kernel: str, plan: Plan, small: bool, args: tuple, sums: tupl
     launch_ranges(module, kernel, plan.fn, plan.ranges, plan.range_array, small, args, sums)
 
 
-def launcher(module, kernel: str, plan: Plan, small: bool) -> Callable[..., None]:
-    """launch(module, kernel, plan, small, args) as a function of *args, its launcher and addresses looked up
-    once (for callers that run one plan many times)."""
-    team = team_addresses()
-    if team is None:
-        return lambda *args: launch(module, kernel, plan, small, args)
-    gomp, thread_num, mkl_local = team
-    call, entry = getattr(module, kernel + "_launch"), entry_address(module, kernel)
-    return lambda *args: call(gomp, entry, thread_num, mkl_local, plan.range_array, plan.fn, small, *args)
+def bound_block(module, kernel: str, plan: Plan, small: bool, args: tuple) -> np.ndarray:
+    """launch()'s argument block for `kernel` at the plan, written once (team_addresses() must find the team): for
+    a caller that runs one shape many times, rewrites the addresses that change and calls `<kernel>_run` with
+    it (stack.py)."""
+    _, thread_num, mkl_local = team_addresses()
+    block = np.zeros(getattr(module, kernel.upper() + "_BLOCK_SIZE"), dtype=np.int64)
+    getattr(module, kernel + "_block")(block, thread_num, mkl_local, plan.range_array, plan.fn, small, *args)
+    return block
 
 
 def launch_ranges(module, kernel: str, fn: int, ranges: list[tuple[int, int]], range_array: np.ndarray,

@@ -2,16 +2,21 @@
 
 The general path (the module, FusedBackend.layer, scan.forward) checks and converts every argument anew and makes
 a dozen tensors a call, each torch call costing about a microsecond: at T1 B1 H4 that came to ~80 us around ~5 us
-of kernels. A runner keeps, per layer-direction, what scan.forward works out from the weights (the kernel module,
-prepare()'s arrays, weight_ih's numpy view), and per call projects, allocates and launches on numpy arrays, making
-tensors of the results only. Each call compares the parameters' layouts (data pointer, shape, strides, dtype) and
-the plan (thread count, GEMM choice) with the bound ones and binds again on any change; in-place updates show
-through the views. A call the general path must see first (its GEMM choice not yet measured) is declined, and so
-is one with a non-contiguous parameter (its array would be a copy, blind to in-place updates) or a parameter of
-another dtype or device (the general path's checks report it).
+of kernels. A runner binds, per input shape, what scan.forward works out from the shape and the weights: each
+layer-direction's kernel argument block (team.py.tmpl), written once with the weights' addresses and shapes, the
+plan's row ranges and GEMM choice. A call then writes only the addresses that change (input, initial and final
+states, output) and makes one compiled call per layer-direction, which for a small product also runs the input
+projection. Each call compares the parameters' layouts (data pointer, shape, strides, dtype) and the plan (thread
+count, GEMM choice) with the bound ones and binds again on any change; in-place updates show through the
+addresses. A call the general path must see first (its GEMM choice not yet measured) is declined, and so is one
+with a non-contiguous parameter (the kernels read it by address), a parameter of another dtype or device (the
+general path's checks report it), or one made while another thread runs the same binding (the blocks are its own).
 """
 
 from __future__ import annotations
+
+import threading
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -19,81 +24,154 @@ from torch import Tensor
 
 from ...registry import CellSpec, Stack
 from ..fused import _transforms_active
-from . import buffers, schedule
+from . import buffers, gemm, schedule
 from .availability import DTYPES
-from .gemm import host_projector
+from .codegen import entry_address
 from .scan import forward_args, prepare
-from .views import NO_PRODUCTS, NO_SAVED, host, layout
+from .views import NO_PRODUCTS, NO_SAVED, layout
 
 
 def stack_runner(cell: CellSpec, dtype: torch.dtype, stack: Stack):
     """Backend.stack_runner on the numba kernels, for calls without autograd (training keeps the general path)."""
-    if stack.requires_grad or dtype not in DTYPES or any("weight_hr" in names for names in stack.names):
+    if (stack.requires_grad or dtype not in DTYPES or any("weight_hr" in names for names in stack.names)
+            or schedule.team_addresses() is None):
         return None
-    dtype_name = DTYPES[dtype]
-    gates, num_states = cell.num_gates, cell.num_states
-    stages = len(cell.pointwise.stages)
-    measured = cell.recurrence == "dense" and not stages  # scan.forward measures its GEMM choice for these
-    no_products, no_saved = NO_PRODUCTS[dtype_name], NO_SAVED[dtype_name]
+    gates = cell.num_gates
+    measured = cell.recurrence == "dense" and not cell.pointwise.stages  # scan.forward measures its GEMM choice
     recurrent = cell.recurrent_param_names(proj=False)
     # per layer-direction: where weight_ih, bias_ih and each weight the scan takes sit among its parameters
     positions = [(names.index("weight_ih"), _position(names, "bias_ih"), [_position(names, n) for n in recurrent])
                  for names in stack.names]
     directions = 2 if stack.bidirectional else 1
-    layers = [[(layer * directions + d, d == 1) for d in range(directions)] for layer in range(stack.num_layers)]
-    first_ih = positions[0][0]
-    bound: list[tuple | None] = [None] * len(positions)
-
-    def bind(index: int, params: list[Tensor], plan: schedule.Plan, steps: int, batch: int) -> tuple:
-        # views of a non-contiguous parameter would be copies, blind to in-place updates; another dtype or device is
-        # the general path's to report
-        if not all(t.dtype == dtype and t.is_cpu and t.is_contiguous() for t in params):
-            bound[index] = found = (tuple(map(layout, params)), plan, None, None, None, None)
-            return found
-        ih, bias_ih, weights = positions[index]
-        like = torch.empty((steps, batch, plan.hidden * gates), dtype=dtype)  # prepare() reads its shape
-        module, _, _, arrays, lens = prepare(cell, None, [None if i is None else params[i] for i in weights], None,
-                                             None if bias_ih is None else params[bias_ih], like=like)
-        launch = schedule.launcher(module, "forward", plan, plan.loop_forward)
-        project = host_projector(steps * batch, params[ih], host(params[ih]))
-        bound[index] = found = (tuple(map(layout, params)), plan, launch, arrays, lens, project)
-        return found
+    bound: dict[tuple[int, ...], _Bound] = {}
 
     def run(x: Tensor, state0: tuple[Tensor, ...] | None, params: list[list[Tensor]]):
-        steps, batch = x.shape[0], x.shape[1]
-        width = params[0][first_ih].shape[0]
-        hidden = width // gates
-        plan = schedule.plan(dtype_name, steps, batch, width, hidden, num_states)
-        if not batch or (measured and plan.measure_forward is not None) or _transforms_active():
+        if _transforms_active():
             return None
-        shared = len(plan.ranges) > 1
-        finals = [buffers.new((len(params), batch, hidden), dtype, shared) for _ in range(num_states)]
-        inits = None if state0 is None else [s.detach().contiguous().numpy() for s in state0]
-        if x.requires_grad or not x.is_contiguous():  # batch_first input comes as a transposed view
-            x = x.detach().contiguous()
-        layer_input = x.numpy()
-        for layer in layers:
-            outputs = []
-            for index, reverse in layer:
-                p = params[index]
-                found = bound[index]
-                if found is None or found[1] is not plan or found[0] != tuple(map(layout, p)):
-                    found = bind(index, p, plan, steps, batch)
-                launch, arrays, lens, project = found[2:]
-                if launch is None:
-                    return None
-                out = buffers.new((steps, batch, hidden), dtype, shared)
-                vectors = buffers.new((stages, 1, batch, hidden), dtype, shared)[1] if stages else None
-                launch(*forward_args(cell, plan, project(layer_input).reshape(steps, batch, width), arrays,
-                                     plan.zero_states if inits is None else [s[index] for s in inits],
-                                     [f[1][index] for f in finals], lens, reverse, out[1], no_products, no_saved,
-                                     False, vectors))
-                outputs.append(out)
-            layer_input = outputs[0][1] if directions == 1 else np.concatenate([o[1] for o in outputs], axis=2)
-        output = outputs[0][0] if directions == 1 else torch.from_numpy(layer_input)
-        return output, tuple(f[0] for f in finals)
+        found = bound.get(x.shape)
+        if found is not None:
+            result = found(x, state0, params)
+            if result is not _STALE:
+                return result
+        steps, batch = x.shape[0], x.shape[1]
+        width = params[0][positions[0][0]].shape[0]
+        plan = schedule.plan(DTYPES[dtype], steps, batch, width, width // gates, cell.num_states)
+        if not batch or (measured and plan.measure_forward is not None):
+            return None
+        if len(bound) >= 16:  # shapes vary without bound in some programs
+            bound.clear()
+        found = bound[x.shape] = _Bound(cell, dtype, plan, positions, directions, x.shape, params)
+        result = found(x, state0, params)
+        return None if result is _STALE else result
 
     return run
+
+
+_STALE = object()  # a binding's answer when the parameters or the plan changed since it was made
+
+
+class _LayerCall(NamedTuple):
+    """A layer-direction's part of a bound call."""
+
+    block: np.ndarray  # its kernel argument block (schedule.bound_block)
+    weight_ih: int  # where weight_ih sits among its parameters
+    projection_gemm: int  # the GEMM of an input projection run in the scan's own call; 0: input_projection's
+    weight_ih_address: int
+    rows: int  # the projection's rows (T * B) and inputs
+    inputs: int
+    held: tuple  # what the block points to besides the parameters and the plan: kept alive with it
+
+
+class _Bound:
+    """One input shape's inference calls: every layer-direction's kernel argument block, written once."""
+
+    def __init__(self, cell: CellSpec, dtype: torch.dtype, plan: schedule.Plan, positions, directions: int,
+                 shape: tuple[int, ...], params: list[list[Tensor]]) -> None:
+        steps, batch, inputs = shape
+        hidden, name = plan.hidden, plan.dtype_name
+        self.plan, self.dtype, self.directions = plan, dtype, directions
+        self.plan_key = (name, steps, batch, hidden * cell.num_gates, hidden, cell.num_states)
+        self.layouts = [layout(t) for p in params for t in p]
+        self.lock = threading.Lock()
+        self.out_shape = (steps, batch, hidden)
+        self.final_shape = (len(params), batch, hidden)
+        self.state_bytes = batch * hidden * dtype.itemsize
+        self.shared = len(plan.ranges) > 1  # several threads write the outputs: 64-byte aligned buffers
+        # the kernels read every parameter by its address
+        self.usable = all(t.dtype == dtype and t.is_cpu and t.is_contiguous() for p in params for t in p)
+        if not self.usable:
+            return
+        gomp = schedule.team_addresses()[0]
+        stages = len(cell.pointwise.stages)
+        self.layers: list[_LayerCall] = []
+        for index, p in enumerate(params):
+            ih, bias_ih, weights = positions[index]
+            # prepare() reads the shape of `like`; the other arrays are stand-ins of the right shapes, whose
+            # addresses each call replaces
+            like = torch.empty((steps, batch, hidden * cell.num_gates), dtype=dtype)
+            module, _, _, arrays, lens = prepare(cell, None, [None if i is None else p[i] for i in weights],
+                                                 None, None if bias_ih is None else p[bias_ih], like=like)
+            vectors = torch.empty((stages, 1, batch, hidden), dtype=dtype).numpy() if stages else None
+            block = schedule.bound_block(module, "forward", plan, plan.loop_forward, forward_args(
+                cell, plan, like.numpy(), arrays, plan.zero_states, [np.empty((batch, hidden), dtype=name)] *
+                cell.num_states, lens, index % directions == 1, np.empty(self.out_shape, dtype=name),
+                NO_PRODUCTS[name], NO_SAVED[name], False, vectors))
+            rows, layer_inputs = steps * batch, inputs if index < directions else hidden * directions
+            products = rows * hidden * cell.num_gates * layer_inputs
+            in_kernel = plan.fn and layer_inputs and products < gemm.SMALL_TORCH_GEMM
+            self.layers.append(_LayerCall(block, ih, plan.fn if in_kernel else 0, p[ih].data_ptr(), rows,
+                                          layer_inputs, (arrays, lens, vectors)))
+        self.module, self.gomp, self.entry = module, gomp, entry_address(module, "forward")
+        self.slot_x, self.slot_out = module.AT_FORWARD_X, module.AT_FORWARD_OUT
+        self.slot_init = [getattr(module, f"AT_FORWARD_INIT{i}") for i in range(cell.num_states)]
+        self.slot_final = [getattr(module, f"AT_FORWARD_S{i}") for i in range(cell.num_states)]
+        self.zero_states = [z.ctypes.data for z in plan.zero_states]
+
+    def __call__(self, x: Tensor, state0: tuple[Tensor, ...] | None, params: list[list[Tensor]]):
+        """(output, final states); _STALE where the parameters or the plan changed since the binding; None for a
+        call it declines."""
+        if [layout(t) for p in params for t in p] != self.layouts or schedule.plan(*self.plan_key) is not self.plan:
+            return _STALE
+        if not self.usable or x.dtype is not self.dtype or not self.lock.acquire(blocking=False):
+            return None
+        try:
+            return self._run(x if x.is_contiguous() else x.contiguous(), state0, params)
+        finally:
+            self.lock.release()
+
+    def _new(self, shape: tuple[int, ...]) -> Tensor:
+        return buffers.new(shape, self.dtype, self.shared)[0]
+
+    def _run(self, x: Tensor, state0: tuple[Tensor, ...] | None, params: list[list[Tensor]]):
+        if state0 is not None:
+            if any(s.dtype is not self.dtype for s in state0):
+                return None
+            state0 = [s if s.is_contiguous() else s.contiguous() for s in state0]
+            inits = [s.data_ptr() for s in state0]
+        finals = [self._new(self.final_shape) for _ in self.slot_final]
+        at_final = [f.data_ptr() for f in finals]
+        module, gomp, entry, size = self.module, self.gomp, self.entry, self.state_bytes
+        directions = self.directions
+        layer_input = x
+        outputs = []
+        for index, (block, ih, fn, w_at, rows, inputs, _) in enumerate(self.layers):
+            out = self._new(self.out_shape)
+            block[self.slot_out] = out.data_ptr()
+            for s, slot in enumerate(self.slot_final):
+                block[slot] = at_final[s] + index * size
+            for s, slot in enumerate(self.slot_init):
+                block[slot] = self.zero_states[s] if state0 is None else inits[s] + index * size
+            if fn:
+                module.forward_projected(gomp, entry, block, fn, layer_input.data_ptr(), w_at, rows, inputs)
+            else:
+                x_proj = gemm.input_projection(layer_input.view(rows, inputs), params[index][ih])
+                block[self.slot_x] = x_proj.data_ptr()
+                module.forward_run(gomp, entry, block)
+            outputs.append(out)
+            if len(outputs) == directions:
+                layer_input = outputs[0] if directions == 1 else torch.cat(outputs, 2)
+                outputs = []
+        return layer_input, tuple(finals)
 
 
 def _position(names: tuple[str, ...], name: str) -> int | None:

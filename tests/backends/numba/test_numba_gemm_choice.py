@@ -90,17 +90,13 @@ def test_a_measured_choice_runs_and_the_result_does_not_change(monkeypatch, fast
         return real_launch(module, kernel, plan, small, args, sums)
 
     monkeypatch.setattr(schedule, "launch", launch)
-    real_launcher = schedule.launcher
+    real_bound_block = schedule.bound_block
 
-    def launcher(module, kernel, plan, small):  # a module's inference runner (stack.py) binds its launch
-        run = real_launcher(module, kernel, plan, small)
+    def bound_block(module, kernel, plan, small, args):  # a module's inference runner (stack.py) binds its call
+        launched.append((kernel, small, args[0].shape[0]))
+        return real_bound_block(module, kernel, plan, small, args)
 
-        def recorded(*args):
-            launched.append((kernel, small, args[0].shape[0]))
-            return run(*args)
-        return recorded
-
-    monkeypatch.setattr(schedule, "launcher", launcher)
+    monkeypatch.setattr(schedule, "bound_block", bound_block)
     costs = {faster: 1.0, not faster: 2.0}
     now = [0.0]
     monkeypatch.setattr(gemm_choice, "_clock", lambda: now[0])
@@ -123,6 +119,9 @@ def test_a_measured_choice_runs_and_the_result_does_not_change(monkeypatch, fast
     with torch.no_grad():
         ours(x)
     assert launched == [("forward", faster, x.shape[0])]  # measured once per shape
+    with torch.no_grad():
+        ours(x)
+    assert len(launched) == 1  # the shape's block, written once, is used again
 
 
 def _charging(choose, costs, now):

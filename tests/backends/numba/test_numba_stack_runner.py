@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import threading
 
 import pytest
 import torch
@@ -236,3 +237,47 @@ def test_a_bound_inference_call_gives_way_wherever_the_general_path_differs(back
         with pytest.raises(ValueError, match=r"every parameter must be torch.float32 .* got one of shape \(16, 4\) "
                                              r"as torch.float64"):
             ours(x)
+
+
+@pytest.mark.parametrize("small_gemm", [1 << 19, 0], ids=["projection-in-the-scan-call", "projection-by-torch"])
+def test_both_ways_of_projecting_match_torch_nn(backend, small_gemm, monkeypatch, general_calls):
+    """A bound call projects a small input inside the scan's own call and a larger one through input_projection
+    (gemm.SMALL_TORCH_GEMM decides, read when the shape is bound); both give torch.nn's results, with hx."""
+    from seqfast.backends.numba import gemm
+
+    monkeypatch.setattr(gemm, "SMALL_TORCH_GEMM", small_gemm)
+    ref, ours = _pair("GRU", 5, 6, num_layers=2, bidirectional=True)
+    x, hx = torch.randn(4, 3, 5), torch.randn(4, 3, 6)
+    with torch.no_grad():
+        for call in range(3):
+            general_calls.clear()
+            got, want = ours(x, hx if call else None), ref(x, hx if call else None)
+            assert_close(got[0], want[0], f"output, call {call}")
+            assert_close(got[1], want[1], f"final state, call {call}")
+    assert not general_calls
+
+
+def test_calls_from_several_threads_at_once_match_torch_nn(backend):
+    """A shape's binding writes its argument blocks on every call: a call made while another thread runs the same
+    binding takes the general path instead, and every result is right."""
+    ref, ours = _pair("LSTM", 8, 16)
+    inputs = [torch.randn(30, 2, 8, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    with torch.no_grad():
+        wants = [ref(x)[0] for x in inputs]
+        ours(inputs[0])
+    failures = []
+
+    def work(worker: int) -> None:
+        with torch.no_grad():
+            for round in range(40):
+                i = (worker + round) % len(inputs)
+                got = ours(inputs[i])[0]
+                if not torch.allclose(got, wants[i], rtol=1e-4, atol=1e-5):
+                    failures.append((worker, round))
+
+    threads = [threading.Thread(target=work, args=(w,)) for w in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures
