@@ -6,8 +6,9 @@ another started (a ctypes callback per thread cost 60-130 us per scan, benchmark
 module's `<kernel>_launch` (njit, GIL released) writes the kernel's arguments into an int64
 block (addresses and shapes, `<kernel>_block`) and calls `GOMP_parallel` with `<kernel>_entry` (`<kernel>_run`),
 the kernel itself compiled as a numba cfunc: each team thread rebuilds the arrays from the block and runs the scan
-over its row range. No thread touches Python. The launcher reaches the entry only through its address: numba re-generates machine code for
-every function a compiled function calls directly, and the kernel is large (seconds of cold compile each time).
+over its row range. No thread touches Python. The launcher reaches the entry only through its address: numba
+re-generates machine code for every function a compiled function calls directly, and the kernel is large (seconds
+of cold compile each time).
 
 Addresses (GOMP_parallel, omp_get_thread_num, MKL's per-thread thread count) are passed in as integers, never
 baked into the compiled code, so the kernels stay cacheable across processes.
