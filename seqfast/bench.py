@@ -2,8 +2,9 @@
 
 For every chosen cell x shape x mode, torch.nn's module (for cells that have one) and one seqfast.Recurrent per
 backend are built with torch.nn's state_dict, then timed interleaved (round-robin, so drifting machine load hits
-every candidate alike) and summarised by medians. A sample of a call shorter than BURST_BELOW_S is the median of a
-burst of calls in a row, its first call not counted (it pays for what the candidate before left: threads to wake).
+every candidate alike) and summarised by medians. A sample of a call shorter than BURST_BELOW_S (the faster of two
+warm calls) is the median of a burst of calls in a row, its first call not counted (it pays for what the candidate
+before left: threads to wake).
 inference = forward under torch.no_grad(); training = forward + backward of output.sum(). With --step-loop the
 cells are timed instead: torch.nn's cell (LSTMCell, ...) against one seqfast.RecurrentCell per backend, stepped T
 times in a Python loop (hx=None first), the sum of every step's output as the result. Backends and cells come
