@@ -8,11 +8,14 @@ torch.backends.cudnn.benchmark picks convolution algorithms; the static rule's c
 clearly faster (MARGIN). Only the rounding of a call's products can depend on the outcome.
 
 - Per-step products: the first forward scan of a shape (its rows per thread, width, hidden size, dtype and BLAS
-  routine), and the first backward scan, run a few of the call's own steps both ways. The timing runs use the same
-  compiled kernel (its loop-or-MKL flag is an argument: nothing is compiled for them): the forward's are inference
-  runs writing the call's own outputs, which the call writes again afterwards; the backward's read copies of what
-  its kernel overwrites and write scratch buffers (scan.py). Only dense recurrences of unstaged cells are timed (the
-  others have no per-step product, or products of column blocks that keep the static rule).
+  routine), and the first backward scan, run a few of the call's own steps both ways, at two step counts. A way's
+  cost is fitted as a cost per call plus one per step (StepCosts): the forward's loop transposes W_hh once per call
+  and thread, which a short timing run would otherwise charge to every step, and which a long call spreads thin.
+  The choice then follows each call's length. The timing runs use the same compiled kernel (its loop-or-MKL flag
+  is an argument: nothing is compiled for them): the forward's are inference runs writing the call's own outputs,
+  which the call writes again afterwards; the backward's read copies of what its kernel overwrites and write
+  scratch buffers (scan.py). Only dense recurrences of unstaged cells are timed (the others have no per-step
+  product, or products of column blocks that keep the static rule).
 - Input projections (gemm.py) of at least SMALL_TORCH_GEMM multiply-adds, per bucket of rows, width, input size
   and thread count: the first call's product on at most gemm.PROJECTION_TIMING_ROWS of its rows, by each way.
 
@@ -26,6 +29,7 @@ import math
 import threading
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -36,14 +40,14 @@ ROUNDS = 3
 WORK_PER_RUN = 1 << 22  # multiply-adds of the per-step products in one timing run
 MIN_STEPS = 2
 
-_decided: dict[tuple, bool] = {}
+_decided: dict[tuple, object] = {}
 _lock = threading.Lock()
 _clock: Callable[[], float] = time.perf_counter
 
 
 def decided(key: tuple) -> object:
-    """The measured choice for a shape key (a way choose() was given), or None where none was made in this
-    process."""
+    """The measured choice for a shape key (a way choose() was given, or choose_for_steps()'s StepCosts), or None
+    where none was made in this process."""
     return _decided.get(key)
 
 
@@ -54,7 +58,8 @@ def may_measure() -> bool:
 
 
 def timing_steps(steps: int, batch: int, width: int, hidden: int) -> int:
-    """How many of a call's steps a timing run takes: enough per-step products to time, at most the call's."""
+    """How many of a call's steps the longer timing run takes: enough per-step products to time, at most the
+    call's."""
     return max(1, min(steps, max(MIN_STEPS, WORK_PER_RUN // max(1, batch * width * hidden))))
 
 
@@ -82,10 +87,52 @@ def choose(key: tuple, ways: tuple, run: Callable[[object], None]) -> object:
         return choice
 
 
+class StepCosts(NamedTuple):
+    """A scan's measured per-step GEMM choice: each way's fitted cost per call and per step, in seconds."""
+
+    static: bool  # the static rule's way (_blas.loop_gemm)
+    per_call: dict[bool, float]
+    per_step: dict[bool, float]
+
+    def choice(self, steps: int) -> bool:
+        """The way for a call of `steps` steps: the other way where it is MARGIN faster than the static one."""
+        cost = {way: self.per_call[way] + steps * self.per_step[way] for way in (self.static, not self.static)}
+        return (not self.static) if cost[not self.static] * MARGIN < cost[self.static] else self.static
+
+
+def choose_for_steps(key: tuple, static: bool, run: Callable[[bool, int], None], steps: int) -> StepCosts:
+    """Time run(loop, k) for both ways at k = steps and at a quarter of it (one untimed run each, then ROUNDS
+    interleaved rounds, best of each), fit each way's cost per call and per step through the two, keep the fit under
+    `key` and return it. steps >= 2."""
+    with _lock:
+        known = _decided.get(key)
+        if known is not None:
+            return known
+        counts = (max(1, steps // 4), steps)
+        ways = (static, not static)
+        for way in ways:
+            run(way, steps)
+        best = {(way, k): math.inf for way in ways for k in counts}
+        for round_ in range(ROUNDS):
+            for way in (ways if round_ % 2 == 0 else ways[::-1]):
+                for k in counts:
+                    start = _clock()
+                    run(way, k)
+                    best[way, k] = min(best[way, k], _clock() - start)
+        short, long = counts
+        per_step = {way: max(0.0, (best[way, long] - best[way, short]) / (long - short)) for way in ways}
+        per_call = {way: max(0.0, best[way, short] - short * per_step[way]) for way in ways}
+        costs = StepCosts(static, per_call, per_step)
+        if len(_decided) >= 4096:  # shapes vary without bound in some programs
+            _decided.clear()
+        _decided[key] = costs
+        return costs
+
+
 def forget() -> None:
     """Drop every measured choice (tests; a changed thread count makes new keys anyway)."""
     with _lock:
         _decided.clear()
 
 
-__all__ = ["MARGIN", "choose", "decided", "forget", "may_measure", "timing_steps"]
+__all__ = ["MARGIN", "StepCosts", "choose", "choose_for_steps", "decided", "forget", "may_measure", "timing_steps"]

@@ -6,6 +6,8 @@ Buffers come from buffers.new: 64-byte aligned where several threads write them,
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -117,12 +119,13 @@ def forward(inputs: ScanInputs, need_saved: bool) -> tuple[Tensor, list[Tensor],
         args = args_for(x_np, lens, out[1], saved[1][1] if len(saved) > 1 else NO_PRODUCTS[name],
                         saved[0][1] if saved else NO_SAVED[name], need_saved)
         small = plan.loop_forward
-        if plan.measure_forward is not None and not stages and cell.recurrence == "dense":
+        if plan.measure_forward is not None and not stages and cell.recurrence == "dense" and steps > 1:
             # measured (gemm_choice) on inference runs of this call's first steps: they write the call's
             # outputs, which the call itself then writes again
-            k = gemm_choice.timing_steps(steps, batch, width, plan.hidden)
-            timing = args_for(x_np[:k], np.minimum(lens, k), out[1][:k], NO_PRODUCTS[name], NO_SAVED[name], False)
-            small = _measured(module, "forward", plan, timing)
+            def timing(k):
+                return args_for(x_np[:k], np.minimum(lens, k), out[1][:k], NO_PRODUCTS[name], NO_SAVED[name], False)
+
+            small = _measured(module, "forward", plan, steps, timing)
         schedule.launch(module, "forward", plan, small, args)
     return out[0], [s[0] for s in states], [s[0] for s in saved]
 
@@ -137,15 +140,23 @@ def forward_args(cell: CellSpec, plan: schedule.Plan, x: np.ndarray, arrays: lis
     return args if stage_vectors is None else (*args, stage_vectors)
 
 
-def _measured(module, kernel: str, plan: schedule.Plan, timing: tuple, sums: tuple = ()) -> bool:
-    """The loop-or-MKL choice for `kernel` at the plan's shape (gemm_choice), timed on `timing`'s arguments;
-    the plans are made again with it."""
+def _measured(module, kernel: str, plan: schedule.Plan, steps: int, timing: Callable[[int], tuple],
+              sums: tuple = ()) -> bool:
+    """The loop-or-MKL choice for `kernel` at the plan's shape (gemm_choice) for a call of `steps` steps, timed
+    on timing(k), the arguments of a run of the call's first k steps; the plans are made again with it."""
     key, static = ((plan.measure_forward, plan.loop_forward) if kernel == "forward"
                    else (plan.measure_backward, plan.loop_backward))
-    loop = gemm_choice.choose(key, (static, not static),
-                              lambda small: schedule.launch(module, kernel, plan, small, timing, sums))
+    k = gemm_choice.timing_steps(steps, plan.full_lengths.shape[0], plan.zero_bias.shape[0], plan.hidden)
+    args = {}
+
+    def run(small: bool, k: int) -> None:
+        if k not in args:
+            args[k] = timing(k)
+        schedule.launch(module, kernel, plan, small, args[k], sums)
+
+    costs = gemm_choice.choose_for_steps(key, static, run, k)
     schedule.clear_plans()
-    return loop
+    return costs.choice(steps)
 
 
 def backward(inputs: ScanInputs, saved: list[Tensor], grad_outputs: Tensor | None, grad_final: list[Tensor | None],
@@ -199,15 +210,17 @@ def backward(inputs: ScanInputs, saved: list[Tensor], grad_outputs: Tensor | Non
         saved_np = saved_st.numpy()
         args = args_for(x_np, saved_np, lens, grad_out, dx[1], hgd_np)
         small = plan.loop_backward
-        if plan.measure_backward is not None and not cell.pointwise.stages and cell.recurrence == "dense":
+        if (plan.measure_backward is not None and not cell.pointwise.stages and cell.recurrence == "dense"
+                and steps > 1):
             # measured (gemm_choice) on runs over this call's first steps that read copies of what the kernel
             # overwrites and write scratch buffers: the call's own inputs stay as they are
-            k = gemm_choice.timing_steps(steps, batch, width, hidden)
-            hgd_k = hgd_np[:k].copy()  # d_hg is written over it
-            timing = args_for(x_np if preact else x_np[:k], np.ascontiguousarray(saved_np[:, :k]),
-                              np.minimum(lens, k), grad_out[:k],
-                              np.empty_like(hgd_k) if write_dx else hgd_k, hgd_k)  # d_x_proj: [k, B, G*H]
-            small = _measured(module, "backward", plan, timing, tuple(np.zeros_like(part) for part in sums))
+            def timing(k):
+                hgd_k = hgd_np[:k].copy()  # d_hg is written over it
+                return args_for(x_np if preact else x_np[:k], np.ascontiguousarray(saved_np[:, :k]),
+                                np.minimum(lens, k), grad_out[:k],
+                                np.empty_like(hgd_k) if write_dx else hgd_k, hgd_k)  # d_x_proj: [k, B, G*H]
+
+            small = _measured(module, "backward", plan, steps, timing, tuple(np.zeros_like(part) for part in sums))
         schedule.launch(module, "backward", plan, small, args, tuple(sums))
     d_bias, d_x_bias, *d_extras = (part[0] if count == 1 else part.sum(0) for part in sums)
     grads: list[Tensor | None] = [None] * len(weights)

@@ -64,16 +64,17 @@ _forced_loop_gemm: list[bool | None] = [None]
 
 
 def use_loop_gemm(kernel: str, fn: int, ranges: list[tuple[int, int]], width: int, hidden: int,
-                  itemsize: int) -> bool:
+                  itemsize: int, steps: int) -> bool:
     """Run a scan's per-step GEMMs as the blocked numba loop (the kernels' `small` flag): what forced_loop_gemm()
-    says, else the forward's measured choice (gemm_choice), else the static rule, _blas.loop_gemm."""
+    says, else the measured choice for a call of `steps` steps (gemm_choice), else the static rule,
+    _blas.loop_gemm."""
     if _forced_loop_gemm[0] is not None:
         return _forced_loop_gemm[0]
     from ._blas import loop_gemm
 
     rows = max(hi - lo for lo, hi in ranges)
     measured = gemm_choice.decided(gemm_key(kernel, fn, rows, width, hidden, itemsize))
-    return loop_gemm(kernel, fn, rows, width, hidden, itemsize) if measured is None else measured
+    return loop_gemm(kernel, fn, rows, width, hidden, itemsize) if measured is None else measured.choice(steps)
 
 
 def gemm_key(kernel: str, fn: int, rows: int, width: int, hidden: int, itemsize: int) -> tuple:
@@ -136,8 +137,8 @@ def plan(dtype_name: str, steps: int, batch: int, width: int, hidden: int, num_s
         keys = [gemm_key(kernel, fn, max(hi - lo for lo, hi in ranges), width, hidden, itemsize)
                 for kernel in ("forward", "backward")]
         forward_key, backward_key = (key if measure and gemm_choice.decided(key) is None else None for key in keys)
-        return Plan(fn, ranges, use_loop_gemm("forward", fn, ranges, width, hidden, itemsize), forward_key,
-                    use_loop_gemm("backward", fn, ranges, width, hidden, itemsize), backward_key,
+        return Plan(fn, ranges, use_loop_gemm("forward", fn, ranges, width, hidden, itemsize, steps), forward_key,
+                    use_loop_gemm("backward", fn, ranges, width, hidden, itemsize, steps), backward_key,
                     is_avx512_kernel(fn), hidden,
                     dtype_name, np.full(batch, steps, dtype=np.int64), (zero,) * num_states,
                     np.zeros(width, dtype=dtype_name), np.array(ranges, dtype=np.int64).reshape(-1, 2))

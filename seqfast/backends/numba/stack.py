@@ -56,7 +56,7 @@ def stack_runner(cell: CellSpec, dtype: torch.dtype, stack: Stack):
         steps, batch = x.shape[0], x.shape[1]
         width = params[0][positions[0][0]].shape[0]
         plan = schedule.plan(DTYPES[dtype], steps, batch, width, width // gates, cell.num_states)
-        if not batch or (measured and plan.measure_forward is not None):
+        if not batch or (measured and plan.measure_forward is not None and steps > 1):  # scan.forward measures
             return None
         if len(bound) >= 16:  # shapes vary without bound in some programs
             bound.clear()

@@ -61,6 +61,46 @@ def test_the_fastest_of_several_ways_is_kept(monkeypatch, costs, expected) -> No
     assert all(ran.count(way) == 1 + gemm_choice.ROUNDS for way in costs)
 
 
+def _timed_steps(per_call: dict[bool, float], per_step: dict[bool, float], monkeypatch):
+    """run(loop, k) for choose_for_steps(), advancing a fake clock by per_call[loop] + k * per_step[loop]; records
+    the runs."""
+    now, ran = [0.0], []
+    monkeypatch.setattr(gemm_choice, "_clock", lambda: now[0])
+
+    def run(loop: bool, k: int) -> None:
+        ran.append((loop, k))
+        now[0] += per_call[loop] + k * per_step[loop]
+
+    return run, ran
+
+
+def test_a_scan_choice_follows_the_call_length(monkeypatch) -> None:
+    """The loop's cost per call (its W_hh transposition) and per step are fitted apart: it loses short calls and
+    wins long ones, where a single short timing run would have charged the transposition to every step."""
+    per_call, per_step = {True: 1000.0, False: 10.0}, {True: 50.0, False: 170.0}
+    run, ran = _timed_steps(per_call, per_step, monkeypatch)
+    costs = gemm_choice.choose_for_steps(("test", "length"), False, run, 8)
+    assert costs.per_call == pytest.approx(per_call) and costs.per_step == pytest.approx(per_step)
+    assert sorted(set(ran)) == [(False, 2), (False, 8), (True, 2), (True, 8)]
+    assert len(ran) == 2 * (1 + 2 * gemm_choice.ROUNDS)  # one untimed run each, then both counts per round
+    crossover = (per_call[True] - per_call[False]) / (per_step[False] - per_step[True])  # 8.25 steps
+    assert not costs.choice(1) and not costs.choice(8)
+    assert costs.choice(20) and costs.choice(200)
+    assert costs.choice(round(crossover * gemm_choice.MARGIN) + 2)
+    assert gemm_choice.decided(("test", "length")) is costs
+    assert gemm_choice.choose_for_steps(("test", "length"), False, run, 8) is costs and len(ran) == 14
+
+
+@pytest.mark.parametrize("static", [True, False])
+def test_a_scan_choice_keeps_the_static_way_unless_the_other_is_clearly_faster(monkeypatch, static) -> None:
+    run, _ = _timed_steps({True: 0.0, False: 0.0}, {static: 1.05, not static: 1.0}, monkeypatch)
+    costs = gemm_choice.choose_for_steps(("test", "margin", static), static, run, 4)
+    assert costs.choice(1) is static and costs.choice(1000) is static
+    run, _ = _timed_steps({True: 0.0, False: 0.0}, {static: 1.25, not static: 1.0}, monkeypatch)
+    costs = gemm_choice.choose_for_steps(("test", "clear", static), static, run, 4)
+    assert costs.choice(1) is (not static) and costs.choice(1000) is (not static)
+
+
 def _lstm_call(batch: int, hidden: int, steps: int = 12):
     torch.manual_seed(0)
     ours = seqfast.LSTM(hidden, hidden, backend="numba")
@@ -97,21 +137,21 @@ def test_a_measured_choice_runs_and_the_result_does_not_change(monkeypatch, fast
         return real_bound_block(module, kernel, plan, small, args)
 
     monkeypatch.setattr(schedule, "bound_block", bound_block)
-    costs = {faster: 1.0, not faster: 2.0}
+    costs = {faster: 1.0, not faster: 2.0}  # per step
     now = [0.0]
     monkeypatch.setattr(gemm_choice, "_clock", lambda: now[0])
-    monkeypatch.setattr(gemm_choice, "choose", _charging(gemm_choice.choose, costs, now))
+    monkeypatch.setattr(gemm_choice, "choose_for_steps", _charging_steps(gemm_choice.choose_for_steps, costs, now))
     with torch.no_grad():
         out, (h, c) = ours(x)
         want, (h_ref, c_ref) = ref(x)
     torch.testing.assert_close(out, want)
     torch.testing.assert_close((h, c), (h_ref, c_ref))
-    assert gemm_choice.decided(plan.measure_forward) is faster
+    assert gemm_choice.decided(plan.measure_forward).choice(x.shape[0]) is faster
     *timing, call = launched
-    assert len(timing) == 2 * (1 + gemm_choice.ROUNDS)  # timing runs of the call's first steps, both ways
+    assert len(timing) == 2 * (1 + 2 * gemm_choice.ROUNDS)  # timing runs of the call's first steps, both ways
     assert sorted(small for _, small, _ in timing) == [False] * (len(timing) // 2) + [True] * (len(timing) // 2)
     steps = gemm_choice.timing_steps(x.shape[0], 6, 4 * 24, 24)
-    assert {entry[2] for entry in timing} == {steps}
+    assert {entry[2] for entry in timing} == {steps, steps // 4}
     assert call == ("forward", faster, x.shape[0])  # then the call itself, the measured way
     again = _plan_of(6, 24)
     assert again.measure_forward is None and again.loop_forward is faster
@@ -122,6 +162,16 @@ def test_a_measured_choice_runs_and_the_result_does_not_change(monkeypatch, fast
     with torch.no_grad():
         ours(x)
     assert len(launched) == 1  # the shape's block, written once, is used again
+
+
+def _charging_steps(choose_for_steps, costs, now):
+    """choose_for_steps() whose runs advance the fake clock by k * costs[loop] after running for real."""
+    def charged(key, static, run, steps):
+        def timed_run(way, k) -> None:
+            run(way, k)
+            now[0] += k * costs[way]
+        return choose_for_steps(key, static, timed_run, steps)
+    return charged
 
 
 def _charging(choose, costs, now):
@@ -206,7 +256,7 @@ def test_the_backward_is_measured_on_copies_and_its_gradients_are_torch_nns(monk
         (out * torch.linspace(-1, 1, hidden)).sum().backward()
         grads.append([xx.grad, *(p.grad for p in module.parameters())])
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)
-    runs = 2 * (1 + gemm_choice.ROUNDS) + 1
+    runs = 2 * (1 + 2 * gemm_choice.ROUNDS) + 1
     assert launched == ["forward"] * runs + ["backward"] * runs
     keys = [key for key in gemm_choice._decided if key[0] == "backward"]
     assert len(keys) == 1
@@ -290,3 +340,34 @@ def test_a_module_call_measures_its_projection_once(monkeypatch) -> None:
                                                                                  torch.get_num_threads())]
     timing_runs = len(ran) - 2
     assert timing_runs >= 2 * (1 + gemm_choice.ROUNDS) and {rows for _, rows in ran} == {2000}
+
+
+def test_a_one_step_call_is_not_timed_and_a_longer_call_then_decides_both(monkeypatch) -> None:
+    """A fit needs two step counts: a call of one step keeps the static rule (and its inference call is bound as
+    usual); the first longer call of the shape measures, and the one-step call then follows the fit."""
+    if not _blas.gemm_address("float32"):
+        pytest.skip("no MKL in this torch: the loop is the only GEMM")
+    monkeypatch.setenv("SEQFAST_CALIBRATE", "1")
+    ours, ref, x = _lstm_call(batch=6, hidden=24, steps=12)
+    one = x[:1]
+    with torch.no_grad():
+        torch.testing.assert_close(ours(one)[0], ref(one)[0])
+        assert gemm_choice._decided == {}
+        assert len(ours._inference_calls) == 1  # bound with the static rule's plan
+        per_call, per_step = {True: 1000.0, False: 0.0}, {True: 1.0, False: 200.0}
+        now = [0.0]
+        monkeypatch.setattr(gemm_choice, "_clock", lambda: now[0])
+
+        def charged(key, static, run, steps):
+            def timed_run(way, k) -> None:
+                run(way, k)
+                now[0] += per_call[way] + k * per_step[way]
+            return real(key, static, timed_run, steps)
+
+        real = gemm_choice.choose_for_steps
+        monkeypatch.setattr(gemm_choice, "choose_for_steps", charged)
+        torch.testing.assert_close(ours(x)[0], ref(x)[0])
+        (costs,) = [v for k, v in gemm_choice._decided.items() if k[0] == "forward"]
+        assert costs.choice(12) is True and costs.choice(1) is False
+        assert _plan_of(6, 24, steps=12).loop_forward is True and _plan_of(6, 24, steps=1).loop_forward is False
+        torch.testing.assert_close(ours(one)[0], ref(one)[0])
