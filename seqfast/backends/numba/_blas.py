@@ -335,6 +335,26 @@ def _k_tail_nn_acc(a, b, c, r0, r1, p0):
 
 
 @njit(inline="always")
+def transpose_into(a, out):
+    """out[C, R] = a[R, C]^T, in 8 x 8 tiles (the constant trip counts let the compiler keep a tile in registers
+    and store whole rows of it), then the edges."""
+    rows, cols = a.shape
+    r8 = rows - rows % 8
+    c8 = cols - cols % 8
+    for i0 in range(0, r8, 8):
+        for j0 in range(0, c8, 8):
+            for j in range(j0, j0 + 8):
+                for i in range(i0, i0 + 8):
+                    out[j, i] = a[i, j]
+        for j in range(c8, cols):
+            for i in range(i0, i0 + 8):
+                out[j, i] = a[i, j]
+    for i in range(r8, rows):
+        for j in range(cols):
+            out[j, i] = a[i, j]
+
+
+@njit(inline="always")
 def loop_nn_acc(a, b, c):
     """c[M, N] += a[M, K] @ b[K, N] as a loop LLVM vectorizes over N: for GEMMs where it beats MKL, or without MKL.
 
@@ -371,4 +391,4 @@ def loop_nn_acc(a, b, c):
 __all__ = ["SGEMM", "DGEMM", "SGEMM_KERNEL", "is_avx512_kernel", "SMALL_GEMM", "LOOP_GEMM_MAX_WEIGHT_BYTES",  # noqa: F822
            "LOOP_GEMM_BWD_MAX_WEIGHT_BYTES", "loop_gemm", "gemm_address", "threaded_gemm_address", "gemm_nt",
            "gemm_nn", "gemm_nn_acc", "gemm_nt_cols", "gemm_nn_acc_cols",
-           "gemm_tn_rows", "loop_nn_acc", "single_threaded_blas"]
+           "gemm_tn_rows", "loop_nn_acc", "transpose_into", "single_threaded_blas"]

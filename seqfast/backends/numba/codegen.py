@@ -34,7 +34,7 @@ from ..codegen.loader import module_path
 from .assemble import generate_projection_source, generate_source, generate_weight_grad_source
 from .pointwise import check_cell, dx_is_dhg, per_unit_width, preactivation_only, step_supported
 
-TEMPLATE_VERSION = "24"
+TEMPLATE_VERSION = "25"
 _HERE = Path(__file__).resolve().parent
 _BACKEND = "numba"
 

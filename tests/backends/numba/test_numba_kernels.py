@@ -193,6 +193,23 @@ def test_loop_gemm_blocks_and_leftovers(dtype) -> None:
 
 
 
+@numba.njit
+def _transposed(a, out):
+    _blas.transpose_into(a, out)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_transpose_into_tiles_and_edges(dtype) -> None:
+    """W_hh's transposition for the loop GEMM (8 x 8 tiles, then the edge rows and columns) is exact, for shapes
+    with and without edges on either side."""
+    rng = np.random.default_rng(1)
+    for rows, cols in ((1, 1), (3, 5), (8, 8), (16, 24), (188, 47), (9, 17), (24, 7), (520, 130)):
+        a = rng.standard_normal((rows, cols)).astype(dtype)
+        out = np.full((cols, rows), np.nan, dtype=dtype)
+        _transposed(a, out)
+        np.testing.assert_array_equal(out, a.T, err_msg=str((rows, cols)))
+
+
 # --- a plugin-style cell compiled through the same generator -------------------------------------------------------
 LEAK = 0.25  # a module-level constant read by the pointwise code: inlined by the generator
 
