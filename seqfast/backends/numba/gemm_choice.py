@@ -119,14 +119,24 @@ def choose_for_steps(key: tuple, static: bool, run: Callable[[bool, int], None],
                     start = _clock()
                     run(way, k)
                     best[way, k] = min(best[way, k], _clock() - start)
-        short, long = counts
-        per_step = {way: max(0.0, (best[way, long] - best[way, short]) / (long - short)) for way in ways}
-        per_call = {way: max(0.0, best[way, short] - short * per_step[way]) for way in ways}
+        per_call, per_step = {}, {}
+        for way in ways:
+            per_call[way], per_step[way] = _fit(counts, best[way, counts[0]], best[way, counts[1]])
         costs = StepCosts(static, per_call, per_step)
         if len(_decided) >= 4096:  # shapes vary without bound in some programs
             _decided.clear()
         _decided[key] = costs
         return costs
+
+
+def _fit(counts: tuple[int, int], short_time: float, long_time: float) -> tuple[float, float]:
+    """(cost per call, cost per step) through two timed runs of counts[0] < counts[1] steps. Where the longer run
+    was not the slower (a disturbed run), there is no slope to read: its time, spread over its steps."""
+    short, long = counts
+    if long <= short or long_time <= short_time:
+        return 0.0, long_time / long
+    per_step = (long_time - short_time) / (long - short)
+    return max(0.0, short_time - short * per_step), per_step
 
 
 def forget() -> None:

@@ -91,6 +91,22 @@ def test_a_scan_choice_follows_the_call_length(monkeypatch) -> None:
     assert gemm_choice.choose_for_steps(("test", "length"), False, run, 8) is costs and len(ran) == 14
 
 
+def test_a_disturbed_timing_gives_no_slope_but_still_a_choice(monkeypatch) -> None:
+    """A way whose longer run was not the slower one (the machine was busy during its shorter runs) has no slope
+    to fit: its longer run's time is spread over its steps, so it cannot come out free per step."""
+    run, _ = _timed_steps({True: 0.0, False: 0.0}, {True: 10.0, False: 30.0}, monkeypatch)
+    calls = {"n": 0}
+
+    def disturbed(loop: bool, k: int) -> None:
+        calls["n"] += 1
+        run(loop, 8 if (loop and k == 2) else k)  # the loop's short runs take as long as its long ones
+
+    costs = gemm_choice.choose_for_steps(("test", "disturbed"), False, disturbed, 8)
+    assert costs.per_call[True] == 0.0 and costs.per_step[True] == pytest.approx(10.0)
+    assert costs.per_step[False] == pytest.approx(30.0) and costs.per_call[False] == pytest.approx(0.0)
+    assert costs.choice(1) and costs.choice(100)
+
+
 @pytest.mark.parametrize("static", [True, False])
 def test_a_scan_choice_keeps_the_static_way_unless_the_other_is_clearly_faster(monkeypatch, static) -> None:
     run, _ = _timed_steps({True: 0.0, False: 0.0}, {static: 1.05, not static: 1.0}, monkeypatch)
