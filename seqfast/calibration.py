@@ -1,8 +1,8 @@
 """`auto`'s calibration: which backend is fastest for a shape, measured on this machine and remembered.
 
 The first `auto` decision in a shape bucket (see `bucket_of`) times the backends that can run the query on random
-inputs of the bucket's representative shape, a few short runs each (about a tenth of a second in all; the first
-run of each, which JIT-compiles and fills caches, is neither timed nor counted), the way
+inputs of that query's own sizes (the bucket's steps), a few short runs each (about a tenth of a second in all;
+the first run of each, which JIT-compiles and fills caches, is neither timed nor counted), the way
 torch.backends.cudnn.benchmark picks convolution algorithms. The winner is kept per bucket and written to
 `calibration-<key>.json` in seqfast's cache directory, under a key of the CPU model, its core count, torch's thread
 count and the versions of torch, numba and seqfast; a file for another key is never read. Once a bucket is decided,
@@ -74,7 +74,7 @@ _clock: Callable[[], float] = time.perf_counter
 
 
 class Bucket(NamedTuple):
-    """Shapes that share one decision, and the representative shape that is timed for them."""
+    """Shapes that share one decision (calibrate() times the sizes of the query that first uses it)."""
 
     cell: str
     device: str  # device type, with the GPU's name for CUDA
@@ -323,18 +323,19 @@ def calibrate(query: Query, backends: list[Backend] | None = None, *, force: boo
         if not force and _stored(decisions, bucket, names) is not None:
             return decisions[bucket.label]
         gates = query.cell.num_gates
-        steps = STEP_LOOP if bucket.level == "step" else _timed_steps(bucket, gates)
-        short = steps if bucket.level == "step" else min(steps, max(SCREEN_STEPS, _short_steps(bucket, gates)))
+        timed = _timed_shape(bucket, query)
+        steps = STEP_LOOP if bucket.level == "step" else _timed_steps(timed, gates)
+        short = steps if bucket.level == "step" else min(steps, max(SCREEN_STEPS, _short_steps(timed, gates)))
         with stored_only():  # a backend that selects inside its own run gets the static rule
             ruled_out = {}
             if steps > short and len(backends) > 1:
                 # long runs only for the candidates a short run leaves in the race (the reference backend's
                 # Python loop would spend seconds on them); the others keep their short time, scaled
-                quick = _time_candidates({b.name: _runner(b, query, bucket, short) for b in backends},
+                quick = _time_candidates({b.name: _runner(b, query, timed, short) for b in backends},
                                          min_rounds=1, max_rounds=1)
                 fastest = min(quick.values())
                 ruled_out = {n: t * steps / short for n, t in quick.items() if t > SLOW_FACTOR * fastest}
-            seconds = _time_candidates({b.name: _runner(b, query, bucket, steps) for b in backends
+            seconds = _time_candidates({b.name: _runner(b, query, timed, steps) for b in backends
                                         if b.name not in ruled_out})
             seconds.update(ruled_out)
         rank = {b.name: b.auto_rank(query) for b in backends}
@@ -343,10 +344,18 @@ def calibrate(query: Query, backends: list[Backend] | None = None, *, force: boo
         if seconds[best] * MARGIN > seconds[static]:
             best = static
         entry = {"backend": best, "seconds": seconds,
-                 "shape": [steps, bucket.batch, bucket.input_size, bucket.hidden_size, bucket.proj_size]}
+                 "shape": [steps, timed.batch, timed.input_size, timed.hidden_size, timed.proj_size]}
         decisions[bucket.label] = entry
         _write(path, key, {bucket.label: entry})
         return entry
+
+
+def _timed_shape(bucket: Bucket, query: Query) -> Bucket:
+    """The bucket with the sizes of the query that first decides it: what is timed. The bucket's power-of-two
+    sizes could differ from it in what decides the race (numba ran an RNN cell at B97 H51 1.34x torch.nn's, and
+    as fast as native at B128 H64); a program that runs one shape, as most do, gets the decision of its own."""
+    return bucket._replace(batch=query.batch_size, hidden_size=query.hidden_size, proj_size=query.proj_size or 0,
+                           input_size=None if bucket.input_size is None else query.input_size)
 
 
 def _per_step_work(bucket: Bucket, gates: int) -> int:

@@ -312,6 +312,29 @@ def test_a_cell_is_timed_as_a_loop_of_steps(calibrated, monkeypatch) -> None:
         assert all(chain[2 * t + 1] is chain[2 * t + 2] for t in range(calibration.STEP_LOOP - 1))
 
 
+def test_the_first_query_of_a_bucket_is_timed_at_its_own_sizes(calibrated, monkeypatch) -> None:
+    """The bucket rounds sizes to powers of two for sharing the decision, but what is timed is the deciding
+    query's own shape (a backend can win at B97 H51 and tie at B128 H64); a later query of the bucket reuses it."""
+    timed = []
+    real_runner = calibration._runner
+
+    def runner(backend, q, shape, steps):
+        timed.append((shape.batch, shape.input_size, shape.hidden_size))
+        return real_runner(backend, q, shape, steps)
+
+    monkeypatch.setattr(calibration, "_runner", runner)
+    first = query(batch=97, hidden=51, input_size=51, level="step", steps=1)
+    entry = calibration.calibrate(first)
+    assert set(timed) == {(97, 51, 51)}
+    assert entry["shape"][1:] == [97, 51, 51, 0]
+    bucket = calibration.bucket_of(first)
+    assert (bucket.batch, bucket.input_size, bucket.hidden_size) == (128, 64, 64)
+    later = query(batch=120, hidden=60, input_size=60, level="step", steps=1)
+    assert calibration.bucket_of(later) == bucket
+    timed.clear()
+    assert calibration.calibrate(later) == entry and timed == []
+
+
 def test_a_run_takes_the_whole_representative_sequence_unless_it_is_large() -> None:
     """A bucket's steps are timed in full where the forward's work stays within LONG_RUN_WORK (a per-step cost
     that grows with the sequence then shows); a larger run takes WORK_PER_RUN's worth of steps."""
@@ -372,8 +395,7 @@ def test_a_module_query_is_timed_through_the_backends_stack_runner(calibrated, m
     calibration.calibrate(query(batch=3, hidden=5, input_size=2))
     assert bound and bound[0].names == (("weight_ih", "weight_hh", "bias_ih", "bias_hh"),)
     assert bound[0].num_layers == 1 and not bound[0].bidirectional and not bound[0].requires_grad
-    bucket = calibration.bucket_of(query(batch=3, hidden=5, input_size=2))
-    hidden, inputs = bucket.hidden_size, bucket.input_size
+    hidden, inputs = 5, 2  # the query's own sizes
     assert ran and ran[0] == [(hidden, inputs), (hidden, hidden), (hidden,), (hidden,)]
     layers = []
     real_layer = TorchBackend.layer
