@@ -44,6 +44,29 @@ def test_a_parametrized_weight_runs_as_its_current_value(kind, backend):
     assert original.grad is not None and original.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("backend", [NATIVE, backend_param("numba"), backend_param("torch")])
+@pytest.mark.parametrize("kind", ["RNNCell", "GRUCell", "LSTMCell"])
+def test_a_cell_reads_its_weights_by_name_whatever_their_order_or_parametrization(kind, backend):
+    """A cell takes its parameters straight from _parameters while they sit in torch.nn's order; a weight
+    registered again (now last in _parameters) or parametrized (no longer in it) is still read by its name."""
+    ref, ours = _pair(kind, 3, 4, backend=backend)
+    x, h = torch.randn(2, 3), torch.randn(2, 4)
+    hx = (h, h.clone()) if kind == "LSTMCell" else h
+    assert_close(ours(x, hx), ref(x, hx), "before any change")
+    for module in (ref, ours):
+        weight = module.weight_ih.detach() * 2
+        del module.weight_ih
+        module.register_parameter("weight_ih", nn.Parameter(weight))
+    assert list(ours._parameters)[-1] == "weight_ih"
+    assert_close(ours(x, hx), ref(x, hx), "after weight_ih was registered again, last")
+    for module in (ref, ours):
+        parametrize.register_parametrization(module, "weight_hh", _Halve())
+    got = ours(x, hx)
+    assert_close(got, ref(x, hx), "with a parametrized weight_hh")
+    (got[0] if isinstance(got, tuple) else got).sum().backward()
+    assert ours.parametrizations.weight_hh.original.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
 def test_replaced_and_reassigned_parameters_show_through(kind):
     ref, ours = _pair(kind, 3, 4, num_layers=2, bidirectional=True, backend="native")

@@ -876,6 +876,7 @@ class RecurrentCell(_PicklesCellByName, nn.Module):
         _check_int(type(self).__name__, "input_size", input_size, 0, InputError)
         _check_int(type(self).__name__, "hidden_size", hidden_size, 1, InputError)
         self.input_size, self.hidden_size, self.bias, self.backend = input_size, hidden_size, bias, backend
+        self._one_state = self.cell.num_states == 1
         self._names = []
         self._inits: dict[str, object] = {}
         for name, shape, init in _ParamFactory.shapes(self.cell, input_size, hidden_size, 0, bias):
@@ -887,6 +888,7 @@ class RecurrentCell(_PicklesCellByName, nn.Module):
     reset_parameters = Recurrent.reset_parameters
 
     _repr_cell = True  # as Recurrent's
+    _one_state = False  # the cell has one state (set in __init__; a class default for modules pickled before it)
 
     def extra_repr(self) -> str:
         s = (f"{self.cell.name!r}, " if self._repr_cell else "") + f"{self.input_size}, {self.hidden_size}"
@@ -905,9 +907,11 @@ class RecurrentCell(_PicklesCellByName, nn.Module):
         batched = dim == 2
         x = input if batched else input.unsqueeze(0)
         names = self._names
-        get = self._parameters.get
-        # getattr for a parametrized weight (torch.nn.utils.parametrize), which is absent from _parameters
-        params = [p if (p := get(n)) is not None else getattr(self, n) for n in names]
+        parameters = self._parameters
+        if len(parameters) == len(names) and list(parameters) == names:  # the usual case: torch.nn's order
+            params = list(parameters.values())
+        else:  # getattr for a parametrized weight (torch.nn.utils.parametrize), which is absent from _parameters
+            params = [p if (p := parameters.get(n)) is not None else getattr(self, n) for n in names]
         weight = params[0]
         dtype = x.dtype
         if x.shape[1] != self.input_size or dtype != weight.dtype or not (
@@ -915,16 +919,23 @@ class RecurrentCell(_PicklesCellByName, nn.Module):
             self._input_error(x, weight)
         if hx is None:
             state = tuple(x.new_zeros(x.shape[0], self.hidden_size) for _ in self.cell.state_names)
+        elif (self._one_state and type(hx) is Tensor and batched and hx.dtype == dtype
+              and hx.shape == (x.shape[0], self.hidden_size) and ((x.is_cpu and hx.is_cpu) or hx.device == x.device)):
+            state = (hx,)  # what _checked_state accepts, checked inline
         else:
             state = self._checked_state(hx, x, batched)
         requires_grad = torch.is_grad_enabled() and (
             x.requires_grad or _any_requires_grad(state) or _any_requires_grad(params))
-        autocast = _autocast_dtype(x)
-        if autocast is not None:
+        if _any_autocast() and (autocast := _autocast_dtype(x)) is not None:
             final = self._step_autocast(x, state, params, requires_grad, autocast)
         else:
-            run = _remembered_backend(self, "_step_plans", (x.shape[0], dtype, x.device, requires_grad),
-                                      self._step_query, x, requires_grad, then=self._step_runner)
+            key = (x.shape[0], dtype, x.device, requires_grad)
+            plan = None if torch.compiler.is_compiling() else self.__dict__.get("_step_plans", _NO_QUERIES).get(key)
+            if plan is not None and plan[0] is (selection := _selection(self))[0] and plan[1] == selection[1]:
+                run = plan[2]  # _remembered_backend's kept decision, looked up inline
+            else:
+                run = _remembered_backend(self, "_step_plans", key, self._step_query, x, requires_grad,
+                                          then=self._step_runner)
             final = run(x, state, params)
         if not batched:
             final = tuple(s.squeeze(0) for s in final)
