@@ -146,15 +146,15 @@ def _measured(module, kernel: str, plan: schedule.Plan, steps: int, timing: Call
     on timing(k), the arguments of a run of the call's first k steps; the plans are made again with it."""
     key, static = ((plan.measure_forward, plan.loop_forward) if kernel == "forward"
                    else (plan.measure_backward, plan.loop_backward))
-    k = gemm_choice.timing_steps(steps, plan.full_lengths.shape[0], plan.zero_bias.shape[0], plan.hidden)
-    args = {}
+    longest = gemm_choice.timing_steps(steps, plan.full_lengths.shape[0], plan.zero_bias.shape[0], plan.hidden)
+    args_of: dict[int, tuple] = {}  # a timing run's arguments, by its step count
 
-    def run(small: bool, k: int) -> None:
-        if k not in args:
-            args[k] = timing(k)
-        schedule.launch(module, kernel, plan, small, args[k], sums)
+    def run(small: bool, count: int) -> None:
+        if count not in args_of:
+            args_of[count] = timing(count)
+        schedule.launch(module, kernel, plan, small, args_of[count], sums)
 
-    costs = gemm_choice.choose_for_steps(key, static, run, k)
+    costs = gemm_choice.choose_for_steps(key, static, run, longest)
     schedule.clear_plans()
     return costs.choice(steps)
 
