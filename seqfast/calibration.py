@@ -2,7 +2,7 @@
 
 The first `auto` decision in a shape bucket (see `bucket_of`) times the backends that can run the query on random
 inputs of that query's own sizes (the bucket's steps), a few short runs each (about a tenth of a second in all;
-the first run of each, which JIT-compiles and fills caches, is neither timed nor counted), the way
+the first two runs of each, which JIT-compile, fill caches and bind, are neither timed nor counted), the way
 torch.backends.cudnn.benchmark picks convolution algorithms. The winner is kept per bucket and written to
 `calibration-<key>.json` in seqfast's cache directory, under a key of the CPU model, its core count, torch's thread
 count and the versions of torch, numba and seqfast; a file for another key is never read. Once a bucket is decided,
@@ -51,6 +51,11 @@ __all__ = ["Bucket", "bucket_of", "choose", "calibrate", "candidates", "table", 
 FORMAT = 1
 BUDGET_SECONDS = 0.1  # timed runs per bucket, all candidates together (at least one run each)
 MIN_ROUNDS, MAX_ROUNDS = 2, 5  # two runs at least: one run can be preempted on a busy machine
+# Untimed runs before the timed ones. The first JIT-compiles and fills caches. numba's first call of a shape measures
+# its GEMM choice on the general path, and only the second binds the shape's call and loads the compiled functions
+# that bound calls run (10 ms at GRU T64 B1 H256, against 1.6-2 ms for the calls after it): timed, it made numba
+# look clearly slower after MIN_ROUNDS, and native was kept where numba ran 2.4x faster.
+WARM_UP_RUNS = 2
 SLOW_FACTOR = 2.0  # a candidate this much slower than the best after MIN_ROUNDS is settled: not run again
 # the static rule's choice stands unless another candidate's best run is this much faster: a busy machine can make
 # any one run slow, and a decision is kept on disk, so noise must not flip it
@@ -377,11 +382,11 @@ def _short_steps(bucket: Bucket, gates: int) -> int:
 
 def _time_candidates(runs: dict[str, Callable[[], None]], min_rounds: int = MIN_ROUNDS,
                      max_rounds: int = MAX_ROUNDS) -> dict[str, float]:
-    """The best time of each run: one untimed warm-up each (JIT compiles, first-call caches), then interleaved
-    rounds, alternating the order, until the budget is spent; a candidate clearly slower than the best is
-    settled after min_rounds."""
+    """The best time of each run: WARM_UP_RUNS untimed runs each, then interleaved rounds, alternating the order,
+    until the budget is spent; a candidate clearly slower than the best is settled after min_rounds."""
     for run in runs.values():
-        run()
+        for _ in range(WARM_UP_RUNS):
+            run()
     best = dict.fromkeys(runs, math.inf)
     active, spent = list(runs), 0.0
     for round_ in range(max_rounds):

@@ -335,6 +335,25 @@ def test_the_first_query_of_a_bucket_is_timed_at_its_own_sizes(calibrated, monke
     assert calibration.calibrate(later) == entry and timed == []
 
 
+def test_a_candidate_slow_on_its_first_two_calls_is_timed_warm(monkeypatch) -> None:
+    """numba's first call of a shape measures its GEMM choice and its second binds the call and loads what bound
+    calls run: neither is timed, so a candidate whose first two calls are slow still wins when it is faster, even
+    in the one-round screening that rules out the clearly slower candidates before long runs."""
+    now = [0.0]
+    monkeypatch.setattr(calibration, "_clock", lambda: now[0])
+    calls = {"late": 0}
+
+    def late() -> None:  # 20 s, then 10 s, then 1 s a call
+        calls["late"] += 1
+        now[0] += {1: 20.0, 2: 10.0}.get(calls["late"], 1.0)
+
+    def steady() -> None:
+        now[0] += 2.0
+
+    best = calibration._time_candidates({"late": late, "steady": steady}, min_rounds=1, max_rounds=1)
+    assert best == {"late": 1.0, "steady": 2.0}
+
+
 def test_a_run_takes_the_whole_representative_sequence_unless_it_is_large() -> None:
     """A bucket's steps are timed in full where the forward's work stays within LONG_RUN_WORK (a per-step cost
     that grows with the sequence then shows); a larger run takes WORK_PER_RUN's worth of steps."""

@@ -8,9 +8,10 @@ plan's row ranges and GEMM choice. A call then writes only the addresses that ch
 states, output) and makes one compiled call per layer-direction, which for a small product also runs the input
 projection. Each call compares the parameters' layouts (data pointer, shape, strides, dtype) and the plan (thread
 count, GEMM choice) with the bound ones and binds again on any change; in-place updates show through the
-addresses. A call the general path must see first (its GEMM choice not yet measured) is declined, and so is one
-with a non-contiguous parameter (the kernels read it by address), a parameter of another dtype or device (the
-general path's checks report it), or one made while another thread runs the same binding (the blocks are its own).
+addresses. A call of two steps or more that the general path must see first (its GEMM choice not yet measured;
+a one-step call keeps the static rule until then) is declined, and so is one with a non-contiguous parameter (the
+kernels read it by address), a parameter of another dtype or device (the general path's checks report it), or one
+made while another thread runs the same binding (the blocks are its own).
 """
 
 from __future__ import annotations

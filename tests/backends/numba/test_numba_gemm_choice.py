@@ -95,10 +95,7 @@ def test_a_disturbed_timing_gives_no_slope_but_still_a_choice(monkeypatch) -> No
     """A way whose longer run was not the slower one (the machine was busy during its shorter runs) has no slope
     to fit: its longer run's time is spread over its steps, so it cannot come out free per step."""
     run, _ = _timed_steps({True: 0.0, False: 0.0}, {True: 10.0, False: 30.0}, monkeypatch)
-    calls = {"n": 0}
-
     def disturbed(loop: bool, k: int) -> None:
-        calls["n"] += 1
         run(loop, 8 if (loop and k == 2) else k)  # the loop's short runs take as long as its long ones
 
     costs = gemm_choice.choose_for_steps(("test", "disturbed"), False, disturbed, 8)
