@@ -78,15 +78,17 @@ def test_one_codegen_error_for_every_backend():
 
 @pytest.mark.parametrize("name", ["lstm", "gru", "gru_reset_before"])
 def test_numba_module_emits_each_kernel_once_with_named_rows(name):
-    from seqfast.backends.numba.codegen import generate_source
+    from seqfast.backends.numba.codegen import generate_source, units_supported
 
-    source = generate_source(seqfast.get_cell(name), "float32")
-    for kernel in ("forward", "backward"):
+    cell = seqfast.get_cell(name)
+    source = generate_source(cell, "float32")
+    scans = ("forward", "backward", *(("forward_units",) if units_supported(cell) else ()))
+    for kernel in scans:
         assert source.count(f"\ndef {kernel}(") == 1
         body = source.split(f"\ndef {kernel}_entry(")[1].split("\ndef ")[0]
-        assert f"    {kernel}(gemm_fn, small, b_lo, b_hi, " in body  # the entry calls the kernel
+        assert f"{kernel}(gemm_fn, small, b_lo, b_hi, " in body  # the entry calls the kernel
         assert "for c in range" not in body  # and holds no copy of its body
-    assert source.count("buf = np.zeros((F_ROWS, CHUNK)") == 1
+    assert source.count("buf = np.zeros((F_ROWS, CHUNK)") == len(scans) - 1  # once in each forward
     assert re.findall(r"buf\[\d", source) == [] and re.findall(r"block\[\d", source) == []
     compile(source, name, "exec")
 

@@ -10,15 +10,24 @@ over its row range. No thread touches Python. The launcher reaches the entry onl
 re-generates machine code for every function a compiled function calls directly, and the kernel is large (seconds
 of cold compile each time).
 
-Addresses (GOMP_parallel, omp_get_thread_num, MKL's per-thread thread count) are passed in as integers, never
-baked into the compiled code, so the kernels stay cacheable across processes.
+Addresses (GOMP_parallel, omp_get_thread_num, omp_get_num_threads, MKL's per-thread thread count) are passed in as
+integers, never baked into the compiled code, so the kernels stay cacheable across processes.
+
+A scan whose threads split the hidden units (forward_units) meets at `barrier` after every step: a counter every
+thread adds one to, read with acquire ordering until all have arrived, so each sees the h the others wrote.
 """
 
 from __future__ import annotations
 
+import platform
+
 from llvmlite import ir
-from numba import types
+from numba import njit, types
+from numba.core import cgutils
 from numba.extending import intrinsic
+
+# the spin-wait hint exists on x86 only; elsewhere the wait loop spins without it
+_PAUSE = platform.machine().lower() in ("x86_64", "amd64", "i686", "i386")
 
 
 @intrinsic
@@ -96,4 +105,51 @@ def gomp_parallel(typingctx, gomp, body, data, threads):
     return types.void(gomp, body, data, threads), codegen
 
 
-__all__ = ["address_of", "pointer_to", "call_int", "call_int_int", "call_void", "gomp_parallel"]
+_I64P = ir.IntType(64).as_pointer()
+
+
+@intrinsic
+def fetch_add(typingctx, addr, value):
+    """Atomically add value to the int64 at addr (sequentially consistent: earlier writes are visible to whoever
+    reads the sum); returns the old value."""
+    def codegen(context, builder, sig, args):
+        return builder.atomic_rmw("add", builder.inttoptr(args[0], _I64P), args[1], "seq_cst")
+
+    return types.int64(types.int64, types.int64), codegen
+
+
+@intrinsic
+def load_acquire(typingctx, addr):
+    """The int64 at addr, read atomically with acquire ordering (later reads see what the writer wrote before)."""
+    def codegen(context, builder, sig, args):
+        return builder.load_atomic(builder.inttoptr(args[0], _I64P), "acquire", 8)
+
+    return types.int64(types.int64), codegen
+
+
+@intrinsic
+def spin_pause(typingctx):
+    """The CPU's spin-wait hint (x86 `pause`), which lets the core's other work run while a thread waits."""
+    def codegen(context, builder, sig, args):
+        if _PAUSE:
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []),
+                                                "llvm.x86.sse2.pause")
+            builder.call(fn, [])
+        return context.get_dummy_value()
+
+    return types.void(), codegen
+
+
+@njit(inline="always")
+def barrier(counter, parts, phase):
+    """Wait for `parts` threads at their `phase`-th meeting (1, 2, ...) on the int64 at address `counter` (zero at
+    the start): each adds one, then waits until every thread has added `phase`."""
+    if parts > 1:
+        fetch_add(counter, 1)
+        target = parts * phase
+        while load_acquire(counter) < target:
+            spin_pause()
+
+
+__all__ = ["address_of", "pointer_to", "call_int", "call_int_int", "call_void", "gomp_parallel", "fetch_add",
+           "load_acquire", "spin_pause", "barrier"]

@@ -2,7 +2,8 @@
 
 generate_source(cell, dtype) expands, for the cell's Layout: the prelude (imports, dtype, the named scratch rows
 and argument-block slots of layout.py as constants), the cell's pointwise functions (pointwise.py), the forward
-and backward scans with their team launcher and entry (team.py.tmpl), and the one-step kernels. What varies from
+and backward scans with their team launcher and entry (team.py.tmpl), for a dense unstaged cell the inference
+forward with its hidden units split over threads (forward_units), and the one-step kernels. What varies from
 cell to cell is only the unrolled tuple plumbing (G gates, S states, P per-unit values, a staged cell's stages) and
 the recurrence (dense, diagonal, none), chosen by the templates' `if $FLAG:` lines (see
 seqfast/backends/codegen/template.py for the template language). Every kernel body is emitted once: a kernel's
@@ -28,7 +29,7 @@ from .layout import (
     slots_used,
     step_buffers,
 )
-from .pointwise import check_cell, function_source, per_unit_width, step_supported
+from .pointwise import check_cell, function_source, per_unit_width, step_supported, units_supported
 
 _TEMPLATES = "seqfast.backends.numba.templates"
 _ELEMENT = {"F": "_FZ", "I": "_IZ", "D": "_DZ"}
@@ -133,6 +134,7 @@ def _block_io(kernel: str, name: str, kind: str) -> tuple[list[tuple[str, str]],
 
 
 def _team(kernel: str, params: list[tuple[str, str]]) -> str:
+    units = kernel == "forward_units"
     writes, reads = [], [("b_lo", "ranges[tid, 0]"), ("b_hi", "ranges[tid, 1]")]
     for name, kind in params:
         if kind not in ("lo", "hi"):
@@ -145,7 +147,10 @@ def _team(kernel: str, params: list[tuple[str, str]]) -> str:
                "@arg": [{"@arg": n, "@read": r} for n, r in reads]}
     tokens = {"PASSED": ", ".join(n for n, k in params if k not in ("lo", "hi")), "BLOCK_SIZE": str(size),
               "ARGS": ", ".join(n for n, _ in params)}
-    return _template("team", None, tokens, markers, flags={"PROJECT": kernel == "forward"})
+    project = kernel in ("forward", "forward_units")
+    if project:
+        tokens.update(X_SLOT=_slot_name(kernel, "x"), S0_SLOT=_slot_name(kernel, "s0"))
+    return _template("team", None, tokens, markers, flags={"PROJECT": project, "UNITS": units})
 
 
 def _prelude(title: str, lay: Layout | None, dtype: str, constants: list[tuple[str, int]], scans: bool) -> str:
@@ -174,7 +179,10 @@ def generate_source(cell: CellSpec, dtype: str) -> str:
     assert pw is not None
     lay = layout_of(cell)
     scans = [("forward", forward_params(lay))] + ([("backward", backward_params(lay))] if pw.backward else [])
-    parts = [_prelude(f"cell {cell.name!r}, {dtype}", lay, dtype, _constants(lay, scans), True)]
+    # the inference forward with the hidden units split over threads (schedule.unit_ranges), for a dense
+    # recurrence of one product a step; same arguments as forward, so a caller's block fits both
+    units = [("forward_units", forward_params(lay))] if units_supported(cell) else []
+    parts = [_prelude(f"cell {cell.name!r}, {dtype}", lay, dtype, _constants(lay, scans + units), True)]
     functions = [(pw.forward, "forward", 5)] + ([(pw.backward, "backward", 6)] if pw.backward else [])
     for s, stage in enumerate(pw.stages):
         functions.append((stage.forward, f"stage{s}", 5))
@@ -189,6 +197,9 @@ def generate_source(cell: CellSpec, dtype: str) -> str:
         tokens[f"{kernel.upper()}_ARGS"] = ", ".join(n for n, _ in params)
         prefix = "F" if kernel == "forward" else "B"
         parts.append(_template(kernel, lay, tokens, blocks=_stages(lay, stage_gates, prefix)))
+        parts.append(_team(kernel, params))
+    for kernel, params in units:
+        parts.append(_template(kernel, lay, {**tokens, "GATES": str(lay.G)}))
         parts.append(_team(kernel, params))
     if step_supported(cell):
         for kernel, backward in (("step_forward", False), ("step_backward", True))[:1 + bool(pw.backward)]:

@@ -8,13 +8,23 @@ from torch import Tensor
 from ...registry import CellSpec, Query, Stack
 from ..fused import FusedBackend, _transforms_active
 from ..fused_contract import Ownership, ScanInputs
-from . import gemm, scan
+from . import gemm, scan, schedule
 from .availability import DTYPES, numba_missing
-from .codegen import CodegenError, check_cell, preactivation_only, step_supported
+from .codegen import CodegenError, check_cell, preactivation_only, step_supported, units_supported
 
 _CONSUME = Ownership.CONSUME  # a module constant: an Enum attribute costs ~60 ns a read
 # NumbaBackend.step_runner by (cell, dtype, names), for direct calls of step
 _step_runners: dict[tuple, object] = {}
+
+
+def _may_split_units(query: Query) -> bool:
+    """Whether an inference forward of the query's shape may run as forward_units (its per-step GEMM choice
+    times it)."""
+    sizes = (query.seq_len, query.batch_size, query.hidden_size)
+    if not units_supported(query.cell) or None in sizes:
+        return False
+    steps, batch, hidden = sizes
+    return bool(schedule.unit_ranges(batch, steps, query.cell.num_gates * hidden, hidden))
 
 
 class NumbaBackend(FusedBackend):
@@ -58,6 +68,8 @@ class NumbaBackend(FusedBackend):
         kernel_names = ("forward", "backward") if query.requires_grad else ("forward",)
         if query.level == "step" and step_supported(query.cell):  # the cells run the one-step kernels
             kernel_names = tuple(f"step_{k}" for k in kernel_names)
+        elif not query.requires_grad and _may_split_units(query):  # timed as a way of the forward
+            kernel_names = ("forward", "forward_units")
         return not is_compiled(query.cell, DTYPES[query.dtype], kernel_names)
 
     # --- one step (the cells) ----------------------------------------------------------------------------------

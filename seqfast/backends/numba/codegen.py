@@ -32,9 +32,9 @@ from ...registry import CellSpec
 from ..codegen import CodegenError, cache_dir, load_module
 from ..codegen.loader import module_path
 from .assemble import generate_projection_source, generate_source, generate_weight_grad_source
-from .pointwise import check_cell, dx_is_dhg, per_unit_width, preactivation_only, step_supported
+from .pointwise import check_cell, dx_is_dhg, per_unit_width, preactivation_only, step_supported, units_supported
 
-TEMPLATE_VERSION = "25"
+TEMPLATE_VERSION = "26"
 _HERE = Path(__file__).resolve().parent
 _BACKEND = "numba"
 
@@ -89,12 +89,12 @@ def _generated(key: tuple, prefix: str, source_of) -> ModuleType:
 def is_compiled(cell: CellSpec, dtype: str, kernel_names: tuple[str, ...]) -> bool:
     """Whether the named kernels of a cell can run without a JIT compile: compiled in this process, or held by
     numba's disk cache (loading from it takes a fraction of a second, compiling seconds). Scans ("forward",
-    "backward") run as their cfunc entry and launcher; the one-step kernels ("step_forward", "step_backward") are
-    called as they are."""
-    functions = [f for k in kernel_names
-                 for f in ((f"{k}_entry", f"{k}_launch") if k in ("forward", "backward") else (k,))]
+    "backward", "forward_units") run as their cfunc entry and launcher; the one-step kernels ("step_forward",
+    "step_backward") are called as they are."""
+    scans = ("forward", "backward", "forward_units")
+    functions = [f for k in kernel_names for f in ((f"{k}_entry", f"{k}_launch") if k in scans else (k,))]
     module = _modules.get((cell, dtype))
-    if module is not None and all((id(module), k) in _entries if k in ("forward", "backward")
+    if module is not None and all((id(module), k) in _entries if k in scans
                                   else bool(getattr(module, k).signatures) for k in kernel_names):
         return True
     path = module_path(_BACKEND, f"{cell.name}_{dtype}", generate_source(cell, dtype), _depends_on())
@@ -123,5 +123,6 @@ def entry_address(module: ModuleType, kernel: str) -> int:
 
 
 __all__ = ["CodegenError", "check_cell", "dx_is_dhg", "per_unit_width", "preactivation_only", "step_supported",
+           "units_supported",
            "generate_source", "generate_weight_grad_source", "kernels", "weight_grad_kernels", "projection_kernels",
            "is_compiled", "entry_address", "TEMPLATE_VERSION"]

@@ -11,11 +11,13 @@ clearly faster (MARGIN). Only the rounding of a call's products can depend on th
   routine), and the first backward scan, run a few of the call's own steps both ways, at two step counts. A way's
   cost is fitted as a cost per call plus one per step (StepCosts): the forward's loop transposes W_hh once per call
   and thread, which a short timing run would otherwise charge to every step, and which a long call spreads thin.
-  The choice then follows each call's length. The timing runs use the same compiled kernel (its loop-or-MKL flag
-  is an argument: nothing is compiled for them): the forward's are inference runs writing the call's own outputs,
-  which the call writes again afterwards; the backward's read copies of what its kernel overwrites and write
-  scratch buffers (scan.py). Only dense recurrences of unstaged cells are timed (the others have no per-step
-  product, or products of column blocks that keep the static rule).
+  The choice then follows each call's length. Where the forward could split its hidden units over threads instead
+  (schedule.unit_ranges: a batch of one row range), that is a third way, UNITS, timed alike; a call that saves
+  for the backward takes the faster of the other two. The timing runs use the same compiled kernels (the
+  loop-or-MKL flag is an argument: nothing is compiled for them): the forward's are inference runs writing the
+  call's own outputs, which the call writes again afterwards; the backward's read copies of what its kernel
+  overwrites and write scratch buffers (scan.py). Only dense recurrences of unstaged cells are timed (the others
+  have no per-step product, or products of column blocks that keep the static rule).
 - Input projections (gemm.py) of at least SMALL_TORCH_GEMM multiply-adds, per bucket of rows, width, input size
   and thread count: the first call's product on at most gemm.PROJECTION_TIMING_ROWS of its rows, by each way.
 
@@ -36,6 +38,7 @@ import torch
 from ...config import calibration_setting
 
 MARGIN = 1.10
+UNITS = "units"  # the forward's third way: forward_units (the ways are True: the loop, False: MKL, and this)
 ROUNDS = 3
 WORK_PER_RUN = 1 << 22  # multiply-adds of the per-step products in one timing run
 MIN_STEPS = 2
@@ -91,25 +94,28 @@ class StepCosts(NamedTuple):
     """A scan's measured per-step GEMM choice: each way's fitted cost per call and per step, in seconds."""
 
     static: bool  # the static rule's way (_blas.loop_gemm)
-    per_call: dict[bool, float]
-    per_step: dict[bool, float]
+    per_call: dict[object, float]
+    per_step: dict[object, float]
 
-    def choice(self, steps: int) -> bool:
-        """The way for a call of `steps` steps: the other way where it is MARGIN faster than the static one."""
-        cost = {way: self.per_call[way] + steps * self.per_step[way] for way in (self.static, not self.static)}
-        return (not self.static) if cost[not self.static] * MARGIN < cost[self.static] else self.static
+    def choice(self, steps: int, ways: tuple | None = None) -> object:
+        """The way for a call of `steps` steps, of `ways` (default: every way timed): the cheapest where it is
+        MARGIN faster than the static one, else the static one."""
+        cost = {way: self.per_call[way] + steps * self.per_step[way] for way in (ways or self.per_call)}
+        best = min(cost, key=cost.__getitem__)
+        return best if cost[best] * MARGIN < cost[self.static] else self.static
 
 
-def choose_for_steps(key: tuple, static: bool, run: Callable[[bool, int], None], steps: int) -> StepCosts:
-    """Time run(loop, k) for both ways at k = steps and at a quarter of it (one untimed run each, then ROUNDS
-    interleaved rounds, best of each), fit each way's cost per call and per step through the two, keep the fit under
-    `key` and return it. steps >= 2."""
+def choose_for_steps(key: tuple, static: bool, run: Callable[[object, int], None], steps: int,
+                     more: tuple = ()) -> StepCosts:
+    """Time run(way, k) for the loop and MKL (True, False) and the `more` ways, at k = steps and at a quarter of
+    it (one untimed run each, then ROUNDS interleaved rounds, best of each), fit each way's cost per call and per
+    step through the two, keep the fit under `key` and return it. steps >= 2."""
     with _lock:
         known = _decided.get(key)
         if known is not None:
             return known
         counts = (max(1, steps // 4), steps)
-        ways = (static, not static)
+        ways = (static, not static, *more)
         for way in ways:
             run(way, steps)
         best = {(way, k): math.inf for way in ways for k in counts}
@@ -145,4 +151,5 @@ def forget() -> None:
         _decided.clear()
 
 
-__all__ = ["MARGIN", "StepCosts", "choose", "choose_for_steps", "decided", "forget", "may_measure", "timing_steps"]
+__all__ = ["MARGIN", "UNITS", "StepCosts", "choose", "choose_for_steps", "decided", "forget", "may_measure",
+           "timing_steps"]

@@ -90,12 +90,15 @@ class BLOCK(NamedTuple):
     """The argument block's header slots; the kernel's arguments follow from FIRST_ARGUMENT."""
 
     THREAD_NUM: int = 0  # omp_get_thread_num's address
-    MKL_LOCAL: int = 1  # MKL_Set_Num_Threads_Local's address, or 0
-    COUNT: int = 2  # the number of row ranges
-    RANGES: int = 3  # address of the ranges [COUNT, 2]
-    DONE: int = 4  # address of the done flags [COUNT]
-    RANGE: int = 5  # the range to run (-1: the OpenMP thread's own)
-    FIRST_ARGUMENT: int = 6
+    TEAM_SIZE: int = 1  # omp_get_num_threads' address
+    MKL_LOCAL: int = 2  # MKL_Set_Num_Threads_Local's address, or 0
+    COUNT: int = 3  # the number of row ranges (unit ranges, for forward_units)
+    RANGES: int = 4  # address of the ranges [COUNT, 2]
+    DONE: int = 5  # address of the done flags [COUNT]
+    RANGE: int = 6  # the range to run (-1: the OpenMP thread's own)
+    SYNC: int = 7  # forward_units: address of its barrier's counter
+    SHARED: int = 8  # forward_units: address of the h its threads share [2, B, H]
+    FIRST_ARGUMENT: int = 9
 
 
 # Kernel arguments and their kinds: "i" int, "b" bool, "lo"/"hi" the row range, "F<n>" an n-d array of the

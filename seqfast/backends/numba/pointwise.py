@@ -160,5 +160,11 @@ def step_supported(cell: CellSpec) -> bool:
     return cell.recurrence == "dense" and cell.pointwise is not None and not cell.pointwise.stages
 
 
+def units_supported(cell: CellSpec) -> bool:
+    """Whether the cell has forward_units, the forward with its hidden units split over threads: the same cells
+    (one dense product a step, which each thread computes for its own units)."""
+    return step_supported(cell)
+
+
 __all__ = ["CodegenError", "function_source", "per_unit_width", "check_cell", "dx_is_dhg", "preactivation_only",
-           "step_supported"]
+           "step_supported", "units_supported"]

@@ -16,7 +16,7 @@ from ...registry import CellSpec
 from ..fused_contract import ScanInputs
 from . import buffers, gemm_choice, schedule
 from .availability import DTYPES, numba_missing
-from .codegen import dx_is_dhg, kernels, per_unit_width, preactivation_only
+from .codegen import dx_is_dhg, kernels, per_unit_width, preactivation_only, units_supported
 from .gemm import mm, weight_gradient
 from .views import NO_PRODUCTS, NO_SAVED, NO_X, host, state_array
 
@@ -96,7 +96,9 @@ def forward(inputs: ScanInputs, need_saved: bool) -> tuple[Tensor, list[Tensor],
     dtype = x_proj.dtype
     new = buffers.new
     init = plan.zero_states if state0 is None else [state_array(s, dtype) for s in state0]
-    shared = len(plan.ranges) > 1
+    # the forward with its hidden units split over threads: inference, one dense product a step
+    units_possible = not need_saved and len(plan.unit_array) > 1 and units_supported(cell)
+    shared = len(plan.ranges) > 1 or units_possible
     # the finals (the kernel copies init in); separate tensors: a custom op's outputs may not share storage
     states = [new((batch, plan.hidden), dtype, shared) for _ in init]
     out = new((steps, batch, plan.hidden), dtype, shared)
@@ -118,15 +120,18 @@ def forward(inputs: ScanInputs, need_saved: bool) -> tuple[Tensor, list[Tensor],
         # that the kernel allocates per thread
         args = args_for(x_np, lens, out[1], saved[1][1] if len(saved) > 1 else NO_PRODUCTS[name],
                         saved[0][1] if saved else NO_SAVED[name], need_saved)
-        small = plan.loop_forward
+        small, units = plan.loop_forward, units_possible and plan.units_forward
         if plan.measure_forward is not None and not stages and cell.recurrence == "dense" and steps > 1:
             # measured (gemm_choice) on inference runs of this call's first steps: they write the call's
             # outputs, which the call itself then writes again
             def timing(k):
                 return args_for(x_np[:k], np.minimum(lens, k), out[1][:k], NO_PRODUCTS[name], NO_SAVED[name], False)
 
-            small = _measured(module, "forward", plan, steps, timing)
-        schedule.launch(module, "forward", plan, small, args)
+            costs = _measured(module, "forward", plan, steps, timing,
+                              more=(gemm_choice.UNITS,) if len(plan.unit_array) > 1 else ())
+            small = costs.choice(steps, (True, False))
+            units = units_possible and costs.choice(steps) == gemm_choice.UNITS
+        schedule.launch(module, "forward_units" if units else "forward", plan, small, args)
     return out[0], [s[0] for s in states], [s[0] for s in saved]
 
 
@@ -141,22 +146,25 @@ def forward_args(cell: CellSpec, plan: schedule.Plan, x: np.ndarray, arrays: lis
 
 
 def _measured(module, kernel: str, plan: schedule.Plan, steps: int, timing: Callable[[int], tuple],
-              sums: tuple = ()) -> bool:
-    """The loop-or-MKL choice for `kernel` at the plan's shape (gemm_choice) for a call of `steps` steps, timed
-    on timing(k), the arguments of a run of the call's first k steps; the plans are made again with it."""
+              sums: tuple = (), more: tuple = ()) -> gemm_choice.StepCosts:
+    """The per-step GEMM choice for `kernel` at the plan's shape (gemm_choice: the loop, MKL and the `more` ways),
+    timed on timing(k), the arguments of a run of the call's first k steps; the plans are made again with it."""
     key, static = ((plan.measure_forward, plan.loop_forward) if kernel == "forward"
                    else (plan.measure_backward, plan.loop_backward))
     longest = gemm_choice.timing_steps(steps, plan.full_lengths.shape[0], plan.zero_bias.shape[0], plan.hidden)
     args_of: dict[int, tuple] = {}  # a timing run's arguments, by its step count
 
-    def run(small: bool, count: int) -> None:
+    def run(way: object, count: int) -> None:
         if count not in args_of:
             args_of[count] = timing(count)
-        schedule.launch(module, kernel, plan, small, args_of[count], sums)
+        if way == gemm_choice.UNITS:
+            schedule.launch(module, "forward_units", plan, True, args_of[count])
+        else:
+            schedule.launch(module, kernel, plan, way, args_of[count], sums)
 
-    costs = gemm_choice.choose_for_steps(key, static, run, longest)
+    costs = gemm_choice.choose_for_steps(key, static, run, longest, more)
     schedule.clear_plans()
-    return costs.choice(steps)
+    return costs
 
 
 def backward(inputs: ScanInputs, saved: list[Tensor], grad_outputs: Tensor | None, grad_final: list[Tensor | None],
@@ -220,7 +228,8 @@ def backward(inputs: ScanInputs, saved: list[Tensor], grad_outputs: Tensor | Non
                                 np.minimum(lens, k), grad_out[:k],
                                 np.empty_like(hgd_k) if write_dx else hgd_k, hgd_k)  # d_x_proj: [k, B, G*H]
 
-            small = _measured(module, "backward", plan, steps, timing, tuple(np.zeros_like(part) for part in sums))
+            small = _measured(module, "backward", plan, steps, timing, tuple(np.zeros_like(part) for part in sums)
+                              ).choice(steps)
         schedule.launch(module, "backward", plan, small, args, tuple(sums))
     d_bias, d_x_bias, *d_extras = (part[0] if count == 1 else part.sum(0) for part in sums)
     grads: list[Tensor | None] = [None] * len(weights)

@@ -5,6 +5,11 @@ running the whole time loop with no synchronisation. The ranges run inside an Op
 own libgomp, i.e. on the very threads torch uses for its GEMMs, entered from compiled code so that no team thread
 runs Python (_team.py); MKL is held to one thread inside each range. Where this torch has no libgomp, a thread
 pool runs them instead.
+
+A batch too small to split (one range) can split its hidden units instead, in inference: forward_units, whose
+threads each multiply by their own rows of W_hh and meet at a barrier after every step (unit_ranges). A
+batch-1 step reads all of W_hh for one multiply-add per element, so two cores read it about twice as fast.
+Whether it runs is measured with the per-step GEMM choice (gemm_choice.UNITS).
 """
 
 from __future__ import annotations
@@ -29,6 +34,10 @@ from .codegen import entry_address
 # more than it saves. Read when a plan is made: after changing it, clear_plans().
 MIN_WORK_PER_THREAD = 2_000_000
 MIN_ROWS_PER_THREAD = 2
+# forward_units: each thread takes at least this many hidden units, its range starting on a multiple of
+# UNIT_ALIGN units (64 bytes of float32), so that no two threads write one cache line of a row
+MIN_UNITS_PER_THREAD = 32
+UNIT_ALIGN = 16
 
 _in_forked_child = False
 
@@ -60,40 +69,85 @@ def row_ranges(batch: int, work_per_row: int) -> list[tuple[int, int]]:
     return [(bounds[i], bounds[i + 1]) for i in range(threads)]
 
 
+def usable_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def unit_ranges(batch: int, steps: int, width: int, hidden: int) -> list[tuple[int, int]]:
+    """The hidden units split into one contiguous (lo, hi) range per thread, for forward_units: where the batch
+    runs as one row range, the team exists and every thread gets MIN_UNITS_PER_THREAD units; else []. No more
+    threads than cores this process may run on: a thread waiting at the barrier for one that is not running would
+    spin through the scheduler's time slices."""
+    threads = min(num_threads(), usable_cores(), hidden // MIN_UNITS_PER_THREAD)
+    if threads < 2 or len(row_ranges(batch, steps * width * hidden)) > 1 or team_addresses() is None:
+        return []
+    bounds = [0, *(round(i * hidden / threads / UNIT_ALIGN) * UNIT_ALIGN for i in range(1, threads)), hidden]
+    return [(bounds[i], bounds[i + 1]) for i in range(threads)]
+
+
 _forced_loop_gemm: list[bool | None] = [None]
+_forced_units: list[bool | None] = [None]
 
 
-def use_loop_gemm(kernel: str, fn: int, ranges: list[tuple[int, int]], width: int, hidden: int,
-                  itemsize: int, steps: int) -> bool:
+def use_loop_gemm(kernel: str, fn: int, rows: int, width: int, hidden: int, itemsize: int, steps: int,
+                  parts: int = 0) -> bool:
     """Run a scan's per-step GEMMs as the blocked numba loop (the kernels' `small` flag): what forced_loop_gemm()
     says, else the measured choice for a call of `steps` steps (gemm_choice), else the static rule,
-    _blas.loop_gemm."""
+    _blas.loop_gemm. rows: the most rows one thread runs; parts: the forward's unit ranges (0: none)."""
     if _forced_loop_gemm[0] is not None:
         return _forced_loop_gemm[0]
     from ._blas import loop_gemm
 
-    rows = max(hi - lo for lo, hi in ranges)
-    measured = gemm_choice.decided(gemm_key(kernel, fn, rows, width, hidden, itemsize))
-    return loop_gemm(kernel, fn, rows, width, hidden, itemsize) if measured is None else measured.choice(steps)
+    measured = gemm_choice.decided(gemm_key(kernel, fn, rows, width, hidden, itemsize, parts))
+    if measured is None:
+        return loop_gemm(kernel, fn, rows, width, hidden, itemsize)
+    return measured.choice(steps, (True, False))
 
 
-def gemm_key(kernel: str, fn: int, rows: int, width: int, hidden: int, itemsize: int) -> tuple:
-    """What a scan's GEMM choice is measured for: the kernel ("forward" / "backward"), the BLAS routine and the
-    shape one thread multiplies."""
-    return kernel, fn, rows, width, hidden, itemsize
+def use_units(fn: int, rows: int, width: int, hidden: int, itemsize: int, steps: int, parts: int) -> bool:
+    """Run a scan's inference forward as forward_units over `parts` unit ranges: what forced_units() says, else
+    where the measured choice for a call of `steps` steps is gemm_choice.UNITS (no static rule picks it)."""
+    if parts < 2:
+        return False
+    if _forced_units[0] is not None:
+        return _forced_units[0]
+    measured = gemm_choice.decided(gemm_key("forward", fn, rows, width, hidden, itemsize, parts))
+    return measured is not None and measured.choice(steps) == gemm_choice.UNITS
+
+
+def gemm_key(kernel: str, fn: int, rows: int, width: int, hidden: int, itemsize: int, parts: int = 0) -> tuple:
+    """What a scan's GEMM choice is measured for: the kernel ("forward" / "backward"), the BLAS routine, the
+    shape one thread multiplies, and the forward's unit ranges (0: none), a way it may run instead."""
+    return kernel, fn, rows, width, hidden, itemsize, parts
 
 
 @contextlib.contextmanager
 def forced_loop_gemm(loop: bool) -> Iterator[None]:
     """Inside the block every scan runs its per-step GEMMs as the numba loop (True) or in BLAS (False), whatever
     its shape: for tests and benchmarks that compare the two. Plans made inside are forgotten on the way out."""
-    previous = _forced_loop_gemm[0]
-    _forced_loop_gemm[0] = loop
+    with _forced(_forced_loop_gemm, loop):
+        yield
+
+
+@contextlib.contextmanager
+def forced_units(units: bool) -> Iterator[None]:
+    """Inside the block every inference forward scan with unit ranges runs as forward_units (True) or over its row
+    range (False), whatever the measured choice: for tests and benchmarks. Plans made inside are forgotten on the
+    way out."""
+    with _forced(_forced_units, units):
+        yield
+
+
+@contextlib.contextmanager
+def _forced(flag: list, value: bool) -> Iterator[None]:
+    previous = flag[0]
+    flag[0] = value
     clear_plans()
     try:
         yield
     finally:
-        _forced_loop_gemm[0] = previous
+        flag[0] = previous
         clear_plans()
 
 
@@ -108,6 +162,8 @@ class Plan(NamedTuple):
     loop_backward: bool  # and in the backward scan
     measure_backward: tuple | None  # as measure_forward
     forward_nn: bool  # the forward's MKL call takes W_hh transposed (N,N), see _blas.is_avx512_kernel
+    units_forward: bool  # an inference forward runs as forward_units over unit_array (a dense unstaged cell's)
+    unit_array: np.ndarray  # unit_ranges() as int64 [threads, 2]; [0, 2] where there are none
     hidden: int
     dtype_name: str
     full_lengths: np.ndarray  # lengths of a batch without them (read-only)
@@ -131,15 +187,19 @@ def plan(dtype_name: str, steps: int, batch: int, width: int, hidden: int, num_s
 
         fn = gemm_address(dtype_name)
         ranges = row_ranges(batch, steps * width * hidden)
+        units = unit_ranges(batch, steps, width, hidden)
         itemsize = 4 if dtype_name == "float32" else 8
         zero = np.zeros((batch, hidden), dtype=dtype_name)
-        measure = bool(fn and batch and _forced_loop_gemm[0] is None) and gemm_choice.may_measure()
-        keys = [gemm_key(kernel, fn, max(hi - lo for lo, hi in ranges), width, hidden, itemsize)
-                for kernel in ("forward", "backward")]
+        measure = (bool(fn and batch and _forced_loop_gemm[0] is None and _forced_units[0] is None)
+                   and gemm_choice.may_measure())
+        rows, parts = max(hi - lo for lo, hi in ranges), len(units)
+        keys = [gemm_key("forward", fn, rows, width, hidden, itemsize, parts),
+                gemm_key("backward", fn, rows, width, hidden, itemsize)]
         forward_key, backward_key = (key if measure and gemm_choice.decided(key) is None else None for key in keys)
-        return Plan(fn, ranges, use_loop_gemm("forward", fn, ranges, width, hidden, itemsize, steps), forward_key,
-                    use_loop_gemm("backward", fn, ranges, width, hidden, itemsize, steps), backward_key,
-                    is_avx512_kernel(fn), hidden,
+        return Plan(fn, ranges, use_loop_gemm("forward", fn, rows, width, hidden, itemsize, steps, parts),
+                    forward_key, use_loop_gemm("backward", fn, rows, width, hidden, itemsize, steps), backward_key,
+                    is_avx512_kernel(fn), use_units(fn, rows, width, hidden, itemsize, steps, parts),
+                    np.array(units, dtype=np.int64).reshape(-1, 2), hidden,
                     dtype_name, np.full(batch, steps, dtype=np.int64), (zero,) * num_states,
                     np.zeros(width, dtype=dtype_name), np.array(ranges, dtype=np.int64).reshape(-1, 2))
 
@@ -152,13 +212,21 @@ def clear_plans() -> None:
     _plans.clear()
 
 
+class Team(NamedTuple):
+    """The addresses the kernels' team launchers call (_team.py)."""
+
+    gomp: int  # GOMP_parallel
+    thread_num: int  # omp_get_thread_num
+    mkl_local: int  # MKL_Set_Num_Threads_Local, or 0
+    team_size: int  # omp_get_num_threads
+
+
 _team_found: list = []  # [the addresses, or None], once looked up
 
 
-def team_addresses() -> tuple[int, int, int] | None:
-    """(GOMP_parallel, omp_get_thread_num, MKL_Set_Num_Threads_Local or 0): what the kernels' team launchers need
-    to run a scan's row ranges on torch's own OpenMP threads (_team.py). None when this torch has no libgomp in
-    torch/lib; run_rows then runs the ranges on a thread pool.
+def team_addresses() -> Team | None:
+    """What the kernels' team launchers need to run a scan's ranges on torch's own OpenMP threads (_team.py).
+    None when this torch has no libgomp in torch/lib; run_rows then runs the row ranges on a thread pool.
 
     torch's own runtime, not a pool of our own: right after a torch op (the input projection) torch's OpenMP worker
     keeps spinning for a while, and a separate thread lost most of the second core to it (LSTM inference at T200
@@ -172,9 +240,12 @@ def team_addresses() -> tuple[int, int, int] | None:
                 from ._blas import MKL_SET_LOCAL_THREADS as set_local
 
                 lib = ctypes.CDLL(path)
-                found = (ctypes.cast(lib.GOMP_parallel, ctypes.c_void_p).value,
-                         ctypes.cast(lib.omp_get_thread_num, ctypes.c_void_p).value,
-                         0 if set_local is None else ctypes.cast(set_local, ctypes.c_void_p).value)
+
+                def address(fn) -> int:
+                    return ctypes.cast(fn, ctypes.c_void_p).value
+
+                found = Team(address(lib.GOMP_parallel), address(lib.omp_get_thread_num),
+                             0 if set_local is None else address(set_local), address(lib.omp_get_num_threads))
         except (OSError, AttributeError):
             found = None
         _team_found.append(found)
@@ -220,9 +291,14 @@ def run_rows(call: Callable[[int, int], None], ranges: list[tuple[int, int]], bl
 
 
 def launch(module, kernel: str, plan: Plan, small: bool, args: tuple, sums: tuple = ()) -> None:
-    """Run `kernel` ("forward" or "backward") over the plan's row ranges: on torch's OpenMP team through the
-    kernel's launcher (Python-free, see _team.py), else on the thread pool. sums: per-range accumulators
-    [ranges, n], each range writing its own row."""
+    """Run `kernel` ("forward", "backward", or "forward_units" over the plan's unit ranges) over the plan's row
+    ranges: on torch's OpenMP team through the kernel's launcher (Python-free, see _team.py), else on the
+    thread pool. sums: per-range accumulators [ranges, n], each range writing its own row."""
+    if kernel == "forward_units":  # only planned where the team exists
+        team = team_addresses()
+        module.forward_units_launch(team.gomp, entry_address(module, kernel), team.thread_num, team.team_size,
+                                    team.mkl_local, plan.unit_array, plan.fn, small, *args)
+        return
     launch_ranges(module, kernel, plan.fn, plan.ranges, plan.range_array, small, args, sums)
 
 
@@ -230,9 +306,11 @@ def bound_block(module, kernel: str, plan: Plan, small: bool, args: tuple) -> np
     """launch()'s argument block for `kernel` at the plan, written once (team_addresses() must find the team): for
     a caller that runs one shape many times, rewrites the addresses that change and calls `<kernel>_run` with
     it (stack.py)."""
-    _, thread_num, mkl_local = team_addresses()
+    team = team_addresses()
     block = np.zeros(getattr(module, kernel.upper() + "_BLOCK_SIZE"), dtype=np.int64)
-    getattr(module, kernel + "_block")(block, thread_num, mkl_local, plan.range_array, plan.fn, small, *args)
+    ranges = plan.unit_array if kernel == "forward_units" else plan.range_array
+    getattr(module, kernel + "_block")(block, team.thread_num, team.team_size, team.mkl_local, ranges, plan.fn,
+                                       small, *args)
     return block
 
 
@@ -241,9 +319,8 @@ def launch_ranges(module, kernel: str, fn: int, ranges: list[tuple[int, int]], r
     """launch() with the GEMM and the ranges given (kernels that run outside a scan's plan: weight_grad)."""
     team = team_addresses()
     if team is not None:
-        gomp, thread_num, mkl_local = team
-        getattr(module, kernel + "_launch")(gomp, entry_address(module, kernel), thread_num, mkl_local,
-                                            range_array, fn, small, *args, *sums)
+        getattr(module, kernel + "_launch")(team.gomp, entry_address(module, kernel), team.thread_num,
+                                            team.team_size, team.mkl_local, range_array, fn, small, *args, *sums)
         return
     body, rows = getattr(module, kernel), {r: i for i, r in enumerate(ranges)}
     run_rows(lambda lo, hi: body(fn, small, lo, hi, *args, *(part[rows[(lo, hi)]] for part in sums)),

@@ -6,7 +6,8 @@ of kernels. A runner binds, per input shape, what scan.forward works out from th
 layer-direction's kernel argument block (team.py.tmpl), written once with the weights' addresses and shapes, the
 plan's row ranges and GEMM choice. A call then writes only the addresses that change (input, initial and final
 states, output) and makes one compiled call per layer-direction, which for a small product also runs the input
-projection. Each call compares the parameters' layouts (data pointer, shape, strides, dtype) and the plan (thread
+projection; where the plan splits the hidden units over threads (schedule.unit_ranges), the blocks are
+forward_units'. Each call compares the parameters' layouts (data pointer, shape, strides, dtype) and the plan (thread
 count, GEMM choice) with the bound ones and binds again on any change; in-place updates show through the
 addresses. A call of two steps or more that the general path must see first (its GEMM choice not yet measured;
 a one-step call keeps the static rule until then) is declined, and so is one with a non-contiguous parameter (the
@@ -27,7 +28,7 @@ from ...registry import CellSpec, Stack
 from ..fused import _transforms_active
 from . import buffers, gemm, schedule
 from .availability import DTYPES
-from .codegen import entry_address
+from .codegen import entry_address, units_supported
 from .scan import forward_args, prepare
 from .views import NO_PRODUCTS, NO_SAVED, layout
 
@@ -97,12 +98,13 @@ class _Bound:
         self.out_shape = (steps, batch, hidden)
         self.final_shape = (len(params), batch, hidden)
         self.state_bytes = batch * hidden * dtype.itemsize
-        self.shared = len(plan.ranges) > 1  # several threads write the outputs: 64-byte aligned buffers
+        kernel = "forward_units" if plan.units_forward and units_supported(cell) else "forward"
+        self.shared = len(plan.ranges) > 1 or kernel == "forward_units"  # threads share the outputs: 64-byte aligned
         # the kernels read every parameter by its address
         self.usable = all(t.dtype == dtype and t.is_cpu and t.is_contiguous() for p in params for t in p)
         if not self.usable:
             return
-        gomp = schedule.team_addresses()[0]
+        gomp = schedule.team_addresses().gomp
         stages = len(cell.pointwise.stages)
         self.layers: list[_LayerCall] = []
         for index, p in enumerate(params):
@@ -113,7 +115,7 @@ class _Bound:
             module, _, _, arrays, lens = prepare(cell, None, [None if i is None else p[i] for i in weights],
                                                  None, None if bias_ih is None else p[bias_ih], like=like)
             vectors = torch.empty((stages, 1, batch, hidden), dtype=dtype).numpy() if stages else None
-            block = schedule.bound_block(module, "forward", plan, plan.loop_forward, forward_args(
+            block = schedule.bound_block(module, kernel, plan, plan.loop_forward, forward_args(
                 cell, plan, like.numpy(), arrays, plan.zero_states, [np.empty((batch, hidden), dtype=name)] *
                 cell.num_states, lens, index % directions == 1, np.empty(self.out_shape, dtype=name),
                 NO_PRODUCTS[name], NO_SAVED[name], False, vectors))
@@ -122,10 +124,12 @@ class _Bound:
             in_kernel = plan.fn and layer_inputs and products < gemm.SMALL_TORCH_GEMM
             self.layers.append(_LayerCall(block, ih, plan.fn if in_kernel else 0, p[ih].data_ptr(), rows,
                                           layer_inputs, (arrays, lens, vectors)))
-        self.module, self.gomp, self.entry = module, gomp, entry_address(module, "forward")
-        self.slot_x, self.slot_out = module.AT_FORWARD_X, module.AT_FORWARD_OUT
-        self.slot_init = [getattr(module, f"AT_FORWARD_INIT{i}") for i in range(cell.num_states)]
-        self.slot_final = [getattr(module, f"AT_FORWARD_S{i}") for i in range(cell.num_states)]
+        self.gomp, self.entry = gomp, entry_address(module, kernel)
+        self.run_block, self.projected = getattr(module, kernel + "_run"), getattr(module, kernel + "_projected")
+        at = f"AT_{kernel.upper()}_"
+        self.slot_x, self.slot_out = getattr(module, at + "X"), getattr(module, at + "OUT")
+        self.slot_init = [getattr(module, f"{at}INIT{i}") for i in range(cell.num_states)]
+        self.slot_final = [getattr(module, f"{at}S{i}") for i in range(cell.num_states)]
         self.zero_states = [z.ctypes.data for z in plan.zero_states]
 
     def __call__(self, x: Tensor, state0: tuple[Tensor, ...] | None, params: list[list[Tensor]]):
@@ -151,7 +155,7 @@ class _Bound:
             inits = [s.data_ptr() for s in state0]
         finals = [self._new(self.final_shape) for _ in self.slot_final]
         at_final = [f.data_ptr() for f in finals]
-        module, gomp, entry, size = self.module, self.gomp, self.entry, self.state_bytes
+        gomp, entry, size = self.gomp, self.entry, self.state_bytes
         directions = self.directions
         layer_input = x
         outputs = []
@@ -163,11 +167,11 @@ class _Bound:
             for s, slot in enumerate(self.slot_init):
                 block[slot] = self.zero_states[s] if state0 is None else inits[s] + index * size
             if fn:
-                module.forward_projected(gomp, entry, block, fn, layer_input.data_ptr(), w_at, rows, inputs)
+                self.projected(gomp, entry, block, fn, layer_input.data_ptr(), w_at, rows, inputs)
             else:
                 x_proj = gemm.input_projection(layer_input.view(rows, inputs), params[index][ih])
                 block[self.slot_x] = x_proj.data_ptr()
-                module.forward_run(gomp, entry, block)
+                self.run_block(gomp, entry, block)
             outputs.append(out)
             if len(outputs) == directions:
                 layer_input = outputs[0] if directions == 1 else torch.cat(outputs, 2)

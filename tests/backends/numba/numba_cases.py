@@ -82,6 +82,21 @@ def compare_with_reference(cell, x, state0, weights, lengths, reverse, dtype):
 
 
 
+def recorded_launches(monkeypatch) -> list[str]:
+    """The kernels schedule.launch runs from now on ("forward", "forward_units", "backward"), in order."""
+    from seqfast.backends.numba import schedule
+
+    kernels = []
+    real = schedule.launch
+
+    def launch(module, kernel, plan, small, args, sums=()):
+        kernels.append(kernel)
+        return real(module, kernel, plan, small, args, sums)
+
+    monkeypatch.setattr(schedule, "launch", launch)
+    return kernels
+
+
 def run_python(code: str, env: dict[str, str]) -> str:
     """Run code in a fresh Python process; its stdout."""
     result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,

@@ -10,7 +10,7 @@ import seqfast
 
 numba = pytest.importorskip("numba")
 
-from numba_cases import fresh_plans  # noqa: E402, F401 (autouse fixture)
+from numba_cases import fresh_plans, recorded_launches  # noqa: E402, F401 (autouse fixture)
 
 from seqfast.backends.numba import _blas, gemm, gemm_choice, schedule  # noqa: E402
 
@@ -179,11 +179,11 @@ def test_a_measured_choice_runs_and_the_result_does_not_change(monkeypatch, fast
 
 def _charging_steps(choose_for_steps, costs, now):
     """choose_for_steps() whose runs advance the fake clock by k * costs[loop] after running for real."""
-    def charged(key, static, run, steps):
+    def charged(key, static, run, steps, more=()):
         def timed_run(way, k) -> None:
             run(way, k)
             now[0] += k * costs[way]
-        return choose_for_steps(key, static, timed_run, steps)
+        return choose_for_steps(key, static, timed_run, steps, more)
     return charged
 
 
@@ -248,14 +248,7 @@ def test_the_backward_is_measured_on_copies_and_its_gradients_are_torch_nns(monk
     ref.load_state_dict(ours.state_dict())
     gates = seqfast.get_cell(cell).num_gates
     assert gemm_choice.timing_steps(steps, batch, gates * hidden, hidden) < steps
-    launched = []
-    real_launch = schedule.launch
-
-    def launch(module, kernel, plan, small, args, sums=()):
-        launched.append(kernel)
-        return real_launch(module, kernel, plan, small, args, sums)
-
-    monkeypatch.setattr(schedule, "launch", launch)
+    launched = recorded_launches(monkeypatch)
     x = torch.randn(steps, batch, hidden)
     lengths = torch.randint(1, steps + 1, (batch,))
     grads = []
@@ -371,11 +364,11 @@ def test_a_one_step_call_is_not_timed_and_a_longer_call_then_decides_both(monkey
         now = [0.0]
         monkeypatch.setattr(gemm_choice, "_clock", lambda: now[0])
 
-        def charged(key, static, run, steps):
+        def charged(key, static, run, steps, more=()):
             def timed_run(way, k) -> None:
                 run(way, k)
                 now[0] += per_call[way] + k * per_step[way]
-            return real(key, static, timed_run, steps)
+            return real(key, static, timed_run, steps, more)
 
         real = gemm_choice.choose_for_steps
         monkeypatch.setattr(gemm_choice, "choose_for_steps", charged)
