@@ -20,11 +20,9 @@ _step_runners: dict[tuple, object] = {}
 def _may_split_units(query: Query) -> bool:
     """Whether an inference forward of the query's shape may run as forward_units (its per-step GEMM choice
     times it)."""
-    sizes = (query.seq_len, query.batch_size, query.hidden_size)
-    if not units_supported(query.cell) or None in sizes:
+    if not units_supported(query.cell) or query.batch_size is None:
         return False
-    steps, batch, hidden = sizes
-    return bool(schedule.unit_ranges(batch, steps, query.cell.num_gates * hidden, hidden))
+    return bool(schedule.unit_ranges(query.batch_size, query.hidden_size))
 
 
 class NumbaBackend(FusedBackend):

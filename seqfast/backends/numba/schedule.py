@@ -6,9 +6,10 @@ own libgomp, i.e. on the very threads torch uses for its GEMMs, entered from com
 runs Python (_team.py); MKL is held to one thread inside each range. Where this torch has no libgomp, a thread
 pool runs them instead.
 
-A batch too small to split (one range) can split its hidden units instead, in inference: forward_units, whose
-threads each multiply by their own rows of W_hh and meet at a barrier after every step (unit_ranges). A
-batch-1 step reads all of W_hh for one multiply-add per element, so two cores read it about twice as fast.
+A small batch can split its hidden units instead, in inference: forward_units, whose threads each multiply by
+their own rows of W_hh and meet at a barrier after every step (unit_ranges). A step of a few rows reads all of
+W_hh for a few multiply-adds per element, and each row range reads all of it again; split by units, each thread
+reads its share once.
 Whether it runs is measured with the per-step GEMM choice (gemm_choice.UNITS).
 """
 
@@ -34,8 +35,10 @@ from .codegen import entry_address
 # more than it saves. Read when a plan is made: after changing it, clear_plans().
 MIN_WORK_PER_THREAD = 2_000_000
 MIN_ROWS_PER_THREAD = 2
-# forward_units: each thread takes at least this many hidden units, its range starting on a multiple of
-# UNIT_ALIGN units (64 bytes of float32), so that no two threads write one cache line of a row
+# forward_units: for batches up to UNITS_MAX_BATCH rows; each thread takes at least MIN_UNITS_PER_THREAD hidden
+# units, its range starting on a multiple of UNIT_ALIGN units (64 bytes of float32), so that no two threads write
+# one cache line of a row
+UNITS_MAX_BATCH = 16
 MIN_UNITS_PER_THREAD = 32
 UNIT_ALIGN = 16
 
@@ -74,13 +77,13 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def unit_ranges(batch: int, steps: int, width: int, hidden: int) -> list[tuple[int, int]]:
-    """The hidden units split into one contiguous (lo, hi) range per thread, for forward_units: where the batch
-    runs as one row range, the team exists and every thread gets MIN_UNITS_PER_THREAD units; else []. No more
+def unit_ranges(batch: int, hidden: int) -> list[tuple[int, int]]:
+    """The hidden units split into one contiguous (lo, hi) range per thread, for forward_units: up to
+    UNITS_MAX_BATCH rows, where the team exists and every thread gets MIN_UNITS_PER_THREAD units; else []. No more
     threads than cores this process may run on: a thread waiting at the barrier for one that is not running would
     spin through the scheduler's time slices."""
     threads = min(num_threads(), usable_cores(), hidden // MIN_UNITS_PER_THREAD)
-    if threads < 2 or len(row_ranges(batch, steps * width * hidden)) > 1 or team_addresses() is None:
+    if threads < 2 or batch > UNITS_MAX_BATCH or team_addresses() is None:
         return []
     bounds = [0, *(round(i * hidden / threads / UNIT_ALIGN) * UNIT_ALIGN for i in range(1, threads)), hidden]
     return [(bounds[i], bounds[i + 1]) for i in range(threads)]
@@ -187,7 +190,7 @@ def plan(dtype_name: str, steps: int, batch: int, width: int, hidden: int, num_s
 
         fn = gemm_address(dtype_name)
         ranges = row_ranges(batch, steps * width * hidden)
-        units = unit_ranges(batch, steps, width, hidden)
+        units = unit_ranges(batch, hidden)
         itemsize = 4 if dtype_name == "float32" else 8
         zero = np.zeros((batch, hidden), dtype=dtype_name)
         measure = (bool(fn and batch and _forced_loop_gemm[0] is None and _forced_units[0] is None)

@@ -158,12 +158,13 @@ def test_the_measured_choice_takes_units_where_they_are_faster(monkeypatch) -> N
     (1, 63, 2, []),  # under 32 units a thread
     (1, 640, 8, [(0, 160), (160, 320), (320, 480), (480, 640)]),  # no more threads than cores
     (1, 256, 1, []),  # one thread
-    (8, 256, 2, []),  # the rows split instead
+    (8, 256, 2, [(0, 128), (128, 256)]),
+    (17, 256, 2, []),  # a batch this large splits its rows
 ])
 def test_unit_ranges(monkeypatch, batch, hidden, threads, expected) -> None:
     monkeypatch.setenv("SEQFAST_NUMBA_THREADS", str(threads))
     monkeypatch.setattr(schedule, "usable_cores", lambda: 4)
-    got = schedule.unit_ranges(batch, 100, 4 * hidden, hidden)
+    got = schedule.unit_ranges(batch, hidden)
     assert got == expected
     assert all(lo % schedule.UNIT_ALIGN == 0 for lo, _ in got)
 
