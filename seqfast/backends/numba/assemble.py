@@ -2,8 +2,8 @@
 
 generate_source(cell, dtype) expands, for the cell's Layout: the prelude (imports, dtype, the named scratch rows
 and argument-block slots of layout.py as constants), the cell's pointwise functions (pointwise.py), the forward
-and backward scans with their team launcher and entry (team.py.tmpl), for a dense unstaged cell the inference
-forward with its hidden units split over threads (forward_units), and the one-step kernels. What varies from
+and backward scans with their team launcher and entry (team.py.tmpl), for a dense unstaged cell the scans with
+their hidden units split over threads (forward_units, backward_units), and the one-step kernels. What varies from
 cell to cell is only the unrolled tuple plumbing (G gates, S states, P per-unit values, a staged cell's stages) and
 the recurrence (dense, diagonal, none), chosen by the templates' `if $FLAG:` lines (see
 seqfast/backends/codegen/template.py for the template language). Every kernel body is emitted once: a kernel's
@@ -134,7 +134,7 @@ def _block_io(kernel: str, name: str, kind: str) -> tuple[list[tuple[str, str]],
 
 
 def _team(kernel: str, params: list[tuple[str, str]]) -> str:
-    units = kernel == "forward_units"
+    units = kernel.endswith("_units")
     writes, reads = [], [("b_lo", "ranges[tid, 0]"), ("b_hi", "ranges[tid, 1]")]
     for name, kind in params:
         if kind not in ("lo", "hi"):
@@ -150,7 +150,10 @@ def _team(kernel: str, params: list[tuple[str, str]]) -> str:
     project = kernel in ("forward", "forward_units")
     if project:
         tokens.update(X_SLOT=_slot_name(kernel, "x"), S0_SLOT=_slot_name(kernel, "s0"))
-    return _template("team", None, tokens, markers, flags={"PROJECT": project, "UNITS": units})
+    if units:  # the array whose columns are the units a thread takes
+        tokens["UNITS_OF"] = "s0" if kernel == "forward_units" else "d0"
+    return _template("team", None, tokens, markers,
+                     flags={"PROJECT": project, "UNITS": units, "SHARED_H": kernel == "forward_units"})
 
 
 def _prelude(title: str, lay: Layout | None, dtype: str, constants: list[tuple[str, int]], scans: bool) -> str:
@@ -179,9 +182,10 @@ def generate_source(cell: CellSpec, dtype: str) -> str:
     assert pw is not None
     lay = layout_of(cell)
     scans = [("forward", forward_params(lay))] + ([("backward", backward_params(lay))] if pw.backward else [])
-    # the inference forward with the hidden units split over threads (schedule.unit_ranges), for a dense
-    # recurrence of one product a step; same arguments as forward, so a caller's block fits both
-    units = [("forward_units", forward_params(lay))] if units_supported(cell) else []
+    # the scans with the hidden units split over threads (schedule.unit_ranges), for a dense recurrence of one
+    # product a step; the same arguments as forward / backward, so a caller's block fits both
+    units = ([("forward_units", forward_params(lay))]
+             + ([("backward_units", backward_params(lay))] if pw.backward else [])) if units_supported(cell) else []
     parts = [_prelude(f"cell {cell.name!r}, {dtype}", lay, dtype, _constants(lay, scans + units), True)]
     functions = [(pw.forward, "forward", 5)] + ([(pw.backward, "backward", 6)] if pw.backward else [])
     for s, stage in enumerate(pw.stages):

@@ -18,8 +18,8 @@ _step_runners: dict[tuple, object] = {}
 
 
 def _may_split_units(query: Query) -> bool:
-    """Whether an inference forward of the query's shape may run as forward_units (its per-step GEMM choice
-    times it)."""
+    """Whether the scans of the query's shape may run as forward_units / backward_units (their per-step GEMM
+    choice times them)."""
     if not units_supported(query.cell) or query.batch_size is None:
         return False
     return bool(schedule.unit_ranges(query.batch_size, query.hidden_size))
@@ -66,8 +66,8 @@ class NumbaBackend(FusedBackend):
         kernel_names = ("forward", "backward") if query.requires_grad else ("forward",)
         if query.level == "step" and step_supported(query.cell):  # the cells run the one-step kernels
             kernel_names = tuple(f"step_{k}" for k in kernel_names)
-        elif not query.requires_grad and _may_split_units(query):  # timed as a way of the forward
-            kernel_names = ("forward", "forward_units")
+        elif _may_split_units(query):  # timed as a way of the scans
+            kernel_names = tuple(k for name in kernel_names for k in (name, name + "_units"))
         return not is_compiled(query.cell, DTYPES[query.dtype], kernel_names)
 
     # --- one step (the cells) ----------------------------------------------------------------------------------

@@ -89,9 +89,9 @@ def _generated(key: tuple, prefix: str, source_of) -> ModuleType:
 def is_compiled(cell: CellSpec, dtype: str, kernel_names: tuple[str, ...]) -> bool:
     """Whether the named kernels of a cell can run without a JIT compile: compiled in this process, or held by
     numba's disk cache (loading from it takes a fraction of a second, compiling seconds). Scans ("forward",
-    "backward", "forward_units") run as their cfunc entry and launcher; the one-step kernels ("step_forward",
+    "backward", and their _units kernels) run as their cfunc entry and launcher; the one-step kernels ("step_forward",
     "step_backward") are called as they are."""
-    scans = ("forward", "backward", "forward_units")
+    scans = ("forward", "backward", "forward_units", "backward_units")
     functions = [f for k in kernel_names for f in ((f"{k}_entry", f"{k}_launch") if k in scans else (k,))]
     module = _modules.get((cell, dtype))
     if module is not None and all((id(module), k) in _entries if k in scans

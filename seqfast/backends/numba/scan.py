@@ -96,8 +96,8 @@ def forward(inputs: ScanInputs, need_saved: bool) -> tuple[Tensor, list[Tensor],
     dtype = x_proj.dtype
     new = buffers.new
     init = plan.zero_states if state0 is None else [state_array(s, dtype) for s in state0]
-    # the forward with its hidden units split over threads: inference, one dense product a step
-    units_possible = not need_saved and len(plan.unit_array) > 1 and units_supported(cell)
+    # the scans with their hidden units split over threads: one dense product a step
+    units_possible = _units_possible(cell, plan)
     shared = len(plan.ranges) > 1 or units_possible
     # the finals (the kernel copies init in); separate tensors: a custom op's outputs may not share storage
     states = [new((batch, plan.hidden), dtype, shared) for _ in init]
@@ -128,7 +128,7 @@ def forward(inputs: ScanInputs, need_saved: bool) -> tuple[Tensor, list[Tensor],
                 return args_for(x_np[:k], np.minimum(lens, k), out[1][:k], NO_PRODUCTS[name], NO_SAVED[name], False)
 
             costs = _measured(module, "forward", plan, steps, timing,
-                              more=(gemm_choice.UNITS,) if len(plan.unit_array) > 1 else ())
+                              more=(gemm_choice.UNITS,) if units_possible else ())
             small = costs.choice(steps, (True, False))
             units = units_possible and costs.choice(steps) == gemm_choice.UNITS
         schedule.launch(module, "forward_units" if units else "forward", plan, small, args)
@@ -145,6 +145,11 @@ def forward_args(cell: CellSpec, plan: schedule.Plan, x: np.ndarray, arrays: lis
     return args if stage_vectors is None else (*args, stage_vectors)
 
 
+def _units_possible(cell: CellSpec, plan: schedule.Plan) -> bool:
+    """Whether a scan of the plan's shape may run as a _units kernel."""
+    return len(plan.unit_array) > 1 and units_supported(cell)
+
+
 def _measured(module, kernel: str, plan: schedule.Plan, steps: int, timing: Callable[[int], tuple],
               sums: tuple = (), more: tuple = ()) -> gemm_choice.StepCosts:
     """The per-step GEMM choice for `kernel` at the plan's shape (gemm_choice: the loop, MKL and the `more` ways),
@@ -158,7 +163,7 @@ def _measured(module, kernel: str, plan: schedule.Plan, steps: int, timing: Call
         if count not in args_of:
             args_of[count] = timing(count)
         if way == gemm_choice.UNITS:
-            schedule.launch(module, "forward_units", plan, True, args_of[count])
+            schedule.launch(module, kernel + "_units", plan, True, args_of[count], sums)
         else:
             schedule.launch(module, kernel, plan, way, args_of[count], sums)
 
@@ -193,7 +198,9 @@ def backward(inputs: ScanInputs, saved: list[Tensor], grad_outputs: Tensor | Non
     grad_out = (np.zeros((steps, batch, hidden), dtype=dtype_name) if grad_outputs is None
                 else grad_outputs.detach().contiguous().numpy())
     d_final = [plan.zero_states[0] if g is None else state_array(g, dtype) for g in grad_final]
-    count = len(plan.ranges)
+    units_possible = _units_possible(cell, plan)
+    # threads (row or unit ranges) that may write the results; the accumulators take a row each
+    count = max(len(plan.ranges), len(plan.unit_array) if units_possible else 0)
     d_states = [buffers.new((batch, hidden), dtype, count > 1) for _ in d_final]  # the kernel copies d_final in
     # where d_x equals d_hg and both are in time order, the kernel writes d_hg only and d_x is that buffer
     write_dx = reverse or not dx_is_dhg(cell)
@@ -217,7 +224,7 @@ def backward(inputs: ScanInputs, saved: list[Tensor], grad_outputs: Tensor | Non
 
         saved_np = saved_st.numpy()
         args = args_for(x_np, saved_np, lens, grad_out, dx[1], hgd_np)
-        small = plan.loop_backward
+        small, units = plan.loop_backward, units_possible and plan.units_backward
         if (plan.measure_backward is not None and not cell.pointwise.stages and cell.recurrence == "dense"
                 and steps > 1):
             # measured (gemm_choice) on runs over this call's first steps that read copies of what the kernel
@@ -228,9 +235,11 @@ def backward(inputs: ScanInputs, saved: list[Tensor], grad_outputs: Tensor | Non
                                 np.minimum(lens, k), grad_out[:k],
                                 np.empty_like(hgd_k) if write_dx else hgd_k, hgd_k)  # d_x_proj: [k, B, G*H]
 
-            small = _measured(module, "backward", plan, steps, timing, tuple(np.zeros_like(part) for part in sums)
-                              ).choice(steps)
-        schedule.launch(module, "backward", plan, small, args, tuple(sums))
+            costs = _measured(module, "backward", plan, steps, timing, tuple(np.zeros_like(part) for part in sums),
+                              more=(gemm_choice.UNITS,) if units_possible else ())
+            small = costs.choice(steps, (True, False))
+            units = units_possible and costs.choice(steps) == gemm_choice.UNITS
+        schedule.launch(module, "backward_units" if units else "backward", plan, small, args, tuple(sums))
     d_bias, d_x_bias, *d_extras = (part[0] if count == 1 else part.sum(0) for part in sums)
     grads: list[Tensor | None] = [None] * len(weights)
     if weights and weights[0] is not None:

@@ -6,8 +6,8 @@ own libgomp, i.e. on the very threads torch uses for its GEMMs, entered from com
 runs Python (_team.py); MKL is held to one thread inside each range. Where this torch has no libgomp, a thread
 pool runs them instead.
 
-A small batch can split its hidden units instead, in inference: forward_units, whose threads each multiply by
-their own rows of W_hh and meet at a barrier after every step (unit_ranges). A step of a few rows reads all of
+A small batch can split its hidden units instead: forward_units and backward_units, whose threads each multiply
+by their own rows (columns) of W_hh and meet at a barrier every step (unit_ranges). A step of a few rows reads all of
 W_hh for a few multiply-adds per element, and each row range reads all of it again; split by units, each thread
 reads its share once.
 Whether it runs is measured with the per-step GEMM choice (gemm_choice.UNITS).
@@ -108,20 +108,21 @@ def use_loop_gemm(kernel: str, fn: int, rows: int, width: int, hidden: int, item
     return measured.choice(steps, (True, False))
 
 
-def use_units(fn: int, rows: int, width: int, hidden: int, itemsize: int, steps: int, parts: int) -> bool:
-    """Run a scan's inference forward as forward_units over `parts` unit ranges: what forced_units() says, else
-    where the measured choice for a call of `steps` steps is gemm_choice.UNITS (no static rule picks it)."""
+def use_units(kernel: str, fn: int, rows: int, width: int, hidden: int, itemsize: int, steps: int,
+              parts: int) -> bool:
+    """Run a scan ("forward" / "backward") as its _units kernel over `parts` unit ranges: what forced_units() says,
+    else where the measured choice for a call of `steps` steps is gemm_choice.UNITS (no static rule picks it)."""
     if parts < 2:
         return False
     if _forced_units[0] is not None:
         return _forced_units[0]
-    measured = gemm_choice.decided(gemm_key("forward", fn, rows, width, hidden, itemsize, parts))
+    measured = gemm_choice.decided(gemm_key(kernel, fn, rows, width, hidden, itemsize, parts))
     return measured is not None and measured.choice(steps) == gemm_choice.UNITS
 
 
 def gemm_key(kernel: str, fn: int, rows: int, width: int, hidden: int, itemsize: int, parts: int = 0) -> tuple:
     """What a scan's GEMM choice is measured for: the kernel ("forward" / "backward"), the BLAS routine, the
-    shape one thread multiplies, and the forward's unit ranges (0: none), a way it may run instead."""
+    shape one thread multiplies, and the unit ranges it may run over instead (0: none)."""
     return kernel, fn, rows, width, hidden, itemsize, parts
 
 
@@ -135,9 +136,9 @@ def forced_loop_gemm(loop: bool) -> Iterator[None]:
 
 @contextlib.contextmanager
 def forced_units(units: bool) -> Iterator[None]:
-    """Inside the block every inference forward scan with unit ranges runs as forward_units (True) or over its row
-    range (False), whatever the measured choice: for tests and benchmarks. Plans made inside are forgotten on the
-    way out."""
+    """Inside the block every scan with unit ranges (of a dense, unstaged cell) runs as its _units kernel (True) or
+    over its row ranges (False), whatever the measured choice: for tests and benchmarks. Plans made inside are
+    forgotten on the way out."""
     with _forced(_forced_units, units):
         yield
 
@@ -165,7 +166,8 @@ class Plan(NamedTuple):
     loop_backward: bool  # and in the backward scan
     measure_backward: tuple | None  # as measure_forward
     forward_nn: bool  # the forward's MKL call takes W_hh transposed (N,N), see _blas.is_avx512_kernel
-    units_forward: bool  # an inference forward runs as forward_units over unit_array (a dense unstaged cell's)
+    units_forward: bool  # the forward runs as forward_units over unit_array (a dense unstaged cell's)
+    units_backward: bool  # and the backward as backward_units
     unit_array: np.ndarray  # unit_ranges() as int64 [threads, 2]; [0, 2] where there are none
     hidden: int
     dtype_name: str
@@ -196,12 +198,12 @@ def plan(dtype_name: str, steps: int, batch: int, width: int, hidden: int, num_s
         measure = (bool(fn and batch and _forced_loop_gemm[0] is None and _forced_units[0] is None)
                    and gemm_choice.may_measure())
         rows, parts = max(hi - lo for lo, hi in ranges), len(units)
-        keys = [gemm_key("forward", fn, rows, width, hidden, itemsize, parts),
-                gemm_key("backward", fn, rows, width, hidden, itemsize)]
+        keys = [gemm_key(kernel, fn, rows, width, hidden, itemsize, parts) for kernel in ("forward", "backward")]
         forward_key, backward_key = (key if measure and gemm_choice.decided(key) is None else None for key in keys)
-        return Plan(fn, ranges, use_loop_gemm("forward", fn, rows, width, hidden, itemsize, steps, parts),
-                    forward_key, use_loop_gemm("backward", fn, rows, width, hidden, itemsize, steps), backward_key,
-                    is_avx512_kernel(fn), use_units(fn, rows, width, hidden, itemsize, steps, parts),
+        shape = (fn, rows, width, hidden, itemsize, steps)
+        return Plan(fn, ranges, use_loop_gemm("forward", *shape, parts), forward_key,
+                    use_loop_gemm("backward", *shape, parts), backward_key, is_avx512_kernel(fn),
+                    use_units("forward", *shape, parts), use_units("backward", *shape, parts),
                     np.array(units, dtype=np.int64).reshape(-1, 2), hidden,
                     dtype_name, np.full(batch, steps, dtype=np.int64), (zero,) * num_states,
                     np.zeros(width, dtype=dtype_name), np.array(ranges, dtype=np.int64).reshape(-1, 2))
@@ -294,13 +296,15 @@ def run_rows(call: Callable[[int, int], None], ranges: list[tuple[int, int]], bl
 
 
 def launch(module, kernel: str, plan: Plan, small: bool, args: tuple, sums: tuple = ()) -> None:
-    """Run `kernel` ("forward", "backward", or "forward_units" over the plan's unit ranges) over the plan's row
-    ranges: on torch's OpenMP team through the kernel's launcher (Python-free, see _team.py), else on the
-    thread pool. sums: per-range accumulators [ranges, n], each range writing its own row."""
-    if kernel == "forward_units":  # only planned where the team exists
+    """Run `kernel` ("forward", "backward") over the plan's row ranges, or "forward_units" / "backward_units"
+    over its unit ranges: on torch's OpenMP team through the kernel's launcher (Python-free, see _team.py), else
+    (row ranges) on the thread pool. sums: per-range accumulators [ranges, n], each range writing its own row (at
+    least as many rows as ranges)."""
+    if kernel.endswith("_units"):  # only planned where the team exists
         team = team_addresses()
-        module.forward_units_launch(team.gomp, entry_address(module, kernel), team.thread_num, team.team_size,
-                                    team.mkl_local, plan.unit_array, plan.fn, small, *args)
+        getattr(module, kernel + "_launch")(team.gomp, entry_address(module, kernel), team.thread_num,
+                                            team.team_size, team.mkl_local, plan.unit_array, plan.fn, small, *args,
+                                            *sums)
         return
     launch_ranges(module, kernel, plan.fn, plan.ranges, plan.range_array, small, args, sums)
 

@@ -12,7 +12,7 @@ import seqfast
 
 numba = pytest.importorskip("numba")
 
-from numba_cases import TOL, fresh_plans, make_inputs, recorded_launches  # noqa: E402, F401 (autouse fixture)
+from numba_cases import TOL, fresh_plans, make_inputs, recorded_launches, run_scan  # noqa: E402, F401 (autouse)
 
 from seqfast.backends.numba import gemm_choice, schedule  # noqa: E402
 
@@ -64,20 +64,29 @@ def test_units_equal_rows_and_the_reference(monkeypatch, cell_name, dtype, batch
         assert torch.all(units[0][steps >= lens.unsqueeze(0)] == 0)
 
 
-def test_a_training_call_of_a_units_plan_runs_over_rows(monkeypatch) -> None:
-    """forward_units saves nothing for the backward: a call that needs it keeps the row range, and its gradients
-    equal the reference's."""
-    cell = seqfast.get_cell("lstm")
-    x, state0, weights, _ = make_inputs(cell, 6, 1, 64, torch.float64, seed=1)
+@pytest.mark.parametrize("cell_name, dtype", [("lstm", torch.float64), ("gru", torch.float32),
+                                             ("rnn_tanh", torch.float32), ("peephole_lstm", torch.float64)])
+@pytest.mark.parametrize("batch, hidden, reverse", [(1, 64, False), (3, 70, True), (2, 150, True)])
+def test_training_with_split_units_equals_rows_and_the_reference(monkeypatch, cell_name, dtype, batch, hidden,
+                                                                 reverse) -> None:
+    """forward_units saving for the backward, then backward_units: outputs and every gradient (input, initial
+    states, W_hh, b_hh, a peephole's per-unit weights) equal the row ranges' and the reference's, with lengths."""
+    cell = seqfast.get_cell(cell_name)
+    x, state0, weights, lens = make_inputs(cell, 9, batch, hidden, dtype, seed=hidden + 1, lengths=batch > 1)
     kernels = recorded_launches(monkeypatch)
+    with schedule.forced_loop_gemm(True), schedule.forced_units(False):
+        rows = run_scan(cell, x, state0, weights, lens, reverse, "numba")
+    assert kernels == ["forward", "backward"]
     with schedule.forced_units(True):
-        out, final = seqfast.scan(cell, x, state0, weights, None, False, backend="numba")
-        loss = out.sum() + final[1].sum()
-        grads = torch.autograd.grad(loss, [x, *state0, weights["weight_hh"]])
-    assert kernels[0] == "forward"
-    out_ref, final_ref = seqfast.scan(cell, x, state0, weights, None, False, backend="torch")
-    want = torch.autograd.grad(out_ref.sum() + final_ref[1].sum(), [x, *state0, weights["weight_hh"]])
-    torch.testing.assert_close(grads, want, **TOL[torch.float64])
+        units = run_scan(cell, x, state0, weights, lens, reverse, "numba")
+    assert kernels[2:] == ["forward_units", "backward_units"]
+    ref = run_scan(cell, x, state0, weights, lens, reverse, "torch")
+    # backward_units adds a step's d_h product to d_h after summing it: the last bits may differ from the rows'
+    close = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    for got, want, tol in ((units, ref, TOL[dtype]), (units, rows, close)):
+        torch.testing.assert_close(got[0], want[0], **tol)
+        torch.testing.assert_close(got[1], want[1], **tol)
+        torch.testing.assert_close(got[2], want[2], **tol)
 
 
 def test_a_smaller_team_runs_every_unit_on_one_thread(monkeypatch) -> None:
@@ -103,8 +112,8 @@ def test_a_smaller_team_runs_every_unit_on_one_thread(monkeypatch) -> None:
 
 
 def test_the_measured_choice_takes_units_where_they_are_faster(monkeypatch) -> None:
-    """The forward's GEMM choice times the unit split as a third way; where it is fastest an inference call runs
-    it (the module's bound runner too), a training call the faster of the other two, all with torch.nn's
+    """The scans' GEMM choice times the unit split as a third way; where it is fastest an inference call runs it
+    (the module's bound runner too), and so does a training call, forward and backward, all with torch.nn's
     results."""
     monkeypatch.setenv("SEQFAST_CALIBRATE", "1")
     torch.manual_seed(0)
@@ -147,7 +156,8 @@ def test_the_measured_choice_takes_units_where_they_are_faster(monkeypatch) -> N
     out_ref, (h_ref, c_ref) = ref(x)
     torch.testing.assert_close((out, h, c), (out_ref, h_ref, c_ref))
     torch.testing.assert_close(torch.autograd.grad(out.sum(), x), torch.autograd.grad(out_ref.sum(), x))
-    assert kernels[0] == "forward" and "forward_units" not in kernels  # (the backward measures its own choice)
+    assert kernels[0] == "forward_units" and kernels[-1] == "backward_units"  # after the backward's timing runs
+    assert schedule.plan("float32", 12, 1, 256, 64, 2).units_backward
 
 
 @pytest.mark.parametrize("batch, hidden, threads, expected", [
@@ -170,8 +180,8 @@ def test_unit_ranges(monkeypatch, batch, hidden, threads, expected) -> None:
 
 
 def test_calibration_waits_for_forward_units_where_the_forward_may_time_it(monkeypatch) -> None:
-    """auto's calibration never compiles: an inference query whose forward may time the unit split asks for
-    forward_units compiled too; a batch that splits its rows, a training query or a cell without it do not."""
+    """auto's calibration never compiles: a query whose scans may time the unit split asks for their _units
+    kernels compiled too; a batch too large for the split or a cell without it does not."""
     from seqfast.backends.numba import codegen
 
     asked = []
@@ -183,4 +193,5 @@ def test_calibration_waits_for_forward_units_where_the_forward_may_time_it(monke
                   seqfast.Query(lstm, hidden_size=64, input_size=8, batch_size=1, seq_len=50, requires_grad=True),
                   seqfast.Query(staged, hidden_size=64, input_size=8, batch_size=1, seq_len=50)):
         assert not backend.needs_compile(query)
-    assert asked == [("forward", "forward_units"), ("forward",), ("forward", "backward"), ("forward",)]
+    assert asked == [("forward", "forward_units"), ("forward",),
+                     ("forward", "forward_units", "backward", "backward_units"), ("forward",)]
