@@ -13,8 +13,9 @@ of cold compile each time).
 Addresses (GOMP_parallel, omp_get_thread_num, omp_get_num_threads, MKL's per-thread thread count) are passed in as
 integers, never baked into the compiled code, so the kernels stay cacheable across processes.
 
-A scan whose threads split the hidden units (forward_units) meets at `barrier` after every step: a counter every
-thread adds one to, read with acquire ordering until all have arrived, so each sees the h the others wrote.
+A scan whose threads split the hidden units (forward_units, backward_units) meets at `barrier` every step: a
+counter every thread adds one to, read with acquire ordering until all have arrived, so each sees what the others
+wrote (h in the forward, d_hg in the backward).
 """
 
 from __future__ import annotations

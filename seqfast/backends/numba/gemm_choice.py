@@ -11,10 +11,10 @@ clearly faster (MARGIN). Only the rounding of a call's products can depend on th
   routine), and the first backward scan, run a few of the call's own steps both ways, at two step counts. A way's
   cost is fitted as a cost per call plus one per step (StepCosts): the forward's loop transposes W_hh once per call
   and thread, which a short timing run would otherwise charge to every step, and which a long call spreads thin.
-  The choice then follows each call's length. Where the forward could split its hidden units over threads instead
-  (schedule.unit_ranges: a batch of one row range), that is a third way, UNITS, timed alike; a call that saves
-  for the backward takes the faster of the other two. The timing runs use the same compiled kernels (the
-  loop-or-MKL flag is an argument: nothing is compiled for them): the forward's are inference runs writing the
+  The choice then follows each call's length. Where a scan could split its hidden units over threads instead
+  (schedule.unit_ranges: up to 16 rows), that is a third way, UNITS, timed alike; its _units kernel is compiled
+  for the timing if neither this process nor numba's disk cache has it. The loop and MKL share one compiled kernel
+  (the loop-or-MKL flag is an argument: nothing is compiled for them): the forward's are inference runs writing the
   call's own outputs, which the call writes again afterwards; the backward's read copies of what its kernel
   overwrites and write scratch buffers (scan.py). Only dense recurrences of unstaged cells are timed (the others
   have no per-step product, or products of column blocks that keep the static rule).
@@ -38,7 +38,7 @@ import torch
 from ...config import calibration_setting
 
 MARGIN = 1.10
-UNITS = "units"  # the forward's third way: forward_units (the ways are True: the loop, False: MKL, and this)
+UNITS = "units"  # the scans' third way, their _units kernel (the ways are True: the loop, False: MKL, and this)
 ROUNDS = 3
 WORK_PER_RUN = 1 << 22  # multiply-adds of the per-step products in one timing run
 MIN_STEPS = 2

@@ -92,11 +92,11 @@ class BLOCK(NamedTuple):
     THREAD_NUM: int = 0  # omp_get_thread_num's address
     TEAM_SIZE: int = 1  # omp_get_num_threads' address
     MKL_LOCAL: int = 2  # MKL_Set_Num_Threads_Local's address, or 0
-    COUNT: int = 3  # the number of row ranges (unit ranges, for forward_units)
+    COUNT: int = 3  # the number of row ranges (unit ranges, for the _units kernels)
     RANGES: int = 4  # address of the ranges [COUNT, 2]
     DONE: int = 5  # address of the done flags [COUNT]
     RANGE: int = 6  # the range to run (-1: the OpenMP thread's own)
-    SYNC: int = 7  # forward_units: address of its barrier's counter
+    SYNC: int = 7  # the _units kernels: address of their barrier's counter
     SHARED: int = 8  # forward_units: address of the h its threads share [2, B, H]
     FIRST_ARGUMENT: int = 9
 

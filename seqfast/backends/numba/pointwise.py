@@ -161,8 +161,8 @@ def step_supported(cell: CellSpec) -> bool:
 
 
 def units_supported(cell: CellSpec) -> bool:
-    """Whether the cell has forward_units, the forward with its hidden units split over threads: the same cells
-    (one dense product a step, which each thread computes for its own units)."""
+    """Whether the cell has forward_units / backward_units, the scans with their hidden units split over threads:
+    the same cells (one dense product a step, which each thread computes for its own units)."""
     return step_supported(cell)
 
 

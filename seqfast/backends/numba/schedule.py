@@ -35,9 +35,9 @@ from .codegen import entry_address
 # more than it saves. Read when a plan is made: after changing it, clear_plans().
 MIN_WORK_PER_THREAD = 2_000_000
 MIN_ROWS_PER_THREAD = 2
-# forward_units: for batches up to UNITS_MAX_BATCH rows; each thread takes at least MIN_UNITS_PER_THREAD hidden
-# units, its range starting on a multiple of UNIT_ALIGN units (64 bytes of float32), so that no two threads write
-# one cache line of a row
+# forward_units / backward_units: for batches up to UNITS_MAX_BATCH rows; each thread takes at least
+# MIN_UNITS_PER_THREAD hidden units, its range starting on a multiple of UNIT_ALIGN units (64 bytes of float32),
+# so that no two threads write one cache line of a row
 UNITS_MAX_BATCH = 16
 MIN_UNITS_PER_THREAD = 32
 UNIT_ALIGN = 16
@@ -78,7 +78,7 @@ def usable_cores() -> int:
 
 
 def unit_ranges(batch: int, hidden: int) -> list[tuple[int, int]]:
-    """The hidden units split into one contiguous (lo, hi) range per thread, for forward_units: up to
+    """The hidden units split into one contiguous (lo, hi) range per thread, for the _units kernels: up to
     UNITS_MAX_BATCH rows, where the team exists and every thread gets MIN_UNITS_PER_THREAD units; else []. No more
     threads than cores this process may run on: a thread waiting at the barrier for one that is not running would
     spin through the scheduler's time slices."""
@@ -315,7 +315,7 @@ def bound_block(module, kernel: str, plan: Plan, small: bool, args: tuple) -> np
     it (stack.py)."""
     team = team_addresses()
     block = np.zeros(getattr(module, kernel.upper() + "_BLOCK_SIZE"), dtype=np.int64)
-    ranges = plan.unit_array if kernel == "forward_units" else plan.range_array
+    ranges = plan.unit_array if kernel.endswith("_units") else plan.range_array
     getattr(module, kernel + "_block")(block, team.thread_num, team.team_size, team.mkl_local, ranges, plan.fn,
                                        small, *args)
     return block
