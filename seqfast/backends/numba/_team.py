@@ -129,6 +129,17 @@ def load_acquire(typingctx, addr):
 
 
 @intrinsic
+def store_release(typingctx, addr, value):
+    """Write value to the int64 at addr atomically with release ordering (whoever reads it with acquire ordering
+    sees what this thread wrote before)."""
+    def codegen(context, builder, sig, args):
+        builder.store_atomic(args[1], builder.inttoptr(args[0], _I64P), "release", 8)
+        return context.get_dummy_value()
+
+    return types.void(types.int64, types.int64), codegen
+
+
+@intrinsic
 def spin_pause(typingctx):
     """The CPU's spin-wait hint (x86 `pause`), which lets the core's other work run while a thread waits."""
     def codegen(context, builder, sig, args):
@@ -153,4 +164,4 @@ def barrier(counter, parts, phase):
 
 
 __all__ = ["address_of", "pointer_to", "call_int", "call_int_int", "call_void", "gomp_parallel", "fetch_add",
-           "load_acquire", "spin_pause", "barrier"]
+           "load_acquire", "store_release", "spin_pause", "barrier"]

@@ -19,6 +19,8 @@ from ..pointwise_source import MATH_NAMES
 from .layout import (
     BLOCK,
     CHUNK,
+    PIPE,
+    PIPE_STEPS,
     WEIGHT_GRAD_PARAMS,
     BackwardRows,
     ForwardRows,
@@ -95,11 +97,12 @@ def _stages(lay: Layout, gates_of_stage: list[int], prefix: str) -> Blocks:
 
 def _constants(lay: Layout | None, kernels: list[tuple[str, list[tuple[str, str]]]]) -> list[tuple[str, int]]:
     """(name, value) of every constant the kernels read: scratch rows, the chunk, block slots."""
-    out = [("CHUNK", CHUNK)]
+    out = [("CHUNK", CHUNK), ("PIPE_STEPS", PIPE_STEPS)]
     if lay is not None:
         out += [(f"F_{k}", v) for k, v in ForwardRows.of(lay)._asdict().items()]
         out += [(f"B_{k}", v) for k, v in BackwardRows.of(lay)._asdict().items()]
     out += [(f"BLOCK_{k}", v) for k, v in BLOCK()._asdict().items()]
+    out += [(f"PIPE_{k}", v) for k, v in PIPE()._asdict().items()]
     for kernel, params in kernels:
         slots, size = block_slots(params)
         out += [(_slot_name(kernel, name), at) for name, at in slots.items()]
@@ -149,11 +152,13 @@ def _team(kernel: str, params: list[tuple[str, str]]) -> str:
               "ARGS": ", ".join(n for n, _ in params)}
     project = kernel in ("forward", "forward_units")
     if project:
-        tokens.update(X_SLOT=_slot_name(kernel, "x"), S0_SLOT=_slot_name(kernel, "s0"))
+        tokens.update(X_SLOT=_slot_name(kernel, "x"), S0_SLOT=_slot_name(kernel, "s0"),
+                      READY_SLOT=_slot_name(kernel, "ready"))
     if units:  # the array whose columns are the units a thread takes
         tokens["UNITS_OF"] = "s0" if kernel == "forward_units" else "d0"
     return _template("team", None, tokens, markers,
-                     flags={"PROJECT": project, "UNITS": units, "SHARED_H": kernel == "forward_units"})
+                     flags={"PROJECT": project, "UNITS": units, "SHARED_H": kernel == "forward_units",
+                            "PIPELINE": kernel == "forward"})
 
 
 def _prelude(title: str, lay: Layout | None, dtype: str, constants: list[tuple[str, int]], scans: bool) -> str:

@@ -25,6 +25,17 @@ def _may_split_units(query: Query) -> bool:
     return bool(schedule.unit_ranges(query.batch_size, query.hidden_size))
 
 
+def _may_pipeline(query: Query) -> bool:
+    """Whether an inference call of the query's shape may run forward_pipelined (the stack runner's choice, for a
+    layer taking the input or a hidden-sized one)."""
+    steps, batch, hidden, gates = query.seq_len, query.batch_size, query.hidden_size, query.cell.num_gates
+    if query.requires_grad or query.level != "module" or not (steps and batch and query.input_size):
+        return False
+    ranges = len(schedule.row_ranges(batch, steps * gates * hidden * hidden))
+    return any(schedule.pipelines(ranges, steps, steps * batch * inputs * gates * hidden, inputs, hidden)
+               for inputs in (query.input_size, hidden))
+
+
 class NumbaBackend(FusedBackend):
     name = "numba"
     description = "fused CPU scans compiled with numba (MKL GEMM per step, vectorized float32 gate math)"
@@ -68,6 +79,8 @@ class NumbaBackend(FusedBackend):
             kernel_names = tuple(f"step_{k}" for k in kernel_names)
         elif _may_split_units(query):  # timed as a way of the scans
             kernel_names = tuple(k for name in kernel_names for k in (name, name + "_units"))
+        if _may_pipeline(query):
+            kernel_names += ("forward_pipe",)
         return not is_compiled(query.cell, DTYPES[query.dtype], kernel_names)
 
     # --- one step (the cells) ----------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from ..codegen.loader import module_path
 from .assemble import generate_projection_source, generate_source, generate_weight_grad_source
 from .pointwise import check_cell, dx_is_dhg, per_unit_width, preactivation_only, step_supported, units_supported
 
-TEMPLATE_VERSION = "26"
+TEMPLATE_VERSION = "27"
 _HERE = Path(__file__).resolve().parent
 _BACKEND = "numba"
 
@@ -89,12 +89,14 @@ def _generated(key: tuple, prefix: str, source_of) -> ModuleType:
 def is_compiled(cell: CellSpec, dtype: str, kernel_names: tuple[str, ...]) -> bool:
     """Whether the named kernels of a cell can run without a JIT compile: compiled in this process, or held by
     numba's disk cache (loading from it takes a fraction of a second, compiling seconds). Scans ("forward",
-    "backward", and their _units kernels) run as their cfunc entry and launcher; the one-step kernels ("step_forward",
-    "step_backward") are called as they are."""
-    scans = ("forward", "backward", "forward_units", "backward_units")
-    functions = [f for k in kernel_names for f in ((f"{k}_entry", f"{k}_launch") if k in scans else (k,))]
+    "backward", and their _units kernels) run as their cfunc entry and launcher, as does "forward_pipe" (the pipelined
+    forward's entry and forward_pipelined); the one-step kernels ("step_forward", "step_backward") are called as they
+    are."""
+    launchers = {"forward": "forward_launch", "backward": "backward_launch", "forward_units": "forward_units_launch",
+                 "backward_units": "backward_units_launch", "forward_pipe": "forward_pipelined"}
+    functions = [f for k in kernel_names for f in ((f"{k}_entry", launchers[k]) if k in launchers else (k,))]
     module = _modules.get((cell, dtype))
-    if module is not None and all((id(module), k) in _entries if k in scans
+    if module is not None and all((id(module), k) in _entries if k in launchers
                                   else bool(getattr(module, k).signatures) for k in kernel_names):
         return True
     path = module_path(_BACKEND, f"{cell.name}_{dtype}", generate_source(cell, dtype), _depends_on())

@@ -98,7 +98,28 @@ class BLOCK(NamedTuple):
     RANGE: int = 6  # the range to run (-1: the OpenMP thread's own)
     SYNC: int = 7  # the _units kernels: address of their barrier's counter
     SHARED: int = 8  # forward_units: address of the h its threads share [2, B, H]
-    FIRST_ARGUMENT: int = 9
+    PIPE: int = 9  # forward_pipelined: address of its projection's arguments (PIPE)
+    FIRST_ARGUMENT: int = 10
+
+
+PIPE_STEPS = 8  # steps forward_pipelined's projecting thread projects between two counts
+
+
+class PIPE(NamedTuple):
+    """forward_pipelined's arguments to the thread that projects the input (an int64 array at the block's PIPE
+    slot)."""
+
+    ENTRY: int = 0  # the scan's own entry (forward_entry's address), which the first thread runs
+    FN: int = 1  # the GEMM's address
+    X: int = 2  # x [rows, inputs], W_ih [G*H, inputs], x_proj [rows, G*H]: addresses
+    W: int = 3
+    X_PROJ: int = 4
+    ROWS: int = 5
+    INPUTS: int = 6
+    BATCH: int = 7
+    REVERSE: int = 8  # the scan runs from the last step: the projection does too
+    READY: int = 9  # steps projected so far, in the scan's order (written with release ordering)
+    SIZE: int = 10
 
 
 # Kernel arguments and their kinds: "i" int, "b" bool, "lo"/"hi" the row range, "F<n>" an n-d array of the
@@ -113,7 +134,7 @@ def _common_params(lay: Layout) -> list[tuple[str, str]]:
 def forward_params(lay: Layout) -> list[tuple[str, str]]:
     return (_common_params(lay) + [(f"init{i}", "F2") for i in range(lay.S)] + [(f"s{i}", "F2") for i in range(lay.S)]
             + [("lengths", "I1"), ("reverse", "b"), ("out", "F3"), ("hg", "F3"), ("saved_st", "F4"),
-               ("need_saved", "b"), ("save_preact", "b"), ("gemm_nn", "b")]
+               ("need_saved", "b"), ("save_preact", "b"), ("gemm_nn", "b"), ("ready", "i")]
             + ([("vs", "F4")] if lay.staged else []))
 
 
@@ -162,5 +183,5 @@ def step_buffers(lay: Layout, backward: bool) -> list[tuple[str, str]]:
             + [(f"dp{i}", f"({k} * H if need_dw else 0,)") for i, k in enumerate(lay.widths)])
 
 
-__all__ = ["CHUNK", "Layout", "ForwardRows", "BackwardRows", "BLOCK", "forward_params", "backward_params",
-           "WEIGHT_GRAD_PARAMS", "slots_used", "block_slots", "step_buffers"]
+__all__ = ["CHUNK", "Layout", "ForwardRows", "BackwardRows", "BLOCK", "PIPE", "PIPE_STEPS", "forward_params",
+           "backward_params", "WEIGHT_GRAD_PARAMS", "slots_used", "block_slots", "step_buffers"]

@@ -139,9 +139,10 @@ def forward_args(cell: CellSpec, plan: schedule.Plan, x: np.ndarray, arrays: lis
                  lens: np.ndarray, reverse: bool, out: np.ndarray, hg: np.ndarray, saved_st: np.ndarray,
                  need_saved: bool, stage_vectors: np.ndarray | None) -> tuple:
     """The forward kernel's arguments, in its order: x_proj, prepare()'s arrays, the initial states, the arrays the
-    final states go to, lengths, ..., and for a cell with stages their vectors."""
+    final states go to, lengths, ..., no `ready` count (x_proj is written in full), and for a cell with stages their
+    vectors."""
     args = (x, *arrays, *init, *finals, lens, bool(reverse), out, hg, saved_st, bool(need_saved),
-            bool(need_saved) and preactivation_only(cell), plan.forward_nn)
+            bool(need_saved) and preactivation_only(cell), plan.forward_nn, 0)
     return args if stage_vectors is None else (*args, stage_vectors)
 
 

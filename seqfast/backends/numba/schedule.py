@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ..._memo import memo
-from ...config import setting
+from ...config import reader
 from . import gemm_choice
 from .codegen import entry_address
 
@@ -54,13 +54,16 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+_read_numba_threads = reader("numba_threads")  # every bound inference call checks its plan, and so reads this
+
+
 def num_threads() -> int:
     """Threads a scan may use: SEQFAST_NUMBA_THREADS, else torch's intra-op thread count; one in a forked child
     (a DataLoader worker), whatever is set: libgomp is not fork-safe, and a team started in a child whose parent
     had started one hangs."""
     if _in_forked_child:
         return 1
-    threads = setting("numba_threads")
+    threads = _read_numba_threads()
     return threads if threads is not None else max(1, torch.get_num_threads())
 
 
@@ -87,6 +90,24 @@ def unit_ranges(batch: int, hidden: int) -> list[tuple[int, int]]:
         return []
     bounds = [0, *(round(i * hidden / threads / UNIT_ALIGN) * UNIT_ALIGN for i in range(1, threads)), hidden]
     return [(bounds[i], bounds[i + 1]) for i in range(threads)]
+
+
+# forward_pipelined: at least this many steps (two chunks of the projecting thread's), a projection of at least this
+# many multiply-adds (what the overlap saves must pay for starting a team of two), and inputs at most this many
+# times the hidden size (the projecting thread must keep ahead of the scan: a step's recurrent product runs far
+# below a GEMM's speed, but a much wider input would make the scan wait)
+PIPELINE_MIN_STEPS = 16
+PIPELINE_MIN_PRODUCTS = 1 << 18
+PIPELINE_MAX_INPUTS_PER_UNIT = 2
+
+
+def pipelines(ranges: int, steps: int, products: int, inputs: int, hidden: int) -> bool:
+    """Whether an inference scan overlaps its input projection (products multiply-adds) with the recurrence
+    (forward_pipelined): where its rows run as one range, one thread would scan while the other idles. Needs two
+    threads on two cores (the scan spins while it waits for a step's rows) and the team."""
+    return (ranges == 1 and steps >= PIPELINE_MIN_STEPS and products >= PIPELINE_MIN_PRODUCTS
+            and 0 < inputs <= PIPELINE_MAX_INPUTS_PER_UNIT * hidden
+            and min(num_threads(), usable_cores()) >= 2 and team_addresses() is not None)
 
 
 _forced_loop_gemm: list[bool | None] = [None]

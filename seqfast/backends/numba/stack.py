@@ -7,12 +7,14 @@ layer-direction's kernel argument block (team.py.tmpl), written once with the we
 plan's row ranges and GEMM choice. A call then writes only the addresses that change (input, initial and final
 states, output) and makes one compiled call per layer-direction, which for a small product also runs the input
 projection; where the plan splits the hidden units over threads (schedule.unit_ranges), the blocks are
-forward_units'. Each call compares the parameters' layouts (data pointer, shape, strides, dtype) and the plan (thread
-count, GEMM choice) with the bound ones and binds again on any change; in-place updates show through the
-addresses. A call of two steps or more that the general path must see first (its GEMM choice not yet measured;
-a one-step call keeps the static rule until then) is declined, and so is one with a non-contiguous parameter (the
-kernels read it by address), a parameter of another dtype or device (the general path's checks report it), or one
-made while another thread runs the same binding (the blocks are its own).
+forward_units'. Where the rows run as one range, the second thread projects the input while the first scans
+(forward_pipelined, schedule.pipelines). Each call compares the parameters' layouts (data pointer, shape,
+strides, dtype) and the plan (thread count, GEMM choice) with the bound ones and binds again on any change;
+in-place updates show through the addresses. A call of two steps or more that the general path must see first
+(its GEMM choice not yet measured; a one-step call keeps the static rule until then) is declined, and so is one
+with a non-contiguous parameter (the kernels read it by address), a parameter of another dtype or device (the
+general path's checks report it), or one made while another thread runs the same binding (the blocks are its
+own).
 """
 
 from __future__ import annotations
@@ -81,6 +83,8 @@ class _LayerCall(NamedTuple):
     weight_ih_address: int
     rows: int  # the projection's rows (T * B) and inputs
     inputs: int
+    pipelined: bool  # the projection runs on a second thread as the scan goes (forward_pipelined)
+    reverse: bool
     held: tuple  # what the block points to besides the parameters and the plan: kept alive with it
 
 
@@ -121,10 +125,14 @@ class _Bound:
                 NO_PRODUCTS[name], NO_SAVED[name], False, vectors))
             rows, layer_inputs = steps * batch, inputs if index < directions else hidden * directions
             products = rows * hidden * cell.num_gates * layer_inputs
-            in_kernel = plan.fn and layer_inputs and products < gemm.SMALL_TORCH_GEMM
+            pipelined = bool(kernel == "forward" and plan.fn
+                             and schedule.pipelines(len(plan.ranges), steps, products, layer_inputs, hidden))
+            in_kernel = plan.fn and layer_inputs and (pipelined or products < gemm.SMALL_TORCH_GEMM)
             self.layers.append(_LayerCall(block, ih, plan.fn if in_kernel else 0, p[ih].data_ptr(), rows,
-                                          layer_inputs, (arrays, lens, vectors)))
+                                          layer_inputs, pipelined, index % directions == 1, (arrays, lens, vectors)))
         self.gomp, self.entry = gomp, entry_address(module, kernel)
+        if any(call.pipelined for call in self.layers):
+            self.pipe_entry, self.pipelined = entry_address(module, "forward_pipe"), module.forward_pipelined
         self.run_block, self.projected = getattr(module, kernel + "_run"), getattr(module, kernel + "_projected")
         at = f"AT_{kernel.upper()}_"
         self.slot_x, self.slot_out = getattr(module, at + "X"), getattr(module, at + "OUT")
@@ -159,14 +167,18 @@ class _Bound:
         directions = self.directions
         layer_input = x
         outputs = []
-        for index, (block, ih, fn, w_at, rows, inputs, _) in enumerate(self.layers):
+        batch = self.out_shape[1]
+        for index, (block, ih, fn, w_at, rows, inputs, pipelined, reverse, _) in enumerate(self.layers):
             out = self._new(self.out_shape)
             block[self.slot_out] = out.data_ptr()
             for s, slot in enumerate(self.slot_final):
                 block[slot] = at_final[s] + index * size
             for s, slot in enumerate(self.slot_init):
                 block[slot] = self.zero_states[s] if state0 is None else inits[s] + index * size
-            if fn:
+            if pipelined:
+                self.pipelined(gomp, entry, self.pipe_entry, block, fn, layer_input.data_ptr(), w_at, rows, inputs,
+                               batch, reverse)
+            elif fn:
                 self.projected(gomp, entry, block, fn, layer_input.data_ptr(), w_at, rows, inputs)
             else:
                 x_proj = gemm.input_projection(layer_input.view(rows, inputs), params[index][ih])
