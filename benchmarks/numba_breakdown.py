@@ -12,6 +12,8 @@
     python benchmarks/numba_breakdown.py faults 100,8,64,64        # training steps' page faults (getrusage)
     python benchmarks/numba_breakdown.py faults 100,8,64,64 --pool-from 1048576   # pooled only from 1 MiB
     python benchmarks/numba_breakdown.py busy 100,1,32,32          # one core kept busy by another process
+    python benchmarks/numba_breakdown.py pipeline 100,3,33,47      # inference of one row range: the input projection
+                                                                   # beside the scan (forward_pipelined) vs before it
 
 Shapes are T,B,I,H; the cell is LSTM unless --cell says otherwise. Each figure is the median of --repeats samples,
 a sample being the mean of enough calls to last 20 ms; contenders take their samples in turn.
@@ -95,7 +97,7 @@ def _kernel_gflops(T: int, B: int, G: int, H: int, repeats: int) -> dict[str, fl
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["parts", "native", "threads", "gemm", "projection", "kernels", "faults",
-                                                    "busy"])
+                                         "busy", "pipeline"])
     parser.add_argument("shape", help="T,B,I,H")
     parser.add_argument("--cell", default="lstm", choices=["lstm", "gru", "rnn_tanh"])
     parser.add_argument("--repeats", type=int, default=9)
@@ -217,6 +219,29 @@ def main() -> None:
         finally:
             spinner.kill()
             gemm.SMALL_TORCH_GEMM = small
+    elif args.what == "pipeline":
+        # two modules of the same weights, each bound (its third call) with or without the overlap
+        cls = {"lstm": "LSTM", "gru": "GRU", "rnn_tanh": "RNN"}[args.cell]
+        torch.manual_seed(0)
+        first = getattr(seqfast, cls)(I, H, backend="numba")
+        runs, default = {}, schedule.PIPELINE_MIN_STEPS
+        for label, min_steps in (("input projection, then the scan", 10**9),
+                                 ("input projection beside the scan", default)):
+            model = getattr(seqfast, cls)(I, H, backend="numba")
+            model.load_state_dict(first.state_dict())
+            schedule.PIPELINE_MIN_STEPS = min_steps
+            with torch.no_grad():
+                for _ in range(3):
+                    model(x)
+            schedule.PIPELINE_MIN_STEPS = default
+
+            def infer(model=model) -> None:
+                with torch.no_grad():
+                    model(x)
+            runs[f"inference, {label}"] = infer
+        ranges = len(schedule.plan("float32", T, B, G * H, H, S).ranges)
+        print(f"this shape pipelines: {schedule.pipelines(ranges, T, T * B * I * G * H, I, H)}")
+        times = _medians_ms(runs, args.repeats)
     elif args.what == "projection":
         rows = x.reshape(T * B, I)
         ways = ["mm", *(["onednn"] if gemm.onednn_linear() is not None else []),
