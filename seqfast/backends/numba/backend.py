@@ -27,13 +27,13 @@ def _may_split_units(query: Query) -> bool:
 
 def _may_pipeline(query: Query) -> bool:
     """Whether an inference call of the query's shape may run forward_pipelined (the stack runner's choice, for a
-    layer taking the input or a hidden-sized one)."""
+    layer taking the input, or a deeper one taking one or both directions' outputs)."""
     steps, batch, hidden, gates = query.seq_len, query.batch_size, query.hidden_size, query.cell.num_gates
     if query.requires_grad or query.level != "module" or not (steps and batch and query.input_size):
         return False
     ranges = len(schedule.row_ranges(batch, steps * gates * hidden * hidden))
     return any(schedule.pipelines(ranges, steps, steps * batch * inputs * gates * hidden, inputs, hidden)
-               for inputs in (query.input_size, hidden))
+               for inputs in (query.input_size, hidden, 2 * hidden))
 
 
 class NumbaBackend(FusedBackend):
