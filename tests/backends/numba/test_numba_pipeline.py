@@ -86,6 +86,24 @@ def test_pipelined_calls_equal_the_plain_ones_and_torch_nn(monkeypatch, kind, dt
     assert answers and not any(answers)
 
 
+@pytest.mark.parametrize("cell_name", ["gru_reset_before", "indrnn", "mingru", "peephole_lstm"])
+def test_every_kind_of_cell_pipelines(monkeypatch, cell_name) -> None:
+    """The pipelined forward runs any cell's scan: staged gates, a diagonal recurrence, none, per-unit weights;
+    both directions, with the torch reference's results."""
+    monkeypatch.setattr(schedule, "PIPELINE_MIN_PRODUCTS", 0)
+    torch.manual_seed(1)
+    ours = seqfast.Recurrent(cell_name, 12, 24, bidirectional=True, backend="numba")
+    ref = seqfast.Recurrent(cell_name, 12, 24, bidirectional=True, backend="torch")
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(30, 2, 12)
+    answers = _pipelined_binds(monkeypatch)
+    with torch.no_grad():
+        for _ in range(3):
+            got = ours(x)
+        torch.testing.assert_close(got, ref(x), **TOL[torch.float32])
+    assert answers == [True, True]
+
+
 def test_a_team_of_one_projects_first_then_scans(monkeypatch) -> None:
     """Inside a nested parallel region the team may get one thread: it projects every step, then scans (waiting
     for rows that no other thread writes would hang)."""
