@@ -96,7 +96,7 @@ def _stages(lay: Layout, gates_of_stage: list[int], prefix: str) -> Blocks:
 
 
 def _constants(lay: Layout | None, kernels: list[tuple[str, list[tuple[str, str]]]]) -> list[tuple[str, int]]:
-    """(name, value) of every constant the kernels read: scratch rows, the chunk, block slots."""
+    """(name, value) of every constant the kernels read: scratch rows, the chunks, block and pipe slots."""
     out = [("CHUNK", CHUNK), ("PIPE_STEPS", PIPE_STEPS)]
     if lay is not None:
         out += [(f"F_{k}", v) for k, v in ForwardRows.of(lay)._asdict().items()]
