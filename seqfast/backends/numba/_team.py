@@ -140,6 +140,16 @@ def store_release(typingctx, addr, value):
 
 
 @intrinsic
+def keep_alive(typingctx, array):
+    """Nothing at run time, but a use of `array`: numba frees an array after its last use, and an array the team's
+    threads reach only through an address in the argument block must live until the region ends."""
+    def codegen(context, builder, sig, args):
+        return context.get_dummy_value()
+
+    return types.void(array), codegen
+
+
+@intrinsic
 def spin_pause(typingctx):
     """The CPU's spin-wait hint (x86 `pause`), which lets the core's other work run while a thread waits."""
     def codegen(context, builder, sig, args):
@@ -164,4 +174,4 @@ def barrier(counter, parts, phase):
 
 
 __all__ = ["address_of", "pointer_to", "call_int", "call_int_int", "call_void", "gomp_parallel", "fetch_add",
-           "load_acquire", "store_release", "spin_pause", "barrier"]
+           "load_acquire", "store_release", "keep_alive", "spin_pause", "barrier"]

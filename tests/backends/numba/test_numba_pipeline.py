@@ -12,7 +12,7 @@ import seqfast
 
 numba = pytest.importorskip("numba")
 
-from numba_cases import TOL, fresh_plans  # noqa: E402, F401 (autouse)
+from numba_cases import TOL, fresh_plans, run_python  # noqa: E402, F401 (autouse)
 
 from seqfast.backends.numba import codegen, gemm_choice, schedule  # noqa: E402
 
@@ -39,6 +39,20 @@ def _pipelined_binds(monkeypatch) -> list[bool]:
 
     monkeypatch.setattr(schedule, "pipelines", pipelines)
     return answers
+
+
+def _pipelined_runs(monkeypatch, cell_name: str, dtype: torch.dtype) -> list[int]:
+    """A list that grows by one each time the cell's forward_pipelined runs from now on (bindings made after this
+    take the counting launcher)."""
+    module = codegen.kernels(seqfast.get_cell(cell_name), {torch.float32: "float32", torch.float64: "float64"}[dtype])
+    runs, real = [], module.forward_pipelined
+
+    def counted(*args):
+        runs.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(module, "forward_pipelined", counted)
+    return runs
 
 
 def _module_pair(kind: str, inputs: int, hidden: int, layers: int, bidirectional: bool, dtype: torch.dtype):
@@ -69,6 +83,7 @@ def test_pipelined_calls_equal_the_plain_ones_and_torch_nn(monkeypatch, kind, dt
     if kind == "LSTM":
         hx = (hx, torch.randn(*states, dtype=dtype))
     answers = _pipelined_binds(monkeypatch)
+    runs = _pipelined_runs(monkeypatch, {"LSTM": "lstm", "GRU": "gru", "RNN": "rnn_tanh"}[kind], dtype)
     with torch.no_grad():
         for h0 in (None, hx):
             for _ in range(3):  # the first call measures the GEMM choice; the next bind and run bound
@@ -76,6 +91,7 @@ def test_pipelined_calls_equal_the_plain_ones_and_torch_nn(monkeypatch, kind, dt
             want = ref(x, h0)
             torch.testing.assert_close(got, want, **TOL[dtype])
     assert answers and all(answers), answers
+    assert len(runs) >= 2 * len(answers)  # every layer-direction of at least two bound calls
     monkeypatch.setattr(schedule, "PIPELINE_MIN_STEPS", 10**9)
     answers.clear()
     with torch.no_grad():
@@ -97,11 +113,13 @@ def test_every_kind_of_cell_pipelines(monkeypatch, cell_name) -> None:
     ref.load_state_dict(ours.state_dict())
     x = torch.randn(30, 2, 12)
     answers = _pipelined_binds(monkeypatch)
+    runs = _pipelined_runs(monkeypatch, cell_name, torch.float32)
     with torch.no_grad():
         for _ in range(3):
             got = ours(x)
         torch.testing.assert_close(got, ref(x), **TOL[torch.float32])
     assert answers == [True, True]
+    assert len(runs) >= 4  # both directions of the two bound calls
 
 
 def test_a_team_of_one_projects_first_then_scans(monkeypatch) -> None:
@@ -128,6 +146,34 @@ def test_a_team_of_one_projects_first_then_scans(monkeypatch) -> None:
         torch.testing.assert_close(got, ref(x), **TOL[torch.float32])
     assert answers and all(answers)
     assert 2 in started  # the pipelined launches asked for two threads and got one
+
+
+def test_keep_alive_holds_an_array_read_through_an_address() -> None:
+    """numba frees an array after its last use: one read only through an address, with an allocation in between,
+    is unmapped before the read (without keep_alive this snippet segfaults: its 80 MB are mapped on their own).
+    The launchers keep what the team reads alive with _team.keep_alive until the region ends."""
+    out = run_python("""
+        import numpy as np
+        from numba import carray, njit
+        from seqfast.backends.numba._team import keep_alive, pointer_to
+
+        @njit
+        def read(block, n):
+            a = carray(pointer_to(block[0], np.float64(0)), (n,))
+            return a.sum()
+
+        @njit
+        def launch(n, block):
+            x = np.ones(n)
+            block[0] = x.ctypes.data
+            other = np.zeros(3)
+            total = read(block, n)
+            keep_alive(x)
+            return total + other[0]
+
+        print(launch(10_000_000, np.zeros(1, dtype=np.int64)))
+    """, {"MALLOC_MMAP_THRESHOLD_": "131072"})
+    assert float(out) == 1e7
 
 
 @pytest.mark.parametrize("ranges, steps, products, inputs, hidden, threads, cores, expected", [
