@@ -65,6 +65,9 @@ def test_non_contiguous_weights_and_input_are_read_correctly(backend):
     x = torch.randn(3, 4, dtype=torch.float64)[:, 1:]  # non-contiguous rows
     assert not ours.weight_ih.is_contiguous() and not x.is_contiguous()
     torch.testing.assert_close(ours(x), ref(x))
+    for module in (ref, ours):  # the gradient of a column-major weight, too
+        _loss(module(x)).backward()
+    torch.testing.assert_close([p.grad for p in ours.parameters()], [p.grad for p in ref.parameters()])
 
 
 def test_a_parameter_of_another_dtype_raises(backend):

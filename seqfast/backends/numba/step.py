@@ -42,7 +42,7 @@ class StepLayout(NamedTuple):
     extras: tuple[int, ...]  # per Pointwise.params entry: index into params, or -1 (absent: zeros)
     widths: tuple[int, ...]  # k of each [k*H] extra
     gates: int
-    slots: dict  # (input size, hidden size) -> ((index into params or -1, elements), ...) in the kernels' order
+    shapes: dict  # (batch, input size, hidden size) -> _ShapePlan
 
 
 _layouts: dict[tuple, StepLayout | None] = {}
@@ -91,26 +91,43 @@ def _readable(t: Tensor, dtype: torch.dtype, what: str) -> Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
 
-def _slots(layout: StepLayout, inputs: int, hidden: int) -> tuple[tuple[int, int], ...]:
-    """((index into params, or -1 where absent; elements), ...) for w_ih, b_ih, w_hh, b_hh and the extras."""
-    slots = layout.slots.get((inputs, hidden))
-    if slots is None:
+class _ShapePlan(NamedTuple):
+    """What a step of one (batch, input size, hidden size) works out from its sizes, kept in StepLayout.shapes."""
+
+    slots: tuple[tuple[int, int], ...]  # (index into params or -1 where absent, elements) for w_ih, b_ih, w_hh, b_hh
+    # and the extras, in the kernels' order
+    grad_slots: tuple[tuple[int, int], ...]  # those of the weight gradients, in the backward kernel's order: w_ih,
+    # w_hh, b_ih, b_hh, the extras
+    gemm_fn: int  # the GEMM for the step's products: the layout's own for small ones, MKL's threaded ?gemm_ from
+    # gemm.SMALL_TORCH_GEMM multiply-adds (the threshold torch's own small GEMMs keep to one thread below)
+    work: Tensor  # of the work buffer's shape and dtype (one element, expanded): a fresh buffer is empty_like of
+    # it, contiguous, at a third of torch.empty's cost
+
+
+def _shape_plan(layout: StepLayout, batch: int, inputs: int, hidden: int) -> _ShapePlan:
+    key = (batch, inputs, hidden)
+    plan = layout.shapes.get(key)
+    if plan is None:
         width = layout.gates * hidden
         sizes = (width * inputs, width, width * hidden, width, *(k * hidden for k in layout.widths))
         order = (layout.w_ih, layout.b_ih, layout.w_hh, layout.b_hh, *layout.extras)
-        if len(layout.slots) >= 64:
-            layout.slots.clear()
-        slots = layout.slots[(inputs, hidden)] = tuple(zip(order, sizes, strict=True))
-    return slots
+        slots = tuple(zip(order, sizes, strict=True))
+        small = batch * max(inputs, hidden) * width < gemm.SMALL_TORCH_GEMM
+        if len(layout.shapes) >= 64:
+            layout.shapes.clear()
+        plan = layout.shapes[key] = _ShapePlan(
+            slots, tuple(slots[j] for j in (0, 2, 1, 3, *range(4, len(slots)))),
+            layout.fn if small else layout.threaded_fn, torch.empty((), dtype=layout.dtype).expand(2, batch, width))
+    return plan
 
 
-def _weights(layout: StepLayout, params, names, inputs: int, hidden: int) -> tuple[list[Tensor], list[int]]:
+def _weights(layout: StepLayout, slots, params, names, inputs: int, hidden: int) -> tuple[list[Tensor], list[int]]:
     """([w_ih, b_ih, w_hh, b_hh, *extras] as read (contiguous, of the step's dtype; None where absent), kept alive
     for the call; their addresses, zeros where absent). Each one's size is checked: the kernels read them by
     address."""
     dtype = layout.dtype
     tensors, addresses = [], []
-    for i, n in _slots(layout, inputs, hidden):
+    for i, n in slots:
         if i < 0:
             tensors.append(None)
             addresses.append(_zeros_address(dtype, n))
@@ -127,21 +144,13 @@ def _weights(layout: StepLayout, params, names, inputs: int, hidden: int) -> tup
     return tensors, addresses
 
 
-def _gemm_for(layout: StepLayout, batch: int, inputs: int, hidden: int) -> int:
-    """The GEMM for a step's products: the layout's own for small ones, MKL's threaded ?gemm_ from
-    gemm.SMALL_TORCH_GEMM multiply-adds (the threshold torch's own small GEMMs keep to one thread below)."""
-    if batch * max(inputs, hidden) * layout.gates * hidden < gemm.SMALL_TORCH_GEMM:
-        return layout.fn
-    return layout.threaded_fn
-
-
 def run_step(layout: StepLayout, cell: CellSpec, x: Tensor, state: tuple[Tensor, ...], params, names
              ) -> tuple[Tensor, ...]:
     """The new states; differentiable (through _Step) when grad mode is on and any input requires grad."""
     if torch.is_grad_enabled() and (x.requires_grad or _any_requires_grad(state) or _any_requires_grad(params)):
         if cell.pointwise.backward is None:
             raise RuntimeError(f"numba backend: cell {cell.name!r} has no pointwise backward")
-        return _apply_step(layout, cell, names, len(state), x, *state, *params)
+        return _apply_step((layout, cell, names, len(state)), x, *state, *params)
     return _forward(layout, x, state, params, names, _scratch)[0]
 
 
@@ -160,22 +169,20 @@ def _scratch(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
     return work
 
 
-def _fresh(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-    return torch.empty(shape, dtype=dtype)
-
-
-def _forward(layout: StepLayout, x: Tensor, state, params, names, work_buffer=_fresh):
+def _forward(layout: StepLayout, x: Tensor, state, params, names, work_buffer=None):
     """-> (new states, work [2, B, G*H]: x W_ih^T and h W_hh^T, what the backward reads, the weights as read,
-    their addresses). work_buffer(shape, dtype) gives work: a fresh tensor where the backward keeps it."""
+    their addresses). work_buffer(shape, dtype) gives work; without it a fresh tensor (the backward keeps it)."""
     dtype = layout.dtype
-    batch, inputs, hidden = x.shape[0], x.shape[1], state[0].shape[1]
-    kept, weights = _weights(layout, params, names, inputs, hidden)
+    batch, inputs = x.shape
+    hidden = state[0].shape[1]
+    plan = layout.shapes.get((batch, inputs, hidden)) or _shape_plan(layout, batch, inputs, hidden)
+    kept, weights = _weights(layout, plan.slots, params, names, inputs, hidden)
     if x.dtype is not dtype or not x.is_cpu or not x.is_contiguous():
         x = _readable(x, dtype, "input")
     state = [s if s.dtype is dtype and s.is_cpu and s.is_contiguous() else _readable(s, dtype, "hx") for s in state]
     new = [torch.empty_like(s) for s in state]  # contiguous [B, H]: the states are, once readable
-    work = work_buffer((2, batch, layout.gates * hidden), dtype)
-    layout.module.step_forward(_gemm_for(layout, batch, inputs, hidden), batch, inputs, hidden, x.data_ptr(),
+    work = torch.empty_like(plan.work) if work_buffer is None else work_buffer(plan.work.shape, dtype)
+    layout.module.step_forward(plan.gemm_fn, batch, inputs, hidden, x.data_ptr(),
                                *weights, *[s.data_ptr() for s in state], *[n.data_ptr() for n in new],
                                work.data_ptr())
     return tuple(new), work, kept, weights
@@ -186,65 +193,72 @@ class _Step(torch.autograd.Function):
     (create_graph=True) recomputes the step on the torch reference and differentiates that."""
 
     @staticmethod
-    def forward(ctx, layout, cell, names, n_state, x, *tensors):
+    def forward(ctx, spec, x, *tensors):
+        layout, cell, names, n_state = spec  # one argument: each further non-tensor one costs apply time
         new, work, kept, weights = _forward(layout, x, tensors[:n_state], tensors[n_state:], names)
         ctx.layout, ctx.cell, ctx.names, ctx.n_state, ctx.work = layout, cell, names, n_state, work
-        # the backward reads the weights the forward read, by the same addresses: aliases keep that memory even
-        # where a weight's .data is replaced in between (torch.nn's backward, too, reads the forward's weights);
-        # an in-place change raises through the version check of the tensors saved below
-        ctx.kept, ctx.weights = [t if t is None else t.detach() for t in kept], weights
+        # the backward reads the weights the forward read, by the same addresses: their storages keep that memory
+        # even where a weight's .data is replaced in between (torch.nn's backward, too, reads the forward's
+        # weights); an in-place change raises through the version check of the tensors saved below
+        ctx.kept, ctx.weights = [t if t is None else t.untyped_storage() for t in kept], weights
         ctx.save_for_backward(x, *tensors)
         return new
 
     @staticmethod
     def backward(ctx, *grads):
-        layout, n_state, names = ctx.layout, ctx.n_state, ctx.names
+        layout, n_state = ctx.layout, ctx.n_state
         x, *tensors = ctx.saved_tensors
-        state = tensors[:n_state]
-        needs = ctx.needs_input_grad[4:]
+        needs = ctx.needs_input_grad
         if torch.is_grad_enabled() or _transforms_active():
+            names = ctx.names
+
             def step(x, *t):
                 return _REFERENCE.step(ctx.cell, x, tuple(t[:n_state]), t[n_state:], names)
 
-            got = _grads_by_recomputing(step, [x, *tensors], needs, list(grads))
-            return (None, None, None, None, *got)
-        dtype = layout.dtype
-        batch, hidden = x.shape[0], state[0].shape[1]
-        width = layout.gates * hidden
+            got = _grads_by_recomputing(step, [x, *tensors], needs[1:], list(grads))
+            return (None, *got)
         # the kernel overwrites work with d_xg, d_hg: a copy when the graph is kept for another backward
-        retained = _graph_retained()
-        work = ctx.work.clone() if retained else ctx.work
-        kept, weights = ctx.kept, ctx.weights
-        if not retained:  # the node may outlive this backward: let go of what only it needed
+        work, weights, kept = ctx.work, ctx.weights, ctx.kept  # kept: what `weights` point into, held to the end
+        if _graph_retained():
+            work = work.clone()
+        else:  # the node may outlive this backward: let go of what only it needed
             ctx.kept = ctx.weights = ctx.work = None
-        x = _readable(x, dtype, "input")
-        state = [_readable(s, dtype, "hx") for s in state]  # contiguous [B, H]: what empty_like copies below
-        d_new = [torch.zeros_like(s) if g is None else _readable(g, dtype, "a gradient")
-                 for g, s in zip(grads, state, strict=True)]
-        d_state = [torch.empty_like(s) for s in state]
-        need_dx, need_dw = needs[0], any(needs[1 + n_state:])
+        dtype = layout.dtype
+        # the saved tensors are those the forward took, which it checked (dtype, device): only their layout may
+        # need a copy; the gradients come in the outputs' dtype and device
+        x = x if x.is_contiguous() else x.contiguous()
+        state = [s if s.is_contiguous() else s.contiguous() for s in tensors[:n_state]]
+        d_new = [torch.zeros_like(s) if g is None else g if g.is_contiguous() and g.dtype is dtype
+                 else _readable(g, dtype, "a gradient") for g, s in zip(grads, state, strict=True)]
+        d_state = [torch.empty_like(s) for s in state]  # contiguous [B, H], as the states now are
+        batch, inputs, hidden = x.shape[0], x.shape[1], state[0].shape[1]
+        need_dx = needs[1]
+        first_param = 2 + n_state
+        need_dw = any(needs[first_param:])
         dx = torch.empty_like(x) if need_dx else _empty(dtype)
-        # in the kernel's order: d_W_ih, d_W_hh, d_b_ih, d_b_hh, the extras'; each shaped as its parameter (the
-        # kernel writes an absent one's too)
+        params = tensors[n_state:]
+        plan = layout.shapes.get((batch, inputs, hidden)) or _shape_plan(layout, batch, inputs, hidden)
+        # in the kernel's order: d_W_ih, d_W_hh, d_b_ih, d_b_hh, the extras'; each shaped as its parameter,
+        # C-contiguous (the kernel writes an absent one's too)
+        grad_slots = plan.grad_slots
         if need_dw:
-            w_ih, b_ih, w_hh, b_hh, *extras = kept
-            sizes = ((width,), (width,), *((k * hidden,) for k in layout.widths))
-            d_weights = [torch.empty_like(w_ih), torch.empty_like(w_hh),
-                         *(torch.empty(size, dtype=dtype) if t is None else torch.empty_like(t)
-                           for t, size in zip((b_ih, b_hh, *extras), sizes, strict=True))]
+            d_weights = [torch.empty_like(params[i]) if i >= 0 and params[i].is_contiguous()
+                         else torch.empty(params[i].shape if i >= 0 else n, dtype=dtype) for i, n in grad_slots]
         else:
-            d_weights = [_empty(dtype)] * (4 + len(layout.widths))
-        layout.module.step_backward(_gemm_for(layout, batch, x.shape[1], hidden), batch, x.shape[1], hidden,
+            d_weights = [_empty(dtype)] * len(grad_slots)
+        layout.module.step_backward(plan.gemm_fn, batch, inputs, hidden,
                                     x.data_ptr(), *weights,
                                     *[s.data_ptr() for s in state], work.data_ptr(),
                                     *[g.data_ptr() for g in d_new], *[d.data_ptr() for d in d_state], dx.data_ptr(),
                                     *[d.data_ptr() for d in d_weights], need_dx, need_dw)
-        d_w_ih, d_w_hh, d_b_ih, d_b_hh, *d_extras = d_weights
-        by_index = {layout.w_ih: d_w_ih, layout.b_ih: d_b_ih, layout.w_hh: d_w_hh, layout.b_hh: d_b_hh}
-        by_index.update(zip(layout.extras, d_extras, strict=True))
-        g_params = [by_index[i] if need else None for i, need in enumerate(needs[1 + n_state:])]
-        g_state = [d if need else None for d, need in zip(d_state, needs[1:1 + n_state], strict=True)]
-        return (None, None, None, None, dx if need_dx else None, *g_state, *g_params)
+        del kept
+        g_params: list[Tensor | None] = [None] * len(params)
+        if need_dw:
+            for (i, _), d in zip(grad_slots, d_weights, strict=True):
+                if i >= 0 and needs[first_param + i]:
+                    g_params[i] = d
+        g_state = [d if need else None for d, need in zip(d_state, needs[2:first_param], strict=True)]
+        return (None, dx if need_dx else None, *g_state, *g_params)
 
 
 _empties: dict[torch.dtype, Tensor] = {}
