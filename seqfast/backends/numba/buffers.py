@@ -70,6 +70,22 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
 _NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 
 
+def stand_in(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[Tensor, int]:
+    """(one element of dtype expanded to shape, the bytes of a buffer of that shape): what like() takes, made once
+    where many buffers of one shape follow (a bound call's outputs)."""
+    return torch.empty((), dtype=dtype).expand(shape), math.prod(shape) * dtype.itemsize
+
+
+def like(stand: tuple[Tensor, int]) -> Tensor:
+    """A new C-contiguous buffer of a stand_in()'s shape and dtype: from the pool from MIN_BYTES, else empty_like of
+    the stand-in, from torch's allocator (64-byte aligned) at a third of torch.empty(shape)'s cost and below numpy's
+    empty with torch.from_numpy."""
+    tensor, nbytes = stand
+    if nbytes < MIN_BYTES:
+        return torch.empty_like(tensor)
+    return empty(tensor.shape, tensor.dtype)
+
+
 def new(shape: tuple[int, ...], dtype: torch.dtype, shared: bool) -> tuple[Tensor, np.ndarray]:
     """A new kernel buffer as (tensor, numpy array over the same memory). shared: several threads write its rows,
     so it comes from torch (64-byte aligned: a cache line straddling two threads' rows would bounce between the

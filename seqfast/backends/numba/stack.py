@@ -19,7 +19,6 @@ own).
 
 from __future__ import annotations
 
-import math
 import threading
 from typing import NamedTuple
 
@@ -102,10 +101,9 @@ class _Bound:
         self.lock = threading.Lock()
         self.out_shape = (steps, batch, hidden)
         self.final_shape = (len(params), batch, hidden)
-        # the outputs' stand-ins (one element, expanded) and sizes: empty_like of a stand-in is a new C-contiguous
-        # tensor from torch's allocator (64-byte aligned, as threads sharing the rows need) at a third of the cost
-        # of torch.empty(shape), and less than numpy's empty with torch.from_numpy
-        self.out_like, self.final_like = (_stand_in(shape, dtype) for shape in (self.out_shape, self.final_shape))
+        # the outputs come from buffers.like: 64-byte aligned, as threads sharing their rows need
+        self.out_like = buffers.stand_in(self.out_shape, dtype)
+        self.final_like = buffers.stand_in(self.final_shape, dtype)
         self.state_bytes = batch * hidden * dtype.itemsize
         kernel = "forward_units" if plan.units_forward and units_supported(cell) else "forward"
         # the kernels read every parameter by its address
@@ -156,19 +154,13 @@ class _Bound:
         finally:
             self.lock.release()
 
-    def _new(self, like: tuple[Tensor, int]) -> Tensor:
-        """A new output buffer like the stand-in: from torch's allocator, or the pool from buffers.MIN_BYTES."""
-        if like[1] < buffers.MIN_BYTES:
-            return torch.empty_like(like[0])
-        return buffers.empty(like[0].shape, self.dtype)
-
     def _run(self, x: Tensor, state0: tuple[Tensor, ...] | None, params: list[list[Tensor]]):
         if state0 is not None:
             if any(s.dtype is not self.dtype for s in state0):
                 return None
             state0 = [s if s.is_contiguous() else s.contiguous() for s in state0]
             inits = [s.data_ptr() for s in state0]
-        finals = [self._new(self.final_like) for _ in self.slot_final]
+        finals = [buffers.like(self.final_like) for _ in self.slot_final]
         at_final = [f.data_ptr() for f in finals]
         gomp, entry, size = self.gomp, self.entry, self.state_bytes
         directions = self.directions
@@ -176,7 +168,7 @@ class _Bound:
         outputs = []
         batch = self.out_shape[1]
         for index, (block, ih, fn, w_at, rows, inputs, pipelined, reverse, _) in enumerate(self.layers):
-            out = self._new(self.out_like)
+            out = buffers.like(self.out_like)
             block[self.slot_out] = out.data_ptr()
             for s, slot in enumerate(self.slot_final):
                 block[slot] = at_final[s] + index * size
@@ -196,11 +188,6 @@ class _Bound:
                 layer_input = outputs[0] if directions == 1 else torch.cat(outputs, 2)
                 outputs = []
         return layer_input, tuple(finals)
-
-
-def _stand_in(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[Tensor, int]:
-    """(one element of dtype expanded to shape, the bytes of a buffer of that shape)."""
-    return torch.empty((), dtype=dtype).expand(shape), math.prod(shape) * dtype.itemsize
 
 
 def _position(names: tuple[str, ...], name: str) -> int | None:

@@ -15,6 +15,23 @@ from seqfast.backends.fused_contract import ScanInputs  # noqa: E402
 from seqfast.backends.numba import buffers, schedule, views  # noqa: E402
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_like_gives_fresh_aligned_buffers_small_and_pooled(monkeypatch, dtype: torch.dtype) -> None:
+    """buffers.like: a new C-contiguous tensor of the stand-in's shape and dtype, on a 64-byte line, never the
+    stand-in's memory nor another live buffer's; from MIN_BYTES it comes from the pool."""
+    monkeypatch.setattr(buffers, "MIN_BYTES", 1024)
+    buffers.clear()
+    small, large = buffers.stand_in((3, 1, 7), dtype), buffers.stand_in((2, 8, 64), dtype)
+    assert small[1] == 21 * dtype.itemsize and large[1] == 1024 * dtype.itemsize
+    made = [buffers.like(small), buffers.like(small), buffers.like(large), buffers.like(large)]
+    for t, stand in zip(made, (small, small, large, large), strict=True):
+        assert t.shape == stand[0].shape and t.dtype == dtype and t.is_contiguous() and t.data_ptr() % 64 == 0
+        t.fill_(1.0)  # writable, its own memory
+    assert len({t.data_ptr() for t in made}) == len(made)
+    assert {t.data_ptr() for t in made[2:]} == set(buffers.kept_addresses())  # the two large ones, pooled
+    buffers.clear()
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_buffers_several_threads_write_start_on_a_cache_line(monkeypatch, threads: int) -> None:
     """Outputs, final states and saved tensors that two threads write row by row start on a 64-byte line (so no

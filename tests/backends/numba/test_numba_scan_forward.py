@@ -24,13 +24,18 @@ def test_inference_allocates_no_product_buffer(monkeypatch, cell: str, batch: in
     ours.load_state_dict(ref.state_dict())
     x = torch.randn(6, batch, 3)
     shapes: list[tuple[int, ...]] = []
-    real_new = buffers.new
+    real_new, real_like = buffers.new, buffers.like
 
-    def spy(shape, dtype, shared):
+    def spy_new(shape, dtype, shared):
         shapes.append(tuple(shape))
         return real_new(shape, dtype, shared)
 
-    monkeypatch.setattr(buffers, "new", spy)
+    def spy_like(stand):  # a bound call's outputs
+        shapes.append(tuple(stand[0].shape))
+        return real_like(stand)
+
+    monkeypatch.setattr(buffers, "new", spy_new)
+    monkeypatch.setattr(buffers, "like", spy_like)
     with torch.no_grad():
         out, state = ours(x)
         expected, expected_state = ref(x)
