@@ -20,7 +20,7 @@ from ..._memo import any_requires_grad as _any_requires_grad
 from ...registry import CellSpec
 from ..fused import _grads_by_recomputing, _graph_retained, _transforms_active
 from ..reference import TorchBackend
-from . import gemm
+from . import buffers, gemm
 from ._blas import gemm_address, threaded_gemm_address
 from .codegen import kernels, per_unit_width, step_supported
 
@@ -100,8 +100,7 @@ class _ShapePlan(NamedTuple):
     # w_hh, b_ih, b_hh, the extras
     gemm_fn: int  # the GEMM for the step's products: the layout's own for small ones, MKL's threaded ?gemm_ from
     # gemm.SMALL_TORCH_GEMM multiply-adds (the threshold torch's own small GEMMs keep to one thread below)
-    work: Tensor  # of the work buffer's shape and dtype (one element, expanded): a fresh buffer is empty_like of
-    # it, contiguous, at a third of torch.empty's cost
+    work: tuple[Tensor, int]  # the work buffer's buffers.stand_in: a training step's comes from buffers.like
 
 
 def _shape_plan(layout: StepLayout, batch: int, inputs: int, hidden: int) -> _ShapePlan:
@@ -117,7 +116,7 @@ def _shape_plan(layout: StepLayout, batch: int, inputs: int, hidden: int) -> _Sh
             layout.shapes.clear()
         plan = layout.shapes[key] = _ShapePlan(
             slots, tuple(slots[j] for j in (0, 2, 1, 3, *range(4, len(slots)))),
-            layout.fn if small else layout.threaded_fn, torch.empty((), dtype=layout.dtype).expand(2, batch, width))
+            layout.fn if small else layout.threaded_fn, buffers.stand_in((2, batch, width), layout.dtype))
     return plan
 
 
@@ -181,7 +180,7 @@ def _forward(layout: StepLayout, x: Tensor, state, params, names, work_buffer=No
         x = _readable(x, dtype, "input")
     state = [s if s.dtype is dtype and s.is_cpu and s.is_contiguous() else _readable(s, dtype, "hx") for s in state]
     new = [torch.empty_like(s) for s in state]  # contiguous [B, H]: the states are, once readable
-    work = torch.empty_like(plan.work) if work_buffer is None else work_buffer(plan.work.shape, dtype)
+    work = buffers.like(plan.work) if work_buffer is None else work_buffer(plan.work[0].shape, dtype)
     layout.module.step_forward(plan.gemm_fn, batch, inputs, hidden, x.data_ptr(),
                                *weights, *[s.data_ptr() for s in state], *[n.data_ptr() for n in new],
                                work.data_ptr())
