@@ -104,19 +104,17 @@ class _ShapePlan(NamedTuple):
 
 
 def _shape_plan(layout: StepLayout, batch: int, inputs: int, hidden: int) -> _ShapePlan:
-    key = (batch, inputs, hidden)
-    plan = layout.shapes.get(key)
-    if plan is None:
-        width = layout.gates * hidden
-        sizes = (width * inputs, width, width * hidden, width, *(k * hidden for k in layout.widths))
-        order = (layout.w_ih, layout.b_ih, layout.w_hh, layout.b_hh, *layout.extras)
-        slots = tuple(zip(order, sizes, strict=True))
-        small = batch * max(inputs, hidden) * width < gemm.SMALL_TORCH_GEMM
-        if len(layout.shapes) >= 64:
-            layout.shapes.clear()
-        plan = layout.shapes[key] = _ShapePlan(
-            slots, tuple(slots[j] for j in (0, 2, 1, 3, *range(4, len(slots)))),
-            layout.fn if small else layout.threaded_fn, buffers.stand_in((2, batch, width), layout.dtype))
+    """Work out and keep layout.shapes' entry for these sizes; a call looks the entry up first, inline."""
+    width = layout.gates * hidden
+    sizes = (width * inputs, width, width * hidden, width, *(k * hidden for k in layout.widths))
+    order = (layout.w_ih, layout.b_ih, layout.w_hh, layout.b_hh, *layout.extras)
+    slots = tuple(zip(order, sizes, strict=True))
+    small = batch * max(inputs, hidden) * width < gemm.SMALL_TORCH_GEMM
+    if len(layout.shapes) >= 64:
+        layout.shapes.clear()
+    plan = layout.shapes[(batch, inputs, hidden)] = _ShapePlan(
+        slots, tuple(slots[j] for j in (0, 2, 1, 3, *range(4, len(slots)))),
+        layout.fn if small else layout.threaded_fn, buffers.stand_in((2, batch, width), layout.dtype))
     return plan
 
 
