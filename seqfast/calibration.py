@@ -1,8 +1,9 @@
 """`auto`'s calibration: which backend is fastest for a shape, measured on this machine and remembered.
 
 The first `auto` decision in a shape bucket (see `bucket_of`) times the backends that can run the query on random
-inputs of that query's own sizes (the bucket's steps), a few short runs each (about a tenth of a second in all;
-the first two runs of each, which JIT-compile, fill caches and bind, are neither timed nor counted), the way
+inputs of that query's own sizes (the bucket's steps), a few short runs each (about a tenth of a second in all,
+up to about a second for long sequences of large layers; the first runs of each, which JIT-compile, fill caches
+and bind, are neither timed nor counted), the way
 torch.backends.cudnn.benchmark picks convolution algorithms. The winner is kept per bucket and written to
 `calibration-<key>.json` in seqfast's cache directory, under a key of the CPU model, its core count, torch's thread
 count and the versions of torch, numba and seqfast; a file for another key is never read. Once a bucket is decided,
@@ -61,16 +62,16 @@ SLOW_FACTOR = 2.0  # a candidate this much slower than the best after MIN_ROUNDS
 # any one run slow, and a decision is kept on disk, so noise must not flip it
 MARGIN = 1.10
 MAX_STEPS = 256
-# A timed run takes the bucket's representative steps in full where their forward (projection and recurrence)
-# stays within LONG_RUN_WORK multiply-adds: a backend's per-step cost can grow with the sequence (oneDNN's LSTM
-# training at B32 H128 ran 0.22 ms a step at T64 and 0.32 at T200, its workspace outgrowing the caches). Larger
-# runs take fewer steps, WORK_PER_RUN's worth (at least MIN_STEPS), the per-step cost setting the ratio there.
-LONG_RUN_WORK = 1 << 30
 # Before long runs, one run of this many steps (or WORK_PER_RUN's worth, if more) rules out the candidates more
 # than SLOW_FACTOR slower: enough steps for a per-step Python loop to show against fused kernels
 SCREEN_STEPS = 16
 WORK_PER_RUN = 1 << 24
 MIN_STEPS = 4
+# The long runs take the bucket's representative steps, or as many as the short run's fastest candidate would take
+# this long for: a backend's per-step cost can grow with the sequence (oneDNN's LSTM training at B64 H256 took 0.56
+# ms a step at T32 and 0.70 at T64 on a Zen 5 EPYC, where numba's stayed at 0.50; timed on 4 steps, numba looked
+# within MARGIN and native was kept at 0.65x numba's speed), and a time bound holds on a fast or a slow CPU alike
+LONG_RUN_SECONDS = 0.05
 # A cell (level "step") is timed as this many steps in a loop, each feeding the next its state, as cells run: one
 # step alone is mostly fixed costs (autograd's backward start, the loss), which hid a faster step
 STEP_LOOP = 8
@@ -329,20 +330,27 @@ def calibrate(query: Query, backends: list[Backend] | None = None, *, force: boo
             return decisions[bucket.label]
         gates = query.cell.num_gates
         timed = _timed_shape(bucket, query)
-        steps = STEP_LOOP if bucket.level == "step" else _timed_steps(timed, gates)
+        steps = STEP_LOOP if bucket.level == "step" else timed.steps
         short = steps if bucket.level == "step" else min(steps, max(SCREEN_STEPS, _short_steps(timed, gates)))
         with stored_only():  # a backend that selects inside its own run gets the static rule
-            ruled_out = {}
-            if steps > short and len(backends) > 1:
+            if steps > short:
                 # long runs only for the candidates a short run leaves in the race (the reference backend's
                 # Python loop would spend seconds on them); the others keep their short time, scaled
                 quick = _time_candidates({b.name: _runner(b, query, timed, short) for b in backends},
                                          min_rounds=1, max_rounds=1)
                 fastest = min(quick.values())
-                ruled_out = {n: t * steps / short for n, t in quick.items() if t > SLOW_FACTOR * fastest}
-            seconds = _time_candidates({b.name: _runner(b, query, timed, steps) for b in backends
-                                        if b.name not in ruled_out})
-            seconds.update(ruled_out)
+                racing = [b for b in backends if quick[b.name] <= SLOW_FACTOR * fastest]
+                if len(racing) < 2:  # the short run decided
+                    steps, seconds = short, quick
+                else:
+                    steps = _long_steps(steps, short, fastest)
+                    seconds = {n: t * steps / short for n, t in quick.items()}
+                    # one warm-up: the short runs compiled and measured the GEMM choices; the first long run
+                    # binds numba's call of its length and touches the larger buffers
+                    seconds.update(_time_candidates({b.name: _runner(b, query, timed, steps) for b in racing},
+                                                    warm_ups=1))
+            else:
+                seconds = _time_candidates({b.name: _runner(b, query, timed, steps) for b in backends})
         rank = {b.name: b.auto_rank(query) for b in backends}
         best = min(seconds, key=lambda n: (seconds[n], -rank[n], n))  # ties: the static rule's order
         static = max(rank, key=lambda n: (rank[n], n))
@@ -368,11 +376,12 @@ def _per_step_work(bucket: Bucket, gates: int) -> int:
     return bucket.batch * gates * bucket.hidden_size * (bucket.hidden_size + (bucket.input_size or 0))
 
 
-def _timed_steps(bucket: Bucket, gates: int) -> int:
-    """The steps of a timed run: the representative's, unless their work exceeds LONG_RUN_WORK."""
-    if bucket.steps * _per_step_work(bucket, gates) <= LONG_RUN_WORK:
-        return bucket.steps
-    return _short_steps(bucket, gates)
+def _long_steps(steps: int, short: int, fastest: float) -> int:
+    """The steps of the long runs: the representative's, or as many as the fastest candidate runs in
+    LONG_RUN_SECONDS at the pace of its short run (at least the short run's)."""
+    if fastest <= 0:
+        return steps
+    return max(short, min(steps, int(short * LONG_RUN_SECONDS / fastest)))
 
 
 def _short_steps(bucket: Bucket, gates: int) -> int:
@@ -381,11 +390,11 @@ def _short_steps(bucket: Bucket, gates: int) -> int:
 
 
 def _time_candidates(runs: dict[str, Callable[[], None]], min_rounds: int = MIN_ROUNDS,
-                     max_rounds: int = MAX_ROUNDS) -> dict[str, float]:
-    """The best time of each run: WARM_UP_RUNS untimed runs each, then interleaved rounds, alternating the order,
+                     max_rounds: int = MAX_ROUNDS, warm_ups: int = WARM_UP_RUNS) -> dict[str, float]:
+    """The best time of each run: `warm_ups` untimed runs each, then interleaved rounds, alternating the order,
     until the budget is spent; a candidate clearly slower than the best is settled after min_rounds."""
     for run in runs.values():
-        for _ in range(WARM_UP_RUNS):
+        for _ in range(warm_ups):
             run()
     best = dict.fromkeys(runs, math.inf)
     active, spent = list(runs), 0.0

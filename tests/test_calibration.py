@@ -354,20 +354,19 @@ def test_a_candidate_slow_on_its_first_two_calls_is_timed_warm(monkeypatch) -> N
     assert best == {"late": 1.0, "steady": 2.0}
 
 
-def test_a_run_takes_the_whole_representative_sequence_unless_it_is_large() -> None:
-    """A bucket's steps are timed in full where the forward's work stays within LONG_RUN_WORK (a per-step cost
-    that grows with the sequence then shows); a larger run takes WORK_PER_RUN's worth of steps."""
-    small = calibration.bucket_of(query(steps=200, batch=32, hidden=128, input_size=128, cell="lstm"))
-    assert small.steps == 256 and calibration._timed_steps(small, 4) == 256
-    large = calibration.bucket_of(query(steps=200, batch=64, hidden=512, input_size=512, cell="lstm"))
-    steps = calibration._timed_steps(large, 4)
-    assert calibration.MIN_STEPS <= steps < large.steps
-    assert steps * 64 * 4 * 512 * 1024 <= max(calibration.WORK_PER_RUN, calibration.MIN_STEPS * 64 * 4 * 512 * 1024)
+def test_long_runs_take_the_representative_steps_as_time_allows(monkeypatch) -> None:
+    """Long runs take the bucket's steps in full (a per-step cost that grows with the sequence then shows), or
+    as many as the short run's fastest candidate would run in LONG_RUN_SECONDS, and never fewer than its own."""
+    monkeypatch.setattr(calibration, "LONG_RUN_SECONDS", 1.0)
+    assert calibration._long_steps(64, 16, 0.125) == 64  # 128 steps would fit
+    assert calibration._long_steps(256, 16, 0.125) == 128
+    assert calibration._long_steps(256, 16, 4.0) == 16
+    assert calibration._long_steps(256, 16, 0.0) == 256  # nothing measured (a fake clock): in full
 
 
 def test_long_runs_only_for_candidates_a_short_run_leaves_in_the_race(calibrated, monkeypatch) -> None:
-    """Where the representative is timed in full, a short run first rules out the clearly slower candidates;
-    they keep their short time, scaled, so the stored entry still names every candidate."""
+    """Before long runs, a short run rules out the clearly slower candidates; they keep their short time, scaled,
+    so the stored entry still names every candidate. One candidate left in the race is the decision."""
     steps_run = {}
     real_runner = calibration._runner
 
@@ -384,12 +383,19 @@ def test_long_runs_only_for_candidates_a_short_run_leaves_in_the_race(calibrated
     bucket = calibration.bucket_of(q)
     monkeypatch.setattr(calibration, "WORK_PER_RUN", bucket.batch * 4 * (4 + 2) * 4)  # short runs of 4 steps
     monkeypatch.setattr(calibration, "SCREEN_STEPS", 8)  # screened on 8
-    assert calibration._timed_steps(bucket, 1) == 256 and calibration._short_steps(bucket, 1) == 4
+    assert calibration._short_steps(bucket, 1) == 4
     entry = calibration.calibrate(q)
-    assert steps_run["torch"] == {8, 256}  # in the race: short, then long runs
-    assert steps_run["slowpoke"] == {8}  # 1.0 s a scan on the fake clock: ruled out by the short run
+    # 1.0 s a scan on the fake clock: slowpoke is ruled out by the short run, which leaves torch alone in the
+    # race, so nothing runs long
+    assert steps_run == {"torch": {8}, "slowpoke": {8}}
     assert set(entry["seconds"]) == {"torch", "slowpoke"} and entry["backend"] == "torch"
-    assert entry["seconds"]["slowpoke"] >= 1.0 * 256 / 8
+    assert entry["shape"][0] == 8 and entry["seconds"]["slowpoke"] >= 1.0
+
+    steps_run.clear()
+    calibrated.clock = None  # slowpoke as fast as torch: both stay in the race
+    entry = calibration.calibrate(q, force=True)
+    assert steps_run == {"torch": {8, 256}, "slowpoke": {8, 256}}  # short, then long runs
+    assert entry["shape"][0] == 256 and entry["backend"] == "slowpoke"  # a tie: the static rule's order
 
 
 def test_a_module_query_is_timed_through_the_backends_stack_runner(calibrated, monkeypatch) -> None:

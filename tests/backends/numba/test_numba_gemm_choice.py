@@ -261,7 +261,8 @@ def test_the_backward_is_measured_on_copies_and_its_gradients_are_torch_nns(monk
             out, _ = torch.nn.utils.rnn.pad_packed_sequence(module(packed)[0], total_length=steps)
         (out * torch.linspace(-1, 1, hidden)).sum().backward()
         grads.append([xx.grad, *(p.grad for p in module.parameters())])
-    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)
+    # the weight gradients sum 1920 float32 products: torch.nn's own differ from float64 by up to ~7e-5 here
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-4)
     runs = 2 * (1 + 2 * gemm_choice.ROUNDS) + 1
     assert launched == ["forward"] * runs + ["backward"] * runs
     keys = [key for key in gemm_choice._decided if key[0] == "backward"]
