@@ -274,3 +274,38 @@ def test_numba_inference_steps_return_states_of_their_own(backend):
     torch.testing.assert_close((h1, c1), kept)
     pointers = {t.untyped_storage().data_ptr() for t in (h1, c1, h2, c2)}
     assert len(pointers) == 4
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("backend", [backend_param("numba")])
+def test_numba_measures_a_large_steps_gemm_once_and_keeps_torch_nns_results(backend, dtype, monkeypatch):
+    """Where MKL's own kernel is not its threaded ?gemm_ (a non-Intel CPU), a step from SMALL_TORCH_GEMM
+    multiply-adds runs both on its shape's first call and keeps the faster with the shape's plan; the values and
+    gradients of every call, the measuring one included, are torch.nn's. Without timing, the threaded one runs."""
+    from seqfast.backends.numba import gemm, gemm_choice, step
+
+    layout = step.step_layout(seqfast.get_cell("lstm"), dtype, ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+    if layout is None or layout.fn == layout.threaded_fn:
+        pytest.skip("MKL's own kernel is its ?gemm_ here (an Intel CPU, or no MKL)")
+    monkeypatch.setattr(gemm, "SMALL_TORCH_GEMM", 64)  # a small shape counts as large: a quick test
+    monkeypatch.setenv("SEQFAST_CALIBRATE", "1")
+    gemm_choice.forget()
+    layout.shapes.clear()
+    chosen = []
+    real_choose = gemm_choice.choose
+    monkeypatch.setattr(gemm_choice, "choose",
+                        lambda key, ways, run: chosen.append(ways) or real_choose(key, ways, run))
+    ref, ours = _pair("lstm", 5, 6, dtype, backend)
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(3):
+        x, hx = torch.randn(3, 5, generator=gen, dtype=dtype), tuple(torch.randn(3, 6, generator=gen, dtype=dtype)
+                                                                     for _ in range(2))
+        for got, want in zip(_run(ours, x, hx), _run(ref, x, hx), strict=True):
+            torch.testing.assert_close(got, want, **TOL[dtype])
+    assert chosen == [(layout.threaded_fn, layout.fn)]
+    assert layout.shapes[(3, 5, 6)].gemm_fn in chosen[0]
+    monkeypatch.setenv("SEQFAST_CALIBRATE", "0")
+    gemm_choice.forget()
+    layout.shapes.clear()
+    _run(ours, x, hx)
+    assert len(chosen) == 1 and layout.shapes[(3, 5, 6)].gemm_fn == layout.threaded_fn

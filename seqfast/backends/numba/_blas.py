@@ -1,7 +1,8 @@
 """GEMM inside numba kernels: MKL (exported by libtorch_cpu.so), else a numba loop.
 
-MKL is its Fortran sgemm_/dgemm_ or, for float32 on a non-Intel CPU with AVX2 / AVX-512, MKL's own kernels for
-those instruction sets called directly (direct_kernels), which sgemm_'s dispatch skips on such a CPU.
+MKL is its Fortran sgemm_/dgemm_ or, on a non-Intel CPU, MKL's own kernels called directly (direct_kernels), which
+the Fortran routines' dispatch skips on such a CPU: for float32 the AVX-512 or AVX2 one, for float64 the AVX-512
+one.
 
 All matrices are row-major numba arrays; a row-major [R, C] matrix is a column-major C x R one, so
     C[M, N] = A[M, K] @ B[N, K]^T   is Fortran   C^T(N x M) = op_T(B (K x N)) @ A^T (K x M)
@@ -42,7 +43,6 @@ def _blas_addresses() -> tuple[int, int]:
         return 0, 0
 
 
-
 def cpu_vendor_and_flags() -> tuple[str, set[str]]:
     """(vendor_id, flags) of this CPU from /proc/cpuinfo; ("", set()) where there is none."""
     try:
@@ -55,19 +55,20 @@ def cpu_vendor_and_flags() -> tuple[str, set[str]]:
     return fields.get("vendor_id", ""), set(fields.get("flags", "").split())
 
 
-def gemm_agrees(fn) -> bool:
-    """fn, called like Fortran sgemm_, gives exact products (small integers) for the three kinds the kernels use
-    (T,N with beta 0; N,N with beta 1; N,T with beta 0), with leading dimensions past the matrix edges."""
+def gemm_agrees(fn, real: type = ctypes.c_float) -> bool:
+    """fn, called like Fortran sgemm_ (real: ctypes.c_float) or dgemm_ (ctypes.c_double), gives exact products
+    (small integers) for the three kinds the kernels use (T,N with beta 0; N,N with beta 1; N,T with beta 0), with
+    leading dimensions past the matrix edges."""
     m, n, k, ld = 5, 7, 9, 11
-    i64, f32 = ctypes.c_int64, ctypes.c_float  # 64-bit integers, as the kernels pass them (see _fortran_gemm)
-    a = (f32 * (ld * ld))(*[float((3 * i) % 7 - 3) for i in range(ld * ld)])
-    b = (f32 * (ld * ld))(*[float((5 * i) % 9 - 4) for i in range(ld * ld)])
+    i64 = ctypes.c_int64  # 64-bit integers, as the kernels pass them (see _fortran_gemm)
+    a = (real * (ld * ld))(*[float((3 * i) % 7 - 3) for i in range(ld * ld)])
+    b = (real * (ld * ld))(*[float((5 * i) % 9 - 4) for i in range(ld * ld)])
     for trans_a, trans_b, beta in ((b"T", b"N", 0.0), (b"N", b"N", 1.0), (b"N", b"T", 0.0)):
-        c = (f32 * (ld * n))(*[1.0] * (ld * n))
+        c = (real * (ld * n))(*[1.0] * (ld * n))
         # col-major C (m x n) = op(A) (m x k) @ op(B) (k x n); op(X)[r, s] = X[r, s], or X^T[r, s] = X[s, r]
         fn(ctypes.c_char_p(trans_a), ctypes.c_char_p(trans_b), ctypes.byref(i64(m)), ctypes.byref(i64(n)),
-           ctypes.byref(i64(k)), ctypes.byref(f32(1.0)), a, ctypes.byref(i64(ld)), b, ctypes.byref(i64(ld)),
-           ctypes.byref(f32(beta)), c, ctypes.byref(i64(ld)))
+           ctypes.byref(i64(k)), ctypes.byref(real(1.0)), a, ctypes.byref(i64(ld)), b, ctypes.byref(i64(ld)),
+           ctypes.byref(real(beta)), c, ctypes.byref(i64(ld)))
         ai, ap = (ld, 1) if trans_a == b"T" else (1, ld)  # strides of op(A)'s row and column in a
         bp, bj = (ld, 1) if trans_b == b"T" else (1, ld)
         for j in range(n):
@@ -78,20 +79,22 @@ def gemm_agrees(fn) -> bool:
     return True
 
 
-def direct_kernels() -> dict[str, int]:
-    """{"avx512": address, "avx2": address}: MKL's own sgemm kernels for those instruction sets that the kernels may
-    call directly, where sgemm_ would take a generic path (empty where none may).
+def direct_kernels(dtype_name: str = "float32") -> dict[str, int]:
+    """{"avx512": address, "avx2": address}: MKL's own ?gemm kernels of a dtype for those instruction sets that the
+    kernels may call directly, where sgemm_ / dgemm_ would take a generic path (empty where none may).
 
-    MKL's sgemm_ sends a non-Intel CPU down a generic path, and on an AMD Zen 4 these kernels ran the scans'
-    per-step products faster (figures: benchmarks/RESULTS.md, "Measurements behind design choices"; command:
-    `benchmarks/numba_breakdown.py kernels T,B,I,H`), the AVX-512 one fastest as N,N over a transposed W_hh.
-    So the forward runs N,N on the AVX-512 kernel (is_avx512_kernel) and T,N on the others. Both kernels are
-    sequential (no threads of their own), safe to call from several threads at once, and read their integers as
-    8 bytes (which _fortran_gemm passes to every routine). They are MKL's internal entry points, so one is used
-    only where the CPU has its instructions and it passes an exact product check (gemm_agrees);
-    SEQFAST_NUMBA_MKL_KERNELS=0 turns them off. An Intel CPU keeps sgemm_, whose own dispatch already picks them
-    there."""
-    if not _found("SGEMM") or not setting("numba_mkl_kernels"):
+    MKL's Fortran routines send a non-Intel CPU down a generic path, and on an AMD Zen 4 these kernels ran the
+    scans' per-step products faster (figures: benchmarks/RESULTS.md, "Measurements behind design choices";
+    command: `benchmarks/numba_breakdown.py kernels T,B,I,H`), the AVX-512 one fastest as N,N over a transposed
+    W_hh. So the forward runs N,N on an AVX-512 kernel (is_avx512_kernel) and T,N on the others. float64 keeps
+    only the AVX-512 one: on a Zen 5 EPYC it ran a 64 x 1024 x 256 product in half dgemm_'s time, the AVX2 one
+    within 10 % of it. The kernels are sequential (no threads of their own), safe to call from several threads at
+    once, and read their integers as 8 bytes (which _fortran_gemm passes to every routine). They are MKL's
+    internal entry points, so one is used only where the CPU has its instructions and it passes an exact product
+    check (gemm_agrees); SEQFAST_NUMBA_MKL_KERNELS=0 turns them off. An Intel CPU keeps sgemm_ and dgemm_, whose
+    own dispatch already picks them there."""
+    float32 = dtype_name == "float32"
+    if not _found("SGEMM" if float32 else "DGEMM") or not setting("numba_mkl_kernels"):
         return {}
     vendor, flags = cpu_vendor_and_flags()
     if vendor == "GenuineIntel":
@@ -100,19 +103,19 @@ def direct_kernels() -> dict[str, int]:
 
     lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
     found = {}
+    letter, real = ("s", ctypes.c_float) if float32 else ("d", ctypes.c_double)
     for isa, needs in (("avx512", {"avx512f", "avx512bw", "avx512dq", "avx512vl"}), ("avx2", {"avx2", "fma"})):
-        fn = getattr(lib, f"mkl_blas_{isa}_xsgemm", None)
-        if fn is not None and needs <= flags and gemm_agrees(fn):
+        fn = getattr(lib, f"mkl_blas_{isa}_x{letter}gemm", None)
+        if fn is not None and needs <= flags and gemm_agrees(fn, real):
             found[isa] = ctypes.cast(fn, ctypes.c_void_p).value
     return found
-
 
 
 def is_avx512_kernel(fn: int) -> bool:
     """Whether the GEMM at fn is MKL's AVX-512 kernel, called directly: then the forward forms h @ W_hh^T as an
     N,N product over a transposed W_hh (not T,N over W_hh itself), and both scans leave the loop from two rows up
     (see direct_kernels, loop_gemm)."""
-    return fn != 0 and fn == _found("DIRECT_KERNELS").get("avx512")
+    return fn != 0 and fn in (_found("DIRECT_KERNELS").get("avx512"), _found("DIRECT_KERNELS_64").get("avx512"))
 
 
 def _mkl_local_threads():
@@ -129,7 +132,8 @@ def _mkl_local_threads():
 
 # Found on first use, not at import: the search reads /proc/cpuinfo and runs check products. Module attributes
 # (SGEMM, ...) through __getattr__ below; this module's own code through _found, which sees a test's monkeypatch.
-_FOUND_ON_USE = ("SGEMM", "DGEMM", "DIRECT_KERNELS", "SGEMM_KERNEL", "MKL_SET_LOCAL_THREADS")
+_FOUND_ON_USE = ("SGEMM", "DGEMM", "DIRECT_KERNELS", "DIRECT_KERNELS_64", "SGEMM_KERNEL", "DGEMM_KERNEL",
+                 "MKL_SET_LOCAL_THREADS")
 _find_lock = threading.Lock()
 
 
@@ -138,11 +142,13 @@ def _find_gemms() -> None:
         if "SGEMM" in globals():
             return
         sgemm, dgemm = _blas_addresses()
-        globals().update(SGEMM=sgemm, DGEMM=dgemm)  # direct_kernels reads SGEMM
-        direct = direct_kernels()
+        globals().update(SGEMM=sgemm, DGEMM=dgemm)  # direct_kernels reads them
+        direct, direct_64 = direct_kernels("float32"), direct_kernels("float64")
         globals().update(
             DIRECT_KERNELS=direct,
+            DIRECT_KERNELS_64=direct_64,
             SGEMM_KERNEL=direct.get("avx512") or direct.get("avx2") or sgemm,  # what float32 scans call
+            DGEMM_KERNEL=direct_64.get("avx512") or dgemm,  # and float64 ones
             MKL_SET_LOCAL_THREADS=_mkl_local_threads() if sgemm else None,
         )
 
@@ -177,7 +183,7 @@ def single_threaded_blas() -> Iterator[None]:
 
 def gemm_address(dtype_name: str) -> int:
     """The GEMM the kernels call for this dtype; 0 where there is no MKL."""
-    return _found("SGEMM_KERNEL") if dtype_name == "float32" else _found("DGEMM")
+    return _found("SGEMM_KERNEL") if dtype_name == "float32" else _found("DGEMM_KERNEL")
 
 
 def threaded_gemm_address(dtype_name: str) -> int:
@@ -388,7 +394,7 @@ def loop_nn_acc(a, b, c):
         _k_tail_nn_acc(a, b, c, i, m, k8)
 
 
-__all__ = ["SGEMM", "DGEMM", "SGEMM_KERNEL", "is_avx512_kernel", "SMALL_GEMM", "LOOP_GEMM_MAX_WEIGHT_BYTES",  # noqa: F822
-           "LOOP_GEMM_BWD_MAX_WEIGHT_BYTES", "loop_gemm", "gemm_address", "threaded_gemm_address", "gemm_nt",
-           "gemm_nn", "gemm_nn_acc", "gemm_nt_cols", "gemm_nn_acc_cols",
+__all__ = ["SGEMM", "DGEMM", "SGEMM_KERNEL", "DGEMM_KERNEL", "is_avx512_kernel", "SMALL_GEMM",  # noqa: F822
+           "LOOP_GEMM_MAX_WEIGHT_BYTES", "LOOP_GEMM_BWD_MAX_WEIGHT_BYTES", "loop_gemm", "gemm_address",
+           "threaded_gemm_address", "gemm_nt", "gemm_nn", "gemm_nn_acc", "gemm_nt_cols", "gemm_nn_acc_cols",
            "gemm_tn_rows", "loop_nn_acc", "transpose_into", "single_threaded_blas"]

@@ -176,17 +176,19 @@ def weight_grad_ranges(rows: int, threads: int) -> tuple[list[tuple[int, int]], 
 def weight_gradient(a: Tensor, x: Tensor) -> Tensor:
     """a^T @ x for a [K, M], x [K, N]: a weight gradient over all steps.
 
-    With MKL's own kernel (_blas.SGEMM_KERNEL, float32) the rows of the result are split over the scans' thread
-    team, each thread calling the kernel on its rows; torch's mm would take sgemm_'s generic path on this CPU.
-    Otherwise, and for small products or one thread, mm."""
-    from ._blas import SGEMM, SGEMM_KERNEL  # here, not at import: _blas imports numba
+    With MKL's own kernel (_blas.SGEMM_KERNEL / DGEMM_KERNEL) the rows of the result are split over the scans'
+    thread team, each thread calling the kernel on its rows; torch's mm would take sgemm_'s / dgemm_'s generic path
+    on this CPU. Otherwise, and for small products or one thread, mm."""
+    from . import _blas  # here, not at import: _blas imports numba
 
+    name = {torch.float32: "float32", torch.float64: "float64"}.get(a.dtype)
+    kernel = name and _blas.gemm_address(name)
     rows, threads = a.shape[1], schedule.num_threads()
-    if (a.dtype != torch.float32 or SGEMM_KERNEL == SGEMM or threads < 2 or rows < 32
+    if (not kernel or kernel == _blas.threaded_gemm_address(name) or threads < 2 or rows < 32
             or a.shape[0] * rows * x.shape[1] < SMALL_TORCH_GEMM or not (a.is_contiguous() and x.is_contiguous())):
         return mm(a.t(), x)
     ranges, range_array = weight_grad_ranges(rows, threads)
     out = torch.empty(rows, x.shape[1], dtype=a.dtype)
-    schedule.launch_ranges(weight_grad_kernels("float32"), "weight_grad", SGEMM_KERNEL, ranges, range_array, False,
+    schedule.launch_ranges(weight_grad_kernels(name), "weight_grad", kernel, ranges, range_array, False,
                            (a.detach().numpy(), x.detach().numpy(), out.numpy()))
     return out

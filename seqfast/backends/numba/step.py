@@ -20,7 +20,7 @@ from ..._memo import any_requires_grad as _any_requires_grad
 from ...registry import CellSpec
 from ..fused import _grads_by_recomputing, _graph_retained, _transforms_active
 from ..reference import TorchBackend
-from . import buffers, gemm
+from . import buffers, gemm, gemm_choice
 from ._blas import gemm_address, threaded_gemm_address
 from .codegen import kernels, per_unit_width, step_supported
 
@@ -98,8 +98,9 @@ class _ShapePlan(NamedTuple):
     # and the extras, in the kernels' order
     grad_slots: tuple[tuple[int, int], ...]  # those of the weight gradients, in the backward kernel's order: w_ih,
     # w_hh, b_ih, b_hh, the extras
-    gemm_fn: int  # the GEMM for the step's products: the layout's own for small ones, MKL's threaded ?gemm_ from
-    # gemm.SMALL_TORCH_GEMM multiply-adds (the threshold torch's own small GEMMs keep to one thread below)
+    gemm_fn: int | None  # the GEMM for the step's products: the layout's own for small ones, MKL's threaded ?gemm_
+    # from gemm.SMALL_TORCH_GEMM multiply-adds (the threshold torch's own small GEMMs keep to one thread below), or
+    # None: to be measured on the shape's first call (_measured_gemm)
     work: tuple[Tensor, int]  # the work buffer's buffers.stand_in: a training step's comes from buffers.like
 
 
@@ -109,13 +110,33 @@ def _shape_plan(layout: StepLayout, batch: int, inputs: int, hidden: int) -> _Sh
     sizes = (width * inputs, width, width * hidden, width, *(k * hidden for k in layout.widths))
     order = (layout.w_ih, layout.b_ih, layout.w_hh, layout.b_hh, *layout.extras)
     slots = tuple(zip(order, sizes, strict=True))
-    small = batch * max(inputs, hidden) * width < gemm.SMALL_TORCH_GEMM
+    if batch * max(inputs, hidden) * width < gemm.SMALL_TORCH_GEMM or layout.fn == layout.threaded_fn:
+        fn = layout.fn
+    else:  # MKL's own kernel or its threaded ?gemm_: measured, where timing is allowed
+        fn = gemm_choice.decided(_gemm_key(layout, batch, inputs, hidden))
+        fn = fn or (None if gemm_choice.may_measure() else layout.threaded_fn)
     if len(layout.shapes) >= 64:
         layout.shapes.clear()
     plan = layout.shapes[(batch, inputs, hidden)] = _ShapePlan(
-        slots, tuple(slots[j] for j in (0, 2, 1, 3, *range(4, len(slots)))),
-        layout.fn if small else layout.threaded_fn, buffers.stand_in((2, batch, width), layout.dtype))
+        slots, tuple(slots[j] for j in (0, 2, 1, 3, *range(4, len(slots)))), fn,
+        buffers.stand_in((2, batch, width), layout.dtype))
     return plan
+
+
+def _gemm_key(layout: StepLayout, batch: int, inputs: int, hidden: int) -> tuple:
+    return ("step", layout.dtype, batch, inputs, hidden, layout.gates, torch.get_num_threads())
+
+
+def _measured_gemm(layout: StepLayout, plan: _ShapePlan, sizes: tuple[int, int, int], args: tuple) -> int:
+    """The GEMM of a large step on a CPU where MKL's own kernel is not its threaded ?gemm_ (a non-Intel CPU, where
+    ?gemm_ takes a generic path): both run the shape's first call, on its own data (they write only its new states
+    and work buffer, which the call then writes again), and the faster is kept with the shape's plan. On a 2-core
+    Zen 5 EPYC the kernel on one thread ran LSTM/GRU/RNN cell steps from B97 H51 to B32 H512 1.06-1.9x faster in
+    float32; in float64 up to B64 H256, not at LSTM B32 H512 (0.84x)."""
+    fn = gemm_choice.choose(_gemm_key(layout, *sizes), (layout.threaded_fn, layout.fn),
+                            lambda way: layout.module.step_forward(way, *args))
+    layout.shapes[sizes] = plan._replace(gemm_fn=fn)
+    return fn
 
 
 def _weights(layout: StepLayout, slots, params, names, inputs: int, hidden: int) -> tuple[list[Tensor], list[int]]:
@@ -179,7 +200,12 @@ def _forward(layout: StepLayout, x: Tensor, state, params, names, work_buffer=No
     state = [s if s.dtype is dtype and s.is_cpu and s.is_contiguous() else _readable(s, dtype, "hx") for s in state]
     new = [torch.empty_like(s) for s in state]  # contiguous [B, H]: the states are, once readable
     work = buffers.like(plan.work) if work_buffer is None else work_buffer(plan.work[0].shape, dtype)
-    layout.module.step_forward(plan.gemm_fn, batch, inputs, hidden, x.data_ptr(),
+    fn = plan.gemm_fn
+    if fn is None:
+        fn = _measured_gemm(layout, plan, (batch, inputs, hidden), (
+            batch, inputs, hidden, x.data_ptr(), *weights, *[s.data_ptr() for s in state],
+            *[n.data_ptr() for n in new], work.data_ptr()))
+    layout.module.step_forward(fn, batch, inputs, hidden, x.data_ptr(),
                                *weights, *[s.data_ptr() for s in state], *[n.data_ptr() for n in new],
                                work.data_ptr())
     return tuple(new), work, kept, weights
@@ -243,7 +269,8 @@ class _Step(torch.autograd.Function):
                          else torch.empty(params[i].shape if i >= 0 else n, dtype=dtype) for i, n in grad_slots]
         else:
             d_weights = [_empty(dtype)] * len(grad_slots)
-        layout.module.step_backward(plan.gemm_fn, batch, inputs, hidden,
+        # the forward measured the GEMM (a plan made again since, 64 shapes later, has it or the static rule's)
+        layout.module.step_backward(plan.gemm_fn or layout.threaded_fn, batch, inputs, hidden,
                                     x.data_ptr(), *weights,
                                     *[s.data_ptr() for s in state], work.data_ptr(),
                                     *[g.data_ptr() for g in d_new], *[d.data_ptr() for d in d_state], dx.data_ptr(),

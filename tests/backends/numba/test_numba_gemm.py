@@ -75,6 +75,50 @@ def test_weight_gradient_on_the_team_matches_mm(monkeypatch) -> None:
 
 
 
+def test_float64_runs_on_mkls_own_avx512_kernel_where_found(monkeypatch) -> None:
+    """Where direct_kernels admits MKL's AVX-512 dgemm kernel (dgemm_ takes a generic path on a non-Intel CPU),
+    float64 scans, steps and weight gradients call it: the forward takes W_hh transposed (N,N), the weight gradient
+    is split over the team, and a float64 LSTM's outputs and gradients, and an LSTMCell step's, are torch.nn's."""
+    if _blas.DGEMM_KERNEL == _blas.DGEMM:
+        pytest.skip("needs MKL's own AVX-512 dgemm kernel (a non-Intel CPU with AVX-512)")
+    assert _blas.gemm_address("float64") == _blas.DGEMM_KERNEL and _blas.is_avx512_kernel(_blas.DGEMM_KERNEL)
+    assert schedule.plan("float64", 16, 8, 256, 64).forward_nn
+    taken = []
+    real = schedule.launch_ranges
+    monkeypatch.setattr(schedule, "launch_ranges",
+                        lambda m, kernel, *a: (taken.append(kernel), real(m, kernel, *a))[1])
+    gen = torch.Generator().manual_seed(6)
+    a, x = torch.randn(700, 520, generator=gen, dtype=torch.float64), torch.randn(700, 64, generator=gen,
+                                                                                   dtype=torch.float64)
+    torch.testing.assert_close(gemm.weight_gradient(a, x), a.t().mm(x))
+    if schedule.num_threads() >= 2:
+        assert taken == ["weight_grad"]
+    ref = torch.nn.LSTM(40, 64, bidirectional=True).double()
+    ours = seqfast.LSTM(40, 64, bidirectional=True, backend="numba").double()
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(20, 9, 40, generator=gen, dtype=torch.float64)
+    lengths = torch.randint(1, 21, (9,), generator=gen)
+    outs = []
+    for model in (ref, ours):
+        xx = x.clone().requires_grad_()
+        packed = torch.nn.utils.rnn.pack_padded_sequence(xx, lengths, enforce_sorted=False)
+        out, _ = torch.nn.utils.rnn.pad_packed_sequence(model(packed)[0], total_length=20)
+        (out * torch.linspace(-1, 1, 128, dtype=torch.float64)).sum().backward()
+        outs.append([out, xx.grad, *(p.grad for p in model.parameters())])
+    torch.testing.assert_close(outs[1], outs[0])
+    cell_ref = torch.nn.LSTMCell(40, 64).double()
+    cell = seqfast.LSTMCell(40, 64, backend="numba").double()
+    cell.load_state_dict(cell_ref.state_dict())
+    state = (torch.randn(9, 64, generator=gen, dtype=torch.float64),) * 2
+    results = []
+    for model in (cell_ref, cell):
+        xx = x[0].clone().requires_grad_()
+        h, c = model(xx, state)
+        (h.sum() + 2 * c.sum()).backward()
+        results.append([h, c, xx.grad, *(p.grad for p in model.parameters())])
+    torch.testing.assert_close(results[1], results[0])
+
+
 def test_small_torch_gemms_run_on_one_mkl_thread(monkeypatch) -> None:
     """_mm holds MKL to one thread (on this thread only, then restores it) below SMALL_TORCH_GEMM, and its results
     are torch.mm's; project_backward gives the default FusedBackend gradients."""

@@ -125,9 +125,10 @@ def test_fast_math_specials() -> None:
 
 
 
-def test_gemm_check_tells_a_wrong_routine() -> None:
-    """The exact-product check that admits MKL's kernels accepts sgemm_ and rejects routines that leave C alone or
-    ignore beta (both called like sgemm_, on the check's own float32 buffers)."""
+def test_gemm_check_tells_a_wrong_routine_in_either_dtype() -> None:
+    """The exact-product check that admits MKL's kernels accepts sgemm_ (and dgemm_ on float64 buffers) and rejects
+    routines that leave C alone, ignore beta, or read another dtype (all called like sgemm_, on the check's own
+    buffers)."""
     if not _blas.SGEMM:
         pytest.skip("this torch has no MKL")
     signature = ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * 13)
@@ -140,6 +141,8 @@ def test_gemm_check_tells_a_wrong_routine() -> None:
         sgemm(*args[:10], ctypes.addressof(zero), *args[11:])
 
     assert not _blas.gemm_agrees(signature(beta_ignored))
+    assert _blas.gemm_agrees(signature(_blas.DGEMM), ctypes.c_double)
+    assert not _blas.gemm_agrees(signature(_blas.SGEMM), ctypes.c_double)  # reads doubles as floats
 
 
 def test_direct_kernels_follow_cpu_and_switch(monkeypatch) -> None:
@@ -166,8 +169,13 @@ def test_direct_kernels_follow_cpu_and_switch(monkeypatch) -> None:
     monkeypatch.setattr(_blas, "cpu_vendor_and_flags", lambda: ("GenuineIntel", claimed))
     assert _blas.direct_kernels() == {}
     monkeypatch.setattr(_blas, "cpu_vendor_and_flags", lambda: ("AuthenticAMD", claimed))
+    found_64 = _blas.direct_kernels("float64")  # the dgemm kernels: other entry points, the same rules
+    assert set(found_64) <= isas and not set(found_64.values()) & {*found.values(), _blas.SGEMM, _blas.DGEMM}
     monkeypatch.setenv("SEQFAST_NUMBA_MKL_KERNELS", "0")
-    assert _blas.direct_kernels() == {}
+    assert _blas.direct_kernels() == {} and _blas.direct_kernels("float64") == {}
+    monkeypatch.setattr(_blas, "cpu_vendor_and_flags", lambda: ("GenuineIntel", claimed))
+    monkeypatch.delenv("SEQFAST_NUMBA_MKL_KERNELS")
+    assert _blas.direct_kernels("float64") == {}
 
 
 @numba.njit
