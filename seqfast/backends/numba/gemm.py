@@ -59,30 +59,34 @@ def onednn_linear():
     return _linear_op[0]
 
 
-def _small_kernel(float32: bool, rows: int, width: int, inputs: int) -> int | None:
-    """The address of MKL's own kernel (_blas.SGEMM_KERNEL) where an input projection of [rows, inputs] by
-    [width, inputs]^T takes it without measuring: a float32 product under SMALL_TORCH_GEMM multiply-adds while that
-    kernel is in use; else None. Called from compiled code (templates/project.py.tmpl), it wakes no OpenMP team and
-    changes no MKL thread setting, which at these sizes cost more than the product."""
-    if not float32 or not rows or rows * width * inputs >= SMALL_TORCH_GEMM:
+def _small_kernel(dtype: torch.dtype, rows: int, width: int, inputs: int) -> int | None:
+    """The address of MKL's own kernel for dtype (_blas.SGEMM_KERNEL / DGEMM_KERNEL) where an input projection of
+    [rows, inputs] by [width, inputs]^T takes it without measuring: a product under SMALL_TORCH_GEMM multiply-adds
+    while that kernel is in use; else None. Run from a small compiled function (templates/project.py.tmpl), it
+    wakes no OpenMP team and changes no MKL thread setting, which at these sizes cost more than the product."""
+    if not rows or rows * width * inputs >= SMALL_TORCH_GEMM:
         return None
-    return _direct_kernel()
+    return _direct_kernel(dtype)
 
 
-def _direct_kernel() -> int | None:
-    """MKL's own sgemm kernel's address where the kernels use one (a non-Intel CPU), else None."""
+def _direct_kernel(dtype: torch.dtype = torch.float32) -> int | None:
+    """MKL's own ?gemm kernel's address for dtype where the kernels use one (a non-Intel CPU), else None."""
     blas = _blas_module or _blas_module_load()  # not at import: _blas imports numba
-    return None if blas.SGEMM_KERNEL == blas.SGEMM else blas.SGEMM_KERNEL
+    if dtype == torch.float32:
+        return None if blas.SGEMM_KERNEL == blas.SGEMM else blas.SGEMM_KERNEL
+    if dtype == torch.float64:
+        return None if blas.DGEMM_KERNEL == blas.DGEMM else blas.DGEMM_KERNEL
+    return None
 
 
 def _kernel_projection(x: Tensor, weight_ih: Tensor) -> Tensor | None:
-    """x @ weight_ih^T by MKL's own kernel on the calling thread, or None where there is none or the operands are
-    not contiguous float32."""
-    fn = _direct_kernel() if x.dtype == torch.float32 else None
+    """x @ weight_ih^T by MKL's own kernel on the calling thread, or None where there is none for x's dtype or the
+    operands are not contiguous."""
+    fn = _direct_kernel(x.dtype) if x.dtype == weight_ih.dtype else None
     if fn is None or not (x.is_contiguous() and weight_ih.is_contiguous()):
         return None
-    out = np.empty((x.shape[0], weight_ih.shape[0]), dtype=np.float32)
-    kernel = _project_kernel or _project_kernel_load()
+    out = np.empty((x.shape[0], weight_ih.shape[0]), dtype=np.float32 if x.dtype == torch.float32 else np.float64)
+    kernel = _project_kernels.get(x.dtype) or _project_kernel_load(x.dtype)
     kernel(fn, (x.detach() if x.requires_grad else x).numpy(), host(weight_ih), out)
     return torch.from_numpy(out)
 
@@ -98,13 +102,12 @@ def _blas_module_load():
     return _blas
 
 
-_project_kernel = None
+_project_kernels: dict[torch.dtype, object] = {}
 
 
-def _project_kernel_load():
-    global _project_kernel
-    _project_kernel = projection_kernels("float32").project
-    return _project_kernel
+def _project_kernel_load(dtype: torch.dtype):
+    kernel = _project_kernels[dtype] = projection_kernels(str(dtype).replace("torch.", "")).project
+    return kernel
 
 
 def input_projection(x: Tensor, weight_ih: Tensor) -> Tensor:
@@ -134,7 +137,7 @@ def projection_way(x: Tensor, weight_ih: Tensor) -> str:
     mm, and oneDNN from ONEDNN_MIN_OUTPUTS outputs."""
     rows, width, inputs = x.shape[0], weight_ih.shape[0], x.shape[1]
     float32 = x.dtype == torch.float32
-    if _small_kernel(float32, rows, width, inputs) is not None:
+    if _small_kernel(x.dtype, rows, width, inputs) is not None:
         return "kernel"
     linear = onednn_linear() if float32 else None
     static = "onednn" if linear is not None and rows * width >= ONEDNN_MIN_OUTPUTS else "mm"

@@ -147,9 +147,9 @@ def test_small_torch_gemms_run_on_one_mkl_thread(monkeypatch) -> None:
 
 
 def test_small_projection_runs_on_mkls_own_kernel(monkeypatch) -> None:
-    """Below SMALL_TORCH_GEMM a float32 projection runs on MKL's own sequential kernel, where the scans use one,
-    and equals x W_ih^T; a non-contiguous operand, float64 or a larger product takes torch's mm; an in-place update
-    of the weight shows in the next projection."""
+    """Below SMALL_TORCH_GEMM a projection runs on MKL's own sequential kernel, where the scans use one for its
+    dtype, and equals x W_ih^T; a non-contiguous operand or a larger product takes torch's mm, and so does float64
+    where dgemm_ is the scans' GEMM; an in-place update of the weight shows in the next projection."""
     if _blas.SGEMM_KERNEL == _blas.SGEMM:
         pytest.skip("needs MKL's own kernel (a non-Intel CPU with AVX2 or AVX-512)")
     mm_calls = []
@@ -167,7 +167,9 @@ def test_small_projection_runs_on_mkls_own_kernel(monkeypatch) -> None:
     wide = torch.randn(32, 256, generator=gen).t()  # not contiguous
     torch.testing.assert_close(gemm.input_projection(x, wide), x.mm(wide.t()), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(gemm.input_projection(x.double(), weight.double()), x.double().mm(weight.double().t()))
+    float64_on_mm = _blas.DGEMM_KERNEL == _blas.DGEMM
+    assert len(mm_calls) == 1 + float64_on_mm
     big = torch.randn(256, 32, generator=gen)  # 0.82M: torch's mm
     torch.testing.assert_close(gemm.input_projection(x, big), x.mm(big.t()), rtol=1e-5, atol=1e-5)
-    assert len(mm_calls) == 3
+    assert len(mm_calls) == 2 + float64_on_mm
     assert gemm.input_projection(x[:0], weight).shape == (0, 128)
