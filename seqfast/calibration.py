@@ -47,7 +47,7 @@ from .config import cache_root, calibration_setting
 from .registry import Backend, Query, Stack, Weights, registry
 
 __all__ = ["Bucket", "bucket_of", "choose", "calibrate", "candidates", "table", "table_path", "machine_key",
-           "cpu_model", "package_version", "forget"]
+           "cpu_model", "cpu_model_from", "package_version", "forget"]
 
 FORMAT = 1
 BUDGET_SECONDS = 0.1  # timed runs per bucket, all candidates together (at least one run each)
@@ -152,19 +152,35 @@ _cpu: list[str] = []
 
 
 def cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo), else what platform reports."""
+    """The CPU's model name (/proc/cpuinfo), with its family and model numbers where it gives them, else what
+    platform reports."""
     if not _cpu:
-        model = ""
         try:
             with open("/proc/cpuinfo") as f:
-                for line in f:
-                    if line.startswith("model name"):
-                        model = line.split(":", 1)[1].strip()
-                        break
+                text = f.read(1 << 16)
         except OSError:
-            pass
-        _cpu.append(model or platform.processor() or platform.machine() or "unknown")
+            text = ""
+        _cpu.append(cpu_model_from(text) or platform.processor() or platform.machine() or "unknown")
     return _cpu[0]
+
+
+def cpu_model_from(cpuinfo: str) -> str:
+    """The first processor's model name in /proc/cpuinfo's text, with "(family F, model M)" where it has those:
+    virtual machines report a Zen 3 and a Zen 5 EPYC alike as "AMD EPYC", and a calibration made on one must not
+    be read on the other."""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        if not line.strip():
+            if fields:
+                break  # the first processor's block
+            continue
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name", "")
+    family, model = fields.get("cpu family"), fields.get("model")
+    if name and family and model:
+        return f"{name} (family {family}, model {model})"
+    return name
 
 
 def package_version(dist: str) -> str | None:

@@ -26,8 +26,9 @@ def collect_info() -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     backends = {}
     for name, backend in registry.backends.items():
-        entry = {"description": backend.description, "available": backend.available(),
-                 "unavailable_reason": backend.unavailable_reason()}
+        available = backend.available()
+        entry = {"description": backend.description, "available": available,
+                 "unavailable_reason": backend.unavailable_reason(), "details": backend.details() if available else []}
         backends[name] = entry
     table = {}
     for cell_name, cell in registry.cells.items():
@@ -60,6 +61,7 @@ def collect_info() -> dict:
                         "key": calibration.machine_key(), "decisions": decisions},
         "versions": versions,
         "device": device,
+        "cpu": calibration.cpu_model(),
         "torch_threads": torch.get_num_threads(),
         "backends": backends,
         "cells": table,
@@ -76,11 +78,13 @@ def collect_info() -> dict:
 def _print_info(info: dict) -> None:
     print("seqfast " + info["versions"]["seqfast"])
     print("versions: " + ", ".join(f"{k} {v or '-'}" for k, v in info["versions"].items() if k != "seqfast"))
-    print(f"device: {info['device']}   torch threads: {info['torch_threads']}")
+    print(f"device: {info['device']}   cpu: {info['cpu']}   torch threads: {info['torch_threads']}")
     print("\nbackends:")
     for name, b in info["backends"].items():
         state = "available" if b["available"] else f"unavailable: {b['unavailable_reason']}"
         print(f"  {name:<10} {state}  ({b['description']})")
+        for line in b["details"]:
+            print(f"  {'':<10} {line}")
     print(f"\ncells x backends on {info['device']} (training, hidden_size=128): ✓ runs, ✗ n = reason n below")
     names = list(info["backends"])
     width = max(len(c) for c in info["cells"]) + 2

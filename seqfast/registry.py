@@ -103,6 +103,10 @@ class Backend:
     def available(self) -> bool:
         return self.unavailable_reason() is None
 
+    def details(self) -> list[str]:
+        """Lines for `seqfast info` on how this backend runs on this machine (an available backend only)."""
+        return []
+
     # --- support --------------------------------------------------------------------------------------------
     def not_supported_reasons(self, query: Query) -> list[str]:
         """Every reason this backend cannot run `query`; empty when it can. Derived from the declarations."""

@@ -185,6 +185,21 @@ def test_stale_key_is_ignored_with_a_warning(calibrated, monkeypatch) -> None:
     assert json.loads(path.read_text())["key"] == calibration.machine_key()
 
 
+def test_the_cpu_in_the_key_tells_models_of_one_name_apart() -> None:
+    """Virtual machines name a Zen 3 and a Zen 5 EPYC alike: the key's CPU carries family and model, so their
+    calibrations go to different files."""
+    zen = "processor\t: {p}\nvendor_id\t: AuthenticAMD\ncpu family\t: {f}\nmodel\t\t: {m}\nmodel name\t: AMD EPYC\n"
+    zen3 = "\n".join(zen.format(p=p, f=25, m=1) for p in range(2))
+    zen5 = zen.format(p=0, f=26, m=2)
+    assert calibration.cpu_model_from(zen3) == "AMD EPYC (family 25, model 1)"
+    assert calibration.cpu_model_from(zen5) == "AMD EPYC (family 26, model 2)"
+    key = calibration.machine_key()
+    paths = {calibration.table_path({**key, "cpu": calibration.cpu_model_from(text)}) for text in (zen3, zen5)}
+    assert len(paths) == 2
+    assert calibration.cpu_model_from("processor\t: 0\nmodel name\t: Some CPU\n") == "Some CPU"  # no numbers
+    assert calibration.cpu_model_from("") == ""
+
+
 def test_a_new_candidate_is_timed_again(calibrated, monkeypatch) -> None:
     calls = count_timings(monkeypatch)
     assert pick(query()) == "torch"

@@ -38,7 +38,7 @@ def _may_pipeline(query: Query) -> bool:
 
 class NumbaBackend(FusedBackend):
     name = "numba"
-    description = "fused CPU scans compiled with numba (MKL GEMM per step, vectorized float32 gate math)"
+    description = "fused CPU scans compiled with numba (MKL GEMM per step, vectorized gate math)"
     devices = frozenset({"cpu"})
     dtypes = frozenset(DTYPES)
     supports_proj = False  # LSTM proj_size: h would need a second GEMM per step; declined, use torch or native
@@ -49,6 +49,19 @@ class NumbaBackend(FusedBackend):
     # --- support ---------------------------------------------------------------------------------------------
     def unavailable_reason(self) -> str | None:
         return numba_missing()
+
+    def details(self) -> list[str]:
+        from . import _blas
+
+        def name(dtype: str) -> str:
+            fn = _blas.gemm_address(dtype)
+            if not fn:
+                return "numba's loop (this torch has no MKL)"
+            direct = {**{a: f"mkl_blas_{isa}_xsgemm" for isa, a in _blas.DIRECT_KERNELS.items()},
+                      **{a: f"mkl_blas_{isa}_xdgemm" for isa, a in _blas.DIRECT_KERNELS_64.items()}}
+            return f"MKL's own {direct[fn]}" if fn in direct else ("sgemm_" if dtype == "float32" else "dgemm_")
+
+        return [f"per-step GEMM: float32 {name('float32')}, float64 {name('float64')}"]
 
     def extra_reasons(self, query: Query) -> list[str]:
         return self.pointwise_reasons(query.cell)

@@ -374,3 +374,29 @@ def test_cells_need_the_one_step_kernels_compiled_not_the_scans(tmp_path, monkey
         del registry.cells[cell.name]
         registry.cell_origin.pop(cell.name, None)
         registry.generation += 1
+
+
+def test_info_names_the_cpu_and_the_gemm_numba_calls(monkeypatch) -> None:
+    """`seqfast info` shows the CPU (with family and model) and which GEMM numba's per-step products call, per
+    dtype: MKL's own kernel by its name, sgemm_ / dgemm_, or numba's loop without MKL."""
+    from seqfast import calibration
+    from seqfast.cli import collect_info
+    from seqfast.registry import get_backend
+
+    info = collect_info()
+    assert info["cpu"] == calibration.cpu_model()
+    assert info["backends"]["numba"]["details"][0].startswith("per-step GEMM: float32 ")
+    _blas.gemm_address("float32")  # the search has run: what is patched below stays
+    numba_backend = get_backend("numba")
+    for name, value in {"SGEMM": 1, "DGEMM": 2, "SGEMM_KERNEL": 11, "DGEMM_KERNEL": 22,
+                        "DIRECT_KERNELS": {"avx512": 11, "avx2": 12}, "DIRECT_KERNELS_64": {"avx512": 22}}.items():
+        monkeypatch.setattr(_blas, name, value)
+    assert numba_backend.details() == ["per-step GEMM: float32 MKL's own mkl_blas_avx512_xsgemm, float64 MKL's own "
+                                       "mkl_blas_avx512_xdgemm"]
+    monkeypatch.setattr(_blas, "SGEMM_KERNEL", 12)
+    monkeypatch.setattr(_blas, "DGEMM_KERNEL", 2)
+    assert numba_backend.details() == ["per-step GEMM: float32 MKL's own mkl_blas_avx2_xsgemm, float64 dgemm_"]
+    for name in ("SGEMM_KERNEL", "DGEMM_KERNEL"):
+        monkeypatch.setattr(_blas, name, 0)
+    assert numba_backend.details() == ["per-step GEMM: float32 numba's loop (this torch has no MKL), float64 "
+                                       "numba's loop (this torch has no MKL)"]
