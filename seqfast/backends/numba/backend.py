@@ -51,17 +51,9 @@ class NumbaBackend(FusedBackend):
         return numba_missing()
 
     def details(self) -> list[str]:
-        from . import _blas
+        from .gemm import gemm_name
 
-        def name(dtype: str) -> str:
-            fn = _blas.gemm_address(dtype)
-            if not fn:
-                return "numba's loop (this torch has no MKL)"
-            direct = {**{a: f"mkl_blas_{isa}_xsgemm" for isa, a in _blas.DIRECT_KERNELS.items()},
-                      **{a: f"mkl_blas_{isa}_xdgemm" for isa, a in _blas.DIRECT_KERNELS_64.items()}}
-            return f"MKL's own {direct[fn]}" if fn in direct else ("sgemm_" if dtype == "float32" else "dgemm_")
-
-        return [f"per-step GEMM: float32 {name('float32')}, float64 {name('float64')}"]
+        return [f"per-step GEMM: float32 {gemm_name('float32')}, float64 {gemm_name('float64')}"]
 
     def extra_reasons(self, query: Query) -> list[str]:
         return self.pointwise_reasons(query.cell)

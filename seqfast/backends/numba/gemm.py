@@ -12,6 +12,7 @@ from torch import Tensor
 
 from ..._memo import memo
 from . import buffers, gemm_choice, schedule
+from .availability import DTYPES
 from .codegen import projection_kernels, weight_grad_kernels
 from .views import host
 
@@ -79,13 +80,24 @@ def _direct_kernel(dtype: torch.dtype = torch.float32) -> int | None:
     return None
 
 
+def gemm_name(dtype_name: str) -> str:
+    """The GEMM numba's per-step products call for a dtype (_blas.gemm_address), in words (`seqfast info`)."""
+    blas = _blas_module or _blas_module_load()
+    fn = blas.gemm_address(dtype_name)
+    if not fn:
+        return "numba's loop (this torch has no MKL)"
+    letter, direct = ("s", blas.DIRECT_KERNELS) if dtype_name == "float32" else ("d", blas.DIRECT_KERNELS_64)
+    isa = next((isa for isa, address in direct.items() if address == fn), None)
+    return f"MKL's own mkl_blas_{isa}_x{letter}gemm" if isa else f"{letter}gemm_"
+
+
 def _kernel_projection(x: Tensor, weight_ih: Tensor) -> Tensor | None:
     """x @ weight_ih^T by MKL's own kernel on the calling thread, or None where there is none for x's dtype or the
     operands are not contiguous."""
     fn = _direct_kernel(x.dtype) if x.dtype == weight_ih.dtype else None
     if fn is None or not (x.is_contiguous() and weight_ih.is_contiguous()):
         return None
-    out = np.empty((x.shape[0], weight_ih.shape[0]), dtype=np.float32 if x.dtype == torch.float32 else np.float64)
+    out = np.empty((x.shape[0], weight_ih.shape[0]), dtype=DTYPES[x.dtype])
     kernel = _project_kernels.get(x.dtype) or _project_kernel_load(x.dtype)
     kernel(fn, (x.detach() if x.requires_grad else x).numpy(), host(weight_ih), out)
     return torch.from_numpy(out)
@@ -106,7 +118,7 @@ _project_kernels: dict[torch.dtype, object] = {}
 
 
 def _project_kernel_load(dtype: torch.dtype):
-    kernel = _project_kernels[dtype] = projection_kernels(str(dtype).replace("torch.", "")).project
+    kernel = _project_kernels[dtype] = projection_kernels(DTYPES[dtype]).project
     return kernel
 
 
@@ -184,7 +196,7 @@ def weight_gradient(a: Tensor, x: Tensor) -> Tensor:
     on this CPU. Otherwise, and for small products or one thread, mm."""
     from . import _blas  # here, not at import: _blas imports numba
 
-    name = {torch.float32: "float32", torch.float64: "float64"}.get(a.dtype)
+    name = DTYPES.get(a.dtype)
     kernel = name and _blas.gemm_address(name)
     rows, threads = a.shape[1], schedule.num_threads()
     if (not kernel or kernel == _blas.threaded_gemm_address(name) or threads < 2 or rows < 32

@@ -200,14 +200,9 @@ def _forward(layout: StepLayout, x: Tensor, state, params, names, work_buffer=No
     state = [s if s.dtype is dtype and s.is_cpu and s.is_contiguous() else _readable(s, dtype, "hx") for s in state]
     new = [torch.empty_like(s) for s in state]  # contiguous [B, H]: the states are, once readable
     work = buffers.like(plan.work) if work_buffer is None else work_buffer(plan.work[0].shape, dtype)
-    fn = plan.gemm_fn
-    if fn is None:
-        fn = _measured_gemm(layout, plan, (batch, inputs, hidden), (
-            batch, inputs, hidden, x.data_ptr(), *weights, *[s.data_ptr() for s in state],
-            *[n.data_ptr() for n in new], work.data_ptr()))
-    layout.module.step_forward(fn, batch, inputs, hidden, x.data_ptr(),
-                               *weights, *[s.data_ptr() for s in state], *[n.data_ptr() for n in new],
-                               work.data_ptr())
+    args = (batch, inputs, hidden, x.data_ptr(), *weights, *[s.data_ptr() for s in state],
+            *[n.data_ptr() for n in new], work.data_ptr())
+    layout.module.step_forward(plan.gemm_fn or _measured_gemm(layout, plan, (batch, inputs, hidden), args), *args)
     return tuple(new), work, kept, weights
 
 
