@@ -76,15 +76,17 @@ def test_step_without_bias_matches_torch_nn(backend, cell):
     torch.testing.assert_close(got_grads, want_grads)
 
 
+@pytest.mark.parametrize("batch", [1, 2])  # one row: the kernels' own loops (_rows.py); two: MKL's GEMM
 @pytest.mark.parametrize("cell", list(KINDS))
 @pytest.mark.parametrize("backend", [backend_param("numba")])
-def test_numba_step_passes_gradcheck(backend, cell):
+def test_numba_step_passes_gradcheck(backend, cell, batch):
     _, ours = _pair(cell, 3, 4, torch.float64, backend)
     names = [n for n, _ in ours.named_parameters()]
     n_states = 2 if cell == "lstm" else 1
     gen = torch.Generator().manual_seed(2)
-    inputs = [torch.randn(2, 3, generator=gen, dtype=torch.float64, requires_grad=True),
-              *(torch.randn(2, 4, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(n_states)),
+    inputs = [torch.randn(batch, 3, generator=gen, dtype=torch.float64, requires_grad=True),
+              *(torch.randn(batch, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+                for _ in range(n_states)),
               *(p.detach().clone().requires_grad_() for p in ours.parameters())]
 
     def step(x, *rest):
@@ -93,6 +95,22 @@ def test_numba_step_passes_gradcheck(backend, cell):
                                                    (x, states if n_states > 1 else states[0])))
 
     assert torch.autograd.gradcheck(step, inputs)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("cell", list(KINDS))
+@pytest.mark.parametrize("backend", [backend_param("numba")])
+def test_a_one_row_step_matches_torch_nn_past_a_vector_width(backend, cell, dtype):
+    # batch 1 runs the kernels' own loops (_rows.py): sizes that fill whole AVX-512 vectors and leave a remainder
+    ref, ours = _pair(cell, 37, 70, dtype, backend)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 37, generator=gen, dtype=dtype)
+    hx = tuple(torch.randn(1, 70, generator=gen, dtype=dtype) for _ in range(2 if cell == "lstm" else 1))
+    want_out, want_grads = _run(ref, x, hx)
+    got_out, got_grads = _run(ours, x, hx)
+    torch.testing.assert_close(got_out, want_out, **TOL[dtype])
+    for i, (w, g) in enumerate(zip(want_grads, got_grads, strict=True)):
+        torch.testing.assert_close(g, w, **TOL[dtype], msg=lambda m, i=i: f"gradient {i}: {m}")
 
 
 @pytest.mark.parametrize("backend", [backend_param("numba"), backend_param("native"), backend_param("torch")])

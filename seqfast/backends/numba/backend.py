@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from ...registry import CellSpec, Query, Stack
-from ..fused import FusedBackend, _transforms_active
+from ..fused import FusedBackend
 from ..fused_contract import Ownership, ScanInputs
 from . import gemm, scan, schedule
 from .availability import DTYPES, numba_missing
@@ -100,19 +100,10 @@ class NumbaBackend(FusedBackend):
 
     def step_runner(self, cell: CellSpec, dtype: torch.dtype, names):
         # one kernel call each way (step.py); the scan with T=1 where those kernels do not apply
-        from .step import run_step, step_layout
+        from .step import step_layout, step_runner
 
         names = tuple(names)
-        layout = step_layout(cell, dtype, names)
-        scan_step = super().step
-
-        def run(x: Tensor, state: tuple[Tensor, ...], params) -> tuple[Tensor, ...]:
-            if (layout is None or not x.shape[0] or not x.shape[1] or _transforms_active()
-                    or torch.compiler.is_compiling()):
-                return scan_step(cell, x, state, params, names)
-            return run_step(layout, cell, x, state, params, names)
-
-        return run
+        return step_runner(step_layout(cell, dtype, names), cell, names, super().step)
 
     # --- a module's inference calls (stack.py) -------------------------------------------------------------------
     def stack_runner(self, cell: CellSpec, dtype: torch.dtype, stack: Stack):

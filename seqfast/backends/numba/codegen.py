@@ -47,7 +47,7 @@ def _depends_on() -> tuple[str, ...]:
     import numba
 
     return (TEMPLATE_VERSION, numba.__version__, sys.version,
-            *((_HERE / name).read_text() for name in ("_math.py", "_blas.py", "_team.py")))
+            *((_HERE / name).read_text() for name in ("_math.py", "_blas.py", "_rows.py", "_team.py")))
 
 
 def kernels(cell: CellSpec, dtype: str) -> ModuleType:

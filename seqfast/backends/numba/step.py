@@ -10,7 +10,6 @@ one-step kernels, the backend's default step (its scan with T=1) runs instead.
 
 from __future__ import annotations
 
-import threading
 from typing import NamedTuple
 
 import torch
@@ -100,7 +99,8 @@ class _ShapePlan(NamedTuple):
     # w_hh, b_ih, b_hh, the extras
     gemm_fn: int | None  # the GEMM for the step's products: the layout's own for small ones, MKL's threaded ?gemm_
     # from gemm.SMALL_TORCH_GEMM multiply-adds (the threshold torch's own small GEMMs keep to one thread below), or
-    # None: to be measured on the shape's first call (_measured_gemm)
+    # None: to be measured on the shape's first call (_measured_gemm). A one-row step's products are loops
+    # (_rows.py), whatever this says.
     work: tuple[Tensor, int]  # the work buffer's buffers.stand_in: a training step's comes from buffers.like
 
 
@@ -110,7 +110,8 @@ def _shape_plan(layout: StepLayout, batch: int, inputs: int, hidden: int) -> _Sh
     sizes = (width * inputs, width, width * hidden, width, *(k * hidden for k in layout.widths))
     order = (layout.w_ih, layout.b_ih, layout.w_hh, layout.b_hh, *layout.extras)
     slots = tuple(zip(order, sizes, strict=True))
-    if batch * max(inputs, hidden) * width < gemm.SMALL_TORCH_GEMM or layout.fn == layout.threaded_fn:
+    small = batch * max(inputs, hidden) * width < gemm.SMALL_TORCH_GEMM
+    if batch == 1 or small or layout.fn == layout.threaded_fn:  # nothing to measure
         fn = layout.fn
     else:  # MKL's own kernel or its threaded ?gemm_: measured, where timing is allowed
         fn = gemm_choice.decided(_gemm_key(layout, batch, inputs, hidden))
@@ -139,71 +140,67 @@ def _measured_gemm(layout: StepLayout, plan: _ShapePlan, sizes: tuple[int, int, 
     return fn
 
 
-def _weights(layout: StepLayout, slots, params, names, inputs: int, hidden: int) -> tuple[list[Tensor], list[int]]:
-    """([w_ih, b_ih, w_hh, b_hh, *extras] as read (contiguous, of the step's dtype; None where absent), kept alive
-    for the call; their addresses, zeros where absent). Each one's size is checked: the kernels read them by
-    address."""
+def step_runner(layout: StepLayout | None, cell: CellSpec, names: tuple[str, ...], scan_step):
+    """The cell's step as a function of (x [B, I], state, params) -> the new states, for NumbaBackend.step_runner:
+    one kernel call each way, or scan_step(cell, x, state, params, names) (the scan with T=1) where the kernels do
+    not apply (layout None, an empty batch or input, torch.func transforms, torch.compile). Differentiable
+    (through _Step) when grad mode is on and any input requires grad."""
+    backward = cell.pointwise.backward is not None
+
+    def run(x: Tensor, state: tuple[Tensor, ...], params) -> tuple[Tensor, ...]:
+        if layout is None or not x.shape[0] or not x.shape[1] or _transforms_active() or torch.compiler.is_compiling():
+            return scan_step(cell, x, state, params, names)
+        if torch.is_grad_enabled() and (x.requires_grad or _any_requires_grad(state) or _any_requires_grad(params)):
+            if not backward:
+                raise RuntimeError(f"numba backend: cell {cell.name!r} has no pointwise backward")
+            return _apply_step((layout, cell, names, len(state)), x, *state, *params)
+        return tuple(_forward(layout, x, state, params, names, False)[0])
+
+    return run
+
+
+_WEIGHTS_AT = 4  # step_forward's arguments: B, I, H, x, then the weights in slot order
+
+
+def _forward(layout: StepLayout, x: Tensor, state, params, names, training: bool):
+    """One call of the forward kernel -> (new states, work, the weights as read (absent ones left out), the kernel's
+    arguments: the weights' addresses, zeros' where absent, from args[_WEIGHTS_AT], one per slot). work: with
+    training, [2, B, G*H] x W_ih^T and h W_hh^T, what the backward reads; else None, and the kernel allocates its
+    own.
+    Loops, not comprehensions: at small sizes this Python is most of a step's time, and each comprehension is a
+    call of its own."""
     dtype = layout.dtype
-    tensors, addresses = [], []
-    for i, n in slots:
+    batch, inputs = x.shape
+    hidden = state[0].shape[1]
+    plan = layout.shapes.get((batch, inputs, hidden)) or _shape_plan(layout, batch, inputs, hidden)
+    if x.dtype is not dtype or not x.is_cpu or not x.is_contiguous():
+        x = _readable(x, dtype, "input")
+    args = [batch, inputs, hidden, x.data_ptr()]
+    kept = []
+    for i, n in plan.slots:  # each weight's size is checked: the kernels read them by address
         if i < 0:
-            tensors.append(None)
-            addresses.append(_zeros_address(dtype, n))
+            args.append(_zeros_address(dtype, n))
             continue
         t = params[i]
-        # the usual case, checked inline: a step's few microseconds of Python are most of its time at small sizes
         if t.dtype is not dtype or not t.is_cpu or not t.is_contiguous():
             t = _readable(t, dtype, names[i])
         if t.numel() != n:
             raise RuntimeError(f"numba backend: {names[i]} has shape {tuple(t.shape)}, expected {n} elements "
                                f"for input size {inputs} and hidden size {hidden}")
-        tensors.append(t)
-        addresses.append(t.data_ptr())
-    return tensors, addresses
-
-
-def run_step(layout: StepLayout, cell: CellSpec, x: Tensor, state: tuple[Tensor, ...], params, names
-             ) -> tuple[Tensor, ...]:
-    """The new states; differentiable (through _Step) when grad mode is on and any input requires grad."""
-    if torch.is_grad_enabled() and (x.requires_grad or _any_requires_grad(state) or _any_requires_grad(params)):
-        if cell.pointwise.backward is None:
-            raise RuntimeError(f"numba backend: cell {cell.name!r} has no pointwise backward")
-        return _apply_step((layout, cell, names, len(state)), x, *state, *params)
-    return _forward(layout, x, state, params, names, _scratch)[0]
-
-
-_scratch_by_thread: dict[tuple, Tensor] = {}
-
-
-def _scratch(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-    """The work buffer of an inference step, kept per thread and reused: nothing reads it after the call, and the
-    kernel writes it before reading it."""
-    key = (threading.get_ident(), dtype, shape)
-    work = _scratch_by_thread.get(key)
-    if work is None:
-        if len(_scratch_by_thread) >= 64:
-            _scratch_by_thread.clear()
-        work = _scratch_by_thread[key] = torch.empty(shape, dtype=dtype)
-    return work
-
-
-def _forward(layout: StepLayout, x: Tensor, state, params, names, work_buffer=None):
-    """-> (new states, work [2, B, G*H]: x W_ih^T and h W_hh^T, what the backward reads, the weights as read,
-    their addresses). work_buffer(shape, dtype) gives work; without it a fresh tensor (the backward keeps it)."""
-    dtype = layout.dtype
-    batch, inputs = x.shape
-    hidden = state[0].shape[1]
-    plan = layout.shapes.get((batch, inputs, hidden)) or _shape_plan(layout, batch, inputs, hidden)
-    kept, weights = _weights(layout, plan.slots, params, names, inputs, hidden)
-    if x.dtype is not dtype or not x.is_cpu or not x.is_contiguous():
-        x = _readable(x, dtype, "input")
-    state = [s if s.dtype is dtype and s.is_cpu and s.is_contiguous() else _readable(s, dtype, "hx") for s in state]
-    new = [torch.empty_like(s) for s in state]  # contiguous [B, H]: the states are, once readable
-    work = buffers.like(plan.work) if work_buffer is None else work_buffer(plan.work[0].shape, dtype)
-    args = (batch, inputs, hidden, x.data_ptr(), *weights, *[s.data_ptr() for s in state],
-            *[n.data_ptr() for n in new], work.data_ptr())
+        kept.append(t)
+        args.append(t.data_ptr())
+    new = []
+    for s in state:
+        if s.dtype is not dtype or not s.is_cpu or not s.is_contiguous():
+            s = _readable(s, dtype, "hx")
+        args.append(s.data_ptr())
+        new.append(torch.empty_like(s))  # contiguous [B, H], as the state now is
+    for n in new:
+        args.append(n.data_ptr())
+    work = buffers.like(plan.work) if training else None
+    args.append(work.data_ptr() if training else 0)
     layout.module.step_forward(plan.gemm_fn or _measured_gemm(layout, plan, (batch, inputs, hidden), args), *args)
-    return tuple(new), work, kept, weights
+    return new, work, kept, args
 
 
 class _Step(torch.autograd.Function):
@@ -213,14 +210,15 @@ class _Step(torch.autograd.Function):
     @staticmethod
     def forward(ctx, spec, x, *tensors):
         layout, cell, names, n_state = spec  # one argument: each further non-tensor one costs apply time
-        new, work, kept, weights = _forward(layout, x, tensors[:n_state], tensors[n_state:], names)
+        new, work, kept, args = _forward(layout, x, tensors[:n_state], tensors[n_state:], names, True)
         ctx.layout, ctx.cell, ctx.names, ctx.n_state, ctx.work = layout, cell, names, n_state, work
         # the backward reads the weights the forward read, by the same addresses: their storages keep that memory
         # even where a weight's .data is replaced in between (torch.nn's backward, too, reads the forward's
         # weights); an in-place change raises through the version check of the tensors saved below
-        ctx.kept, ctx.weights = [t if t is None else t.untyped_storage() for t in kept], weights
+        ctx.kept = [t.untyped_storage() for t in kept]
+        ctx.weights = args[_WEIGHTS_AT:_WEIGHTS_AT + 4 + len(layout.extras)]  # w_ih, b_ih, w_hh, b_hh, the extras
         ctx.save_for_backward(x, *tensors)
-        return new
+        return tuple(new)
 
     @staticmethod
     def backward(ctx, *grads):
@@ -242,42 +240,63 @@ class _Step(torch.autograd.Function):
         else:  # the node may outlive this backward: let go of what only it needed
             ctx.kept = ctx.weights = ctx.work = None
         dtype = layout.dtype
+        batch, inputs = x.shape
+        hidden = tensors[0].shape[1]
+        plan = layout.shapes.get((batch, inputs, hidden)) or _shape_plan(layout, batch, inputs, hidden)
         # the saved tensors are those the forward took, which it checked (dtype, device): only their layout may
-        # need a copy; the gradients come in the outputs' dtype and device
+        # need a copy; the gradients come in the outputs' dtype and device. Loops, as in _forward.
         x = x if x.is_contiguous() else x.contiguous()
-        state = [s if s.is_contiguous() else s.contiguous() for s in tensors[:n_state]]
-        d_new = [torch.zeros_like(s) if g is None else g if g.is_contiguous() and g.dtype is dtype
-                 else _readable(g, dtype, "a gradient") for g, s in zip(grads, state, strict=True)]
-        d_state = [torch.empty_like(s) for s in state]  # contiguous [B, H], as the states now are
-        batch, inputs, hidden = x.shape[0], x.shape[1], state[0].shape[1]
+        # the forward measured the GEMM (a plan made again since, 64 shapes later, has it or the static rule's)
+        args = [plan.gemm_fn or layout.threaded_fn, batch, inputs, hidden, x.data_ptr(), *weights]
+        state = []
+        for s in tensors[:n_state]:
+            s = s if s.is_contiguous() else s.contiguous()
+            state.append(s)
+            args.append(s.data_ptr())
+        args.append(work.data_ptr())
+        d_new = []  # held to the call
+        for g, s in zip(grads, state, strict=True):
+            if g is None:
+                g = torch.zeros_like(s)
+            elif not g.is_contiguous() or g.dtype is not dtype:
+                g = _readable(g, dtype, "a gradient")
+            d_new.append(g)
+            args.append(g.data_ptr())
+        d_state = []
+        for s in state:
+            d = torch.empty_like(s)  # contiguous [B, H], as the state now is
+            d_state.append(d)
+            args.append(d.data_ptr())
         need_dx = needs[1]
         first_param = 2 + n_state
         need_dw = any(needs[first_param:])
         dx = torch.empty_like(x) if need_dx else _empty(dtype)
+        args.append(dx.data_ptr())
         params = tensors[n_state:]
-        plan = layout.shapes.get((batch, inputs, hidden)) or _shape_plan(layout, batch, inputs, hidden)
         # in the kernel's order: d_W_ih, d_W_hh, d_b_ih, d_b_hh, the extras'; each shaped as its parameter,
         # C-contiguous (the kernel writes an absent one's too)
         grad_slots = plan.grad_slots
-        if need_dw:
-            d_weights = [torch.empty_like(params[i]) if i >= 0 and params[i].is_contiguous()
-                         else torch.empty(params[i].shape if i >= 0 else n, dtype=dtype) for i, n in grad_slots]
-        else:
-            d_weights = [_empty(dtype)] * len(grad_slots)
-        # the forward measured the GEMM (a plan made again since, 64 shapes later, has it or the static rule's)
-        layout.module.step_backward(plan.gemm_fn or layout.threaded_fn, batch, inputs, hidden,
-                                    x.data_ptr(), *weights,
-                                    *[s.data_ptr() for s in state], work.data_ptr(),
-                                    *[g.data_ptr() for g in d_new], *[d.data_ptr() for d in d_state], dx.data_ptr(),
-                                    *[d.data_ptr() for d in d_weights], need_dx, need_dw)
+        d_weights = []
+        for i, n in grad_slots:
+            if not need_dw:
+                d = _empty(dtype)
+            elif i >= 0 and params[i].is_contiguous():
+                d = torch.empty_like(params[i])
+            else:
+                d = torch.empty(params[i].shape if i >= 0 else n, dtype=dtype)
+            d_weights.append(d)
+            args.append(d.data_ptr())
+        layout.module.step_backward(*args, need_dx, need_dw)
         del kept
         g_params: list[Tensor | None] = [None] * len(params)
         if need_dw:
             for (i, _), d in zip(grad_slots, d_weights, strict=True):
                 if i >= 0 and needs[first_param + i]:
                     g_params[i] = d
-        g_state = [d if need else None for d, need in zip(d_state, needs[2:first_param], strict=True)]
-        return (None, dx if need_dx else None, *g_state, *g_params)
+        for j in range(n_state):
+            if not needs[2 + j]:
+                d_state[j] = None
+        return (None, dx if need_dx else None, *d_state, *g_params)
 
 
 _empties: dict[torch.dtype, Tensor] = {}
@@ -296,4 +315,4 @@ def _empty(dtype: torch.dtype) -> Tensor:
 # under torch.func transforms to the scan instead.
 _apply_step = super(torch.autograd.Function, _Step).apply
 
-__all__ = ["run_step", "step_layout", "StepLayout"]
+__all__ = ["step_runner", "step_layout", "StepLayout"]
