@@ -14,7 +14,8 @@ in-place updates show through the addresses. A call of two steps or more that th
 (its GEMM choice not yet measured; a one-step call keeps the static rule until then) is declined, and so is one
 with a non-contiguous parameter (the kernels read it by address), a parameter of another dtype or device (the
 general path's checks report it), or one made while another thread runs the same binding (the blocks are its
-own).
+own). A one-step call may run on the cells' step kernels instead (_one_step), where its first call measured that
+way faster (gemm_choice; the scan is the static rule).
 """
 
 from __future__ import annotations
@@ -28,10 +29,11 @@ from torch import Tensor
 
 from ...registry import CellSpec, Stack
 from ..fused import _transforms_active
-from . import buffers, gemm, schedule
+from . import buffers, gemm, gemm_choice, schedule
 from .availability import DTYPES
 from .codegen import entry_address, units_supported
 from .scan import forward_args, prepare
+from .step import StepLayout, inference_step, step_layout, zero_state
 from .views import NO_PRODUCTS, NO_SAVED, layout
 
 
@@ -48,17 +50,59 @@ def stack_runner(cell: CellSpec, dtype: torch.dtype, stack: Stack):
                  for names in stack.names]
     directions = 2 if stack.bidirectional else 1
     bound: dict[tuple[int, ...], _Bound] = {}
+    names = stack.names[0]
+    one_step = step_layout(cell, dtype, names) if all(n == names for n in stack.names) else None
+    # per (input shape, thread count): whether a one-step call runs on the cells' kernels, as measured
+    steps_measured: dict[tuple, bool] = {}
 
     def run(x: Tensor, state0: tuple[Tensor, ...] | None, params: list[list[Tensor]]):
         if _transforms_active():
             return None
+        if x.shape[0] == 1 and one_step is not None:
+            way = steps_measured.get((x.shape, torch.get_num_threads()))
+            if way is None:
+                way = measure_one_step(x, state0, params)
+            if way:
+                return _one_step(one_step, names, cell.num_states, directions, x, state0, params)
+        return scan(x, state0, params)
+
+    def measure_one_step(x: Tensor, state0: tuple[Tensor, ...] | None, params: list[list[Tensor]]) -> bool:
+        """A one-step call on the cells' kernels or as a scan, by gemm_choice (the scan is the static rule): the
+        cells' kernels transpose nothing and take a batch-1 step's products as loops, the scan has less Python
+        per layer."""
+        threads = torch.get_num_threads()
+        key = ("one step", dtype, *x.shape[1:], width_of(params), len(params), threads)
+        way = gemm_choice.decided(key)
+        if way is None:
+            if not gemm_choice.may_measure():
+                return False
+
+            def run_way(steps: bool):
+                if steps:
+                    return _one_step(one_step, names, cell.num_states, directions, x, state0, params)
+                return scan(x, state0, params)
+
+            # each way once first, outside choose's lock: a choice either makes (the input projection's way, a
+            # large step's GEMM) is measured there, and then only looked up
+            run_way(False)
+            run_way(True)
+            way = gemm_choice.choose(key, (False, True), run_way)
+        if len(steps_measured) >= 16:
+            steps_measured.clear()
+        steps_measured[(x.shape, threads)] = way
+        return way
+
+    def width_of(params: list[list[Tensor]]) -> int:
+        return params[0][positions[0][0]].shape[0]
+
+    def scan(x: Tensor, state0: tuple[Tensor, ...] | None, params: list[list[Tensor]]):
         found = bound.get(x.shape)
         if found is not None:
             result = found(x, state0, params)
             if result is not _STALE:
                 return result
         steps, batch = x.shape[0], x.shape[1]
-        width = params[0][positions[0][0]].shape[0]
+        width = width_of(params)
         plan = schedule.plan(DTYPES[dtype], steps, batch, width, width // gates, cell.num_states)
         if not batch or (measured and plan.measure_forward is not None and steps > 1):  # scan.forward measures
             return None
@@ -188,6 +232,38 @@ class _Bound:
                 layer_input = outputs[0] if directions == 1 else torch.cat(outputs, 2)
                 outputs = []
         return layer_input, tuple(finals)
+
+
+def _one_step(steps: StepLayout, names: tuple[str, ...], num_states: int, directions: int, x: Tensor,
+              state0: tuple[Tensor, ...] | None, params: list[list[Tensor]]):
+    """A one-step call (x [1, B, I]) run layer-direction by layer-direction on the cells' step kernels (step.py),
+    which take a batch-1 step's products as loops and transpose nothing: (output [1, B, D*H], final states
+    [L*D, B, H], h's apart from the output's memory as torch.nn's is). None (the general path) for an empty batch
+    or input; a parameter of another dtype or device raises, naming it."""
+    batch, inputs = x.shape[1], x.shape[2]
+    if not batch or not inputs or x.dtype is not steps.dtype:
+        return None
+    if state0 is None:
+        state = (zero_state(steps.dtype, batch, params[0][steps.w_hh].shape[-1]),) * num_states
+    if len(params) == 1:  # one layer-direction: its new states are the final ones, h copied apart from the output
+        new = inference_step(steps, x[0], state if state0 is None else [s[0] for s in state0], params[0], names)
+        final = [torch.stack(new[:1])]
+        for s in new[1:]:
+            final.append(s.unsqueeze(0))
+        return new[0].unsqueeze(0), tuple(final)
+    finals: list[list[Tensor]] = [[] for _ in range(num_states)]
+    layer_input, outputs = x[0], []
+    for index, p in enumerate(params):
+        if state0 is not None:
+            state = [s[index] for s in state0]
+        new = inference_step(steps, layer_input, state, p, names)
+        for store, s in zip(finals, new, strict=True):
+            store.append(s)
+        outputs.append(new[0])
+        if len(outputs) == directions:
+            layer_input = outputs[0] if directions == 1 else torch.cat(outputs, 1)
+            outputs = []
+    return layer_input.unsqueeze(0), tuple(torch.stack(store) for store in finals)
 
 
 def _position(names: tuple[str, ...], name: str) -> int | None:

@@ -80,6 +80,20 @@ def _zeros_address(dtype: torch.dtype, n: int) -> int:
     return zeros.data_ptr()
 
 
+_zero_states: dict[tuple[torch.dtype, int, int], Tensor] = {}
+
+
+def zero_state(dtype: torch.dtype, batch: int, hidden: int) -> Tensor:
+    """A [batch, hidden] state of zeros, kept for the process: only for kernels that read it (a module's call
+    without hx), never handed to the caller."""
+    zeros = _zero_states.get((dtype, batch, hidden))
+    if zeros is None:
+        if len(_zero_states) >= 64:
+            _zero_states.clear()
+        zeros = _zero_states[(dtype, batch, hidden)] = torch.zeros(batch, hidden, dtype=dtype)
+    return zeros
+
+
 def _readable(t: Tensor, dtype: torch.dtype, what: str) -> Tensor:
     """t itself when the kernels can read it by address (C-contiguous, on the CPU, of the step's dtype), else a
     contiguous copy; a tensor of another dtype or device raises, as torch.nn's kernels do."""
@@ -157,6 +171,12 @@ def step_runner(layout: StepLayout | None, cell: CellSpec, names: tuple[str, ...
         return tuple(_forward(layout, x, state, params, names, False)[0])
 
     return run
+
+
+def inference_step(layout: StepLayout, x: Tensor, state, params, names) -> list[Tensor]:
+    """One step's new states without autograd, for a caller that checked grad mode, transforms and the sizes
+    itself (stack.py's one-step module calls)."""
+    return _forward(layout, x, state, params, names, False)[0]
 
 
 _WEIGHTS_AT = 4  # step_forward's arguments: B, I, H, x, then the weights in slot order
@@ -315,4 +335,4 @@ def _empty(dtype: torch.dtype) -> Tensor:
 # under torch.func transforms to the scan instead.
 _apply_step = super(torch.autograd.Function, _Step).apply
 
-__all__ = ["step_runner", "step_layout", "StepLayout"]
+__all__ = ["inference_step", "step_runner", "step_layout", "StepLayout", "zero_state"]

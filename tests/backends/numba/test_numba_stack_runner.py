@@ -15,7 +15,7 @@ from torch import nn
 
 import seqfast
 from seqfast.backends.fused import FusedBackend
-from seqfast.backends.numba import schedule
+from seqfast.backends.numba import gemm_choice, schedule, stack
 from seqfast.functional import InputError
 
 pytestmark = pytest.mark.parametrize("backend", [backend_param("numba")])
@@ -281,3 +281,78 @@ def test_calls_from_several_threads_at_once_match_torch_nn(backend):
     for t in threads:
         t.join()
     assert not failures
+
+
+@pytest.mark.parametrize("layers", [1, 2])  # one layer-direction, or two layers of two directions
+@pytest.mark.parametrize("cells_kernels", [True, False], ids=["cells-kernels", "scan"])
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_a_one_step_call_runs_the_way_measured_and_matches_torch_nn(backend, kind, cells_kernels, layers,
+                                                                     monkeypatch):
+    # a one-step inference call measures the cells' kernels against the scan once per input shape (both run on
+    # the call's own data), then keeps the outcome; either way matches torch.nn, and h_n is not the output's memory
+    monkeypatch.setenv("SEQFAST_CALIBRATE", "1")
+    gemm_choice.forget()  # no decision of another test's
+    measured, stepped = [], []
+
+    def choose(key, ways, run):
+        for way in ways:
+            run(way)
+        measured.append(key)
+        return cells_kernels
+
+    def one_step(*args):
+        stepped.append(1)
+        return real(*args)
+
+    real = stack._one_step
+    monkeypatch.setattr(gemm_choice, "choose", choose)
+    monkeypatch.setattr(stack, "_one_step", one_step)
+    ref, ours = _pair(kind, 5, 6, num_layers=layers, bidirectional=layers > 1)
+    gen = torch.Generator().manual_seed(2)
+    states = 2 if kind == "LSTM" else 1
+    calls = 0
+    with torch.no_grad():
+        for batch in (1, 3, 1):
+            for given in (False, True):
+                x = torch.randn(1, batch, 5, generator=gen)
+                shape = (4 if layers > 1 else 1, batch, 6)  # layer-directions, batch, hidden
+                hx = tuple(torch.randn(shape, generator=gen) for _ in range(states)) if given else None
+                hx = hx if hx is None or states > 1 else hx[0]
+                got, want = ours(x, hx), ref(x, hx)
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-5)
+                h_n = got[1][0] if states > 1 else got[1]
+                assert h_n.untyped_storage().data_ptr() != got[0].untyped_storage().data_ptr()
+                calls += 1
+    assert len(measured) == 2  # batch 1 and batch 3, once each
+    # each measurement runs each way once before choose and once in it
+    assert len(stepped) == 2 * len(measured) + (calls if cells_kernels else 0)
+
+
+def test_a_one_step_call_keeps_the_scan_where_timing_is_off(backend, monkeypatch):
+    monkeypatch.setattr(stack, "_one_step", lambda *args: pytest.fail("the cells' kernels ran"))
+    ref, ours = _pair("LSTM", 5, 6)
+    x = torch.randn(1, 2, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x), rtol=1e-4, atol=2e-5)
+
+
+def test_measuring_a_one_step_call_makes_the_choices_inside_it_first(backend, monkeypatch):
+    # at B64 I64 H64 the scan's input projection and the step's GEMM are measured choices of their own: made
+    # inside the one-step timing, under gemm_choice's lock, they would wait for it forever
+    monkeypatch.setenv("SEQFAST_CALIBRATE", "1")
+    gemm_choice.forget()
+    ref, ours = _pair("LSTM", 64, 64)
+    x = torch.randn(1, 64, 64)
+    got = []
+
+    def infer():
+        with torch.no_grad():  # grad mode is per thread
+            got.append(ours(x))
+
+    call = threading.Thread(target=infer, daemon=True)
+    call.start()
+    call.join(120)
+    assert not call.is_alive(), "the measured one-step call did not return"
+    with torch.no_grad():
+        torch.testing.assert_close(got[0], ref(x), rtol=1e-4, atol=2e-5)
+    assert any(key[0] == "one step" for key in gemm_choice._decided)
