@@ -77,8 +77,8 @@ def stack_runner(cell: CellSpec, dtype: torch.dtype, stack: Stack):
             if not gemm_choice.may_measure():
                 return False
 
-            def run_way(steps: bool):
-                if steps:
+            def run_way(on_cells: bool):
+                if on_cells:
                     return _one_step(one_step, names, cell.num_states, directions, x, state0, params)
                 return scan(x, state0, params)
 
@@ -234,19 +234,19 @@ class _Bound:
         return layer_input, tuple(finals)
 
 
-def _one_step(steps: StepLayout, names: tuple[str, ...], num_states: int, directions: int, x: Tensor,
+def _one_step(kernels: StepLayout, names: tuple[str, ...], num_states: int, directions: int, x: Tensor,
               state0: tuple[Tensor, ...] | None, params: list[list[Tensor]]):
     """A one-step call (x [1, B, I]) run layer-direction by layer-direction on the cells' step kernels (step.py),
     which take a batch-1 step's products as loops and transpose nothing: (output [1, B, D*H], final states
     [L*D, B, H], h's apart from the output's memory as torch.nn's is). None (the general path) for an empty batch
     or input; a parameter of another dtype or device raises, naming it."""
     batch, inputs = x.shape[1], x.shape[2]
-    if not batch or not inputs or x.dtype is not steps.dtype:
+    if not batch or not inputs or x.dtype is not kernels.dtype:
         return None
     if state0 is None:
-        state = (zero_state(steps.dtype, batch, params[0][steps.w_hh].shape[-1]),) * num_states
+        state = (zero_state(kernels.dtype, batch, params[0][kernels.w_hh].shape[-1]),) * num_states
     if len(params) == 1:  # one layer-direction: its new states are the final ones, h copied apart from the output
-        new = inference_step(steps, x[0], state if state0 is None else [s[0] for s in state0], params[0], names)
+        new = inference_step(kernels, x[0], state if state0 is None else [s[0] for s in state0], params[0], names)
         final = [torch.stack(new[:1])]
         for s in new[1:]:
             final.append(s.unsqueeze(0))
@@ -256,7 +256,7 @@ def _one_step(steps: StepLayout, names: tuple[str, ...], num_states: int, direct
     for index, p in enumerate(params):
         if state0 is not None:
             state = [s[index] for s in state0]
-        new = inference_step(steps, layer_input, state, p, names)
+        new = inference_step(kernels, layer_input, state, p, names)
         for store, s in zip(finals, new, strict=True):
             store.append(s)
         outputs.append(new[0])
