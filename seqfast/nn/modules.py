@@ -597,7 +597,13 @@ class Recurrent(_PicklesCellByName, nn.Module):
         parametrized parameter is the one that runs."""
         params = self._parameters
         try:
-            return [[params[name] for name in names] for names in self._all_weights]
+            stack = []  # loops: each comprehension is a call of its own, and this runs on every call
+            for names in self._all_weights:
+                layer = []
+                for name in names:
+                    layer.append(params[name])
+                stack.append(layer)
+            return stack
         except KeyError:  # a parametrized weight: a property, absent from _parameters
             return [[self._param(name) for name in names] for names in self._all_weights]
 

@@ -189,7 +189,7 @@ class _Bound:
     def __call__(self, x: Tensor, state0: tuple[Tensor, ...] | None, params: list[list[Tensor]]):
         """(output, final states); _STALE where the parameters or the plan changed since the binding; None for a
         call it declines."""
-        if [layout(t) for p in params for t in p] != self.layouts or schedule.plan(*self.plan_key) is not self.plan:
+        if not self._same_layouts(params) or schedule.plan(*self.plan_key) is not self.plan:
             return _STALE
         if not self.usable or x.dtype is not self.dtype or not self.lock.acquire(blocking=False):
             return None
@@ -198,14 +198,31 @@ class _Bound:
         finally:
             self.lock.release()
 
+    def _same_layouts(self, params: list[list[Tensor]]) -> bool:
+        """Whether every parameter has the layout it was bound with. Loops, not comprehensions, here and in _run:
+        at small sizes a call's Python is much of its time, and each comprehension is a call of its own."""
+        bound, i = self.layouts, 0
+        for p in params:
+            for t in p:
+                if i == len(bound) or layout(t) != bound[i]:
+                    return False
+                i += 1
+        return i == len(bound)
+
     def _run(self, x: Tensor, state0: tuple[Tensor, ...] | None, params: list[list[Tensor]]):
         if state0 is not None:
-            if any(s.dtype is not self.dtype for s in state0):
-                return None
-            state0 = [s if s.is_contiguous() else s.contiguous() for s in state0]
-            inits = [s.data_ptr() for s in state0]
-        finals = [buffers.like(self.final_like) for _ in self.slot_final]
-        at_final = [f.data_ptr() for f in finals]
+            kept, inits = [], []  # kept: the contiguous copies, alive to the kernels' return
+            for s in state0:
+                if s.dtype is not self.dtype:
+                    return None
+                s = s if s.is_contiguous() else s.contiguous()
+                kept.append(s)
+                inits.append(s.data_ptr())
+        finals, at_final = [], []
+        for _ in self.slot_final:
+            f = buffers.like(self.final_like)
+            finals.append(f)
+            at_final.append(f.data_ptr())
         gomp, entry, size = self.gomp, self.entry, self.state_bytes
         directions = self.directions
         layer_input = x
