@@ -114,6 +114,21 @@ def test_a_one_row_step_matches_torch_nn_past_a_vector_width(backend, cell, dtyp
 
 
 @pytest.mark.parametrize("backend", [backend_param("numba"), backend_param("native"), backend_param("torch")])
+def test_a_state_the_loss_does_not_reach_gets_no_gradient_from_it(backend):
+    # the loss reads h' only: autograd hands the backward zeros for c'
+    ref, ours = _pair("lstm", 3, 4, torch.float64, backend)
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 3, generator=gen, dtype=torch.float64)
+    hx = tuple(torch.randn(2, 4, generator=gen, dtype=torch.float64) for _ in range(2))
+    grads = []
+    for module in (ref, ours):
+        inputs = [x.clone().requires_grad_(), *(h.clone().requires_grad_() for h in hx)]
+        h_new, _ = module(inputs[0], tuple(inputs[1:]))
+        grads.append(torch.autograd.grad((h_new * h_new).sum(), [*inputs, *module.parameters()]))
+    torch.testing.assert_close(grads[1], grads[0])
+
+
+@pytest.mark.parametrize("backend", [backend_param("numba"), backend_param("native"), backend_param("torch")])
 def test_step_reads_weights_changed_in_place_or_reassigned(backend):
     # weight_hh of an RNNCell is [H, H]: its transpose has the same memory, shape and dtype, only the strides differ
     ref, ours = _pair("rnn_tanh", 4, 4, torch.float32, backend)
