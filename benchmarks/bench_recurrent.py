@@ -5,8 +5,8 @@ while backends land and old commits are still benchmarked). A combination that c
 measured (backend not registered yet, or the registry gives reasons) raises NotImplementedError in setup, which
 asv records as skipped; the reason is the registry's own.
 
-SEQFAST_ASV_GRID=small (default) | full | small-batch | tiny picks the shapes; SEQFAST_ASV_CELLS / SEQFAST_ASV_BACKENDS
-(comma-separated) narrow the cells and backends.
+SEQFAST_ASV_GRID=small (default) | full | small-batch | one-step | tiny picks the shapes; SEQFAST_ASV_CELLS /
+SEQFAST_ASV_BACKENDS (comma-separated) narrow the cells and backends.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ GRIDS = {
     "small": [(100, 1, 32, 32), (100, 8, 64, 64)],
     "full": [(100, 1, 32, 32), (100, 8, 64, 64), (200, 32, 128, 128), (100, 64, 256, 256), (50, 64, 512, 512)],
     "small-batch": [(100, 1, 128, 128), (100, 1, 256, 256), (100, 1, 512, 512), (100, 4, 256, 256)],
+    "one-step": [(1, 1, 32, 32), (1, 1, 256, 256), (1, 1, 512, 512), (1, 8, 256, 256)],
 }
 
 

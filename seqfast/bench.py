@@ -65,6 +65,8 @@ GRIDS: dict[str, list[Shape]] = {
     "full": [(100, 1, 32, 32), (100, 8, 64, 64), (200, 32, 128, 128), (100, 64, 256, 256), (50, 64, 512, 512)],
     # latency: a few rows, large layers (where numba may split the hidden units over its threads)
     "small-batch": [(100, 1, 128, 128), (100, 1, 256, 256), (100, 1, 512, 512), (100, 4, 256, 256)],
+    # one step a call: a decoder stepping a module (with --step-loop, one cell step)
+    "one-step": [(1, 1, 32, 32), (1, 1, 256, 256), (1, 1, 512, 512), (1, 8, 256, 256)],
 }
 
 
@@ -89,7 +91,7 @@ def _csv(text: str) -> list[str]:
 
 def _grid(text: str) -> str:
     if text not in GRIDS:
-        raise argparse.ArgumentTypeError(f"expected small, full or small-batch, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected small, full, small-batch or one-step, got {text!r}")
     return text
 
 
@@ -103,9 +105,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--modes", type=_csv, default=list(MODES), metavar="M,M",
                         help="inference (forward under no_grad) and/or training (forward + backward); default both")
     # "tiny" is for tests and is left out of the help on purpose
-    parser.add_argument("--grid", type=_grid, default="small", metavar="{small,full,small-batch}",
-                        help="shapes (T,B,I,H): small (default, a minute or two), full (the numba issue's grid) "
-                             "or small-batch (B1-B4, H128-512: latency)")
+    parser.add_argument("--grid", type=_grid, default="small", metavar="{small,full,small-batch,one-step}",
+                        help="shapes (T,B,I,H): small (default, a minute or two), full (the numba issue's grid), "
+                             "small-batch (B1-B4, H128-512: latency) or one-step (T1: a decoder's calls)")
     parser.add_argument("--shapes", type=parse_shapes, default=None, metavar="'T,B,I,H;...'",
                         help="explicit shapes instead of --grid")
     parser.add_argument("--repeats", type=int, default=10, metavar="N",

@@ -108,6 +108,7 @@ def test_parse_shapes() -> None:
         bench.parse_shapes("1,2,3")
     assert len(bench.GRIDS["small"]) == 3 and len(bench.GRIDS["full"]) == 5
     assert all(batch <= 4 for _, batch, _, _ in bench.GRIDS["small-batch"])
+    assert all(steps == 1 for steps, _, _, _ in bench.GRIDS["one-step"])
 
 
 def test_no_candidate_always_runs_right_after_the_same_one(monkeypatch) -> None:
