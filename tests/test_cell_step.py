@@ -238,6 +238,42 @@ def test_one_step_sequence_modules_match_torch_nn(backend, kind):
     torch.testing.assert_close(torch.autograd.grad(got.sum(), x)[0], want_grad)
 
 
+@pytest.mark.parametrize("layers", [1, 2])
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("backend", [backend_param("numba")])
+def test_a_one_step_module_call_trains_on_the_step_kernels(backend, kind, layers, monkeypatch):
+    # with autograd, each layer-direction of a T=1 call is one step node (step.one_step_layer), not a scan: the
+    # outputs and every gradient equal torch.nn's, with and without hx, and h_n is not the output's memory
+    from seqfast.backends.numba import step
+
+    ran = []
+    real = step.one_step_layer
+    monkeypatch.setattr(step, "one_step_layer", lambda *args: ran.append(1) or real(*args))
+    torch.manual_seed(0)
+    bidirectional = layers > 1
+    ref = getattr(torch.nn, kind)(3, 4, num_layers=layers, bidirectional=bidirectional, dtype=torch.float64)
+    ours = getattr(seqfast, kind)(3, 4, num_layers=layers, bidirectional=bidirectional, dtype=torch.float64,
+                                  backend=backend)
+    ours.load_state_dict(ref.state_dict())
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 2, 3, generator=gen, dtype=torch.float64)
+    count = layers * (2 if bidirectional else 1)
+    states = [torch.randn(count, 2, 4, generator=gen, dtype=torch.float64) for _ in range(2 if kind == "LSTM" else 1)]
+    for given in (False, True):
+        grads = []
+        for module in (ref, ours):
+            inputs = [x.clone().requires_grad_(), *(s.clone().requires_grad_() for s in states)]
+            hx = (tuple(inputs[1:]) if kind == "LSTM" else inputs[1]) if given else None
+            out, h_n = module(inputs[0], hx)
+            h = h_n[0] if kind == "LSTM" else h_n
+            assert h.untyped_storage().data_ptr() != out.untyped_storage().data_ptr()
+            loss = (out * out).sum() + (1.5 * h).sin().sum()
+            grads.append((out, torch.autograd.grad(loss, [*inputs[:len(inputs) if given else 1],
+                                                          *module.parameters()])))
+        torch.testing.assert_close(grads[1], grads[0])
+    assert len(ran) == 2 * count
+
+
 def test_bench_step_loop_times_the_cells_against_torch_nns():
     from seqfast.bench import TORCH_NN, measure_case
 

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from ...registry import CellSpec, Query, Stack
-from ..fused import FusedBackend
+from ..fused import FusedBackend, _transforms_active
 from ..fused_contract import Ownership, ScanInputs
 from . import gemm, scan, schedule
 from .availability import DTYPES, numba_missing
@@ -104,6 +104,19 @@ class NumbaBackend(FusedBackend):
 
         names = tuple(names)
         return step_runner(step_layout(cell, dtype, names), cell, names, super().step)
+
+    def layer(self, cell: CellSpec, x: Tensor, weight_ih: Tensor, bias_ih: Tensor | None,
+              state0: tuple[Tensor, ...] | None, weights, lengths: Tensor | None, reverse: bool):
+        # a one-step layer with autograd (a decoder trained step by step): the cells' step kernels, one node each
+        # way, rather than the scan's setup around a single step
+        if (x.shape[0] == 1 and x.shape[1] and x.shape[2] and torch.is_grad_enabled() and not _transforms_active()
+                and not torch.compiler.is_compiling()):
+            from .step import one_step_layer
+
+            result = one_step_layer(cell, x, weight_ih, bias_ih, state0, weights)
+            if result is not None:
+                return result
+        return super().layer(cell, x, weight_ih, bias_ih, state0, weights, lengths, reverse)
 
     # --- a module's inference calls (stack.py) -------------------------------------------------------------------
     def stack_runner(self, cell: CellSpec, dtype: torch.dtype, stack: Stack):

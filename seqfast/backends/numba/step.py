@@ -179,6 +179,34 @@ def inference_step(layout: StepLayout, x: Tensor, state, params, names) -> list[
     return _forward(layout, x, state, params, names, False)[0]
 
 
+def one_step_layer(cell: CellSpec, x: Tensor, weight_ih: Tensor, bias_ih: Tensor | None,
+                   state0: tuple[Tensor, ...] | None, weights) -> tuple[Tensor, tuple[Tensor, ...]] | None:
+    """FusedBackend.layer for x [1, B, I] (a one-step call of a module) on the step kernels: (output [1, B, H],
+    final states), one autograd node each way instead of the scan's; None where the kernels do not apply (the
+    caller has ruled out transforms, torch.compile and empty sizes). At T = 1 lengths are all 1 and the direction
+    does not matter."""
+    names, params = ["weight_ih"], [weight_ih]
+    if bias_ih is not None:
+        names.append("bias_ih")
+        params.append(bias_ih)
+    for name, w in weights.items():
+        if w is not None:
+            names.append(name)
+            params.append(w)
+    names = tuple(names)
+    layout = step_layout(cell, x.dtype, names)
+    if layout is None or cell.pointwise.backward is None:
+        return None
+    if state0 is None:
+        state0 = (zero_state(x.dtype, x.shape[1], params[layout.w_hh].shape[-1]),) * cell.num_states
+    step = x[0]
+    if x.requires_grad or _any_requires_grad(state0) or _any_requires_grad(params):
+        new = _apply_step((layout, cell, names, len(state0)), step, *state0, *params)
+    else:
+        new = _forward(layout, step, state0, params, names, False)[0]
+    return torch.stack(new[:1]), tuple(new)  # the output apart from h's memory, as the scan's is
+
+
 _WEIGHTS_AT = 4  # step_forward's arguments: B, I, H, x, then the weights in slot order
 
 
@@ -335,4 +363,4 @@ def _empty(dtype: torch.dtype) -> Tensor:
 # under torch.func transforms to the scan instead.
 _apply_step = super(torch.autograd.Function, _Step).apply
 
-__all__ = ["inference_step", "step_runner", "step_layout", "StepLayout", "zero_state"]
+__all__ = ["inference_step", "one_step_layer", "step_runner", "step_layout", "StepLayout", "zero_state"]
