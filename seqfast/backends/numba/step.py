@@ -85,12 +85,13 @@ _zero_states: dict[tuple[torch.dtype, int, int], Tensor] = {}
 
 def zero_state(dtype: torch.dtype, batch: int, hidden: int) -> Tensor:
     """A [batch, hidden] state of zeros, kept for the process: only for kernels that read it (a module's call
-    without hx), never handed to the caller."""
+    without hx), never handed to the caller. Made outside inference mode, so a training step can save it."""
     zeros = _zero_states.get((dtype, batch, hidden))
     if zeros is None:
         if len(_zero_states) >= 64:
             _zero_states.clear()
-        zeros = _zero_states[(dtype, batch, hidden)] = torch.zeros(batch, hidden, dtype=dtype)
+        with torch.inference_mode(False):
+            zeros = _zero_states[(dtype, batch, hidden)] = torch.zeros(batch, hidden, dtype=dtype)
     return zeros
 
 

@@ -356,3 +356,18 @@ def test_measuring_a_one_step_call_makes_the_choices_inside_it_first(backend, mo
     with torch.no_grad():
         torch.testing.assert_close(got[0], ref(x), rtol=1e-4, atol=2e-5)
     assert any(key[0] == "one step" for key in gemm_choice._decided)
+
+
+def test_a_one_step_call_trains_after_one_made_in_inference_mode(backend, monkeypatch):
+    # the zero states a one-step call without hx reads are kept for the process: one made under inference_mode
+    # must still be a tensor a training step can save for its backward
+    monkeypatch.setenv("SEQFAST_CALIBRATE", "1")
+    gemm_choice.forget()
+    ref, ours = _pair("GRU", 8, 8)
+    x = torch.randn(1, 1, 8)
+    with torch.inference_mode():
+        ours(x)
+    out, _ = ours(x)
+    want, _ = ref(x)
+    grads = [torch.autograd.grad(o.sum(), list(m.parameters())) for o, m in ((out, ours), (want, ref))]
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=2e-5)
