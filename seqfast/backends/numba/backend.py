@@ -111,11 +111,13 @@ class NumbaBackend(FusedBackend):
         # way, rather than the scan's setup around a single step
         if (x.shape[0] == 1 and x.shape[1] and x.shape[2] and torch.is_grad_enabled() and not _transforms_active()
                 and not torch.compiler.is_compiling()):
-            from .step import one_step_layer
+            from .step import one_step_inputs
 
-            result = one_step_layer(cell, x, weight_ih, bias_ih, state0, weights)
-            if result is not None:
-                return result
+            found = one_step_inputs(cell, x, weight_ih, bias_ih, state0, weights)
+            if found is not None:  # the step runner then runs its kernels: none of its fallbacks applies
+                names, state, params = found
+                new = self.step(cell, x[0], state, params, names)
+                return torch.stack(new[:1]), tuple(new)  # the output apart from h's memory, as the scan's is
         return super().layer(cell, x, weight_ih, bias_ih, state0, weights, lengths, reverse)
 
     # --- a module's inference calls (stack.py) -------------------------------------------------------------------

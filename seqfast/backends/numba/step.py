@@ -180,12 +180,11 @@ def inference_step(layout: StepLayout, x: Tensor, state, params, names) -> list[
     return _forward(layout, x, state, params, names, False)[0]
 
 
-def one_step_layer(cell: CellSpec, x: Tensor, weight_ih: Tensor, bias_ih: Tensor | None,
-                   state0: tuple[Tensor, ...] | None, weights) -> tuple[Tensor, tuple[Tensor, ...]] | None:
-    """FusedBackend.layer for x [1, B, I] (a one-step call of a module) on the step kernels: (output [1, B, H],
-    final states), one autograd node each way instead of the scan's; None where the kernels do not apply (the
-    caller has ruled out transforms, torch.compile and empty sizes). At T = 1 lengths are all 1 and the direction
-    does not matter."""
+def one_step_inputs(cell: CellSpec, x: Tensor, weight_ih: Tensor, bias_ih: Tensor | None,
+                    state0: tuple[Tensor, ...] | None, weights) -> tuple[tuple[str, ...], tuple, list] | None:
+    """For FusedBackend.layer at x [1, B, I] (a one-step call of a module): (names, state, params) that the
+    backend's step runner takes, to run the layer as one step node each way instead of the scan's; None where the
+    step kernels do not apply. At T = 1 lengths are all 1 and the direction does not matter."""
     names, params = ["weight_ih"], [weight_ih]
     if bias_ih is not None:
         names.append("bias_ih")
@@ -200,12 +199,7 @@ def one_step_layer(cell: CellSpec, x: Tensor, weight_ih: Tensor, bias_ih: Tensor
         return None
     if state0 is None:
         state0 = (zero_state(x.dtype, x.shape[1], params[layout.w_hh].shape[-1]),) * cell.num_states
-    step = x[0]
-    if x.requires_grad or _any_requires_grad(state0) or _any_requires_grad(params):
-        new = _apply_step((layout, cell, names, len(state0)), step, *state0, *params)
-    else:
-        new = _forward(layout, step, state0, params, names, False)[0]
-    return torch.stack(new[:1]), tuple(new)  # the output apart from h's memory, as the scan's is
+    return names, state0, params
 
 
 _WEIGHTS_AT = 4  # step_forward's arguments: B, I, H, x, then the weights in slot order
@@ -364,4 +358,4 @@ def _empty(dtype: torch.dtype) -> Tensor:
 # under torch.func transforms to the scan instead.
 _apply_step = super(torch.autograd.Function, _Step).apply
 
-__all__ = ["inference_step", "one_step_layer", "step_runner", "step_layout", "StepLayout", "zero_state"]
+__all__ = ["inference_step", "one_step_inputs", "step_runner", "step_layout", "StepLayout", "zero_state"]
