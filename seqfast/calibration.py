@@ -107,14 +107,15 @@ class Bucket(NamedTuple):
 
 # Nearby shapes share a decision: the backends' relative speed changes slowly with size (GEMM efficiency, per-step
 # overhead against per-step work), so batch, input, hidden and projection sizes round to the nearest power of two
-# (a bucket spans a factor of two). Steps round to the nearest power of four, and every sequence from 128 steps up
-# shares one bucket: fixed costs are amortized there, and what grows with the sequence shows at 256 steps.
+# (a bucket spans a factor of two). Steps round to the nearest power of four from 4, and every sequence from 128
+# steps up shares one bucket: fixed costs are amortized there, and what grows with the sequence shows at 256 steps.
+# One step is a bucket of its own: it runs other code (the cells' step kernels) than two steps do.
 def _pow2(n: int) -> int:
     return 1 << max(0, round(math.log2(n)))
 
 
 def _steps_bucket(steps: int) -> int:
-    return min(4 ** max(0, round(math.log(steps, 4))), MAX_STEPS)
+    return 1 if steps == 1 else min(4 ** max(1, round(math.log(steps, 4))), MAX_STEPS)
 
 
 _device_names: dict[str, str] = {}

@@ -105,6 +105,7 @@ def test_nearby_shapes_share_a_bucket() -> None:
     assert label(hidden=80) == label(hidden=64) != label(hidden=100)
     assert label(steps=40) == label(steps=64) != label(steps=20)
     assert label(steps=200) == label(steps=5000) == label(steps=256) != label(steps=64)
+    assert label(steps=1) != label(steps=2) == label(steps=3) == label(steps=4)  # one step runs the step kernels
     assert label(requires_grad=True) != label()
     assert calibration.bucket_of(Query(seqfast.get_cell("lstm"), hidden_size=8)) is None  # no shape: static
     assert calibration.bucket_of(query(batch=0)) is None

@@ -5,7 +5,8 @@ kernels that would first have to be compiled; see seqfast/calibration.py).
 It holds only what does not depend on the CPU: torch.nn has no fused CPU training kernel for GRU and RNN (autograd
 over per-step ops) and no kernel at all for plugin cells, so numba's fused scans take those. torch.nn's LSTM runs
 on oneDNN, and which of the two is faster depends on the shape and on the CPU, so the static rule keeps `native`
-there; calibration measures it.
+there; calibration measures it. A one-step training call of a one-gate cell (RNN) is no per-step loop either:
+torch.nn's step is two products and one pointwise op, with nothing for fusion to save.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ def prefer_numba(query: Query) -> bool:
     """True where numba runs fused math that torch.nn runs as separate per-step ops."""
     if query.device != "cpu" or query.proj_size:
         return False
+    if query.seq_len == 1 and query.requires_grad and query.cell.num_gates == 1:
+        return False
     return query.cell.native_mode not in FUSED_NATIVE_MODES
 
 
@@ -28,10 +31,10 @@ def auto_rank(query: Query, native_priority: float, own_priority: float) -> floa
     return native_priority + 1.0 if prefer_numba(query) else own_priority
 
 
-# One step (the cells, Query.level "step"): numba's fused one-step call against torch.nn's cell kernels (_VF). On
-# the 2-core benchmark machine numba's step did not beat _VF's for the built-in cells (its call costs more Python
-# than the kernels save at these sizes), so auto keeps native for them and takes numba's step for cells that have
-# no native kernel.
+# One step (the cells, Query.level "step"): numba's fused one-step call against torch.nn's cell kernels (_VF).
+# Which is faster depends on the cell, the shape and the CPU (an RNN cell's step is little more than its two
+# products), so the static rule keeps native for the built-in cells, calibration measures them, and numba's step
+# takes the cells that have no native kernel.
 def step_rank(query: Query, native_priority: float, own_priority: float) -> float:
     """Above native for a step of a cell without a native kernel; below it otherwise."""
     from .codegen import step_supported

@@ -180,8 +180,9 @@ def test_reasons_for_unsupported_queries() -> None:
 
 
 def test_static_rule_takes_numba_only_where_torch_nn_has_no_fused_kernel() -> None:
-    """Without calibration (tests/conftest.py turns it off), numba takes the cells torch.nn runs as per-step ops,
-    and LSTM, whose oneDNN kernel may be faster depending on shape and CPU, stays on native."""
+    """Without calibration (tests/conftest.py turns it off), numba takes the cells torch.nn runs as per-step ops
+    (but for a one-step RNN in training), and LSTM, whose oneDNN kernel may be faster depending on shape and CPU,
+    stays on native."""
     pick = seqfast.current_backend
     assert pick("gru", batch_size=1, hidden_size=32, seq_len=100, requires_grad=True) == "numba"
     assert pick("rnn_tanh", batch_size=64, hidden_size=512, seq_len=50) == "numba"
@@ -189,6 +190,11 @@ def test_static_rule_takes_numba_only_where_torch_nn_has_no_fused_kernel() -> No
     assert pick("peephole_lstm", batch_size=8, hidden_size=64, seq_len=100) == "numba"
     for batch, hidden, grad in [(64, 512, True), (1, 32, True), (8, 64, False), (1, 80, True), (256, 512, False)]:
         assert pick("lstm", batch_size=batch, hidden_size=hidden, seq_len=100, requires_grad=grad) == "native"
+    # one training step of a one-gate cell: torch.nn's step is its two products and one op, nothing to fuse
+    assert pick("rnn_tanh", batch_size=1, hidden_size=32, seq_len=1, requires_grad=True) == "native"
+    assert pick("rnn_tanh", batch_size=1, hidden_size=32, seq_len=2, requires_grad=True) == "numba"
+    assert pick("rnn_tanh", batch_size=1, hidden_size=32, seq_len=1) == "numba"
+    assert pick("gru", batch_size=1, hidden_size=32, seq_len=1, requires_grad=True) == "numba"
 
 
 def test_numba_missing_is_a_reason(monkeypatch) -> None:
