@@ -65,6 +65,25 @@ def test_step_matches_torch_nn_values_and_gradients(backend, cell, dtype, batche
         torch.testing.assert_close(g, w, **TOL[dtype], msg=lambda m, i=i: f"gradient {i}: {m}")
 
 
+@pytest.mark.parametrize("cell", list(KINDS))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_step_of_strided_inputs_and_states_matches_torch_nn(backend, cell):
+    # every other column of wider tensors: a backend reading copies must keep each alive through its kernel call
+    ref, ours = _pair(cell, 3, 5, torch.float32, backend)
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 6, generator=gen)[:, ::2]
+    hx = tuple(torch.randn(2, 10, generator=gen)[:, ::2] for _ in range(2 if cell == "lstm" else 1))
+    assert not x.is_contiguous() and not any(h.is_contiguous() for h in hx)
+    given = hx if len(hx) > 1 else hx[0]
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, given), ref(x, given), **TOL[torch.float32])
+    want_out, want_grads = _run(ref, x, hx)
+    got_out, got_grads = _run(ours, x, hx)
+    torch.testing.assert_close(got_out, want_out, **TOL[torch.float32])
+    for i, (w, g) in enumerate(zip(want_grads, got_grads, strict=True)):
+        torch.testing.assert_close(g, w, **TOL[torch.float32], msg=lambda m, i=i: f"gradient {i}: {m}")
+
+
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_relu"])
 @pytest.mark.parametrize("backend", [backend_param("numba"), backend_param("native")])
 def test_step_without_bias_matches_torch_nn(backend, cell):

@@ -232,10 +232,11 @@ def _forward(layout: StepLayout, x: Tensor, state, params, names, training: bool
                                f"for input size {inputs} and hidden size {hidden}")
         kept.append(t)
         args.append(t.data_ptr())
-    new = []
+    new, copies = [], []  # copies: a non-contiguous state's, alive to the kernel's return
     for s in state:
         if s.dtype is not dtype or not s.is_cpu or not s.is_contiguous():
             s = _readable(s, dtype, "hx")
+            copies.append(s)
         args.append(s.data_ptr())
         new.append(torch.empty_like(s))  # contiguous [B, H], as the state now is
     for n in new:

@@ -313,10 +313,10 @@ def test_a_one_step_call_runs_the_way_measured_and_matches_torch_nn(backend, kin
     calls = 0
     with torch.no_grad():
         for batch in (1, 3, 1):
-            for given in (False, True):
+            for given in (False, True, "strided"):
                 x = torch.randn(1, batch, 5, generator=gen)
-                shape = (4 if layers > 1 else 1, batch, 6)  # layer-directions, batch, hidden
-                hx = tuple(torch.randn(shape, generator=gen) for _ in range(states)) if given else None
+                shape = (4 if layers > 1 else 1, batch, 12 if given == "strided" else 6)  # layer-directions, B, H
+                hx = tuple(torch.randn(shape, generator=gen)[..., :6] for _ in range(states)) if given else None
                 hx = hx if hx is None or states > 1 else hx[0]
                 got, want = ours(x, hx), ref(x, hx)
                 torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-5)
