@@ -262,12 +262,9 @@ def _one_step(kernels: StepLayout, names: tuple[str, ...], num_states: int, dire
         return None
     if state0 is None:
         state = (zero_state(kernels.dtype, batch, params[0][kernels.w_hh].shape[-1]),) * num_states
-    if len(params) == 1:  # one layer-direction: its new states are the final ones, h copied apart from the output
-        new = inference_step(kernels, x[0], state if state0 is None else [s[0] for s in state0], params[0], names)
-        final = [torch.stack(new[:1])]
-        for s in new[1:]:
-            final.append(s.unsqueeze(0))
-        return new[0].unsqueeze(0), tuple(final)
+    if len(params) == 1:  # one layer-direction: the step writes the final states, the output is h's copy
+        final = inference_step(kernels, x, state if state0 is None else state0, params[0], names, final=True)
+        return final[0].clone(), tuple(final)
     finals: list[list[Tensor]] = [[] for _ in range(num_states)]
     layer_input, outputs = x[0], []
     for index, p in enumerate(params):

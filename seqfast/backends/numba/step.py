@@ -117,6 +117,7 @@ class _ShapePlan(NamedTuple):
     # None: to be measured on the shape's first call (_measured_gemm). A one-row step's products are loops
     # (_rows.py), whatever this says.
     work: tuple[Tensor, int]  # the work buffer's buffers.stand_in: a training step's comes from buffers.like
+    final: Tensor  # a [1, B, H] stand-in: a module's final state, from empty_like (a third cheaper than empty)
 
 
 def _shape_plan(layout: StepLayout, batch: int, inputs: int, hidden: int) -> _ShapePlan:
@@ -135,7 +136,7 @@ def _shape_plan(layout: StepLayout, batch: int, inputs: int, hidden: int) -> _Sh
         layout.shapes.clear()
     plan = layout.shapes[(batch, inputs, hidden)] = _ShapePlan(
         slots, tuple(slots[j] for j in (0, 2, 1, 3, *range(4, len(slots)))), fn,
-        buffers.stand_in((2, batch, width), layout.dtype))
+        buffers.stand_in((2, batch, width), layout.dtype), buffers.stand_in((1, batch, hidden), layout.dtype)[0])
     return plan
 
 
@@ -174,10 +175,11 @@ def step_runner(layout: StepLayout | None, cell: CellSpec, names: tuple[str, ...
     return run
 
 
-def inference_step(layout: StepLayout, x: Tensor, state, params, names) -> list[Tensor]:
+def inference_step(layout: StepLayout, x: Tensor, state, params, names, final: bool = False) -> list[Tensor]:
     """One step's new states without autograd, for a caller that checked grad mode, transforms and the sizes
-    itself (stack.py's one-step module calls)."""
-    return _forward(layout, x, state, params, names, False)[0]
+    itself (stack.py's one-step module calls). final: x is a module's [1, B, I], the states may be [1, B, H], and
+    the new states are its final states, [1, B, H] each."""
+    return _forward(layout, x, state, params, names, False, final)[0]
 
 
 def one_step_inputs(cell: CellSpec, x: Tensor, weight_ih: Tensor, bias_ih: Tensor | None,
@@ -205,16 +207,16 @@ def one_step_inputs(cell: CellSpec, x: Tensor, weight_ih: Tensor, bias_ih: Tenso
 _WEIGHTS_AT = 4  # step_forward's arguments: B, I, H, x, then the weights in slot order
 
 
-def _forward(layout: StepLayout, x: Tensor, state, params, names, training: bool):
+def _forward(layout: StepLayout, x: Tensor, state, params, names, training: bool, final: bool = False):
     """One call of the forward kernel -> (new states, work, the weights as read (absent ones left out), the kernel's
     arguments: the weights' addresses, zeros' where absent, from args[_WEIGHTS_AT], one per slot). work: with
     training, [2, B, G*H] x W_ih^T and h W_hh^T, what the backward reads; else None, and the kernel allocates its
-    own.
+    own. final: as inference_step's.
     Loops, not comprehensions: at small sizes this Python is most of a step's time, and each comprehension is a
     call of its own."""
     dtype = layout.dtype
-    batch, inputs = x.shape
-    hidden = state[0].shape[1]
+    batch, inputs = x.shape[-2], x.shape[-1]
+    hidden = state[0].shape[-1]
     plan = layout.shapes.get((batch, inputs, hidden)) or _shape_plan(layout, batch, inputs, hidden)
     if x.dtype is not dtype or not x.is_cpu or not x.is_contiguous():
         x = _readable(x, dtype, "input")
@@ -238,7 +240,7 @@ def _forward(layout: StepLayout, x: Tensor, state, params, names, training: bool
             s = _readable(s, dtype, "hx")
             copies.append(s)
         args.append(s.data_ptr())
-        new.append(torch.empty_like(s))  # contiguous [B, H], as the state now is
+        new.append(torch.empty_like(plan.final if final else s))  # contiguous [B, H], as the state now is
     for n in new:
         args.append(n.data_ptr())
     work = buffers.like(plan.work) if training else None
