@@ -132,6 +132,45 @@ def test_a_one_row_step_matches_torch_nn_past_a_vector_width(backend, cell, dtyp
         torch.testing.assert_close(g, w, **TOL[dtype], msg=lambda m, i=i: f"gradient {i}: {m}")
 
 
+@pytest.mark.parametrize("threads", [None, 1], ids=["team", "team-of-one"])
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("cell", list(KINDS))
+@pytest.mark.parametrize("backend", [backend_param("numba")])
+def test_a_one_row_step_split_over_a_team_matches_torch_nn(backend, cell, dtype, threads, monkeypatch):
+    # a one-row step's products large enough for a team (step_plan.MIN_TEAM_PRODUCTS) run in parts split at multiples
+    # of 16 columns (RNN's width 200: 0-96 and 96-200); a team of one (a nested region) leaves parts to the caller
+    from seqfast.backends.numba import gemm_choice, schedule, step_plan
+
+    if schedule.team_addresses() is None or min(schedule.num_threads(), schedule.usable_cores()) < 2:
+        pytest.skip("no OpenMP team of two here")
+    monkeypatch.setenv("SEQFAST_CALIBRATE", "1")
+    gemm_choice.forget()
+    teams = []
+
+    def choose(key, ways, run):  # the team, having run both ways
+        for way in ways:
+            run(way)
+        teams.append(ways[1])
+        return ways[1] if threads is None else step_plan.team_array(layout, 3, threads).ctypes.data
+
+    monkeypatch.setattr(gemm_choice, "choose", choose)
+    ref, ours = _pair(cell, 130, 200, dtype, backend)
+    layout = step_plan.step_layout(ours.cell, dtype, tuple(ours._names))
+    layout.shapes.clear()
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 130, generator=gen, dtype=dtype)
+    hx = tuple(torch.randn(1, 200, generator=gen, dtype=dtype) for _ in range(2 if cell == "lstm" else 1))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, hx if len(hx) > 1 else hx[0]), ref(x, hx if len(hx) > 1 else hx[0]),
+                                   **TOL[dtype])
+    assert len(teams) == 1 and layout.shapes[(1, 130, 200)].team not in (0, None)
+    want_out, want_grads = _run(ref, x, hx)
+    got_out, got_grads = _run(ours, x, hx)
+    torch.testing.assert_close(got_out, want_out, **TOL[dtype])
+    for i, (w, g) in enumerate(zip(want_grads, got_grads, strict=True)):
+        torch.testing.assert_close(g, w, **TOL[dtype], msg=lambda m, i=i: f"gradient {i}: {m}")
+
+
 @pytest.mark.parametrize("backend", [backend_param("numba"), backend_param("native"), backend_param("torch")])
 def test_a_state_the_loss_does_not_reach_gets_no_gradient_from_it(backend):
     # the loss reads h' only: autograd hands the backward zeros for c'
@@ -377,9 +416,9 @@ def test_numba_measures_a_large_steps_gemm_once_and_keeps_torch_nns_results(back
     """Where MKL's own kernel is not its threaded ?gemm_ (a non-Intel CPU), a step from SMALL_TORCH_GEMM
     multiply-adds runs both on its shape's first call and keeps the faster with the shape's plan; the values and
     gradients of every call, the measuring one included, are torch.nn's. Without timing, the threaded one runs."""
-    from seqfast.backends.numba import gemm, gemm_choice, step
+    from seqfast.backends.numba import gemm, gemm_choice, step_plan
 
-    layout = step.step_layout(seqfast.get_cell("lstm"), dtype, ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+    layout = step_plan.step_layout(seqfast.get_cell("lstm"), dtype, ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
     if layout is None or layout.fn == layout.threaded_fn:
         pytest.skip("MKL's own kernel is its ?gemm_ here (an Intel CPU, or no MKL)")
     monkeypatch.setattr(gemm, "SMALL_TORCH_GEMM", 64)  # a small shape counts as large: a quick test

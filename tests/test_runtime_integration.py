@@ -120,15 +120,9 @@ def test_compile_fullgraph_with_lengths_matches_eager(backend):
 
 
 # --- forked DataLoader workers ---------------------------------------------------------------------------------------
-_FORKED_WORKERS = """
-import torch, seqfast
-from seqfast.backends.numba.schedule import num_threads, row_ranges
-
-torch.manual_seed(0)
-module = seqfast.LSTM(16, 64, backend="numba").eval()
-xs = torch.randn(4, 50, 8, 16)
-assert num_threads() == 2 and len(row_ranges(8, 50 * 4 * 64 * 64)) == 2  # the scans below use two threads
-
+# A script's setup defines `run(i)` -> (the output for xs[i], what a worker must see) and `want`, the parent's outputs
+# (the parent's calls start the OpenMP team: a team started in a forked child whose parent had one hangs).
+_FORKED_LOADER = """
 
 class Data(torch.utils.data.Dataset):
     def __len__(self):
@@ -136,22 +130,62 @@ class Data(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         with torch.no_grad():
-            return module(xs[i])[0], num_threads()
+            return run(i)
 
 
-with torch.no_grad():
-    want = [module(x)[0] for x in xs]  # starts the OpenMP team in the parent
 loader = torch.utils.data.DataLoader(Data(), batch_size=None, num_workers=2, multiprocessing_context="fork")
 got = list(loader)
-for (out, threads), expected in zip(got, want, strict=True):
+for (out, seen), expected in zip(got, want, strict=True):
     torch.testing.assert_close(out, expected)
-    assert threads == 1
+    assert seen == WORKER_SEES, seen
 print("ok", len(got))
 """
 
+_FORKED_SCANS = """
+import torch, seqfast
+from seqfast.backends.numba.schedule import num_threads, row_ranges
 
-def test_forked_dataloader_workers_run_numba_scans():
-    out = _python(_FORKED_WORKERS, {"SEQFAST_NUMBA_THREADS": "2"}, timeout=60)
+torch.manual_seed(0)
+module = seqfast.LSTM(16, 64, backend="numba").eval()
+xs = torch.randn(4, 50, 8, 16)
+assert num_threads() == 2 and len(row_ranges(8, 50 * 4 * 64 * 64)) == 2  # the scans below use two threads
+WORKER_SEES = 1  # threads
+
+
+def run(i):
+    return module(xs[i])[0], num_threads()
+
+
+with torch.no_grad():
+    want = [module(x)[0] for x in xs]
+"""
+
+_FORKED_CELLS = """
+import torch, seqfast
+from seqfast.backends.numba import schedule, step_plan
+
+torch.manual_seed(0)
+cell = seqfast.LSTMCell(128, 256, backend="numba")
+xs = torch.randn(4, 1, 128)
+with torch.no_grad():
+    cell(xs[0])
+    layout = step_plan.step_layout(cell.cell, torch.float32, tuple(cell._names))
+    plan = layout.shapes[(1, 128, 256)]
+    team = step_plan.team_array(layout, 2, 2).ctypes.data  # the parent's steps split over a team of two
+    layout.shapes[(1, 128, 256)] = plan._replace(team=team, threads=schedule.num_threads())
+    want = [cell(x) for x in xs]
+assert layout.shapes[(1, 128, 256)].team == team
+WORKER_SEES = 0  # no team: the worker's own thread alone
+
+
+def run(i):
+    return cell(xs[i]), layout.shapes[(1, 128, 256)].team
+"""
+
+
+@pytest.mark.parametrize("setup", [_FORKED_SCANS, _FORKED_CELLS], ids=["scans", "cell-steps"])
+def test_forked_dataloader_workers_run_numba_on_their_own_thread(setup):
+    out = _python(setup + _FORKED_LOADER, {"SEQFAST_NUMBA_THREADS": "2"}, timeout=60)
     assert out.strip().splitlines()[-1] == "ok 4"
 
 

@@ -3,11 +3,15 @@
 MKL's GEMM kernels take a slow path for a single row: on a 2-core Zen 5 EPYC, x W^T for x [1, K] and W [4K, K]
 (an LSTM step's pair of products) took 52 us through mkl_blas_avx512_xsgemm at K=256 and 377 us at K=512, against
 25 and 101 us as the dot products below, though the same kernel ran the two-row products in 21 and 84 us.
+A large step's two forward products may split over torch's OpenMP threads (pair_nt), where measured faster.
 """
 
 from __future__ import annotations
 
-from numba import njit
+import numpy as np
+from numba import carray, njit
+
+from ._team import call_int, gomp_parallel, keep_alive, load_acquire, pointer_to, store_release
 
 
 # reassociation lets LLVM vectorize each dot product's sum (the kernels compile with FMA contraction only); it
@@ -47,3 +51,82 @@ def outer(a, b, c):
     for i in range(c.shape[0]):
         for q in range(c.shape[1]):
             c[i, q] = a[0, i] * b[0, q]
+
+
+@njit(nogil=True, fastmath={"contract", "reassoc"}, error_model="numpy")
+def rows_nt(a, w, c, zero, lo, hi):
+    """row_nt for outputs lo..hi only."""
+    k = a.shape[1]
+    for n in range(lo, hi):
+        s = zero
+        for p in range(k):
+            s += a[0, p] * w[n, p]
+        c[0, n] = s
+
+
+# A one-row step's two products (xg = x W_ih^T, hg = h W_hh^T) split over a team of torch's OpenMP threads: each
+# thread takes one part of the output columns of both, so each reads its share of the weights. `team` is the
+# address of an int64 array TEAM_FIELDS long (the step's plan keeps it), the parts' argument block BLOCK_FIELDS.
+GOMP, TEAM_THREAD_NUM, ENTRY, PARTS, THREADS, TEAM_FIELDS = range(6)  # THREADS: the team asked for (tests: fewer)
+THREAD_NUM, BLOCK_PARTS, DONE, X, W_IH, XG, H, W_HH, HG, INPUTS, HIDDEN, WIDTH, BLOCK_FIELDS = range(13)
+_ALIGN = 16  # parts start at multiples of this many columns: no two threads write one cache line
+
+
+@njit(inline="always")
+def _bounds(part, parts, width):
+    lo = part * width // parts // _ALIGN * _ALIGN
+    hi = width if part == parts - 1 else (part + 1) * width // parts // _ALIGN * _ALIGN
+    return lo, hi
+
+
+@njit(nogil=True)
+def _part(block, part, zero):
+    lo, hi = _bounds(part, block[BLOCK_PARTS], block[WIDTH])
+    inputs, hidden, width = block[INPUTS], block[HIDDEN], block[WIDTH]
+    rows_nt(carray(pointer_to(block[X], zero), (1, inputs)), carray(pointer_to(block[W_IH], zero), (width, inputs)),
+            carray(pointer_to(block[XG], zero), (1, width)), zero, lo, hi)
+    rows_nt(carray(pointer_to(block[H], zero), (1, hidden)), carray(pointer_to(block[W_HH], zero), (width, hidden)),
+            carray(pointer_to(block[HG], zero), (1, width)), zero, lo, hi)
+
+
+@njit(nogil=True)
+def part_entry(address, zero):
+    """A team thread's part, from the block at `address`: the body of a kernel module's step_rows_entry (the cfunc
+    codegen.entry_address makes)."""
+    block = carray(pointer_to(address, np.int64(0)), (BLOCK_FIELDS,))
+    part = call_int(block[THREAD_NUM])
+    if part < block[BLOCK_PARTS]:
+        _part(block, part, zero)
+        store_release(block[DONE] + 8 * part, 1)
+
+
+@njit(nogil=True)
+def pair_nt(team, x, w_ih, xg, h, w_hh, hg, zero):
+    """xg = x W_ih^T and hg = h W_hh^T for one row: on this thread (team 0), or in parts on a team; the parts a
+    smaller team leaves undone (a nested region runs a team of one) run here afterwards."""
+    if team == 0:
+        row_nt(x, w_ih, xg, zero)
+        row_nt(h, w_hh, hg, zero)
+        return
+    t = carray(pointer_to(team, np.int64(0)), (TEAM_FIELDS,))
+    parts = t[PARTS]
+    done = np.zeros(parts, dtype=np.int64)
+    block = np.empty(BLOCK_FIELDS, dtype=np.int64)
+    block[THREAD_NUM] = t[TEAM_THREAD_NUM]
+    block[BLOCK_PARTS] = parts
+    block[DONE] = done.ctypes.data
+    block[X] = x.ctypes.data
+    block[W_IH] = w_ih.ctypes.data
+    block[XG] = xg.ctypes.data
+    block[H] = h.ctypes.data
+    block[W_HH] = w_hh.ctypes.data
+    block[HG] = hg.ctypes.data
+    block[INPUTS] = x.shape[1]
+    block[HIDDEN] = h.shape[1]
+    block[WIDTH] = w_ih.shape[0]
+    gomp_parallel(t[GOMP], t[ENTRY], block.ctypes.data, t[THREADS])
+    for part in range(parts):
+        if load_acquire(done.ctypes.data + 8 * part) == 0:
+            _part(block, part, zero)
+    keep_alive(block)
+    keep_alive(done)

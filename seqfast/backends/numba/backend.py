@@ -100,7 +100,8 @@ class NumbaBackend(FusedBackend):
 
     def step_runner(self, cell: CellSpec, dtype: torch.dtype, names):
         # one kernel call each way (step.py); the scan with T=1 where those kernels do not apply
-        from .step import step_layout, step_runner
+        from .step import step_runner
+        from .step_plan import step_layout
 
         names = tuple(names)
         return step_runner(step_layout(cell, dtype, names), cell, names, super().step)

@@ -33,7 +33,8 @@ from . import buffers, gemm, gemm_choice, schedule
 from .availability import DTYPES
 from .codegen import entry_address, units_supported
 from .scan import forward_args, prepare
-from .step import StepLayout, inference_step, step_layout, zero_state
+from .step import inference_step, zero_state
+from .step_plan import StepLayout, step_layout
 from .views import NO_PRODUCTS, NO_SAVED, layout
 
 

@@ -10,8 +10,6 @@ one-step kernels, the backend's default step (its scan with T=1) runs instead.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 from torch import Tensor
 
@@ -19,54 +17,10 @@ from ..._memo import any_requires_grad as _any_requires_grad
 from ...registry import CellSpec
 from ..fused import _grads_by_recomputing, _graph_retained, _transforms_active
 from ..reference import TorchBackend
-from . import buffers, gemm, gemm_choice
-from ._blas import gemm_address, threaded_gemm_address
-from .codegen import kernels, per_unit_width, step_supported
+from . import buffers, schedule
+from .step_plan import StepLayout, measured_gemm, one_row_team, shape_plan, step_layout
 
 _REFERENCE = TorchBackend()
-
-
-class StepLayout(NamedTuple):
-    """Where a cell's parameters (in torch.nn's order, by base name) go in the kernels' arguments, worked out once
-    per (cell, dtype, names)."""
-
-    module: object  # the generated kernel module
-    fn: int  # the BLAS GEMM's address, for products below gemm.SMALL_TORCH_GEMM multiply-adds
-    threaded_fn: int  # for larger ones: MKL's ?gemm_, which uses MKL's threads
-    dtype: torch.dtype
-    w_ih: int  # index into params
-    b_ih: int  # -1: absent (zeros)
-    w_hh: int
-    b_hh: int
-    extras: tuple[int, ...]  # per Pointwise.params entry: index into params, or -1 (absent: zeros)
-    widths: tuple[int, ...]  # k of each [k*H] extra
-    gates: int
-    shapes: dict  # (batch, input size, hidden size) -> _ShapePlan
-
-
-_layouts: dict[tuple, StepLayout | None] = {}
-
-
-def step_layout(cell: CellSpec, dtype: torch.dtype, names) -> StepLayout | None:
-    """The layout, or None where the one-step kernels do not apply (no dense recurrence, stages, no backward
-    when training is asked for is left to run_step, no MKL)."""
-    key = (cell, dtype, tuple(names))
-    if key in _layouts:
-        return _layouts[key]
-    dtype_name = {torch.float32: "float32", torch.float64: "float64"}.get(dtype)
-    layout = None
-    fn = gemm_address(dtype_name) if dtype_name else 0
-    if fn and step_supported(cell):
-        index = {n: i for i, n in enumerate(names)}
-        pw = cell.pointwise
-        layout = StepLayout(kernels(cell, dtype_name), fn, threaded_gemm_address(dtype_name), dtype,
-                            index["weight_ih"], index.get("bias_ih", -1), index["weight_hh"], index.get("bias_hh", -1),
-                            tuple(index.get(n, -1) for n in pw.params),
-                            tuple(per_unit_width(cell, n) for n in pw.params), cell.num_gates, {})
-    if len(_layouts) > 256:
-        _layouts.clear()
-    _layouts[key] = layout
-    return layout
 
 
 _zeros: dict[tuple[torch.dtype, int], Tensor] = {}
@@ -103,57 +57,6 @@ def _readable(t: Tensor, dtype: torch.dtype, what: str) -> Tensor:
     if t.dtype != dtype or not t.is_cpu:
         raise RuntimeError(f"numba backend: {what} is {t.dtype} on {t.device}, expected {dtype} on cpu like the input")
     return t if t.is_contiguous() else t.contiguous()
-
-
-class _ShapePlan(NamedTuple):
-    """What a step of one (batch, input size, hidden size) works out from its sizes, kept in StepLayout.shapes."""
-
-    slots: tuple[tuple[int, int], ...]  # (index into params or -1 where absent, elements) for w_ih, b_ih, w_hh, b_hh
-    # and the extras, in the kernels' order
-    grad_slots: tuple[tuple[int, int], ...]  # those of the weight gradients, in the backward kernel's order: w_ih,
-    # w_hh, b_ih, b_hh, the extras
-    gemm_fn: int | None  # the GEMM for the step's products: the layout's own for small ones, MKL's threaded ?gemm_
-    # from gemm.SMALL_TORCH_GEMM multiply-adds (the threshold torch's own small GEMMs keep to one thread below), or
-    # None: to be measured on the shape's first call (_measured_gemm). A one-row step's products are loops
-    # (_rows.py), whatever this says.
-    work: tuple[Tensor, int]  # the work buffer's buffers.stand_in: a training step's comes from buffers.like
-    final: Tensor  # a [1, B, H] stand-in: a module's final state, from empty_like (a third cheaper than empty)
-
-
-def _shape_plan(layout: StepLayout, batch: int, inputs: int, hidden: int) -> _ShapePlan:
-    """Work out and keep layout.shapes' entry for these sizes; a call looks the entry up first, inline."""
-    width = layout.gates * hidden
-    sizes = (width * inputs, width, width * hidden, width, *(k * hidden for k in layout.widths))
-    order = (layout.w_ih, layout.b_ih, layout.w_hh, layout.b_hh, *layout.extras)
-    slots = tuple(zip(order, sizes, strict=True))
-    small = batch * max(inputs, hidden) * width < gemm.SMALL_TORCH_GEMM
-    if batch == 1 or small or layout.fn == layout.threaded_fn:  # nothing to measure
-        fn = layout.fn
-    else:  # MKL's own kernel or its threaded ?gemm_: measured, where timing is allowed
-        fn = gemm_choice.decided(_gemm_key(layout, batch, inputs, hidden))
-        fn = fn or (None if gemm_choice.may_measure() else layout.threaded_fn)
-    if len(layout.shapes) >= 64:
-        layout.shapes.clear()
-    plan = layout.shapes[(batch, inputs, hidden)] = _ShapePlan(
-        slots, tuple(slots[j] for j in (0, 2, 1, 3, *range(4, len(slots)))), fn,
-        buffers.stand_in((2, batch, width), layout.dtype), buffers.stand_in((1, batch, hidden), layout.dtype)[0])
-    return plan
-
-
-def _gemm_key(layout: StepLayout, batch: int, inputs: int, hidden: int) -> tuple:
-    return ("step", layout.dtype, batch, inputs, hidden, layout.gates, torch.get_num_threads())
-
-
-def _measured_gemm(layout: StepLayout, plan: _ShapePlan, sizes: tuple[int, int, int], args: tuple) -> int:
-    """The GEMM of a large step on a CPU where MKL's own kernel is not its threaded ?gemm_ (a non-Intel CPU, where
-    ?gemm_ takes a generic path): both run the shape's first call, on its own data (they write only its new states
-    and work buffer, which the call then writes again), and the faster is kept with the shape's plan. On a 2-core
-    Zen 5 EPYC the kernel on one thread ran LSTM/GRU/RNN cell steps from B97 H51 to B32 H512 1.06-1.9x faster in
-    float32; in float64 up to B64 H256, not at LSTM B32 H512 (0.84x)."""
-    fn = gemm_choice.choose(_gemm_key(layout, *sizes), (layout.threaded_fn, layout.fn),
-                            lambda way: layout.module.step_forward(way, *args))
-    layout.shapes[sizes] = plan._replace(gemm_fn=fn)
-    return fn
 
 
 def step_runner(layout: StepLayout | None, cell: CellSpec, names: tuple[str, ...], scan_step):
@@ -217,7 +120,7 @@ def _forward(layout: StepLayout, x: Tensor, state, params, names, training: bool
     dtype = layout.dtype
     batch, inputs = x.shape[-2], x.shape[-1]
     hidden = state[0].shape[-1]
-    plan = layout.shapes.get((batch, inputs, hidden)) or _shape_plan(layout, batch, inputs, hidden)
+    plan = layout.shapes.get((batch, inputs, hidden)) or shape_plan(layout, batch, inputs, hidden)
     if x.dtype is not dtype or not x.is_cpu or not x.is_contiguous():
         x = _readable(x, dtype, "input")
     args = [batch, inputs, hidden, x.data_ptr()]
@@ -245,7 +148,11 @@ def _forward(layout: StepLayout, x: Tensor, state, params, names, training: bool
         args.append(n.data_ptr())
     work = buffers.like(plan.work) if training else None
     args.append(work.data_ptr() if training else 0)
-    layout.module.step_forward(plan.gemm_fn or _measured_gemm(layout, plan, (batch, inputs, hidden), args), *args)
+    team = plan.team
+    if team is None or (team and plan.threads != schedule.num_threads()):  # a forked child's is 1
+        team = one_row_team(layout, plan, (batch, inputs, hidden), args)
+    layout.module.step_forward(plan.gemm_fn or measured_gemm(layout, plan, (batch, inputs, hidden), args), team,
+                               *args)
     return new, work, kept, args
 
 
@@ -288,7 +195,7 @@ class _Step(torch.autograd.Function):
         dtype = layout.dtype
         batch, inputs = x.shape
         hidden = tensors[0].shape[1]
-        plan = layout.shapes.get((batch, inputs, hidden)) or _shape_plan(layout, batch, inputs, hidden)
+        plan = layout.shapes.get((batch, inputs, hidden)) or shape_plan(layout, batch, inputs, hidden)
         # the saved tensors are those the forward took, which it checked (dtype, device): only their layout may
         # need a copy; the gradients come in the outputs' dtype and device. Loops, as in _forward.
         x = x if x.is_contiguous() else x.contiguous()
@@ -361,4 +268,4 @@ def _empty(dtype: torch.dtype) -> Tensor:
 # under torch.func transforms to the scan instead.
 _apply_step = super(torch.autograd.Function, _Step).apply
 
-__all__ = ["inference_step", "one_step_inputs", "step_runner", "step_layout", "StepLayout", "zero_state"]
+__all__ = ["inference_step", "one_step_inputs", "step_runner", "zero_state"]
