@@ -3,7 +3,8 @@
 MKL's GEMM kernels take a slow path for a single row: on a 2-core Zen 5 EPYC, x W^T for x [1, K] and W [4K, K]
 (an LSTM step's pair of products) took 52 us through mkl_blas_avx512_xsgemm at K=256 and 377 us at K=512, against
 25 and 101 us as the dot products below, though the same kernel ran the two-row products in 21 and 84 us.
-A large step's two forward products may split over torch's OpenMP threads (pair_nt), where measured faster.
+A large step's two forward products, of one row or more, may split over torch's OpenMP threads (pair_nt), where
+measured faster.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 from numba import carray, njit
 
+from ._blas import gemm_nt, gemm_nt_cols
 from ._team import call_int, gomp_parallel, keep_alive, load_acquire, pointer_to, store_release
 
 
@@ -64,11 +66,13 @@ def rows_nt(a, w, c, zero, lo, hi):
         c[0, n] = s
 
 
-# A one-row step's two products (xg = x W_ih^T, hg = h W_hh^T) split over a team of torch's OpenMP threads: each
-# thread takes one part of the output columns of both, so each reads its share of the weights. `team` is the
+# A step's two forward products (xg = x W_ih^T, hg = h W_hh^T) split over a team of torch's OpenMP threads: each
+# thread takes one part of the output columns of both, so each reads its share of the weights; a part of a batch
+# above one row is a GEMM of a block of the weights' rows, on the single-threaded GEMM at PART_GEMM. `team` is the
 # address of an int64 array TEAM_FIELDS long (the step's plan keeps it), the parts' argument block BLOCK_FIELDS.
-GOMP, TEAM_THREAD_NUM, ENTRY, PARTS, THREADS, TEAM_FIELDS = range(6)  # THREADS: the team asked for (tests: fewer)
-THREAD_NUM, BLOCK_PARTS, DONE, X, W_IH, XG, H, W_HH, HG, INPUTS, HIDDEN, WIDTH, BLOCK_FIELDS = range(13)
+GOMP, TEAM_THREAD_NUM, ENTRY, PART_GEMM, PARTS, THREADS, TEAM_FIELDS = range(7)  # THREADS: the team asked for (in
+# tests, fewer than PARTS)
+THREAD_NUM, BLOCK_PARTS, DONE, FN, X, W_IH, XG, H, W_HH, HG, ROWS, INPUTS, HIDDEN, WIDTH, BLOCK_FIELDS = range(15)
 _ALIGN = 16  # parts start at multiples of this many columns: no two threads write one cache line
 
 
@@ -80,33 +84,46 @@ def _bounds(part, parts, width):
 
 
 @njit(nogil=True)
-def _part(block, part, zero):
+def _part(block, part, one, zero):
     lo, hi = _bounds(part, block[BLOCK_PARTS], block[WIDTH])
-    inputs, hidden, width = block[INPUTS], block[HIDDEN], block[WIDTH]
-    rows_nt(carray(pointer_to(block[X], zero), (1, inputs)), carray(pointer_to(block[W_IH], zero), (width, inputs)),
-            carray(pointer_to(block[XG], zero), (1, width)), zero, lo, hi)
-    rows_nt(carray(pointer_to(block[H], zero), (1, hidden)), carray(pointer_to(block[W_HH], zero), (width, hidden)),
-            carray(pointer_to(block[HG], zero), (1, width)), zero, lo, hi)
+    rows, inputs, hidden, width = block[ROWS], block[INPUTS], block[HIDDEN], block[WIDTH]
+    x = carray(pointer_to(block[X], zero), (rows, inputs))
+    w_ih = carray(pointer_to(block[W_IH], zero), (width, inputs))
+    xg = carray(pointer_to(block[XG], zero), (rows, width))
+    h = carray(pointer_to(block[H], zero), (rows, hidden))
+    w_hh = carray(pointer_to(block[W_HH], zero), (width, hidden))
+    hg = carray(pointer_to(block[HG], zero), (rows, width))
+    if rows == 1:
+        rows_nt(x, w_ih, xg, zero, lo, hi)
+        rows_nt(h, w_hh, hg, zero, lo, hi)
+    elif hi > lo:
+        gemm_nt_cols(block[FN], x, w_ih[lo:hi], xg, lo, one, zero)
+        gemm_nt_cols(block[FN], h, w_hh[lo:hi], hg, lo, one, zero)
 
 
 @njit(nogil=True)
-def part_entry(address, zero):
+def part_entry(address, one, zero):
     """A team thread's part, from the block at `address`: the body of a kernel module's step_rows_entry (the cfunc
     codegen.entry_address makes)."""
     block = carray(pointer_to(address, np.int64(0)), (BLOCK_FIELDS,))
     part = call_int(block[THREAD_NUM])
     if part < block[BLOCK_PARTS]:
-        _part(block, part, zero)
+        _part(block, part, one, zero)
         store_release(block[DONE] + 8 * part, 1)
 
 
 @njit(nogil=True)
-def pair_nt(team, x, w_ih, xg, h, w_hh, hg, zero):
-    """xg = x W_ih^T and hg = h W_hh^T for one row: on this thread (team 0), or in parts on a team; the parts a
-    smaller team leaves undone (a nested region runs a team of one) run here afterwards."""
+def pair_nt(team, fn, x, w_ih, xg, h, w_hh, hg, one, zero):
+    """xg = x W_ih^T and hg = h W_hh^T: on this thread (team 0; one row as loops, since MKL's kernels take a slow
+    path for one row, more by the GEMM at fn), or in parts on a team; the parts a smaller team leaves undone (a
+    nested region runs a team of one) run here afterwards."""
     if team == 0:
-        row_nt(x, w_ih, xg, zero)
-        row_nt(h, w_hh, hg, zero)
+        if x.shape[0] == 1:
+            row_nt(x, w_ih, xg, zero)
+            row_nt(h, w_hh, hg, zero)
+        else:
+            gemm_nt(fn, x, w_ih, xg, one, zero)
+            gemm_nt(fn, h, w_hh, hg, one, zero)
         return
     t = carray(pointer_to(team, np.int64(0)), (TEAM_FIELDS,))
     parts = t[PARTS]
@@ -115,6 +132,8 @@ def pair_nt(team, x, w_ih, xg, h, w_hh, hg, zero):
     block[THREAD_NUM] = t[TEAM_THREAD_NUM]
     block[BLOCK_PARTS] = parts
     block[DONE] = done.ctypes.data
+    block[FN] = t[PART_GEMM]
+    block[ROWS] = x.shape[0]
     block[X] = x.ctypes.data
     block[W_IH] = w_ih.ctypes.data
     block[XG] = xg.ctypes.data
@@ -127,6 +146,6 @@ def pair_nt(team, x, w_ih, xg, h, w_hh, hg, zero):
     gomp_parallel(t[GOMP], t[ENTRY], block.ctypes.data, t[THREADS])
     for part in range(parts):
         if load_acquire(done.ctypes.data + 8 * part) == 0:
-            _part(block, part, zero)
+            _part(block, part, one, zero)
     keep_alive(block)
     keep_alive(done)

@@ -18,7 +18,7 @@ from ...registry import CellSpec
 from ..fused import _grads_by_recomputing, _graph_retained, _transforms_active
 from ..reference import TorchBackend
 from . import buffers, schedule
-from .step_plan import StepLayout, measured_gemm, one_row_team, shape_plan, step_layout
+from .step_plan import StepLayout, measured_gemm, shape_plan, step_layout, step_team
 
 _REFERENCE = TorchBackend()
 
@@ -148,11 +148,12 @@ def _forward(layout: StepLayout, x: Tensor, state, params, names, training: bool
         args.append(n.data_ptr())
     work = buffers.like(plan.work) if training else None
     args.append(work.data_ptr() if training else 0)
-    team = plan.team
+    gemm_fn, team = plan.gemm_fn, plan.team
+    if gemm_fn is None:
+        gemm_fn = measured_gemm(layout, plan, (batch, inputs, hidden), args)
     if team is None or (team and plan.threads != schedule.num_threads()):  # a forked child's is 1
-        team = one_row_team(layout, plan, (batch, inputs, hidden), args)
-    layout.module.step_forward(plan.gemm_fn or measured_gemm(layout, plan, (batch, inputs, hidden), args), team,
-                               *args)
+        team = step_team(layout, layout.shapes[(batch, inputs, hidden)], (batch, inputs, hidden), args)
+    layout.module.step_forward(gemm_fn, team, *args)
     return new, work, kept, args
 
 

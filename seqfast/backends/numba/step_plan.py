@@ -1,6 +1,6 @@
 """What a cell's one-step kernels (step.py) work out once: per (cell, dtype, parameter names) where each parameter
 goes among the kernels' arguments (StepLayout), per shape what follows from the sizes (ShapePlan): the weights'
-slots, the GEMM of a batch's products, the team of a one-row step's, the last two measured on a shape's first call
+slots, the GEMM of a batch's products, the team of the forward's, the last two measured on a shape's first call
 where timing is allowed (gemm_choice)."""
 
 from __future__ import annotations
@@ -73,8 +73,8 @@ class ShapePlan(NamedTuple):
     # (_rows.py), whatever this says.
     work: tuple[Tensor, int]  # the work buffer's buffers.stand_in: a training step's comes from buffers.like
     final: Tensor  # a [1, B, H] stand-in: a module's final state, from empty_like (a third cheaper than empty)
-    team: int | None  # a one-row step's forward products: 0 on the calling thread, or split over threads (the
-    # address _rows.pair_nt reads), or None: to be measured on the next call (one_row_team)
+    team: int | None  # the forward's products: 0 on the calling thread (or the GEMM's threads), or split over
+    # threads (the address _rows.pair_nt reads), or None: to be measured on the next call (step_team)
     threads: int  # the thread count a team was chosen for
 
 
@@ -90,8 +90,8 @@ def shape_plan(layout: StepLayout, batch: int, inputs: int, hidden: int) -> Shap
     else:  # MKL's own kernel or its threaded ?gemm_: measured, where timing is allowed
         fn = gemm_choice.decided(_gemm_key(layout, batch, inputs, hidden))
         fn = fn or (None if gemm_choice.may_measure() else layout.threaded_fn)
-    # a team for a one-row step's products, measured on its first call, where they may be worth one
-    team = None if batch == 1 and width * (inputs + hidden) >= MIN_TEAM_PRODUCTS else 0
+    # a team for the forward's products, measured on the shape's first call, where they may be worth one
+    team = None if batch * width * (inputs + hidden) >= MIN_TEAM_PRODUCTS else 0
     if len(layout.shapes) >= 64:
         layout.shapes.clear()
     plan = layout.shapes[(batch, inputs, hidden)] = ShapePlan(
@@ -101,32 +101,34 @@ def shape_plan(layout: StepLayout, batch: int, inputs: int, hidden: int) -> Shap
     return plan
 
 
-# multiply-adds of a one-row step's forward products from which splitting them over threads is timed: starting a
-# team costs microseconds, below this about what the products take
+# multiply-adds of a step's forward products from which splitting them over threads is timed: starting a team
+# costs microseconds, below this about what the products take
 MIN_TEAM_PRODUCTS = 1 << 16
 _teams: dict[tuple[int, int, int], np.ndarray] = {}  # (kernel module, parts, threads) -> what pair_nt reads
 
 
 def team_array(layout: StepLayout, parts: int, threads: int) -> np.ndarray:
     """The int64 array _rows.pair_nt reads for a team of `threads` splitting the products in `parts` (the same
-    but in tests), kept for the process."""
+    but in tests), each part of a batch above one row on the layout's single-threaded GEMM, kept for the
+    process."""
     key = (id(layout.module), parts, threads)
     found = _teams.get(key)
     if found is None:
         team = schedule.team_addresses()
         found = _teams[key] = np.array([team.gomp, team.thread_num, entry_address(layout.module, "step_rows"),
-                                        parts, threads], dtype=np.int64)
+                                        layout.fn, parts, threads], dtype=np.int64)
     return found
 
 
-def one_row_team(layout: StepLayout, plan: ShapePlan, sizes: tuple[int, int, int], args: list) -> int:
-    """A one-row step's team, for the thread count now: measured on the shape's first call (both ways run it on
-    its own data, writing only its new states and work buffer, which the call then writes again), where the
-    threads and the team exist and timing is allowed; else 0 (the calling thread alone). Kept with the plan."""
+def step_team(layout: StepLayout, plan: ShapePlan, sizes: tuple[int, int, int], args: list) -> int:
+    """The team of a step's forward products, for the thread count now: measured on the shape's first call (both
+    ways run it on its own data, writing only its new states and work buffer, which the call then writes again),
+    after its GEMM, where the threads and the team exist and timing is allowed; else 0 (the calling thread, or
+    the GEMM's own threads). Kept with the plan."""
     threads = min(schedule.num_threads(), schedule.usable_cores())
     team = 0
     if threads >= 2 and schedule.team_addresses() is not None:
-        key = ("one row", layout.dtype, *sizes[1:], layout.gates, threads)
+        key = ("step team", layout.dtype, *sizes, layout.gates, threads)
         team = gemm_choice.decided(key)
         if team is None and gemm_choice.may_measure():
             address = team_array(layout, threads, threads).ctypes.data
@@ -153,5 +155,5 @@ def measured_gemm(layout: StepLayout, plan: ShapePlan, sizes: tuple[int, int, in
     return fn
 
 
-__all__ = ["MIN_TEAM_PRODUCTS", "ShapePlan", "StepLayout", "measured_gemm", "one_row_team", "shape_plan",
+__all__ = ["MIN_TEAM_PRODUCTS", "ShapePlan", "StepLayout", "measured_gemm", "step_team", "shape_plan",
            "step_layout", "team_array"]
