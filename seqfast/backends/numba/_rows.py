@@ -12,7 +12,9 @@ from __future__ import annotations
 import numpy as np
 from numba import carray, njit
 
-from ._blas import gemm_nt, gemm_nt_cols
+from ._blas import _N as N
+from ._blas import _fortran_gemm as fortran_gemm
+from ._blas import gemm_nn, gemm_nn_acc, gemm_nt, gemm_nt_cols, gemm_tn_rows
 from ._team import call_int, gomp_parallel, keep_alive, load_acquire, pointer_to, store_release
 
 
@@ -70,9 +72,11 @@ def rows_nt(a, w, c, zero, lo, hi):
 # thread takes one part of the output columns of both, so each reads its share of the weights; a part of a batch
 # above one row is a GEMM of a block of the weights' rows, on the single-threaded GEMM at PART_GEMM. `team` is the
 # address of an int64 array TEAM_FIELDS long (the step's plan keeps it), the parts' argument block BLOCK_FIELDS.
-GOMP, TEAM_THREAD_NUM, ENTRY, PART_GEMM, PARTS, THREADS, TEAM_FIELDS = range(7)  # THREADS: the team asked for (in
-# tests, fewer than PARTS)
-THREAD_NUM, BLOCK_PARTS, DONE, FN, X, W_IH, XG, H, W_HH, HG, ROWS, INPUTS, HIDDEN, WIDTH, BLOCK_FIELDS = range(15)
+# A batch's backward products (pair_nn) split the same way: d_h's and d_x's columns, the weight gradients' rows.
+GOMP, TEAM_THREAD_NUM, ENTRY, BACKWARD_ENTRY, PART_GEMM, PARTS, THREADS, TEAM_FIELDS = range(8)  # THREADS: the team
+# asked for (in tests, fewer than PARTS)
+THREAD_NUM, BLOCK_PARTS, DONE, FN, X, W_IH, XG, H, W_HH, HG, ROWS, INPUTS, HIDDEN, WIDTH, D_X, D_H, D_W_IH, D_W_HH, \
+    NEED_DX, NEED_DW, BLOCK_FIELDS = range(21)
 _ALIGN = 16  # parts start at multiples of this many columns: no two threads write one cache line
 
 
@@ -83,17 +87,20 @@ def _bounds(part, parts, width):
     return lo, hi
 
 
+@njit(inline="always")
+def _operands(block, zero):
+    """x, W_ih, xg, h, W_hh, hg of a parts' block, as arrays."""
+    rows, inputs, hidden, width = block[ROWS], block[INPUTS], block[HIDDEN], block[WIDTH]
+    return (carray(pointer_to(block[X], zero), (rows, inputs)), carray(pointer_to(block[W_IH], zero), (width, inputs)),
+            carray(pointer_to(block[XG], zero), (rows, width)), carray(pointer_to(block[H], zero), (rows, hidden)),
+            carray(pointer_to(block[W_HH], zero), (width, hidden)), carray(pointer_to(block[HG], zero), (rows, width)))
+
+
 @njit(nogil=True)
 def _part(block, part, one, zero):
     lo, hi = _bounds(part, block[BLOCK_PARTS], block[WIDTH])
-    rows, inputs, hidden, width = block[ROWS], block[INPUTS], block[HIDDEN], block[WIDTH]
-    x = carray(pointer_to(block[X], zero), (rows, inputs))
-    w_ih = carray(pointer_to(block[W_IH], zero), (width, inputs))
-    xg = carray(pointer_to(block[XG], zero), (rows, width))
-    h = carray(pointer_to(block[H], zero), (rows, hidden))
-    w_hh = carray(pointer_to(block[W_HH], zero), (width, hidden))
-    hg = carray(pointer_to(block[HG], zero), (rows, width))
-    if rows == 1:
+    x, w_ih, xg, h, w_hh, hg = _operands(block, zero)
+    if block[ROWS] == 1:
         rows_nt(x, w_ih, xg, zero, lo, hi)
         rows_nt(h, w_hh, hg, zero, lo, hi)
     elif hi > lo:
@@ -102,14 +109,105 @@ def _part(block, part, one, zero):
 
 
 @njit(nogil=True)
-def part_entry(address, one, zero):
-    """A team thread's part, from the block at `address`: the body of a kernel module's step_rows_entry (the cfunc
-    codegen.entry_address makes)."""
+def _backward_part(block, part, one, zero):
+    parts, fn = block[BLOCK_PARTS], block[FN]
+    rows, inputs, hidden, width = block[ROWS], block[INPUTS], block[HIDDEN], block[WIDTH]
+    x, w_ih, xg, h, w_hh, hg = _operands(block, zero)
+    size = w_hh.itemsize
+    lo, hi = _bounds(part, parts, hidden)
+    if hi > lo:  # d_h[:, lo:hi] += d_hg W_hh[:, lo:hi]
+        fortran_gemm(fn, N, N, hi - lo, rows, width, one, w_hh.ctypes.data + lo * size, hidden, hg.ctypes.data,
+                     width, one, block[D_H] + lo * size, hidden)
+    lo, hi = _bounds(part, parts, inputs)
+    if block[NEED_DX] and hi > lo:  # d_x[:, lo:hi] = d_xg W_ih[:, lo:hi]
+        fortran_gemm(fn, N, N, hi - lo, rows, width, one, w_ih.ctypes.data + lo * size, inputs, xg.ctypes.data,
+                     width, zero, block[D_X] + lo * size, inputs)
+    lo, hi = _bounds(part, parts, width)
+    if block[NEED_DW] and hi > lo:  # the weight gradients' rows lo..hi
+        gemm_tn_rows(fn, xg, x, carray(pointer_to(block[D_W_IH], zero), (width, inputs)), lo, hi, one, zero)
+        gemm_tn_rows(fn, hg, h, carray(pointer_to(block[D_W_HH], zero), (width, hidden)), lo, hi, one, zero)
+
+
+@njit(nogil=True)
+def part_entry(address, backward, one, zero):
+    """A team thread's part, from the block at `address`, of pair_nt's products or (backward) pair_nn's: the body of
+    a kernel module's step_rows_entry and step_rows_backward_entry (the cfuncs codegen.entry_address makes)."""
     block = carray(pointer_to(address, np.int64(0)), (BLOCK_FIELDS,))
     part = call_int(block[THREAD_NUM])
     if part < block[BLOCK_PARTS]:
-        _part(block, part, one, zero)
+        if backward:
+            _backward_part(block, part, one, zero)
+        else:
+            _part(block, part, one, zero)
         store_release(block[DONE] + 8 * part, 1)
+
+
+@njit(inline="always")
+def _run_parts(t, entry, block, done, backward, one, zero):
+    """Start the team on the parts, then run those it left undone here."""
+    gomp_parallel(t[GOMP], entry, block.ctypes.data, t[THREADS])
+    for part in range(t[PARTS]):
+        if load_acquire(done.ctypes.data + 8 * part) == 0:
+            if backward:
+                _backward_part(block, part, one, zero)
+            else:
+                _part(block, part, one, zero)
+    keep_alive(block)
+    keep_alive(done)
+
+
+@njit(nogil=True)
+def pair_nn(team, fn, x, w_ih, xg, h, w_hh, hg, d_x, d_h, d_w_ih, d_w_hh, need_dx, need_dw, one, zero):
+    """A step's backward products from d_xg and d_hg (xg and hg here): d_h += d_hg W_hh; with need_dx,
+    d_x = d_xg W_ih; with need_dw, d_W_ih = d_xg^T x and d_W_hh = d_hg^T h. On this thread (team 0, or one row:
+    loops), or, for more rows, in parts on a team, as pair_nt."""
+    rows = x.shape[0]
+    if rows == 1:
+        row_nn_acc(hg, w_hh, d_h)
+        if need_dx:
+            row_nn(xg, w_ih, d_x, zero)
+        if need_dw:
+            outer(xg, x, d_w_ih)
+            outer(hg, h, d_w_hh)
+        return
+    if team == 0:
+        gemm_nn_acc(fn, hg, w_hh, d_h, one)
+        if need_dx:
+            gemm_nn(fn, xg, w_ih, d_x, one, zero)
+        if need_dw:
+            gemm_tn_rows(fn, xg, x, d_w_ih, 0, d_w_ih.shape[0], one, zero)
+            gemm_tn_rows(fn, hg, h, d_w_hh, 0, d_w_hh.shape[0], one, zero)
+        return
+    t = carray(pointer_to(team, np.int64(0)), (TEAM_FIELDS,))
+    done = np.zeros(t[PARTS], dtype=np.int64)
+    block = _block(t, done, x, w_ih, xg, h, w_hh, hg)
+    block[D_X] = d_x.ctypes.data
+    block[D_H] = d_h.ctypes.data
+    block[D_W_IH] = d_w_ih.ctypes.data
+    block[D_W_HH] = d_w_hh.ctypes.data
+    block[NEED_DX] = need_dx
+    block[NEED_DW] = need_dw
+    _run_parts(t, t[BACKWARD_ENTRY], block, done, True, one, zero)
+
+
+@njit(inline="always")
+def _block(t, done, x, w_ih, xg, h, w_hh, hg):
+    block = np.zeros(BLOCK_FIELDS, dtype=np.int64)
+    block[THREAD_NUM] = t[TEAM_THREAD_NUM]
+    block[BLOCK_PARTS] = t[PARTS]
+    block[DONE] = done.ctypes.data
+    block[FN] = t[PART_GEMM]
+    block[ROWS] = x.shape[0]
+    block[X] = x.ctypes.data
+    block[W_IH] = w_ih.ctypes.data
+    block[XG] = xg.ctypes.data
+    block[H] = h.ctypes.data
+    block[W_HH] = w_hh.ctypes.data
+    block[HG] = hg.ctypes.data
+    block[INPUTS] = x.shape[1]
+    block[HIDDEN] = h.shape[1]
+    block[WIDTH] = w_ih.shape[0]
+    return block
 
 
 @njit(nogil=True)
@@ -126,26 +224,6 @@ def pair_nt(team, fn, x, w_ih, xg, h, w_hh, hg, one, zero):
             gemm_nt(fn, h, w_hh, hg, one, zero)
         return
     t = carray(pointer_to(team, np.int64(0)), (TEAM_FIELDS,))
-    parts = t[PARTS]
-    done = np.zeros(parts, dtype=np.int64)
-    block = np.empty(BLOCK_FIELDS, dtype=np.int64)
-    block[THREAD_NUM] = t[TEAM_THREAD_NUM]
-    block[BLOCK_PARTS] = parts
-    block[DONE] = done.ctypes.data
-    block[FN] = t[PART_GEMM]
-    block[ROWS] = x.shape[0]
-    block[X] = x.ctypes.data
-    block[W_IH] = w_ih.ctypes.data
-    block[XG] = xg.ctypes.data
-    block[H] = h.ctypes.data
-    block[W_HH] = w_hh.ctypes.data
-    block[HG] = hg.ctypes.data
-    block[INPUTS] = x.shape[1]
-    block[HIDDEN] = h.shape[1]
-    block[WIDTH] = w_ih.shape[0]
-    gomp_parallel(t[GOMP], t[ENTRY], block.ctypes.data, t[THREADS])
-    for part in range(parts):
-        if load_acquire(done.ctypes.data + 8 * part) == 0:
-            _part(block, part, one, zero)
-    keep_alive(block)
-    keep_alive(done)
+    done = np.zeros(t[PARTS], dtype=np.int64)
+    block = _block(t, done, x, w_ih, xg, h, w_hh, hg)
+    _run_parts(t, t[ENTRY], block, done, False, one, zero)

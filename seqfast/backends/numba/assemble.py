@@ -214,7 +214,7 @@ def generate_source(cell: CellSpec, dtype: str) -> str:
         for kernel, backward in (("step_forward", False), ("step_backward", True))[:1 + bool(pw.backward)]:
             buffers = step_buffers(lay, backward)
             flags = ["need_dx", "need_dw"] if backward else []
-            args = ["gemm_fn", *([] if backward else ["team"]), "B", "I", "H", *(f"{n}_a" for n, _ in buffers), *flags]
+            args = ["gemm_fn", "team", "B", "I", "H", *(f"{n}_a" for n, _ in buffers), *flags]
             tokens[f"{kernel.upper()}_ARGS"] = ", ".join(args)
             markers = {"@v": [{"@vshape": shape, "@v": n} for n, shape in buffers]}
             parts.append(_template(kernel, lay, tokens, markers))

@@ -200,8 +200,12 @@ class _Step(torch.autograd.Function):
         # the saved tensors are those the forward took, which it checked (dtype, device): only their layout may
         # need a copy; the gradients come in the outputs' dtype and device. Loops, as in _forward.
         x = x if x.is_contiguous() else x.contiguous()
-        # the forward measured the GEMM (a plan made again since, 64 shapes later, has it or the static rule's)
-        args = [plan.gemm_fn or layout.threaded_fn, batch, inputs, hidden, x.data_ptr(), *weights]
+        # the forward measured the GEMM and the team, which the backward's products take too (a plan made again
+        # since, 64 shapes later, has the static rules' until its next forward)
+        team = plan.team
+        if team and plan.threads != schedule.num_threads():
+            team = 0
+        args = [plan.gemm_fn or layout.threaded_fn, team or 0, batch, inputs, hidden, x.data_ptr(), *weights]
         state = []
         for s in tensors[:n_state]:
             s = s if s.is_contiguous() else s.contiguous()

@@ -114,8 +114,9 @@ def team_array(layout: StepLayout, parts: int, threads: int) -> np.ndarray:
     key = (id(layout.module), parts, threads)
     found = _teams.get(key)
     if found is None:
-        team = schedule.team_addresses()
-        found = _teams[key] = np.array([team.gomp, team.thread_num, entry_address(layout.module, "step_rows"),
+        team, module = schedule.team_addresses(), layout.module
+        backward = entry_address(module, "step_rows_backward") if hasattr(module, "step_rows_backward_entry") else 0
+        found = _teams[key] = np.array([team.gomp, team.thread_num, entry_address(module, "step_rows"), backward,
                                         layout.fn, parts, threads], dtype=np.int64)
     return found
 
