@@ -177,6 +177,49 @@ def test_a_step_split_over_a_team_matches_torch_nn(backend, cell, dtype, batch, 
         torch.testing.assert_close(g, w, **TOL[dtype], msg=lambda m, i=i: f"gradient {i}: {m}")
 
 
+@pytest.mark.parametrize("backend", [backend_param("numba")])
+def test_steps_on_a_team_from_several_python_threads_at_once(backend):
+    # each thread's call starts a team of its own (libgomp gives a second caller new threads): every result is the
+    # one a lone call gives
+    import threading
+
+    from seqfast.backends.numba import schedule, step_plan
+
+    if schedule.team_addresses() is None or min(schedule.num_threads(), schedule.usable_cores()) < 2:
+        pytest.skip("no OpenMP team of two here")
+    ref, ours = _pair("lstm", 130, 200, torch.float32, backend)
+    gen = torch.Generator().manual_seed(6)
+    inputs = [(torch.randn(batch, 130, generator=gen), torch.randn(batch, 200, generator=gen),
+               torch.randn(batch, 200, generator=gen)) for batch in (1, 3, 1, 3)]
+    layout = step_plan.step_layout(ours.cell, torch.float32, tuple(ours._names))
+    with torch.no_grad():
+        for x, h, c in inputs[:2]:  # plans for batch 1 and 3, then their team forced
+            ours(x, (h, c))
+        team = step_plan.team_array(layout, 2, 2).ctypes.data
+        for key in ((1, 130, 200), (3, 130, 200)):
+            layout.shapes[key] = layout.shapes[key]._replace(team=team, threads=schedule.num_threads())
+        want = [ref(x, (h, c)) for x, h, c in inputs]
+    got, errors = [None] * len(inputs), []
+
+    def work(i):
+        try:
+            with torch.no_grad():
+                for _ in range(20):
+                    got[i] = ours(inputs[i][0], inputs[i][1:])
+        except Exception as exc:  # reported below, with the thread's index
+            errors.append((i, exc))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors and not any(t.is_alive() for t in threads)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, **TOL[torch.float32])
+    assert all(layout.shapes[key].team == team for key in ((1, 130, 200), (3, 130, 200)))
+
+
 @pytest.mark.parametrize("backend", [backend_param("numba"), backend_param("native"), backend_param("torch")])
 def test_a_state_the_loss_does_not_reach_gets_no_gradient_from_it(backend):
     # the loss reads h' only: autograd hands the backward zeros for c'
