@@ -177,6 +177,33 @@ def test_a_step_split_over_a_team_matches_torch_nn(backend, cell, dtype, batch, 
         torch.testing.assert_close(g, w, **TOL[dtype], msg=lambda m, i=i: f"gradient {i}: {m}")
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("backend", [backend_param("numba")])
+def test_weight_gradients_from_the_buffer_pool_train_as_torch_nn(backend, cell, monkeypatch):
+    # every weight gradient from the pool (large ones are, step.POOLED_GRADIENT_BYTES): autograd takes the first of
+    # a backward as .grad and adds the others into it, and the pool must never hand out a buffer .grad still holds
+    from seqfast.backends.numba import step
+
+    monkeypatch.setattr(step, "POOLED_GRADIENT_BYTES", 0)
+    ref, ours = _pair(cell, 5, 6, torch.float64, backend)
+    gen = torch.Generator().manual_seed(7)
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (ref, ours)]
+    for _ in range(3):
+        xs = torch.randn(4, 2, 5, generator=gen, dtype=torch.float64)
+        for module in (ref, ours):
+            state = None
+            for x in xs:
+                state = module(x, state)
+            (state[0] if isinstance(state, tuple) else state).sin().sum().backward()
+        for p_ref, p_ours in zip(ref.parameters(), ours.parameters(), strict=True):
+            torch.testing.assert_close(p_ours.grad, p_ref.grad)
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    for p_ref, p_ours in zip(ref.parameters(), ours.parameters(), strict=True):
+        torch.testing.assert_close(p_ours, p_ref)
+
+
 @pytest.mark.parametrize("backend", [backend_param("numba")])
 def test_steps_on_a_team_from_several_python_threads_at_once(backend):
     # each thread's call starts a team of its own (libgomp gives a second caller new threads): every result is the

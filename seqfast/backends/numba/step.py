@@ -107,6 +107,11 @@ def one_step_inputs(cell: CellSpec, x: Tensor, weight_ih: Tensor, bias_ih: Tenso
     return names, state0, params
 
 
+# A weight gradient from this size comes from the buffer pool: glibc returns freed buffers this large to the system,
+# and a fresh one page-faults in again every step; below it (1 MiB: LSTMCell at H256) the pool's bookkeeping cost
+# more than the faults it saved
+POOLED_GRADIENT_BYTES = 1 << 21
+
 _WEIGHTS_AT = 4  # step_forward's arguments: B, I, H, x, then the weights in slot order
 
 
@@ -238,6 +243,8 @@ class _Step(torch.autograd.Function):
         for i, n in grad_slots:
             if not need_dw:
                 d = _empty(dtype)
+            elif n * dtype.itemsize >= POOLED_GRADIENT_BYTES:
+                d = buffers.empty(params[i].shape if i >= 0 else (n,), dtype)
             elif i >= 0 and params[i].is_contiguous():
                 d = torch.empty_like(params[i])
             else:
