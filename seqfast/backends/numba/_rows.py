@@ -72,11 +72,13 @@ def rows_nt(a, w, c, zero, lo, hi):
 # thread takes one part of the output columns of both, so each reads its share of the weights; a part of a batch
 # above one row is a GEMM of a block of the weights' rows, on the single-threaded GEMM at PART_GEMM. `team` is the
 # address of an int64 array TEAM_FIELDS long (the step's plan keeps it), the parts' argument block BLOCK_FIELDS.
-# A batch's backward products (pair_nn) split the same way: d_h's and d_x's columns, the weight gradients' rows.
+# The backward's products (pair_nn) split too: for a batch, d_h's and d_x's columns and the weight gradients' rows;
+# for one row, the weights' rows, each part's terms of d_h and d_x summed afterwards (splitting their columns
+# instead, each thread reading every row of the weights in part, ran a training loop slower).
 GOMP, TEAM_THREAD_NUM, ENTRY, BACKWARD_ENTRY, PART_GEMM, PARTS, THREADS, TEAM_FIELDS = range(8)  # THREADS: the team
 # asked for (in tests, fewer than PARTS)
 THREAD_NUM, BLOCK_PARTS, DONE, FN, X, W_IH, XG, H, W_HH, HG, ROWS, INPUTS, HIDDEN, WIDTH, D_X, D_H, D_W_IH, D_W_HH, \
-    NEED_DX, NEED_DW, BLOCK_FIELDS = range(21)
+    NEED_DX, NEED_DW, PARTIAL_H, PARTIAL_X, BLOCK_FIELDS = range(23)
 _ALIGN = 16  # parts start at multiples of this many columns: no two threads write one cache line
 
 
@@ -113,6 +115,9 @@ def _backward_part(block, part, one, zero):
     parts, fn = block[BLOCK_PARTS], block[FN]
     rows, inputs, hidden, width = block[ROWS], block[INPUTS], block[HIDDEN], block[WIDTH]
     x, w_ih, xg, h, w_hh, hg = _operands(block, zero)
+    if rows == 1:
+        _one_row_backward_part(block, part, x, w_ih, xg, h, w_hh, hg, zero)
+        return
     size = w_hh.itemsize
     lo, hi = _bounds(part, parts, hidden)
     if hi > lo:  # d_h[:, lo:hi] += d_hg W_hh[:, lo:hi]
@@ -126,6 +131,42 @@ def _backward_part(block, part, one, zero):
     if block[NEED_DW] and hi > lo:  # the weight gradients' rows lo..hi
         gemm_tn_rows(fn, xg, x, carray(pointer_to(block[D_W_IH], zero), (width, inputs)), lo, hi, one, zero)
         gemm_tn_rows(fn, hg, h, carray(pointer_to(block[D_W_HH], zero), (width, hidden)), lo, hi, one, zero)
+
+
+@njit(inline="always")
+def _partial_nn(a, w, lo, hi, partial, part):
+    """partial[part] = a[0, lo:hi] @ w[lo:hi]: rows lo..hi's terms of a one-row product."""
+    acc = np.zeros(w.shape[1], dtype=w.dtype)  # its own: the loop vectorizes without aliasing checks
+    for r in range(lo, hi):
+        v = a[0, r]
+        for q in range(w.shape[1]):
+            acc[q] += v * w[r, q]
+    for q in range(w.shape[1]):
+        partial[part, q] = acc[q]
+
+
+@njit(inline="always")
+def _outer_rows(a, b, c, lo, hi):
+    """Rows lo..hi of c[M, N] = a[0, M]^T @ b[0, N]."""
+    for r in range(lo, hi):
+        v = a[0, r]
+        for q in range(c.shape[1]):
+            c[r, q] = v * b[0, q]
+
+
+@njit(nogil=True)
+def _one_row_backward_part(block, part, x, w_ih, xg, h, w_hh, hg, zero):
+    """A one-row backward's part: rows lo..hi of W_hh and W_ih, so each thread streams its share of both (as the
+    forward's parts do), their terms of d_h and d_x into this part's row of the partial sums pair_nn adds up, and
+    those rows of the weight gradients."""
+    parts, inputs, hidden, width = block[BLOCK_PARTS], block[INPUTS], block[HIDDEN], block[WIDTH]
+    lo, hi = _bounds(part, parts, width)
+    _partial_nn(hg, w_hh, lo, hi, carray(pointer_to(block[PARTIAL_H], zero), (parts, hidden)), part)
+    if block[NEED_DX]:
+        _partial_nn(xg, w_ih, lo, hi, carray(pointer_to(block[PARTIAL_X], zero), (parts, inputs)), part)
+    if block[NEED_DW]:
+        _outer_rows(xg, x, carray(pointer_to(block[D_W_IH], zero), (width, inputs)), lo, hi)
+        _outer_rows(hg, h, carray(pointer_to(block[D_W_HH], zero), (width, hidden)), lo, hi)
 
 
 @njit(nogil=True)
@@ -159,10 +200,10 @@ def _run_parts(t, entry, block, done, backward, one, zero):
 @njit(nogil=True)
 def pair_nn(team, fn, x, w_ih, xg, h, w_hh, hg, d_x, d_h, d_w_ih, d_w_hh, need_dx, need_dw, one, zero):
     """A step's backward products from d_xg and d_hg (xg and hg here): d_h += d_hg W_hh; with need_dx,
-    d_x = d_xg W_ih; with need_dw, d_W_ih = d_xg^T x and d_W_hh = d_hg^T h. On this thread (team 0, or one row:
-    loops), or, for more rows, in parts on a team, as pair_nt."""
+    d_x = d_xg W_ih; with need_dw, d_W_ih = d_xg^T x and d_W_hh = d_hg^T h. On this thread (team 0; one row as
+    loops, more by the GEMM at fn), or in parts on a team, as pair_nt."""
     rows = x.shape[0]
-    if rows == 1:
+    if rows == 1 and team == 0:
         row_nn_acc(hg, w_hh, d_h)
         if need_dx:
             row_nn(xg, w_ih, d_x, zero)
@@ -187,7 +228,21 @@ def pair_nn(team, fn, x, w_ih, xg, h, w_hh, hg, d_x, d_h, d_w_ih, d_w_hh, need_d
     block[D_W_HH] = d_w_hh.ctypes.data
     block[NEED_DX] = need_dx
     block[NEED_DW] = need_dw
+    partial_h = np.empty((t[PARTS], d_h.shape[1]), dtype=d_h.dtype)  # a one-row backward's partial sums
+    partial_x = np.empty((t[PARTS], d_x.shape[1] if need_dx else 0), dtype=d_h.dtype)
+    block[PARTIAL_H] = partial_h.ctypes.data
+    block[PARTIAL_X] = partial_x.ctypes.data
     _run_parts(t, t[BACKWARD_ENTRY], block, done, True, one, zero)
+    if rows == 1:
+        for part in range(t[PARTS]):
+            for q in range(d_h.shape[1]):
+                d_h[0, q] += partial_h[part, q]
+        if need_dx:
+            for q in range(d_x.shape[1]):
+                d_x[0, q] = partial_x[0, q]
+            for part in range(1, t[PARTS]):
+                for q in range(d_x.shape[1]):
+                    d_x[0, q] += partial_x[part, q]
 
 
 @njit(inline="always")
