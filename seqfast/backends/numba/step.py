@@ -157,7 +157,7 @@ def _forward(layout: StepLayout, x: Tensor, state, params, names, training: bool
     if gemm_fn is None:
         gemm_fn = measured_gemm(layout, plan, (batch, inputs, hidden), args)
     if team is None or (team and plan.threads != schedule.num_threads()):  # a forked child's is 1
-        team = step_team(layout, layout.shapes[(batch, inputs, hidden)], (batch, inputs, hidden), args)
+        team = step_team(layout, plan._replace(gemm_fn=gemm_fn), (batch, inputs, hidden), args)
     layout.module.step_forward(gemm_fn, team, *args)
     return new, work, kept, args
 
