@@ -3,8 +3,8 @@
 MKL's GEMM kernels take a slow path for a single row: on a 2-core Zen 5 EPYC, x W^T for x [1, K] and W [4K, K]
 (an LSTM step's pair of products) took 52 us through mkl_blas_avx512_xsgemm at K=256 and 377 us at K=512, against
 25 and 101 us as the dot products below, though the same kernel ran the two-row products in 21 and 84 us.
-A large step's two forward products, of one row or more, may split over torch's OpenMP threads (pair_nt), where
-measured faster.
+A large step's two forward products, of one row or more, may split over torch's OpenMP threads (pair_nt), and
+its backward's with them (pair_nn), where measured faster.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from ._team import call_int, gomp_parallel, keep_alive, load_acquire, pointer_to
 # reassociation lets LLVM vectorize each dot product's sum (the kernels compile with FMA contraction only); it
 # assumes nothing about NaN or inf, which propagate as in any order of the sum
 @njit(nogil=True, fastmath={"contract", "reassoc"}, error_model="numpy")
-def row_nt(a, w, c, zero):
-    """c[0, N] = a[0, K] @ w[N, K]^T, one dot product per output over a row of w, which is contiguous."""
+def rows_nt(a, w, c, zero, lo, hi):
+    """c[0, lo:hi] = a[0, K] @ w[lo:hi, K]^T, one dot product per output over a row of w, which is contiguous."""
     k = a.shape[1]
-    for n in range(w.shape[0]):
+    for n in range(lo, hi):
         s = zero
         for p in range(k):
             s += a[0, p] * w[n, p]
@@ -57,15 +57,6 @@ def outer(a, b, c):
             c[i, q] = a[0, i] * b[0, q]
 
 
-@njit(nogil=True, fastmath={"contract", "reassoc"}, error_model="numpy")
-def rows_nt(a, w, c, zero, lo, hi):
-    """row_nt for outputs lo..hi only."""
-    k = a.shape[1]
-    for n in range(lo, hi):
-        s = zero
-        for p in range(k):
-            s += a[0, p] * w[n, p]
-        c[0, n] = s
 
 
 # A step's two forward products (xg = x W_ih^T, hg = h W_hh^T) split over a team of torch's OpenMP threads: each
@@ -136,22 +127,10 @@ def _backward_part(block, part, one, zero):
 @njit(inline="always")
 def _partial_nn(a, w, lo, hi, partial, part):
     """partial[part] = a[0, lo:hi] @ w[lo:hi]: rows lo..hi's terms of a one-row product."""
-    acc = np.zeros(w.shape[1], dtype=w.dtype)  # its own: the loop vectorizes without aliasing checks
-    for r in range(lo, hi):
-        v = a[0, r]
-        for q in range(w.shape[1]):
-            acc[q] += v * w[r, q]
+    acc = np.zeros((1, w.shape[1]), dtype=w.dtype)  # its own: the loop vectorizes without aliasing checks
+    row_nn_acc(a[:, lo:hi], w[lo:hi], acc)
     for q in range(w.shape[1]):
-        partial[part, q] = acc[q]
-
-
-@njit(inline="always")
-def _outer_rows(a, b, c, lo, hi):
-    """Rows lo..hi of c[M, N] = a[0, M]^T @ b[0, N]."""
-    for r in range(lo, hi):
-        v = a[0, r]
-        for q in range(c.shape[1]):
-            c[r, q] = v * b[0, q]
+        partial[part, q] = acc[0, q]
 
 
 @njit(nogil=True)
@@ -165,8 +144,8 @@ def _one_row_backward_part(block, part, x, w_ih, xg, h, w_hh, hg, zero):
     if block[NEED_DX]:
         _partial_nn(xg, w_ih, lo, hi, carray(pointer_to(block[PARTIAL_X], zero), (parts, inputs)), part)
     if block[NEED_DW]:
-        _outer_rows(xg, x, carray(pointer_to(block[D_W_IH], zero), (width, inputs)), lo, hi)
-        _outer_rows(hg, h, carray(pointer_to(block[D_W_HH], zero), (width, hidden)), lo, hi)
+        outer(xg[:, lo:hi], x, carray(pointer_to(block[D_W_IH], zero), (width, inputs))[lo:hi])
+        outer(hg[:, lo:hi], h, carray(pointer_to(block[D_W_HH], zero), (width, hidden))[lo:hi])
 
 
 @njit(nogil=True)
@@ -272,8 +251,8 @@ def pair_nt(team, fn, x, w_ih, xg, h, w_hh, hg, one, zero):
     nested region runs a team of one) run here afterwards."""
     if team == 0:
         if x.shape[0] == 1:
-            row_nt(x, w_ih, xg, zero)
-            row_nt(h, w_hh, hg, zero)
+            rows_nt(x, w_ih, xg, zero, 0, w_ih.shape[0])
+            rows_nt(h, w_hh, hg, zero, 0, w_hh.shape[0])
         else:
             gemm_nt(fn, x, w_ih, xg, one, zero)
             gemm_nt(fn, h, w_hh, hg, one, zero)

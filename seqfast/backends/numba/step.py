@@ -148,7 +148,7 @@ def _forward(layout: StepLayout, x: Tensor, state, params, names, training: bool
             s = _readable(s, dtype, "hx")
             copies.append(s)
         args.append(s.data_ptr())
-        new.append(torch.empty_like(plan.final if final else s))  # contiguous [B, H], as the state now is
+        new.append(torch.empty_like(plan.final if final else s))  # contiguous [B, H] (final: [1, B, H])
     for n in new:
         args.append(n.data_ptr())
     work = buffers.like(plan.work) if training else None
